@@ -1,0 +1,34 @@
+"""Unitary 2-D far-field propagator ``F`` over the last two axes (SPEC section 2).
+
+Zero frequency sits at ``[0, 0]`` in memory (no shift); ``F`` is unitary, so ``F^H = F^-1``.
+"""
+
+from __future__ import annotations
+
+import os
+
+import numpy as np
+
+from ptmpi.backend import fft_module, get_xp
+
+_WORKERS = max(1, len(os.sched_getaffinity(0))) if hasattr(os, "sched_getaffinity") else 1
+
+
+def fft2(x, inverse: bool = False):
+    """Unitary forward (or inverse) 2-D DFT over the last two axes, dtype preserved."""
+    xp = get_xp(x)
+    fft = fft_module(xp)
+    kwargs = {"workers": _WORKERS} if xp is np else {}
+    if inverse:
+        return fft.ifft2(x, norm="ortho", **kwargs)
+    return fft.fft2(x, norm="ortho", **kwargs)
+
+
+class FarField:
+    """``F``: unitary 2-D DFT of each frame, ``(..., M, M) -> (..., M, M)``."""
+
+    def fwd(self, psi):
+        return fft2(psi)
+
+    def adj(self, d):
+        return fft2(d, inverse=True)

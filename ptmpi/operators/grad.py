@@ -1,0 +1,46 @@
+"""3-D forward-difference gradient and its adjoint ``grad^H = -div`` (Neumann boundary).
+
+``(grad u)[d]`` is the forward difference along axis ``d`` of ``(z, y, x)``; the difference
+at the last index of each axis is zero (no wrap-around), the usual choice for isotropic TV.
+"""
+
+from __future__ import annotations
+
+from ptmpi.backend import get_xp
+
+
+class Gradient:
+    """``grad``: ``(nz, n, n) -> (3, nz, n, n)``; ``adj = -div``: the reverse."""
+
+    def __init__(self, shape):
+        self.shape = tuple(int(s) for s in shape)
+
+    def fwd(self, u, out=None):
+        xp = get_xp(u)
+        g = xp.zeros((3, *u.shape), dtype=u.dtype) if out is None else out
+        xp.subtract(u[1:], u[:-1], out=g[0, :-1])
+        xp.subtract(u[:, 1:], u[:, :-1], out=g[1, :, :-1])
+        xp.subtract(u[:, :, 1:], u[:, :, :-1], out=g[2, :, :, :-1])
+        if out is not None:
+            g[0, -1] = 0
+            g[1, :, -1] = 0
+            g[2, :, :, -1] = 0
+        return g
+
+    def adj(self, g):
+        """``-div g`` with the exact transpose of the forward differences."""
+        xp = get_xp(g)
+        out = xp.zeros(g.shape[1:], dtype=g.dtype)
+        for axis in range(3):
+            gd = g[axis]
+            head = [slice(None)] * 3
+            tail = [slice(None)] * 3
+            head[axis], tail[axis] = slice(None, -1), slice(1, None)
+            # D^T g: -g[k] for the term where voxel k is the "minus" end, +g[k-1] otherwise.
+            out[tuple(head)] -= gd[tuple(head)]
+            out[tuple(tail)] += gd[tuple(head)]
+        return out
+
+    def laplacian(self, u):
+        """``Lap u = -grad^H grad u = div grad u``."""
+        return -self.adj(self.fwd(u))

@@ -1,0 +1,148 @@
+"""Communicators: ``Comm`` over mpi4py and ``SerialComm`` with the same methods.
+
+Solvers receive a communicator and never import mpi4py themselves. All reductions of
+arrays go through :meth:`allreduce_sum` (in place, one call per quantity). CuPy arrays
+are synchronized and staged through host memory (no CUDA-aware MPI is assumed).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+
+import numpy as np
+
+from ptmpi.backend import get_xp, is_device_array, synchronize, to_host
+
+logger = logging.getLogger(__name__)
+
+
+class SerialComm:
+    """A one-rank communicator with the methods of :class:`Comm` (no MPI needed)."""
+
+    rank = 0
+    size = 1
+    local_rank = 0
+
+    @property
+    def is_root(self) -> bool:
+        return self.rank == 0
+
+    def allreduce_sum(self, x):
+        """Sum over ranks, in place for arrays; returns ``x``."""
+        return x
+
+    def allreduce_scalar(self, value: float, op: str = "sum") -> float:
+        return value
+
+    def bcast(self, obj, root: int = 0):
+        return obj
+
+    def gather(self, obj, root: int = 0):
+        return [obj]
+
+    def allgather(self, obj):
+        return [obj]
+
+    def barrier(self) -> None:
+        return None
+
+    def abort(self, code: int = 1) -> None:
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
+
+
+class Comm(SerialComm):
+    """Thin wrapper over an ``mpi4py.MPI.Comm`` (default: ``COMM_WORLD``)."""
+
+    def __init__(self, mpi_comm=None):
+        from mpi4py import MPI
+
+        self._mpi = MPI
+        self.comm = MPI.COMM_WORLD if mpi_comm is None else mpi_comm
+        self.rank = self.comm.Get_rank()
+        self.size = self.comm.Get_size()
+        node = self.comm.Split_type(MPI.COMM_TYPE_SHARED, key=self.rank)
+        self.local_rank = node.Get_rank()
+        node.Free()
+
+    def allreduce_sum(self, x):
+        """Sum over ranks in place (numpy or CuPy array); returns ``x``.
+
+        Non-contiguous or scalar inputs are reduced through a contiguous host buffer.
+        """
+        if self.size == 1:
+            return x
+        xp = get_xp(x)
+        if is_device_array(x):
+            synchronize(xp)
+            host = to_host(x)
+            self.comm.Allreduce(self._mpi.IN_PLACE, host, op=self._mpi.SUM)
+            x[...] = xp.asarray(host)
+            return x
+        if isinstance(x, np.ndarray) and x.flags.c_contiguous:
+            self.comm.Allreduce(self._mpi.IN_PLACE, x, op=self._mpi.SUM)
+            return x
+        buf = np.ascontiguousarray(x)
+        self.comm.Allreduce(self._mpi.IN_PLACE, buf, op=self._mpi.SUM)
+        x[...] = buf
+        return x
+
+    def allreduce_scalar(self, value: float, op: str = "sum") -> float:
+        ops = {"sum": self._mpi.SUM, "max": self._mpi.MAX, "min": self._mpi.MIN}
+        return self.comm.allreduce(value, op=ops[op])
+
+    def bcast(self, obj, root: int = 0):
+        return self.comm.bcast(obj, root=root)
+
+    def gather(self, obj, root: int = 0):
+        return self.comm.gather(obj, root=root)
+
+    def allgather(self, obj):
+        return self.comm.allgather(obj)
+
+    def barrier(self) -> None:
+        self.comm.Barrier()
+
+    def abort(self, code: int = 1) -> None:
+        sys.stdout.flush()
+        sys.stderr.flush()
+        self.comm.Abort(code)
+
+
+def _launched_by_mpi() -> bool:
+    """True when an MPI or SLURM launcher started this process with more than one task."""
+    for var in ("PMI_SIZE", "OMPI_COMM_WORLD_SIZE", "PMIX_SIZE", "MPI_LOCALNRANKS"):
+        if os.environ.get(var, "1") not in ("", "1"):
+            return True
+    return "PMI_RANK" in os.environ or "PMIX_RANK" in os.environ or "OMPI_COMM_WORLD_RANK" in os.environ
+
+
+def get_comm(force_serial: bool = False) -> SerialComm:
+    """The world communicator: ``Comm`` under a launcher, otherwise ``SerialComm``.
+
+    A plain ``ptmpi ...`` with one process needs no MPI at all; under ``mpiexec`` or
+    ``srun`` mpi4py is required.
+    """
+    if force_serial or not _launched_by_mpi():
+        return SerialComm()
+    try:
+        return Comm()
+    except ImportError as exc:
+        raise RuntimeError(
+            "started under an MPI launcher but mpi4py cannot be imported: "
+            f"{exc}; install mpi4py built against your MPI"
+        ) from exc
+
+
+def dot(x, y, comm: SerialComm | None = None) -> complex:
+    """``vdot(x, y)`` of rank-local arrays, summed over ranks when ``comm`` is given."""
+    xp = get_xp(x, y)
+    value = complex(xp.vdot(x, y))
+    if comm is None or comm.size == 1:
+        return value
+    buf = np.array([value.real, value.imag])
+    comm.allreduce_sum(buf)
+    return complex(buf[0], buf[1])

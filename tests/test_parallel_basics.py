@@ -1,0 +1,60 @@
+"""Communicators and the angle partition, serial and on 2 and 4 ranks."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from ptmpi.parallel import Comm, SerialComm, block_partition, block_sizes, dot
+
+
+@pytest.mark.parametrize("n_items,n_parts", [(12, 1), (12, 5), (7, 7), (3, 4), (48, 3)])
+def test_block_partition_covers_in_order(n_items, n_parts):
+    blocks = [block_partition(n_items, n_parts, p) for p in range(n_parts)]
+    assert blocks[0][0] == 0 and blocks[-1][1] == n_items
+    assert all(blocks[p][1] == blocks[p + 1][0] for p in range(n_parts - 1))
+    sizes = block_sizes(n_items, n_parts)
+    assert max(sizes) - min(sizes) <= 1
+    assert sizes == sorted(sizes, reverse=True)
+
+
+def test_block_partition_rejects_bad_parts():
+    with pytest.raises(ValueError):
+        block_partition(4, 0, 0)
+    with pytest.raises(ValueError):
+        block_partition(4, 2, 2)
+
+
+def test_serial_comm_is_identity():
+    comm = SerialComm()
+    x = np.arange(3.0)
+    assert comm.allreduce_sum(x) is x and comm.size == 1 and comm.is_root
+    assert comm.bcast("a") == "a" and comm.gather(1) == [1]
+    assert dot(x, x, comm) == 5.0
+
+
+@pytest.mark.mpi(ranks=[2, 4], timeout=60, unit="s")
+def test_comm_allreduce_and_partition(mpi_ranks):
+    comm = Comm()
+    assert comm.size == mpi_ranks
+    assert 0 <= comm.local_rank < comm.size
+    # in-place complex sum of rank-dependent data equals the serial sum
+    x = np.full((3, 2), comm.rank + 1j * comm.rank, dtype=np.complex64)
+    comm.allreduce_sum(x)
+    total = sum(range(comm.size))
+    assert np.all(x == total + 1j * total)
+    # non-contiguous view is reduced too
+    y = np.ones((4, 4))[:, ::2]
+    comm.allreduce_sum(y)
+    assert np.all(y == comm.size)
+    # the blocks of all ranks tile the angles in order
+    start, stop = block_partition(10, comm.size, comm.rank)
+    blocks = comm.allgather((start, stop))
+    assert [b for blk in blocks for b in range(*blk)] == list(range(10))
+    # distributed inner product of blocks equals the serial one
+    rng = np.random.default_rng(0)
+    a = rng.standard_normal(10) + 1j * rng.standard_normal(10)
+    b = rng.standard_normal(10) + 1j * rng.standard_normal(10)
+    assert abs(dot(a[start:stop], b[start:stop], comm) - np.vdot(a, b)) < 1e-12
+    assert comm.allreduce_scalar(comm.rank, "max") == comm.size - 1
+    assert comm.bcast(comm.rank) == 0
