@@ -7,9 +7,6 @@ import pytest
 
 from ptmpi.backend import gpu_available
 
-# Adjoint tolerance per SPEC section 1.
-DOT_TOL = {np.dtype(np.complex64): 1e-5, np.dtype(np.complex128): 1e-12}
-
 
 @pytest.fixture
 def rng() -> np.random.Generator:

@@ -4,9 +4,8 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from conftest import DOT_TOL
 
-from ptmpi.operators.dottest import dottest, random_array
+from ptmpi.operators.dottest import DOT_TOL, dottest, random_array
 from ptmpi.operators.fft import FarField
 from ptmpi.operators.grad import Gradient
 from ptmpi.operators.ptycho import Ptycho
@@ -85,7 +84,8 @@ def slow_reference_projection(u, theta):
         for i in range(n):
             for j in range(n):
                 x, y = j - centre, i - centre
-                square = [(x - 0.5, y - 0.5), (x + 0.5, y - 0.5), (x + 0.5, y + 0.5), (x - 0.5, y + 0.5)]
+                square = [(x + dx, y + dy) for dx, dy in
+                          ((-0.5, -0.5), (0.5, -0.5), (0.5, 0.5), (-0.5, 0.5))]
                 for col in range(n):
                     s = col - centre
                     w = _clip_area(square, cos, sin, s - 0.5, s + 0.5)
@@ -189,3 +189,20 @@ def test_gradient_dottest_and_laplacian(cdtype, rng, xp):
     x = xp.asarray(random_array(shape, cdtype, rng))
     lhs = complex(xp.vdot(x, op.laplacian(x)))
     assert abs(lhs + float(xp.linalg.norm(op.fwd(x))) ** 2) < 1e-4 * abs(lhs)
+
+
+def test_joint_model_dottest_and_normal_operator(cdtype, rng, xp):
+    from ptmpi.operators.model import JointModel
+
+    shape = (10, 12, 12)
+    positions = np.array([[0, 0], [2, 5], [-2, 6], [4, -1], [3, 3]], dtype=float)
+    probe = xp.asarray(random_array((6, 6), cdtype, rng))
+    model = JointModel(shape, [0.2, 1.3], probe, positions, [0, 3, 5], dtype=cdtype)
+    err = dottest(model.fwd, model.adj, shape, model.data_shape, cdtype, rng, xp)
+    assert err < DOT_TOL[cdtype]
+    u = xp.asarray(random_array(shape, cdtype, rng))
+    w = model.illumination(xp)
+    lhs = model.normal(u, w)
+    rhs = model.adj(model.fwd(u))
+    tol = 1e-5 if cdtype == np.complex64 else 1e-12
+    assert float(xp.linalg.norm(lhs - rhs)) < tol * float(xp.linalg.norm(rhs))

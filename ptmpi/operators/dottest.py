@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import numpy as np
 
+# Adjoint tolerances of SPEC section 1, by dtype.
+DOT_TOL = {np.dtype(np.complex64): 1e-5, np.dtype(np.complex128): 1e-12}
+
 
 def random_array(shape, dtype, rng: np.random.Generator) -> np.ndarray:
     """Standard normal array of ``dtype`` (complex: independent real and imaginary parts)."""

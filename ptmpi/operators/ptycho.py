@@ -6,8 +6,9 @@ of the ``(nz, n)`` projection image of its angle; pixels outside the image read 
 ``conj(omega) * psi_j`` back and drops what falls outside.
 
 Implementation: the image stack is zero-padded by the largest overhang and viewed as all
-of its ``(M, M)`` windows (a strided view, no copy). The forward map is one fancy-index
-gather of the frames' windows. The adjoint adds frames back group by group, each group
+of its ``(M, M)`` windows (a strided view, no copy). The forward map gathers every
+frame's window one window row at a time (M vectorized gathers, no loop over frames). The
+adjoint adds frames back group by group, each group
 holding frames whose windows do not overlap, so one vectorized ``+=`` per group is exact;
 a grid scan of step ``s`` needs about ``(M / s + 1)^2`` groups, independent of the number
 of frames.

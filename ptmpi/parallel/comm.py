@@ -117,7 +117,7 @@ def _launched_by_mpi() -> bool:
     for var in ("PMI_SIZE", "OMPI_COMM_WORLD_SIZE", "PMIX_SIZE", "MPI_LOCALNRANKS"):
         if os.environ.get(var, "1") not in ("", "1"):
             return True
-    return "PMI_RANK" in os.environ or "PMIX_RANK" in os.environ or "OMPI_COMM_WORLD_RANK" in os.environ
+    return any(v in os.environ for v in ("PMI_RANK", "PMIX_RANK", "OMPI_COMM_WORLD_RANK"))
 
 
 def get_comm(force_serial: bool = False) -> SerialComm:

@@ -1,0 +1,5 @@
+import sys
+
+from ptmpi.cli import main
+
+sys.exit(main())

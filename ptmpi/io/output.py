@@ -1,0 +1,78 @@
+"""Reconstruction output file (SPEC section 4), written by rank 0 only, atomically."""
+
+from __future__ import annotations
+
+import datetime
+import json
+import logging
+import os
+import sys
+from pathlib import Path
+
+import h5py
+import numpy as np
+
+from ptmpi import __version__
+
+logger = logging.getLogger(__name__)
+
+
+def check_output_path(path: str | os.PathLike, force: bool) -> None:
+    """Raise ValueError if ``path`` exists (without ``force``) or its folder is not writable."""
+    path = Path(path)
+    if path.exists() and not force:
+        raise ValueError(f"{path}: output exists; pass --force to overwrite it")
+    folder = path.parent if str(path.parent) else Path(".")
+    if not folder.is_dir():
+        raise ValueError(f"{path}: output folder {folder} does not exist")
+    if not os.access(folder, os.W_OK):
+        raise ValueError(f"{path}: output folder {folder} is not writable")
+
+
+def write_output(path, *, volume, probe, metrics: dict, parameters: dict, n_ranks: int,
+                 input_file: str, input_checksum: str, command: str | None = None,
+                 overwrite: bool = False, image_axes: str = "z:y:x") -> None:
+    """Write the SPEC 4 file: volume, probe, provenance and the metrics history.
+
+    Written to a temporary name in the same folder and renamed, so an interrupted write
+    never leaves a half file under ``path`` and never damages an existing one.
+    """
+    path = Path(path)
+    if path.exists() and not overwrite:
+        raise FileExistsError(f"{path}: output exists; pass --force to overwrite it")
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    try:
+        with h5py.File(tmp, "w") as f:
+            f["cxi_version"] = np.int64(160)
+            entry = f.create_group("entry_1")
+            entry.attrs["NX_class"] = "NXentry"
+            img = entry.create_group("image_1")
+            img.attrs["NX_class"] = "NXdata"
+            ds = img.create_dataset("data", data=np.asarray(volume, dtype=np.complex64))
+            ds.attrs["axes"] = image_axes
+            img2 = entry.create_group("image_2")
+            img2.attrs["NX_class"] = "NXdata"
+            img2.create_dataset("data", data=np.asarray(probe, dtype=np.complex64))
+            proc = entry.create_group("process_1")
+            proc.attrs["NX_class"] = "NXprocess"
+            proc["program"] = "ptmpi"
+            proc["version"] = __version__
+            proc["date"] = datetime.datetime.now(datetime.timezone.utc).isoformat()
+            proc["command"] = command if command is not None else " ".join(sys.argv)
+            proc["parameters"] = json.dumps(parameters, sort_keys=True, default=str)
+            proc["n_ranks"] = np.int64(n_ranks)
+            proc["input_file"] = str(input_file)
+            proc["input_checksum"] = input_checksum
+            grp = entry.create_group("ptmpi/metrics")
+            grp.attrs["NX_class"] = "NXcollection"
+            for key, values in metrics.items():
+                dtype = np.int64 if key == "iteration" else np.float64
+                grp.create_dataset(key, data=np.asarray(values, dtype=dtype))
+            for key, unit in (("wall_s", "s"), ("snr_db", "dB")):
+                if key in grp:
+                    grp[key].attrs["units"] = unit
+            f.flush()
+        os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            tmp.unlink()

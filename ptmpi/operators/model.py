@@ -1,0 +1,70 @@
+"""The joint forward model ``D_{j,t}(omega, u) = F(omega * S_j P_t u)`` for a set of angles.
+
+Composes :class:`~ptmpi.operators.tomo.Projector`, :class:`~ptmpi.operators.ptycho.Ptycho`
+and :class:`~ptmpi.operators.fft.FarField`. Because ``F`` is unitary,
+``D^H D = sum_t P_t^H (W_t * P_t)`` with ``W_t = sum_j S_j^H |omega|^2``: the normal
+operator needs no FFT.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from ptmpi.backend import get_xp, real_dtype, to_device
+from ptmpi.operators.fft import FarField
+from ptmpi.operators.ptycho import Ptycho
+from ptmpi.operators.tomo import Projector
+
+
+class JointModel:
+    """``D``: volume ``(nz, n, n)`` -> far fields ``(N_FRAMES, M, M)`` of the given angles.
+
+    Parameters
+    ----------
+    shape : (nz, n, n)
+        Volume shape.
+    theta : (N_THETA,) float
+        Angles in radians (a rank's local angles).
+    probe : (M, M) complex
+    positions : (N_FRAMES, 2)
+        Window corners, angle-major.
+    frame_offset : (N_THETA + 1,) int
+    dtype : complex dtype of the volumes.
+    """
+
+    def __init__(self, shape, theta, probe, positions, frame_offset, dtype=np.complex64):
+        self.shape = tuple(int(s) for s in shape)
+        self.dtype = np.dtype(dtype)
+        self.projector = Projector(self.shape, theta, dtype=self.dtype)
+        self.ptycho = Ptycho(probe, positions, frame_offset, (self.shape[0], self.shape[2]))
+        self.farfield = FarField()
+
+    @property
+    def data_shape(self) -> tuple[int, int, int]:
+        return self.ptycho.data_shape
+
+    def set_probe(self, probe) -> None:
+        """Replace the probe (e.g. after a probe update); the windows stay."""
+        self.ptycho.probe = probe
+
+    def fwd(self, u):
+        """``D u``: ``(nz, n, n) -> (N_FRAMES, M, M)``."""
+        return self.farfield.fwd(self.ptycho.fwd(self.projector.fwd(u)))
+
+    def adj(self, d):
+        """``D^H d = sum_{j,t} P_t^H S_j^H (conj(omega) * F^H d_{j,t})``."""
+        return self.projector.adj(self.ptycho.adj(self.farfield.adj(d)))
+
+    def illumination(self, xp=np):
+        """``W_t`` for every local angle: ``(N_THETA, nz, n)`` real, on ``xp``'s device."""
+        probe = to_device(self.ptycho.probe, xp)
+        saved, self.ptycho.probe = self.ptycho.probe, probe
+        try:
+            return self.ptycho.illumination(real_dtype(self.dtype))
+        finally:
+            self.ptycho.probe = saved
+
+    def normal(self, u, weight):
+        """``D^H D u = sum_t P_t^H (W_t * P_t u)``, ``weight = W`` from :meth:`illumination`."""
+        xp = get_xp(u)
+        return self.projector.adj(xp.multiply(self.projector.fwd(u), weight))

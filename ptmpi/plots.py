@@ -1,0 +1,73 @@
+"""PNG figures written next to a reconstruction: central slices and convergence curves."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import numpy as np
+
+logger = logging.getLogger(__name__)
+
+
+def _pyplot():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def aligned_phase(u: np.ndarray, reference: np.ndarray | None) -> np.ndarray:
+    """Phase of ``u`` after removing the best global complex scale against ``reference``
+    (or against the empty-sample value 1 when no reference is given)."""
+    ref = np.ones_like(u) if reference is None else reference
+    zeta = np.vdot(u, ref) / max(np.vdot(u, u).real, 1e-300)
+    return np.angle(zeta * u)
+
+
+def save_slices(path: Path, volume: np.ndarray, truth: np.ndarray | None = None,
+                title: str = "") -> None:
+    """Central z, y and x slices of the phase (and of the truth beside them, if given)."""
+    plt = _pyplot()
+    rows = [("reconstruction", aligned_phase(volume, truth))]
+    if truth is not None:
+        rows.append(("truth", np.angle(truth)))
+    vmin = min(r[1].min() for r in rows)
+    vmax = max(r[1].max() for r in rows)
+    fig, axes = plt.subplots(len(rows), 3, figsize=(9, 3 * len(rows)), squeeze=False)
+    nz, n, _ = volume.shape
+    for i, (label, phase) in enumerate(rows):
+        cuts = [("z", phase[nz // 2]), ("y", phase[:, n // 2]), ("x", phase[:, :, n // 2])]
+        for j, (axis, img) in enumerate(cuts):
+            ax = axes[i, j]
+            im = ax.imshow(img, cmap="gray", vmin=vmin, vmax=vmax)
+            ax.set_title(f"{label}: central {axis} slice", fontsize=9)
+            ax.axis("off")
+    fig.colorbar(im, ax=axes, shrink=0.8, label="phase (rad)")
+    if title:
+        fig.suptitle(title, fontsize=10)
+    fig.savefig(path, dpi=80)
+    plt.close(fig)
+
+
+def save_convergence(path: Path, metrics: dict, title: str = "") -> None:
+    """R-factor, relative change and (when known) SNR per iteration."""
+    plt = _pyplot()
+    keys = [k for k in ("r_factor", "rel_change", "snr_db") if k in metrics and len(metrics[k])]
+    fig, axes = plt.subplots(1, len(keys), figsize=(4 * len(keys), 3), squeeze=False)
+    it = np.asarray(metrics["iteration"])
+    labels = {"r_factor": "R-factor", "rel_change": "relative change", "snr_db": "SNR (dB)"}
+    for ax, key in zip(axes[0], keys, strict=True):
+        ax.plot(it, metrics[key])
+        if key != "snr_db":
+            ax.set_yscale("log")
+        ax.set_xlabel("iteration")
+        ax.set_title(labels[key], fontsize=9)
+        ax.grid(alpha=0.3)
+    if title:
+        fig.suptitle(title, fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=80)
+    plt.close(fig)

@@ -1,0 +1,299 @@
+"""APT and APTs: ADMM for joint ptychography-tomography (Chang et al., ICIP 2019, Alg. 1).
+
+Problem: ``min_u sum_{j,t} G(D_{j,t}(omega, u)) + tv_weight * TV(u)``.
+
+Symbols (as in the paper):
+
+``u``
+    complex volume ``(nz, n, n)``, replicated on every rank.
+``z`` (``z_local``)
+    far-field split variable, one ``(M, M)`` frame per scan position and angle; each rank
+    holds only the frames of its angles.
+``p``
+    gradient split variable ``(3, nz, n, n)``, replicated.
+``lam1``, ``lam2`` (``lam2_local``)
+    the multipliers Lambda_1 (of ``p = grad u``) and Lambda_2 (of ``z = D u``), scaled form.
+``r1``, ``r2``
+    ADMM penalties; ``tv_weight`` is the paper's lambda.
+``omega``
+    the probe ``(M, M)``.
+
+Augmented Lagrangian (scaled form)::
+
+    sum G(z) + tv_weight ||p||_1 + r1/2 ||p - grad u + lam1||^2 + r2/2 ||z - D u + lam2||^2
+
+Step 1 (u): minimise ``r1/2 ||p + lam1 - grad u||^2 + r2/2 ||z + lam2 - D u||^2``, whose
+normal equations, with ``grad^H = -div`` and ``D^H D = sum_t P_t^H W_t P_t``, are::
+
+    (-r1 Lap + r2 sum_t P_t^H W_t P_t) u = -r1 div(p + lam1) + r2 D^H (z + lam2)
+
+solved by a few CG iterations warm-started from the previous ``u``.
+Step 2: ``z = prox_G(D u - lam2)``, ``p = shrink(grad u - lam1, tv_weight / r1)``.
+Step 3: ``lam1 += p - grad u``, ``lam2 += z - D u``.
+APTs is ``tv_weight = r1 = 0`` (no ``p``, no ``lam1``).
+
+Distribution: each rank applies ``D`` for its own angles; the only collectives are one
+Allreduce per normal-operator application, one for the right-hand side, and the scalars
+of the metrics. Everything replicated is computed identically on every rank.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import math
+import time
+from collections.abc import Callable
+
+import numpy as np
+
+from ptmpi.backend import get_xp, real_dtype, synchronize, to_device
+from ptmpi.operators.grad import Gradient
+from ptmpi.operators.model import JointModel
+from ptmpi.parallel.comm import SerialComm
+from ptmpi.solvers.cg import conjugate_gradient
+from ptmpi.solvers.prox import LIKELIHOODS, prox_data, shrink_isotropic
+
+logger = logging.getLogger(__name__)
+
+ALGORITHMS = ("apt", "apts")
+
+
+@dataclasses.dataclass(frozen=True)
+class SolverSettings:
+    """Settings of APT / APTs. ``None`` means "choose from the data" (see :func:`resolve`)."""
+
+    algorithm: str = "apt"
+    """``apt`` (with TV) or ``apts`` (``tv_weight = r1 = 0``)."""
+    iterations: int = 100
+    """Maximum number of outer ADMM iterations."""
+    tol: float = 0.0
+    """Stop when the relative change ``||u_k - u_{k+1}|| / ||u_{k+1}||`` falls below it."""
+    likelihood: str = "ipm"
+    """Data fidelity ``G``: ``agm`` (amplitude Gaussian) or ``ipm`` (Poisson)."""
+    tv_weight: float | None = None
+    """TV weight lambda; default ``tv_factor * L`` with ``L = ||D^H D||``."""
+    r1: float | None = None
+    """Penalty of ``p = grad u``; default ``r1_factor * L``."""
+    r2: float | None = None
+    """Penalty of ``z = D u`` (dimensionless); default 0.1."""
+    cg_iterations: int = 4
+    """CG iterations per u-step (warm-started)."""
+    refine_probe: bool = False
+    """Update the probe each iteration with the paper's closed form."""
+    tv_factor: float = 2e-5
+    """Default ``tv_weight / L``."""
+    r1_factor: float = 2e-3
+    """Default ``r1 / L``."""
+    power_iterations: int = 10
+    """Power iterations used to estimate ``L``."""
+
+    def __post_init__(self):
+        if self.algorithm not in ALGORITHMS:
+            raise ValueError(f"algorithm must be one of {ALGORITHMS}, got {self.algorithm!r}")
+        if self.likelihood not in LIKELIHOODS:
+            raise ValueError(f"likelihood must be one of {LIKELIHOODS}, got {self.likelihood!r}")
+        if self.iterations < 0 or self.cg_iterations < 1:
+            raise ValueError("iterations must be >= 0 and cg_iterations >= 1")
+        for name in ("tv_weight", "r1"):
+            value = getattr(self, name)
+            if value is not None and value < 0:
+                raise ValueError(f"{name} must be >= 0, got {value}")
+        if self.r2 is not None and self.r2 <= 0:
+            raise ValueError(f"r2 must be > 0, got {self.r2}")
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+@dataclasses.dataclass
+class LocalProblem:
+    """What a rank needs: the global geometry and its own frames.
+
+    ``f_local`` holds counts with zero frequency at ``[0, 0]``.
+    """
+
+    volume_shape: tuple[int, int, int]
+    theta_local: np.ndarray  # (N_THETA_LOCAL,) radians
+    f_local: object  # (N_FRAMES_LOCAL, M, M) real, numpy or CuPy
+    positions_local: np.ndarray  # (N_FRAMES_LOCAL, 2)
+    frame_offset_local: np.ndarray  # (N_THETA_LOCAL + 1,)
+    probe: object  # (M, M) complex initial probe
+    truth_volume: object | None = None  # (nz, n, n), replicated, for SNR only
+
+
+@dataclasses.dataclass
+class ADMMState:
+    """Full solver state (what a checkpoint holds)."""
+
+    u: object
+    z_local: object
+    lam2_local: object
+    p: object | None
+    lam1: object | None
+    omega: object
+    iteration: int = 0
+    history: dict = dataclasses.field(default_factory=dict)
+
+
+def operator_norm(model: JointModel, weight, comm: SerialComm, iterations: int, xp,
+                  dtype) -> float:
+    """``L = ||D^H D|| = lambda_max(sum_t P_t^H W_t P_t)`` by power iteration (all ranks)."""
+    nz, n, _ = model.shape
+    rng = np.random.default_rng(0)  # same start vector on every rank
+    x = to_device(rng.standard_normal((nz, n, n)).astype(dtype), xp)
+    x /= xp.linalg.norm(x)
+    value = 0.0
+    for _ in range(max(1, iterations)):
+        y = comm.allreduce_sum(model.normal(x, weight))
+        value = float(xp.linalg.norm(y))
+        if value == 0.0:
+            break
+        x = y / value
+    return value
+
+
+def resolve(settings: SolverSettings, norm: float) -> dict:
+    """The penalties actually used: explicit settings, else the data-scaled defaults.
+
+    Rule: ``L = ||D^H D||`` scales with the photon count, scan density, angles and size,
+    so ``tv_weight = tv_factor * L`` and ``r1 = r1_factor * L`` make the balance between
+    data and regularisation independent of them; ``r2`` is dimensionless (both ``G``
+    have unit curvature in ``|z|``), 0.1 by default.
+    """
+    apts = settings.algorithm == "apts"
+    tv_weight = 0.0 if apts else (
+        settings.tv_weight if settings.tv_weight is not None else settings.tv_factor * norm)
+    r1 = 0.0 if apts else (settings.r1 if settings.r1 is not None else settings.r1_factor * norm)
+    r2 = settings.r2 if settings.r2 is not None else 0.1
+    if not apts and tv_weight > 0 and r1 == 0:
+        raise ValueError("APT with tv_weight > 0 needs r1 > 0")
+    return {"tv_weight": float(tv_weight), "r1": float(r1), "r2": float(r2), "norm_DhD": norm}
+
+
+def _snr(u, truth) -> float:
+    from ptmpi.metrics import snr_db
+
+    return snr_db(u, truth)
+
+
+def update_probe(model: JointModel, u, target_local, comm: SerialComm):
+    """``omega = sum (S_j P_t u)^* F^H(target) / sum |S_j P_t u|^2`` over all frames."""
+    xp = get_xp(u)
+    views = model.ptycho.extract(model.projector.fwd(u))  # (F_local, M, M)
+    back = model.farfield.adj(target_local)
+    num = xp.sum(xp.conj(views) * back, axis=0)
+    den = xp.sum(xp.abs(views) ** 2, axis=0).astype(num.dtype)
+    comm.allreduce_sum(num)
+    comm.allreduce_sum(den)
+    floor = 1e-8 * float(xp.abs(den).max())
+    return xp.where(xp.abs(den) > floor, num / xp.where(xp.abs(den) > floor, den, 1), 0)
+
+
+def solve(problem: LocalProblem, settings: SolverSettings, comm: SerialComm,
+          *, xp=np, dtype=np.complex64, state: ADMMState | None = None,
+          callback: Callable[[ADMMState, dict], None] | None = None) -> tuple[ADMMState, dict]:
+    """Run APT / APTs on this rank's frames; returns the final state and the parameters.
+
+    Parameters
+    ----------
+    problem : LocalProblem
+        This rank's data (see :class:`LocalProblem`).
+    settings : SolverSettings
+    comm : communicator (``SerialComm`` for one process).
+    xp : array module (numpy, or cupy for a GPU run).
+    dtype : complex dtype of the iterates.
+    state : ADMMState, optional
+        Resume from this state instead of the paper's initialisation.
+    callback : called after every iteration with the state and that iteration's metrics.
+    """
+    rdtype = real_dtype(dtype)
+    apt = settings.algorithm == "apt"
+    probe = to_device(problem.probe, xp).astype(dtype)
+    model = JointModel(problem.volume_shape, problem.theta_local, probe,
+                       problem.positions_local, problem.frame_offset_local, dtype=dtype)
+    f_local = to_device(problem.f_local, xp).astype(rdtype)
+    sqrt_f = xp.sqrt(f_local)
+    truth = None if problem.truth_volume is None else to_device(problem.truth_volume, xp)
+    grad = Gradient(problem.volume_shape)
+
+    weight = model.illumination(xp)
+    norm = operator_norm(model, weight, comm, settings.power_iterations, xp, dtype)
+    params = resolve(settings, norm)
+    tv_weight, r1, r2 = params["tv_weight"], params["r1"], params["r2"]
+
+    if state is None:
+        # Step 0: u = 1, z = D u, p = 0, multipliers 0.
+        u = xp.ones(problem.volume_shape, dtype=dtype)
+        z = model.fwd(u)
+        state = ADMMState(
+            u=u, z_local=z, lam2_local=xp.zeros_like(z),
+            p=xp.zeros((3, *u.shape), dtype=dtype) if apt else None,
+            lam1=xp.zeros((3, *u.shape), dtype=dtype) if apt else None,
+            omega=probe,
+        )
+    else:
+        model.set_probe(state.omega)
+        weight = model.illumination(xp)
+    for key in ("iteration", "r_factor", "rel_change", "wall_s") + (
+            ("snr_db",) if truth is not None else ()):
+        state.history.setdefault(key, [])
+
+    def normal_op(x):
+        out = comm.allreduce_sum(model.normal(x, weight))
+        out *= r2
+        if r1 > 0:
+            out += r1 * grad.adj(grad.fwd(x))
+        return out
+
+    sqrt_f_sum = comm.allreduce_scalar(float(xp.sum(sqrt_f, dtype=xp.float64)))
+    t_start = time.perf_counter() - (state.history["wall_s"][-1] if state.history["wall_s"] else 0)
+    for _ in range(state.iteration, settings.iterations):
+        u_old = state.u
+        target = state.z_local + state.lam2_local
+        # Step 1: u by CG on the SPD normal equations.
+        rhs = comm.allreduce_sum(model.adj(target))
+        rhs *= r2
+        if apt and r1 > 0:
+            rhs += r1 * grad.adj(state.p + state.lam1)
+        u = conjugate_gradient(normal_op, rhs, u_old, settings.cg_iterations)
+        if settings.refine_probe:
+            state.omega = update_probe(model, u, target, comm).astype(dtype)
+            model.set_probe(state.omega)
+            weight = model.illumination(xp)
+        # Step 2: z and p.
+        d = model.fwd(u)
+        z = prox_data(d - state.lam2_local, f_local, r2, settings.likelihood)
+        if apt:
+            g = grad.fwd(u)
+            p = shrink_isotropic(g - state.lam1, tv_weight / r1) if r1 > 0 else g
+            # Step 3: multipliers.
+            state.lam1 += p - g
+            state.p = p
+        state.lam2_local += z - d
+        state.z_local, state.u = z, u
+        state.iteration += 1
+
+        # Metrics of the iterate u_{k+1}: one reduction for the R-factor numerator.
+        num = comm.allreduce_scalar(float(xp.sum(xp.abs(xp.abs(d) - sqrt_f), dtype=xp.float64)))
+        du = float(xp.linalg.norm(u - u_old))
+        un = float(xp.linalg.norm(u))
+        synchronize(xp)
+        row = {
+            "iteration": state.iteration,
+            "r_factor": num / sqrt_f_sum if sqrt_f_sum > 0 else math.nan,
+            "rel_change": du / un if un > 0 else math.inf,
+            "wall_s": time.perf_counter() - t_start,
+        }
+        if truth is not None:
+            row["snr_db"] = _snr(u, truth)
+        for key, value in row.items():
+            state.history[key].append(value)
+        if callback is not None:
+            callback(state, row)
+        if not math.isfinite(row["rel_change"]):
+            raise FloatingPointError(
+                f"iteration {state.iteration}: the volume u is no longer finite (diverged)")
+        if settings.tol > 0 and row["rel_change"] < settings.tol:
+            break
+    return state, params
