@@ -39,7 +39,8 @@ def _agree(comm: SerialComm, problems: list[str]) -> None:
 
 def reconstruct(input_path: str, output_path: str, settings: SolverSettings,
                 comm: SerialComm, *, force: bool = False, gpu: bool = False,
-                dtype=DEFAULT_COMPLEX, figures: bool = True, command: str | None = None) -> dict:
+                dtype=DEFAULT_COMPLEX, figures: bool = True, command: str | None = None,
+                demo: bool = False) -> dict:
     """Run APT/APTs on ``input_path`` and write ``output_path`` (SPEC 4); returns a summary."""
     from ptmpi.io.cxi import input_checksum, read_input
     from ptmpi.io.output import check_output_path, write_output
@@ -89,9 +90,14 @@ def reconstruct(input_path: str, output_path: str, settings: SolverSettings,
 
     # (3) solve.
     progress = Progress(settings.iterations, enabled=comm.is_root)
-    state, params = solve(problem, settings, comm, xp=xp, dtype=dtype,
-                          callback=lambda _state, row: progress(row))
-    progress.close()
+    try:
+        state, params = solve(problem, settings, comm, xp=xp, dtype=dtype,
+                              callback=lambda _state, row: progress(row))
+    except FloatingPointError as exc:
+        # u is replicated: every rank detects the divergence at the same iteration.
+        raise RunError(f"{exc}; lower --r1/--tv-weight or raise --r2") from exc
+    finally:
+        progress.close()
     resolved = {**settings.to_dict(), **params}
     logger.info("parameters: %s", ", ".join(
         f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in resolved.items()))
@@ -105,6 +111,7 @@ def reconstruct(input_path: str, output_path: str, settings: SolverSettings,
             output_path, volume=volume, probe=to_host(state.omega), metrics=history,
             parameters=resolved, n_ranks=comm.size, input_file=str(input_path),
             input_checksum=input_checksum(input_path), command=command, overwrite=force,
+            root_attrs={"ptmpi_demo": 1} if demo else None,
         )
         if figures:
             from ptmpi.plots import save_convergence, save_slices

@@ -206,3 +206,28 @@ def test_joint_model_dottest_and_normal_operator(cdtype, rng, xp):
     rhs = model.adj(model.fwd(u))
     tol = 1e-5 if cdtype == np.complex64 else 1e-12
     assert float(xp.linalg.norm(lhs - rhs)) < tol * float(xp.linalg.norm(rhs))
+
+
+def test_projector_squared_weights_give_normal_operator_diagonal(rng):
+    shape = (2, 6, 6)
+    op = Projector(shape, [0.0, 0.4, 2.2], dtype=np.complex128)
+    w = rng.uniform(0.5, 2.0, size=op.data_shape)
+    diag = op.adj_squared_weights(w)
+    size = int(np.prod(shape))
+    for k in rng.choice(size, 10, replace=False):
+        e = np.zeros(size, complex)
+        e[k] = 1
+        e = e.reshape(shape)
+        assert np.isclose(diag.ravel()[k], np.vdot(e, op.adj(w * op.fwd(e))).real)
+
+
+def test_gradient_normal_diagonal():
+    shape = (3, 4, 1)
+    op = Gradient(shape)
+    diag = op.normal_diagonal(np, np.float64)
+    size = int(np.prod(shape))
+    for k in range(size):
+        e = np.zeros(size)
+        e[k] = 1
+        e = e.reshape(shape)
+        assert diag.ravel()[k] == np.vdot(e, -op.laplacian(e))

@@ -162,13 +162,17 @@ def test_info_reports_real_siemens_star_as_2d(capsys):
 
 def test_demo_refuses_foreign_file_but_replaces_its_own(tmp_path, capsys):
     out_dir = tmp_path / "demo"
-    assert main(["demo", "--out", str(out_dir)]) == 0
-    assert main(["demo", "--out", str(out_dir)]) == 0  # its own earlier output
-    foreign = tmp_path / "foreign"
-    foreign.mkdir()
-    (foreign / "demo.h5").write_bytes(b"user data")
-    assert main(["demo", "--out", str(foreign)]) == 1
-    assert (foreign / "demo.h5").read_bytes() == b"user data"
+    assert main(["demo", "--out", str(out_dir), "--iterations", "2"]) == 0
+    out = capsys.readouterr().out
+    assert "SNR" in out and "R-factor" in out
+    assert main(["demo", "--out", str(out_dir), "--iterations", "2"]) == 0  # its own files
+    assert (out_dir / "demo-apt.h5").exists() and (out_dir / "demo-apt-slices.png").exists()
+    for name in ("demo.h5", "demo-apt.h5"):
+        foreign = tmp_path / f"foreign-{name}"
+        foreign.mkdir()
+        (foreign / name).write_bytes(b"user data")
+        assert main(["demo", "--out", str(foreign), "--iterations", "2"]) == 1
+        assert (foreign / name).read_bytes() == b"user data"
 
 
 def test_bad_simulation_settings_are_one_line_errors(tmp_path):

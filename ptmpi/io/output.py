@@ -31,7 +31,8 @@ def check_output_path(path: str | os.PathLike, force: bool) -> None:
 
 def write_output(path, *, volume, probe, metrics: dict, parameters: dict, n_ranks: int,
                  input_file: str, input_checksum: str, command: str | None = None,
-                 overwrite: bool = False, image_axes: str = "z:y:x") -> None:
+                 overwrite: bool = False, image_axes: str = "z:y:x",
+                 root_attrs: dict | None = None) -> None:
     """Write the SPEC 4 file: volume, probe, provenance and the metrics history.
 
     Written to a temporary name in the same folder and renamed, so an interrupted write
@@ -44,6 +45,8 @@ def write_output(path, *, volume, probe, metrics: dict, parameters: dict, n_rank
     try:
         with h5py.File(tmp, "w") as f:
             f["cxi_version"] = np.int64(160)
+            for key, value in (root_attrs or {}).items():
+                f.attrs[key] = value
             entry = f.create_group("entry_1")
             entry.attrs["NX_class"] = "NXentry"
             img = entry.create_group("image_1")

@@ -41,6 +41,19 @@ class Gradient:
             out[tuple(tail)] += gd[tuple(head)]
         return out
 
+    def normal_diagonal(self, xp, dtype):
+        """Diagonal of ``grad^H grad = -Lap``: the number of differences touching a voxel."""
+        diag = xp.zeros(self.shape, dtype=dtype)
+        for axis, size in enumerate(self.shape):
+            count = xp.full(size, 2, dtype=dtype)
+            count[0] = count[-1] = 1
+            if size == 1:
+                count[0] = 0
+            shape = [1, 1, 1]
+            shape[axis] = size
+            diag += count.reshape(shape)
+        return diag
+
     def laplacian(self, u):
         """``Lap u = -grad^H grad u = div grad u``."""
         return -self.adj(self.fwd(u))

@@ -146,6 +146,22 @@ class Projector:
             return xp.ascontiguousarray(out).view(cols.dtype)
         return matrix @ cols
 
+    def adj_squared_weights(self, w):
+        """``sum_c M[c, pixel]^2 w[c]`` per voxel: the diagonal of ``P^H diag(w) P``.
+
+        ``w``: ``(N_THETA, nz, n)`` real; returns ``(nz, n, n)`` real (a Jacobi
+        preconditioner of the normal operator).
+        """
+        xp = get_xp(w)
+        nz, n, _ = self.shape
+        key = ("squared", xp.__name__, np.dtype(w.dtype).str)
+        if key not in self._matrices:
+            _, mt = self._matrix_pair(np, w.dtype)
+            sq = mt.multiply(mt).tocsr()
+            self._matrices[key] = sq if xp is np else sparse_module(xp).csr_matrix(sq)
+        cols = xp.ascontiguousarray(w.transpose(0, 2, 1)).reshape(self.n_theta * n, nz)
+        return xp.ascontiguousarray((self._matrices[key] @ cols).T).reshape(nz, n, n)
+
     def fwd(self, u):
         """Project: ``u (nz, n, n) -> (N_THETA, nz, n)``, same dtype as ``u``."""
         xp = get_xp(u)

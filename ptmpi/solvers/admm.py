@@ -79,6 +79,8 @@ class SolverSettings:
     """Penalty of ``z = D u`` (dimensionless); default 0.1."""
     cg_iterations: int = 4
     """CG iterations per u-step (warm-started)."""
+    precondition: bool = True
+    """Jacobi-precondition the u-step CG with the diagonal of its operator."""
     refine_probe: bool = False
     """Update the probe each iteration with the paper's closed form."""
     tv_factor: float = 2e-5
@@ -239,6 +241,20 @@ def solve(problem: LocalProblem, settings: SolverSettings, comm: SerialComm,
             ("snr_db",) if truth is not None else ()):
         state.history.setdefault(key, [])
 
+    inv_diag = None
+
+    def update_preconditioner():
+        nonlocal inv_diag
+        if not settings.precondition:
+            return
+        diag = comm.allreduce_sum(model.projector.adj_squared_weights(weight)) * r2
+        if r1 > 0:
+            diag += r1 * grad.normal_diagonal(xp, rdtype)
+        floor = 1e-6 * float(diag.max())
+        inv_diag = (1.0 / xp.maximum(diag, floor)).astype(rdtype)
+
+    update_preconditioner()
+
     def normal_op(x):
         out = comm.allreduce_sum(model.normal(x, weight))
         out *= r2
@@ -256,11 +272,12 @@ def solve(problem: LocalProblem, settings: SolverSettings, comm: SerialComm,
         rhs *= r2
         if apt and r1 > 0:
             rhs += r1 * grad.adj(state.p + state.lam1)
-        u = conjugate_gradient(normal_op, rhs, u_old, settings.cg_iterations)
+        u = conjugate_gradient(normal_op, rhs, u_old, settings.cg_iterations, inv_diag=inv_diag)
         if settings.refine_probe:
             state.omega = update_probe(model, u, target, comm).astype(dtype)
             model.set_probe(state.omega)
             weight = model.illumination(xp)
+            update_preconditioner()
         # Step 2: z and p.
         d = model.fwd(u)
         z = prox_data(d - state.lam2_local, f_local, r2, settings.likelihood)

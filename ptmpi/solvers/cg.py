@@ -7,8 +7,9 @@ from collections.abc import Callable
 from ptmpi.backend import get_xp
 
 
-def conjugate_gradient(apply_a: Callable, b, x0, iterations: int, tol: float = 0.0):
-    """Approximately solve ``A x = b`` by CG, warm-started from ``x0``.
+def conjugate_gradient(apply_a: Callable, b, x0, iterations: int, tol: float = 0.0,
+                       inv_diag=None):
+    """Approximately solve ``A x = b`` by (preconditioned) CG, warm-started from ``x0``.
 
     Parameters
     ----------
@@ -20,6 +21,8 @@ def conjugate_gradient(apply_a: Callable, b, x0, iterations: int, tol: float = 0
         Maximum number of CG iterations.
     tol : float
         Stop early when ``||r|| <= tol ||b||``.
+    inv_diag : array, optional
+        Inverse of a positive preconditioner (Jacobi: ``1 / diag(A)``), same on all ranks.
 
     Returns
     -------
@@ -29,18 +32,20 @@ def conjugate_gradient(apply_a: Callable, b, x0, iterations: int, tol: float = 0
     xp = get_xp(b)
     x = x0.copy()
     r = b - apply_a(x)
-    d = r.copy()
-    rr = float(xp.vdot(r, r).real)
+    s = r if inv_diag is None else inv_diag * r
+    d = s.copy()
+    rs = float(xp.vdot(r, s).real)
     b_norm_sq = float(xp.vdot(b, b).real)
     for _ in range(iterations):
-        if rr <= (tol * tol) * b_norm_sq or rr == 0.0:
+        if rs == 0.0 or (tol > 0 and float(xp.vdot(r, r).real) <= tol * tol * b_norm_sq):
             break
         ad = apply_a(d)
-        alpha = rr / float(xp.vdot(d, ad).real)
+        alpha = rs / float(xp.vdot(d, ad).real)
         x += alpha * d
         r -= alpha * ad
-        rr_new = float(xp.vdot(r, r).real)
-        d *= rr_new / rr
-        d += r
-        rr = rr_new
+        s = r if inv_diag is None else inv_diag * r
+        rs_new = float(xp.vdot(r, s).real)
+        d *= rs_new / rs
+        d += s
+        rs = rs_new
     return x

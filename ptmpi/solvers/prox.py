@@ -13,6 +13,8 @@ The p-step is the isotropic shrink of ``pt = grad u - lam1`` by ``tv_weight / r1
 
 from __future__ import annotations
 
+import numpy as np
+
 from ptmpi.backend import get_xp
 
 LIKELIHOODS = ("agm", "ipm")
@@ -46,8 +48,12 @@ def prox_data(zt, f, r2: float, likelihood: str):
         rho = (r2 * mag + xp.sqrt((r2 * mag) ** 2 + 4 * (1 + r2) * f)) / (2 * (1 + r2))
     else:
         raise ValueError(f"likelihood must be one of {LIKELIHOODS}, got {likelihood!r}")
-    # Where zt = 0 its phase is undefined; any phase is optimal, keep the real axis.
-    phase = xp.where(mag > 0, zt / xp.where(mag > 0, mag, 1), 1)
+    # Where zt = 0 its phase is undefined and any phase is optimal: keep the real axis.
+    # Values at rounding level relative to their frame count as 0, or their phase would be
+    # that of the rounding noise, which depends on summation order (and so on the ranks).
+    tiny = 64 * np.finfo(mag.dtype).eps * mag.max(axis=(-2, -1), keepdims=True)
+    significant = mag > tiny
+    phase = xp.where(significant, zt / xp.where(significant, mag, 1), 1)
     return (rho * phase).astype(zt.dtype, copy=False)
 
 
