@@ -14,7 +14,8 @@ import pytest
 
 from ptmpi.cli import main
 
-SIEMENS = Path(__file__).resolve().parents[2] / "shared/data/tike-siemens-star/siemens-star-small.h5"
+SHARED = Path(__file__).resolve().parents[2] / "shared"
+SIEMENS = SHARED / "data/tike-siemens-star/siemens-star-small.h5"
 
 
 def _run(*args, timeout=120):
