@@ -83,6 +83,8 @@ class SolverSettings:
     """Jacobi-precondition the u-step CG with the diagonal of its operator."""
     refine_probe: bool = False
     """Update the probe each iteration with the paper's closed form."""
+    probe_start: int = 0
+    """First iteration of probe updates (0: from the start, as in the paper)."""
     tv_factor: float = 2e-5
     """Default ``tv_weight / L``."""
     r1_factor: float = 2e-3
@@ -273,7 +275,7 @@ def solve(problem: LocalProblem, settings: SolverSettings, comm: SerialComm,
         if apt and r1 > 0:
             rhs += r1 * grad.adj(state.p + state.lam1)
         u = conjugate_gradient(normal_op, rhs, u_old, settings.cg_iterations, inv_diag=inv_diag)
-        if settings.refine_probe:
+        if settings.refine_probe and state.iteration >= settings.probe_start:
             state.omega = update_probe(model, u, target, comm).astype(dtype)
             model.set_probe(state.omega)
             weight = model.illumination(xp)
