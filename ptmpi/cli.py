@@ -244,14 +244,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("input", help="input HDF5 file (SPEC 3)")
     p.add_argument("-o", "--output", required=True, help="output HDF5 file (SPEC 4)")
     p.add_argument("--algorithm", choices=["apt", "apts"], help="default apt")
-    p.add_argument("--iterations", type=int, help="outer ADMM iterations (default 100)")
+    p.add_argument("--iterations", type=int, help="outer ADMM iterations (default 200)")
     p.add_argument("--tol", type=float,
                    help="stop when the relative change of u falls below this (default: off)")
     p.add_argument("--likelihood", choices=["agm", "ipm"], help="data fidelity (default ipm)")
     p.add_argument("--tv-weight", type=float, help="TV weight lambda (default: from data)")
     p.add_argument("--r1", type=float, help="penalty of p = grad u (default: from data)")
     p.add_argument("--r2", type=float, help="penalty of z = D u (default 0.1)")
-    p.add_argument("--cg-iterations", type=int, help="CG iterations per u-step (default 4)")
+    p.add_argument("--cg-iterations", type=int, help="CG iterations per u-step (default 8)")
     p.add_argument("--refine-probe", action="store_true", default=None,
                    help="update the probe every iteration")
     p.add_argument("--double", action="store_true", help="complex128 instead of complex64")
@@ -265,7 +265,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_info)
 
     p = sub.add_parser("demo", help="simulate a small case and reconstruct it with APT")
-    p.add_argument("--iterations", type=int, default=150, help="APT iterations (default 150)")
+    p.add_argument("--iterations", type=int, default=200, help="APT iterations (default 200)")
     p.add_argument("--out", default="ptmpi-demo", help="directory for the demo's files")
     p.add_argument("--force", action="store_true", help="overwrite existing files in --out")
     p.set_defaults(func=cmd_demo)

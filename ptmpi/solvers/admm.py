@@ -65,30 +65,36 @@ class SolverSettings:
 
     algorithm: str = "apt"
     """``apt`` (with TV) or ``apts`` (``tv_weight = r1 = 0``)."""
-    iterations: int = 100
+    iterations: int = 200
     """Maximum number of outer ADMM iterations."""
     tol: float = 0.0
     """Stop when the relative change ``||u_k - u_{k+1}|| / ||u_{k+1}||`` falls below it."""
     likelihood: str = "ipm"
     """Data fidelity ``G``: ``agm`` (amplitude Gaussian) or ``ipm`` (Poisson)."""
     tv_weight: float | None = None
-    """TV weight lambda; default ``tv_factor * L`` with ``L = ||D^H D||``."""
+    """TV weight lambda; default from ``L = ||D^H D||`` and the noise (:func:`resolve`)."""
     r1: float | None = None
-    """Penalty of ``p = grad u``; default ``r1_factor * L``."""
+    """Penalty of ``p = grad u``; default ``tv_weight / shrink_threshold``."""
     r2: float | None = None
     """Penalty of ``z = D u`` (dimensionless); default 0.1."""
-    cg_iterations: int = 4
+    cg_iterations: int = 8
     """CG iterations per u-step (warm-started)."""
+    relaxation: float = 1.0
+    """ADMM over-relaxation alpha in (0, 2); 1 is the paper's Algorithm 1."""
     precondition: bool = True
     """Jacobi-precondition the u-step CG with the diagonal of its operator."""
     refine_probe: bool = False
     """Update the probe each iteration with the paper's closed form."""
     probe_start: int = 0
     """First iteration of probe updates (0: from the start, as in the paper)."""
-    tv_factor: float = 2e-5
-    """Default ``tv_weight / L``."""
-    r1_factor: float = 2e-3
-    """Default ``r1 / L``."""
+    tv_factor: float = 5e-6
+    """Default ``tv_weight / L`` for noise-free data."""
+    tv_noise_factor: float = 0.1
+    """Default extra TV weight per ``sqrt(L) * sigma`` for Poisson (integer) counts."""
+    shrink_threshold: float = 0.05
+    """Default ``tv_weight / r1``."""
+    r1_factor: float = 1e-4
+    """Default ``r1 / L`` when ``tv_weight`` is 0."""
     power_iterations: int = 10
     """Power iterations used to estimate ``L``."""
 
@@ -157,22 +163,38 @@ def operator_norm(model: JointModel, weight, comm: SerialComm, iterations: int, 
     return value
 
 
-def resolve(settings: SolverSettings, norm: float) -> dict:
+def resolve(settings: SolverSettings, norm: float, noise_amplitude: float = 0.0) -> dict:
     """The penalties actually used: explicit settings, else the data-scaled defaults.
 
-    Rule: ``L = ||D^H D||`` scales with the photon count, scan density, angles and size,
-    so ``tv_weight = tv_factor * L`` and ``r1 = r1_factor * L`` make the balance between
-    data and regularisation independent of them; ``r2`` is dimensionless (both ``G``
-    have unit curvature in ``|z|``), 0.1 by default.
+    Rule (documented in the README):
+
+    - ``L = ||D^H D||`` scales with photon count, scan density, angles and size, so a TV
+      weight ``tv_factor * L`` keeps the balance of data and regularisation independent
+      of them (noise-free data);
+    - photon-counting data (integer counts) carry Poisson noise of standard deviation
+      about ``sigma = 1/2`` in amplitude whatever the dose, which in volume units is
+      ``sigma / sqrt(L)`` and calls for a TV weight ``~ sigma sqrt(L)``: the default adds
+      ``tv_noise_factor * sqrt(L) * sigma``;
+    - ``r1 = tv_weight / shrink_threshold`` (the shrink threshold ``tv_weight / r1`` is a
+      fixed fraction of the unit background of ``u``), or ``r1_factor * L`` without TV;
+    - ``r2`` is dimensionless (both ``G`` have unit curvature in ``|z|``): 0.1.
     """
     apts = settings.algorithm == "apts"
-    tv_weight = 0.0 if apts else (
-        settings.tv_weight if settings.tv_weight is not None else settings.tv_factor * norm)
-    r1 = 0.0 if apts else (settings.r1 if settings.r1 is not None else settings.r1_factor * norm)
+    tv_weight = r1 = 0.0
+    if not apts:
+        tv_weight = settings.tv_weight
+        if tv_weight is None:
+            tv_weight = (settings.tv_factor * norm
+                         + settings.tv_noise_factor * math.sqrt(norm) * noise_amplitude)
+        r1 = settings.r1
+        if r1 is None:
+            r1 = tv_weight / settings.shrink_threshold if tv_weight > 0 else (
+                settings.r1_factor * norm)
     r2 = settings.r2 if settings.r2 is not None else 0.1
     if not apts and tv_weight > 0 and r1 == 0:
         raise ValueError("APT with tv_weight > 0 needs r1 > 0")
-    return {"tv_weight": float(tv_weight), "r1": float(r1), "r2": float(r2), "norm_DhD": norm}
+    return {"tv_weight": float(tv_weight), "r1": float(r1), "r2": float(r2),
+            "norm_DhD": norm, "noise_amplitude": noise_amplitude}
 
 
 def _snr(u, truth) -> float:
@@ -223,7 +245,10 @@ def solve(problem: LocalProblem, settings: SolverSettings, comm: SerialComm,
 
     weight = model.illumination(xp)
     norm = operator_norm(model, weight, comm, settings.power_iterations, xp, dtype)
-    params = resolve(settings, norm)
+    # Photon-counting data (all counts whole numbers) have Poisson noise of amplitude ~1/2.
+    counting = float(xp.all(f_local == xp.rint(f_local))) if f_local.size else 1.0
+    counting = comm.allreduce_scalar(counting, "min") > 0
+    params = resolve(settings, norm, 0.5 if counting else 0.0)
     tv_weight, r1, r2 = params["tv_weight"], params["r1"], params["r2"]
 
     if state is None:
@@ -282,14 +307,18 @@ def solve(problem: LocalProblem, settings: SolverSettings, comm: SerialComm,
             update_preconditioner()
         # Step 2: z and p.
         d = model.fwd(u)
-        z = prox_data(d - state.lam2_local, f_local, r2, settings.likelihood)
+        # Over-relaxation (alpha = 1 is the paper's ADMM): mix in the previous split value.
+        alpha = settings.relaxation
+        d_hat = d if alpha == 1 else alpha * d + (1 - alpha) * state.z_local
+        z = prox_data(d_hat - state.lam2_local, f_local, r2, settings.likelihood)
         if apt:
             g = grad.fwd(u)
-            p = shrink_isotropic(g - state.lam1, tv_weight / r1) if r1 > 0 else g
+            g_hat = g if alpha == 1 else alpha * g + (1 - alpha) * state.p
+            p = shrink_isotropic(g_hat - state.lam1, tv_weight / r1) if r1 > 0 else g_hat
             # Step 3: multipliers.
-            state.lam1 += p - g
+            state.lam1 += p - g_hat
             state.p = p
-        state.lam2_local += z - d
+        state.lam2_local += z - d_hat
         state.z_local, state.u = z, u
         state.iteration += 1
 
