@@ -51,9 +51,12 @@ class JointModel:
         """``D u``: ``(nz, n, n) -> (N_FRAMES, M, M)``."""
         return self.farfield.fwd(self.ptycho.fwd(self.projector.fwd(u)))
 
-    def adj(self, d):
-        """``D^H d = sum_{j,t} P_t^H S_j^H (conj(omega) * F^H d_{j,t})``."""
-        return self.projector.adj(self.ptycho.adj(self.farfield.adj(d)))
+    def adj(self, d, accumulate=None):
+        """``D^H d = sum_{j,t} P_t^H S_j^H (conj(omega) * F^H d_{j,t})``.
+
+        ``accumulate``: optional wider dtype of the sum over angles (see ``Projector.adj``).
+        """
+        return self.projector.adj(self.ptycho.adj(self.farfield.adj(d)), accumulate)
 
     def illumination(self, xp=np):
         """``W_t`` for every local angle: ``(N_THETA, nz, n)`` real, on ``xp``'s device."""
@@ -64,7 +67,7 @@ class JointModel:
         finally:
             self.ptycho.probe = saved
 
-    def normal(self, u, weight):
+    def normal(self, u, weight, accumulate=None):
         """``D^H D u = sum_t P_t^H (W_t * P_t u)``, ``weight = W`` from :meth:`illumination`."""
         xp = get_xp(u)
-        return self.projector.adj(xp.multiply(self.projector.fwd(u), weight))
+        return self.projector.adj(xp.multiply(self.projector.fwd(u), weight), accumulate)

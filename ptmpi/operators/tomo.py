@@ -173,12 +173,19 @@ class Projector:
         out = self._apply(m, cols, xp)  # (n_theta * n, nz)
         return xp.ascontiguousarray(out.reshape(self.n_theta, n, nz).transpose(0, 2, 1))
 
-    def adj(self, p):
-        """Back-project (exact adjoint): ``p (N_THETA, nz, n) -> (nz, n, n)``."""
+    def adj(self, p, accumulate=None):
+        """Back-project (exact adjoint): ``p (N_THETA, nz, n) -> (nz, n, n)``.
+
+        ``accumulate``: optional wider complex (or real) dtype in which the sum over angles
+        is formed and returned (e.g. complex128 for complex64 data), so that partial sums
+        over different blocks of angles add up to the same rounded result.
+        """
         xp = get_xp(p)
         nz, n, _ = self.shape
         if p.shape != self.data_shape:
             raise ValueError(f"Projector.adj: expected data {self.data_shape}, got {p.shape}")
+        if accumulate is not None:
+            p = p.astype(np.result_type(p.dtype, accumulate), copy=False)
         _, mt = self._matrix_pair(xp, real_dtype(p.dtype))
         cols = xp.ascontiguousarray(p.transpose(0, 2, 1)).reshape(self.n_theta * n, nz)
         out = self._apply(mt, cols, xp)  # (n * n, nz)

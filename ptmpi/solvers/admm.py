@@ -155,7 +155,7 @@ def operator_norm(model: JointModel, weight, comm: SerialComm, iterations: int, 
     x /= xp.linalg.norm(x)
     value = 0.0
     for _ in range(max(1, iterations)):
-        y = comm.allreduce_sum(model.normal(x, weight))
+        y = comm.allreduce_sum(model.normal(x, weight, np.complex128)).astype(dtype)
         value = float(xp.linalg.norm(y))
         if value == 0.0:
             break
@@ -208,12 +208,13 @@ def update_probe(model: JointModel, u, target_local, comm: SerialComm):
     xp = get_xp(u)
     views = model.ptycho.extract(model.projector.fwd(u))  # (F_local, M, M)
     back = model.farfield.adj(target_local)
-    num = xp.sum(xp.conj(views) * back, axis=0)
-    den = xp.sum(xp.abs(views) ** 2, axis=0).astype(num.dtype)
+    num = xp.sum(xp.conj(views) * back, axis=0, dtype=np.complex128)
+    den = xp.sum(xp.abs(views) ** 2, axis=0, dtype=np.float64).astype(np.complex128)
     comm.allreduce_sum(num)
     comm.allreduce_sum(den)
     floor = 1e-8 * float(xp.abs(den).max())
-    return xp.where(xp.abs(den) > floor, num / xp.where(xp.abs(den) > floor, den, 1), 0)
+    omega = xp.where(xp.abs(den) > floor, num / xp.where(xp.abs(den) > floor, den, 1), 0)
+    return omega.astype(u.dtype)
 
 
 def solve(problem: LocalProblem, settings: SolverSettings, comm: SerialComm,
@@ -268,13 +269,18 @@ def solve(problem: LocalProblem, settings: SolverSettings, comm: SerialComm,
             ("snr_db",) if truth is not None else ()):
         state.history.setdefault(key, [])
 
+    # Sums over angles (local, then across ranks) are formed in double precision and
+    # rounded once: the result then does not depend on how angles are split over ranks,
+    # which matters because the nonconvex iteration amplifies rounding differences.
+    wide = np.complex128
     inv_diag = None
 
     def update_preconditioner():
         nonlocal inv_diag
         if not settings.precondition:
             return
-        diag = comm.allreduce_sum(model.projector.adj_squared_weights(weight)) * r2
+        wide = model.projector.adj_squared_weights(weight.astype(np.float64))
+        diag = comm.allreduce_sum(wide).astype(rdtype) * r2
         if r1 > 0:
             diag += r1 * grad.normal_diagonal(xp, rdtype)
         floor = 1e-6 * float(diag.max())
@@ -283,7 +289,7 @@ def solve(problem: LocalProblem, settings: SolverSettings, comm: SerialComm,
     update_preconditioner()
 
     def normal_op(x):
-        out = comm.allreduce_sum(model.normal(x, weight))
+        out = comm.allreduce_sum(model.normal(x, weight, wide)).astype(dtype)
         out *= r2
         if r1 > 0:
             out += r1 * grad.adj(grad.fwd(x))
@@ -295,7 +301,7 @@ def solve(problem: LocalProblem, settings: SolverSettings, comm: SerialComm,
         u_old = state.u
         target = state.z_local + state.lam2_local
         # Step 1: u by CG on the SPD normal equations.
-        rhs = comm.allreduce_sum(model.adj(target))
+        rhs = comm.allreduce_sum(model.adj(target, wide)).astype(dtype)
         rhs *= r2
         if apt and r1 > 0:
             rhs += r1 * grad.adj(state.p + state.lam1)
