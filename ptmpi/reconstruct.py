@@ -99,8 +99,6 @@ def reconstruct(input_path: str, output_path: str, settings: SolverSettings,
     finally:
         progress.close()
     resolved = {**settings.to_dict(), **params}
-    logger.info("parameters: %s", ", ".join(
-        f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in resolved.items()))
 
     # (4) output on rank 0.
     history = state.history

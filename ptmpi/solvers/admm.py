@@ -250,6 +250,12 @@ def solve(problem: LocalProblem, settings: SolverSettings, comm: SerialComm,
     counting = float(xp.all(f_local == xp.rint(f_local))) if f_local.size else 1.0
     counting = comm.allreduce_scalar(counting, "min") > 0
     params = resolve(settings, norm, 0.5 if counting else 0.0)
+    logger.info(
+        "%s, %s likelihood: ||D^H D|| = %.4g, %s data; tv_weight = %.4g, r1 = %.4g, "
+        "r2 = %.4g, %d CG iterations, up to %d iterations", settings.algorithm.upper(),
+        settings.likelihood.upper(), norm, "photon-counting" if counting else "noise-free",
+        params["tv_weight"], params["r1"], params["r2"], settings.cg_iterations,
+        settings.iterations)
     tv_weight, r1, r2 = params["tv_weight"], params["r1"], params["r2"]
 
     if state is None:
