@@ -89,8 +89,8 @@ class SolverSettings:
     """First iteration of probe updates (0: from the start, as in the paper)."""
     tv_factor: float = 5e-6
     """Default ``tv_weight / L`` for noise-free data."""
-    tv_noise_factor: float = 0.1
-    """Default extra TV weight per ``sqrt(L) * sigma`` for Poisson (integer) counts."""
+    tv_noise_factor: float = 1.2
+    """Default extra TV weight per ``sigma^2`` for Poisson (integer) counts."""
     shrink_threshold: float = 0.05
     """Default ``tv_weight / r1``."""
     r1_factor: float = 1e-4
@@ -172,9 +172,10 @@ def resolve(settings: SolverSettings, norm: float, noise_amplitude: float = 0.0)
       weight ``tv_factor * L`` keeps the balance of data and regularisation independent
       of them (noise-free data);
     - photon-counting data (integer counts) carry Poisson noise of standard deviation
-      about ``sigma = 1/2`` in amplitude whatever the dose, which in volume units is
-      ``sigma / sqrt(L)`` and calls for a TV weight ``~ sigma sqrt(L)``: the default adds
-      ``tv_noise_factor * sqrt(L) * sigma``;
+      about ``sigma = 1/2`` in amplitude whatever the dose; the default adds
+      ``tv_noise_factor * sigma^2`` (0.3 photons per unit of TV), a value calibrated on
+      simulated 64^3 cases from 25 to 45 dB intensity SNR, where the best weight varied
+      little with the dose;
     - ``r1 = tv_weight / shrink_threshold`` (the shrink threshold ``tv_weight / r1`` is a
       fixed fraction of the unit background of ``u``), or ``r1_factor * L`` without TV;
     - ``r2`` is dimensionless (both ``G`` have unit curvature in ``|z|``): 0.1.
@@ -185,7 +186,7 @@ def resolve(settings: SolverSettings, norm: float, noise_amplitude: float = 0.0)
         tv_weight = settings.tv_weight
         if tv_weight is None:
             tv_weight = (settings.tv_factor * norm
-                         + settings.tv_noise_factor * math.sqrt(norm) * noise_amplitude)
+                         + settings.tv_noise_factor * noise_amplitude**2)
         r1 = settings.r1
         if r1 is None:
             r1 = tv_weight / settings.shrink_threshold if tv_weight > 0 else (

@@ -1,0 +1,77 @@
+"""``ptmpi reconstruct`` end to end on one process: output layout, figures, refusals."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import h5py
+import numpy as np
+import pytest
+
+from ptmpi.cli import main
+
+SIEMENS = (Path(__file__).resolve().parents[2]
+           / "shared/data/tike-siemens-star/siemens-star-small.h5")
+
+
+@pytest.fixture(scope="module")
+def data_file(tmp_path_factory):
+    path = tmp_path_factory.mktemp("rec") / "in.h5"
+    assert main(["simulate", "-o", str(path), "--n", "20", "--nz", "16", "--angles", "5",
+                 "--step", "6", "--probe-size", "10", "--fwhm", "3"]) == 0
+    return path
+
+
+def test_reconstruct_writes_spec4_output_and_figures(data_file, tmp_path, capsys):
+    out = tmp_path / "rec.h5"
+    assert main(["reconstruct", str(data_file), "-o", str(out), "--iterations", "6"]) == 0
+    with h5py.File(out, "r") as f:
+        u = f["entry_1/image_1/data"]
+        assert u.shape == (16, 20, 20) and u.dtype == np.complex64
+        assert f["entry_1/image_2/data"].shape == (10, 10)
+        proc = f["entry_1/process_1"]
+        params = json.loads(proc["parameters"][()])
+        assert params["algorithm"] == "apt" and params["tv_weight"] > 0
+        assert proc["n_ranks"][()] == 1
+        assert proc["input_checksum"][()].decode().startswith("sha256:")
+        metrics = f["entry_1/ptmpi/metrics"]
+        assert list(metrics["iteration"][...]) == [1, 2, 3, 4, 5, 6]
+        for key in ("r_factor", "rel_change", "wall_s", "snr_db"):
+            assert metrics[key].shape == (6,)
+        assert np.all(np.diff(metrics["wall_s"][...]) >= 0)
+        assert metrics["r_factor"][-1] < metrics["r_factor"][0]
+    assert (tmp_path / "rec-slices.png").stat().st_size > 1000
+    assert (tmp_path / "rec-convergence.png").stat().st_size > 1000
+    assert main(["info", str(out)]) == 0
+    # existing output is refused without --force and left intact
+    before = out.read_bytes()
+    assert main(["reconstruct", str(data_file), "-o", str(out), "--iterations", "2"]) == 1
+    assert "exists" in capsys.readouterr().err
+    assert out.read_bytes() == before
+    assert main(["reconstruct", str(data_file), "-o", str(out), "--iterations", "2",
+                 "--algorithm", "apts", "--likelihood", "agm", "--force",
+                 "--no-figures"]) == 0
+    with h5py.File(out, "r") as f:
+        params = json.loads(f["entry_1/process_1/parameters"][()])
+        assert params["algorithm"] == "apts" and params["tv_weight"] == 0
+        assert params["likelihood"] == "agm"
+
+
+def test_reconstruct_refuses_bad_requests(data_file, tmp_path, capsys):
+    assert main(["reconstruct", str(data_file), "-o", str(tmp_path / "no/such/dir/r.h5"),
+                 "--iterations", "1"]) == 1
+    assert "does not exist" in capsys.readouterr().err
+    assert main(["reconstruct", str(tmp_path / "missing.h5"), "-o", str(tmp_path / "r.h5")]) == 1
+    err = capsys.readouterr().err
+    assert len(err.strip().splitlines()) == 1 and "missing.h5" in err
+    assert main(["reconstruct", str(data_file), "-o", str(tmp_path / "r.h5"),
+                 "--r2", "-1"]) == 1
+    assert "r2" in capsys.readouterr().err
+    assert not (tmp_path / "r.h5").exists()
+
+
+@pytest.mark.skipif(not SIEMENS.exists(), reason="shared/ data not beside the checkout")
+def test_reconstruct_explains_that_a_2d_dataset_needs_ptycho2d(tmp_path, capsys):
+    assert main(["reconstruct", str(SIEMENS), "-o", str(tmp_path / "r.h5")]) == 1
+    assert "2-D ptychography dataset" in capsys.readouterr().err
