@@ -21,14 +21,19 @@ DEFAULT_REAL = np.float32
 
 @functools.lru_cache(maxsize=1)
 def _cupy() -> types.ModuleType | None:
-    """CuPy if it imports *and* a device can allocate, else None (checked once, lazily)."""
+    """CuPy if it imports *and* sees a GPU, else None (checked once, lazily).
+
+    Counting devices creates no CUDA context, so no rank touches GPU 0 before it has
+    selected its own device.
+    """
     try:
         import cupy
     except Exception:  # noqa: BLE001 - any import failure means "no CuPy"
         return None
     try:
-        cupy.zeros(1)
-    except Exception:  # noqa: BLE001 - CuPy without a usable GPU raises on allocation
+        if cupy.cuda.runtime.getDeviceCount() < 1:
+            return None
+    except Exception:  # noqa: BLE001 - CuPy without a driver or device raises here
         return None
     return cupy
 

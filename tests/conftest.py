@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import os
+from pathlib import Path
+
 import numpy as np
 import pytest
 
@@ -40,3 +43,16 @@ def xp(request):
 @pytest.fixture(params=[np.complex64, np.complex128], ids=["c64", "c128"])
 def cdtype(request):
     return np.dtype(request.param)
+
+
+# The project's shared folder sits beside the checkout (override with PTMPI_SHARED).
+SHARED = Path(os.environ.get("PTMPI_SHARED", Path(__file__).resolve().parents[2] / "shared"))
+SIEMENS = SHARED / "data/tike-siemens-star/siemens-star-small.h5"
+
+
+@pytest.fixture
+def siemens_path() -> Path:
+    """The real tike Siemens-star file; skips (with the reason) when it is not there."""
+    if not SIEMENS.exists():
+        pytest.skip(f"real data not found at {SIEMENS} (shared/ beside the checkout)")
+    return SIEMENS

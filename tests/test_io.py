@@ -21,9 +21,6 @@ from ptmpi.io.cxi import (
 from ptmpi.io.info import info_lines, main_info
 from ptmpi.io.validate import ValidationError, check_input, validate_input
 
-SIEMENS = Path("/work/shared/data/tike-siemens-star/siemens-star-small.h5")
-needs_siemens = pytest.mark.skipif(not SIEMENS.exists(), reason="tike Siemens-star file absent")
-
 NZ, N, M = 20, 24, 8
 FRAMES_PER_ANGLE = [3, 4, 0, 2, 5]  # an angle without frames is legal (non-decreasing offsets)
 
@@ -228,9 +225,8 @@ def test_empty_block_reads_metadata_only(valid_file):
         read_input(valid_file, 4, 9)
 
 
-@needs_siemens
-def test_real_siemens_file_reads_as_2d():
-    data = read_input(SIEMENS)
+def test_real_siemens_file_reads_as_2d(siemens_path):
+    data = read_input(siemens_path)
     assert data.is_2d and data.volume_shape is None
     assert (data.n_angles, data.n_frames, data.m) == (1, 516, 128)
     assert data.probe.shape == (128, 128) and data.probe.dtype == np.complex64
@@ -241,15 +237,14 @@ def test_real_siemens_file_reads_as_2d():
     assert rounded.min() >= 16
     assert np.all(rounded.max(axis=0) + 128 + 16 <= np.array(data.image_shape))
     np.testing.assert_array_equal(data.frame_offset_local, [0, 516])
-    with h5py.File(SIEMENS, "r") as f:
+    with h5py.File(siemens_path, "r") as f:
         # Corner-zero file: counts are returned as stored.
         np.testing.assert_array_equal(data.counts_local[3], f[DATA][3])
-    assert validate_input(SIEMENS) == []
+    assert validate_input(siemens_path) == []
 
 
-@needs_siemens
-def test_real_siemens_info_says_2d(capsys):
-    assert main_info(SIEMENS) == 0
+def test_real_siemens_info_says_2d(capsys, siemens_path):
+    assert main_info(siemens_path) == 0
     out, err = capsys.readouterr()
     assert "2-D ptychography dataset (single angle, no volume_shape)" in out
     assert "probe: 128 x 128" in out and "is_fft_shifted = 1" in out

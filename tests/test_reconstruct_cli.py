@@ -3,16 +3,12 @@
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import h5py
 import numpy as np
 import pytest
 
 from ptmpi.cli import main
-
-SIEMENS = (Path(__file__).resolve().parents[2]
-           / "shared/data/tike-siemens-star/siemens-star-small.h5")
 
 
 @pytest.fixture(scope="module")
@@ -71,7 +67,6 @@ def test_reconstruct_refuses_bad_requests(data_file, tmp_path, capsys):
     assert not (tmp_path / "r.h5").exists()
 
 
-@pytest.mark.skipif(not SIEMENS.exists(), reason="shared/ data not beside the checkout")
-def test_reconstruct_explains_that_a_2d_dataset_needs_ptycho2d(tmp_path, capsys):
-    assert main(["reconstruct", str(SIEMENS), "-o", str(tmp_path / "r.h5")]) == 1
+def test_reconstruct_explains_that_a_2d_dataset_needs_ptycho2d(tmp_path, capsys, siemens_path):
+    assert main(["reconstruct", str(siemens_path), "-o", str(tmp_path / "r.h5")]) == 1
     assert "2-D ptychography dataset" in capsys.readouterr().err

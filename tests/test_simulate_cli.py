@@ -14,9 +14,6 @@ import pytest
 
 from ptmpi.cli import main
 
-SHARED = Path(__file__).resolve().parents[2] / "shared"
-SIEMENS = SHARED / "data/tike-siemens-star/siemens-star-small.h5"
-
 
 def _run(*args, timeout=120):
     """Run ``python -m ptmpi ARGS`` as a user would; returns (code, stdout, stderr, seconds)."""
@@ -154,9 +151,8 @@ def test_info_on_garbage_and_missing_files(tmp_path):
         assert code == 1 and len(err.strip().splitlines()) == 1 and "Traceback" not in err
 
 
-@pytest.mark.skipif(not SIEMENS.exists(), reason="shared/ data not beside the checkout")
-def test_info_reports_real_siemens_star_as_2d(capsys):
-    assert main(["info", str(SIEMENS)]) == 0
+def test_info_reports_real_siemens_star_as_2d(capsys, siemens_path):
+    assert main(["info", str(siemens_path)]) == 0
     out = capsys.readouterr().out
     assert "2-D" in out and "516" in out
 
