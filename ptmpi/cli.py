@@ -144,13 +144,14 @@ def cmd_reconstruct(args, comm: SerialComm) -> int:
     from ptmpi.reconstruct import RunError, reconstruct, settings_from_args
 
     try:
-        settings = settings_from_args(args)
+        algorithm, settings = settings_from_args(args)
     except ValueError as exc:
         raise UserError(str(exc)) from exc
     dtype = np.complex128 if args.double else np.complex64
     try:
-        reconstruct(args.input, args.output, settings, comm, force=args.force, gpu=args.gpu,
-                    dtype=dtype, figures=not args.no_figures, command=" ".join(sys.argv))
+        reconstruct(args.input, args.output, settings, comm, algorithm=algorithm,
+                    force=args.force, gpu=args.gpu, dtype=dtype,
+                    figures=not args.no_figures, command=" ".join(sys.argv))
     except RunError as exc:
         raise UserError(str(exc)) from exc
     return 0
@@ -243,8 +244,11 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("reconstruct", help="reconstruct a volume with APT or APTs")
     p.add_argument("input", help="input HDF5 file (SPEC 3)")
     p.add_argument("-o", "--output", required=True, help="output HDF5 file (SPEC 4)")
-    p.add_argument("--algorithm", choices=["apt", "apts"], help="default apt")
-    p.add_argument("--iterations", type=int, help="outer ADMM iterations (default 200)")
+    p.add_argument("--algorithm", choices=["apt", "apts", "two-step", "ptycho2d"],
+                   help="apt (default), apts, two-step (per-angle ptychography then "
+                        "tomography) or ptycho2d (per-angle ptychography only)")
+    p.add_argument("--iterations", type=int,
+                   help="ADMM iterations (default 200 for apt/apts, 100 for two-step/ptycho2d)")
     p.add_argument("--tol", type=float,
                    help="stop when the relative change of u falls below this (default: off)")
     p.add_argument("--likelihood", choices=["agm", "ipm"], help="data fidelity (default ipm)")
@@ -254,6 +258,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--cg-iterations", type=int, help="CG iterations per u-step (default 8)")
     p.add_argument("--refine-probe", action="store_true", default=None,
                    help="update the probe every iteration")
+    p.add_argument("--tomo-iterations", type=int,
+                   help="two-step: CG iterations of the tomography (default 10)")
+    p.add_argument("--damping", type=float,
+                   help="two-step/ptycho2d: damping of the image update, as a fraction of "
+                        "the mean illumination (default 0.1)")
     p.add_argument("--double", action="store_true", help="complex128 instead of complex64")
     p.add_argument("--gpu", action="store_true", help="one GPU per rank (CuPy)")
     p.add_argument("--no-figures", action="store_true", help="do not write PNG figures")

@@ -71,3 +71,30 @@ def save_convergence(path: Path, metrics: dict, title: str = "") -> None:
     fig.tight_layout()
     fig.savefig(path, dpi=80)
     plt.close(fig)
+
+
+def save_images(path: Path, images: np.ndarray, probe: np.ndarray, title: str = "",
+                max_images: int = 3) -> None:
+    """Phase of a few per-angle images (ptycho2d) and the probe's amplitude and phase."""
+    plt = _pyplot()
+    picks = np.unique(np.linspace(0, images.shape[0] - 1, min(max_images, images.shape[0]))
+                      .astype(int))
+    fig, axes = plt.subplots(1, len(picks) + 2, figsize=(3.2 * (len(picks) + 2), 3.4),
+                             squeeze=False)
+    for ax, k in zip(axes[0], picks, strict=False):
+        im = ax.imshow(np.angle(images[k]), cmap="gray")
+        ax.set_title(f"image {k}: phase", fontsize=9)
+        ax.axis("off")
+        fig.colorbar(im, ax=ax, shrink=0.7)
+    for ax, (label, data, cmap) in zip(axes[0][len(picks):], (
+            ("probe amplitude", np.abs(probe), "magma"),
+            ("probe phase", np.angle(probe), "twilight")), strict=True):
+        im = ax.imshow(data, cmap=cmap)
+        ax.set_title(label, fontsize=9)
+        ax.axis("off")
+        fig.colorbar(im, ax=ax, shrink=0.7)
+    if title:
+        fig.suptitle(title, fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=80)
+    plt.close(fig)

@@ -204,18 +204,28 @@ def _snr(u, truth) -> float:
     return snr_db(u, truth)
 
 
-def update_probe(model: JointModel, u, target_local, comm: SerialComm):
-    """``omega = sum (S_j P_t u)^* F^H(target) / sum |S_j P_t u|^2`` over all frames."""
-    xp = get_xp(u)
-    views = model.ptycho.extract(model.projector.fwd(u))  # (F_local, M, M)
-    back = model.farfield.adj(target_local)
-    num = xp.sum(xp.conj(views) * back, axis=0, dtype=np.complex128)
-    den = xp.sum(xp.abs(views) ** 2, axis=0, dtype=np.float64).astype(np.complex128)
+def probe_from_views(views_local, target_local, comm: SerialComm):
+    """``omega = sum_j v_j^* F^H(target_j) / sum_j |v_j|^2`` over all frames of all ranks.
+
+    ``views_local``: ``(N_FRAMES_LOCAL, M, M)`` windows ``S_j P_t u`` (or ``S_j v``);
+    ``target_local``: the far fields ``z + lam2`` of the same frames.
+    """
+    from ptmpi.operators.fft import fft2
+
+    xp = get_xp(views_local)
+    back = fft2(target_local, inverse=True)
+    num = xp.sum(xp.conj(views_local) * back, axis=0, dtype=np.complex128)
+    den = xp.sum(xp.abs(views_local) ** 2, axis=0, dtype=np.float64).astype(np.complex128)
     comm.allreduce_sum(num)
     comm.allreduce_sum(den)
     floor = 1e-8 * float(xp.abs(den).max())
     omega = xp.where(xp.abs(den) > floor, num / xp.where(xp.abs(den) > floor, den, 1), 0)
-    return omega.astype(u.dtype)
+    return omega.astype(views_local.dtype)
+
+
+def update_probe(model: JointModel, u, target_local, comm: SerialComm):
+    """The paper's probe update for APT: views ``S_j P_t u`` of the current volume."""
+    return probe_from_views(model.ptycho.extract(model.projector.fwd(u)), target_local, comm)
 
 
 def solve(problem: LocalProblem, settings: SolverSettings, comm: SerialComm,
