@@ -157,6 +157,29 @@ def cmd_reconstruct(args, comm: SerialComm) -> int:
     return 0
 
 
+# ---------------------------------------------------------------------------- paper
+
+
+def cmd_paper(args, comm: SerialComm) -> int:
+    from ptmpi.paper import CASES, run_paper
+    from ptmpi.reconstruct import RunError
+
+    names = [c[0] for c in CASES]
+    chosen = args.cases.split(",") if args.cases else None
+    if chosen and any(c not in names for c in chosen):
+        raise UserError(f"unknown case in --cases {args.cases!r}; expected some of {names}")
+    if args.size < 32 or args.size % 8:
+        raise UserError(f"--size must be a multiple of 8 and at least 32, got {args.size}")
+    try:
+        run_paper(Path(args.out), args.size, comm, iterations=args.iterations, cases=chosen,
+                  force=args.force)
+    except RunError as exc:
+        raise UserError(str(exc)) from exc
+    if comm.is_root:
+        print((Path(args.out) / "table.md").read_text())
+    return 0
+
+
 # ---------------------------------------------------------------------------- info
 
 
@@ -268,6 +291,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-figures", action="store_true", help="do not write PNG figures")
     p.add_argument("--force", action="store_true", help="overwrite an existing output file")
     p.set_defaults(func=cmd_reconstruct)
+
+    p = sub.add_parser("paper", help="reproduce the paper's Tables 1 and 2 and figures")
+    p.add_argument("--out", required=True, help="folder for data, reconstructions, tables")
+    p.add_argument("--size", type=int, default=128, help="volume size (default 128, paper)")
+    p.add_argument("--cases", help="comma-separated subset of the cases (default: all)")
+    p.add_argument("--iterations", type=int, help="override every method's iterations")
+    p.add_argument("--force", action="store_true", help="re-simulate existing data files")
+    p.set_defaults(func=cmd_paper)
 
     p = sub.add_parser("info", help="summarize and validate an input or output file")
     p.add_argument("file")
