@@ -91,10 +91,11 @@ def run_paper(out: Path, size: int, comm: SerialComm, *, iterations: int | None 
                 logger.info("paper %s %s: SNR %.2f dB, R-factor %.4g, %.0f s", case,
                             row["method"], row["snr_db"], row["r_factor"], row["wall_s"])
         if comm.is_root:
+            # tables after every case, so a long run leaves usable partial results
+            done = [c for c in selected if any(r["case"] == c[0] for r in results)]
             _case_figure(out, case, list(methods))
-    if comm.is_root:
-        _write_tables(out, size, comm.size, results, selected)
-        _convergence_figure(out, [c[0] for c in selected])
+            _write_tables(out, size, comm.size, results, done)
+            _convergence_figure(out, [c[0] for c in done])
     comm.barrier()
     return {"results": results}
 
