@@ -56,7 +56,8 @@ def run_paper(out: Path, size: int, comm: SerialComm, *, iterations: int | None 
     from ptmpi.solvers.admm import SolverSettings
     from ptmpi.solvers.ptycho2d import Ptycho2DSettings
 
-    selected = [c for c in CASES if cases is None or c[0] in cases]
+    by_name = {c[0]: c for c in CASES}
+    selected = list(CASES) if cases is None else [by_name[name] for name in cases]
     results = []
     for case, preset, methods in selected:
         settings = scaled_settings(preset, size)
