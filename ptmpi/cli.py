@@ -1,4 +1,4 @@
-"""Command line: ``ptmpi simulate | info | demo`` (SPEC section 6).
+"""Command line: ``ptmpi simulate | reconstruct | info | demo | paper`` (SPEC section 6).
 
 Every command runs unchanged with one process or under ``mpiexec``/``srun``; only rank 0
 prints. Errors a user can fix end the job with one line ``ptmpi <cmd>: error: ...`` and
@@ -16,9 +16,13 @@ import sys
 import time
 import warnings
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from ptmpi import __version__
 from ptmpi.parallel import SerialComm, get_comm
+
+if TYPE_CHECKING:
+    from ptmpi.sim.presets import SimulationSettings
 
 logger = logging.getLogger("ptmpi")
 
@@ -51,7 +55,7 @@ def _setup_logging(comm: SerialComm, verbose: bool) -> None:
 # ---------------------------------------------------------------------------- simulate
 
 
-def _settings_from_args(args) -> SimulationSettings:  # noqa: F821
+def _settings_from_args(args) -> SimulationSettings:
     from ptmpi.sim.presets import PRESETS
 
     if args.preset is not None and args.preset not in PRESETS:
