@@ -127,3 +127,13 @@ def test_two_step_on_blocks_matches_serial(mpi_ranks):
     assert np.linalg.norm(u_par - u_ser) < 1e-7 * np.linalg.norm(u_ser)
     assert np.allclose(state_par.history["r_factor"], state_ser.history["r_factor"], rtol=1e-7)
     assert np.allclose(state_par.omega, state_ser.omega, rtol=1e-7, atol=1e-10)
+
+
+def test_paper_cases_scale_with_the_size():
+    from ptmpi.paper import scaled_settings
+
+    s = scaled_settings("paper-s4-a12", 64)
+    assert (s.n, s.nz, s.probe_size, s.step, s.n_angles) == (64, 64, 32, 2, 12)
+    assert s.fwhm == pytest.approx(7.0)
+    s = scaled_settings("paper-s32-a12-eta0.1", 128)
+    assert (s.n, s.probe_size, s.step, s.eta) == (128, 64, 32, 0.1)
