@@ -81,8 +81,12 @@ class SolverSettings:
     """CG iterations per u-step (warm-started)."""
     relaxation: float = 1.0
     """ADMM over-relaxation alpha in (0, 2); 1 is the paper's Algorithm 1."""
-    precondition: bool = True
-    """Jacobi-precondition the u-step CG with the diagonal of its operator."""
+    precondition: bool | None = None
+    """Jacobi-precondition the u-step CG with the diagonal of its operator. Default (None):
+    only when ``r1 > 0``, whose Laplacian term keeps that diagonal away from 0; without it
+    (APTs) unlit voxels have a vanishing diagonal and Jacobi amplifies the noise there."""
+    precondition_floor: float = 1e-6
+    """Floor of that diagonal, relative to its maximum (bounds the step in unlit voxels)."""
     refine_probe: bool = False
     """Update the probe each iteration with the paper's closed form."""
     probe_start: int = 0
@@ -294,13 +298,14 @@ def solve(problem: LocalProblem, settings: SolverSettings, comm: SerialComm,
 
     def update_preconditioner():
         nonlocal inv_diag
-        if not settings.precondition:
+        use = settings.precondition if settings.precondition is not None else r1 > 0
+        if not use:
             return
         wide = model.projector.adj_squared_weights(weight.astype(np.float64))
         diag = comm.allreduce_sum(wide).astype(rdtype) * r2
         if r1 > 0:
             diag += r1 * grad.normal_diagonal(xp, rdtype)
-        floor = 1e-6 * float(diag.max())
+        floor = settings.precondition_floor * float(diag.max())
         inv_diag = (1.0 / xp.maximum(diag, floor)).astype(rdtype)
 
     update_preconditioner()
