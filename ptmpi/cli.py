@@ -175,8 +175,12 @@ def cmd_paper(args, comm: SerialComm) -> int:
     if args.size < 32 or args.size % 8:
         raise UserError(f"--size must be a multiple of 8 and at least 32, got {args.size}")
     try:
+        methods = args.methods.split(",") if args.methods else None
+        if methods and any(m not in ("two-step", "apts", "apt") for m in methods):
+            raise UserError(f"unknown method in --methods {args.methods!r}; expected some of "
+                            "two-step, apts, apt")
         run_paper(Path(args.out), args.size, comm, iterations=args.iterations, cases=chosen,
-                  force=args.force)
+                  methods=methods, force=args.force)
     except RunError as exc:
         raise UserError(str(exc)) from exc
     if comm.is_root:
@@ -300,6 +304,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="folder for data, reconstructions, tables")
     p.add_argument("--size", type=int, default=128, help="volume size (default 128, paper)")
     p.add_argument("--cases", help="comma-separated subset of the cases (default: all)")
+    p.add_argument("--methods", help="comma-separated subset of two-step,apts,apt (default all);"
+                                      " earlier results in --out are kept")
     p.add_argument("--iterations", type=int, help="override every method's iterations")
     p.add_argument("--force", action="store_true", help="re-simulate existing data files")
     p.set_defaults(func=cmd_paper)

@@ -48,9 +48,23 @@ def scaled_settings(preset: str, size: int):
                                fwhm=base.fwhm * k, step=max(1, int(round(base.step * k))))
 
 
+def _previous_results(out: Path, size: int) -> list:
+    """Rows of an earlier run into the same folder at the same size (kept unless redone)."""
+    path = out / "table.json"
+    if not path.exists():
+        return []
+    previous = json.loads(path.read_text())
+    return previous.get("results", []) if previous.get("size") == size else []
+
+
 def run_paper(out: Path, size: int, comm: SerialComm, *, iterations: int | None = None,
-              cases: list[str] | None = None, force: bool = False) -> dict:
-    """Simulate and reconstruct every selected case; rank 0 writes tables and figures."""
+              cases: list[str] | None = None, methods: list[str] | None = None,
+              force: bool = False) -> dict:
+    """Simulate and reconstruct every selected case; rank 0 writes tables and figures.
+
+    Results of an earlier run in ``out`` (same size) are kept for the case/method pairs not
+    run again, so a long reproduction can be done in parts.
+    """
     from ptmpi.cli import simulate_to_file
     from ptmpi.reconstruct import reconstruct
     from ptmpi.solvers.admm import SolverSettings
@@ -58,8 +72,8 @@ def run_paper(out: Path, size: int, comm: SerialComm, *, iterations: int | None 
 
     by_name = {c[0]: c for c in CASES}
     selected = list(CASES) if cases is None else [by_name[name] for name in cases]
-    results = []
-    for case, preset, methods in selected:
+    results = _previous_results(out, size) if comm.is_root else []
+    for case, preset, case_methods in selected:
         settings = scaled_settings(preset, size)
         data = out / f"{case}.h5"
         if comm.is_root:
@@ -67,7 +81,9 @@ def run_paper(out: Path, size: int, comm: SerialComm, *, iterations: int | None 
             if force or not data.exists():
                 simulate_to_file(settings, data, force=True)
         comm.barrier()
-        for method, paper in methods.items():
+        for method, paper in case_methods.items():
+            if methods is not None and method not in methods:
+                continue
             rec = out / f"{case}-{method}.h5"
             if method == "two-step":
                 solver = Ptycho2DSettings()
@@ -87,14 +103,16 @@ def run_paper(out: Path, size: int, comm: SerialComm, *, iterations: int | None 
                 "ranks": comm.size, "paper_snr_db": None if paper is None else paper[0],
                 "paper_r_factor": None if paper is None else paper[1],
             }
-            results.append(row)
+            results = [r for r in results
+                       if (r["case"], r["method"]) != (case, row["method"])] + [row]
             if comm.is_root:
                 logger.info("paper %s %s: SNR %.2f dB, R-factor %.4g, %.0f s", case,
                             row["method"], row["snr_db"], row["r_factor"], row["wall_s"])
         if comm.is_root:
             # tables after every case, so a long run leaves usable partial results
-            done = [c for c in selected if any(r["case"] == c[0] for r in results)]
-            _case_figure(out, case, list(methods))
+            done = [c for c in CASES if any(r["case"] == c[0] for r in results)]
+            _case_figure(out, case, [m for m in case_methods
+                                     if (out / f"{case}-{m}.h5").exists()])
             _write_tables(out, size, comm.size, results, done)
             _convergence_figure(out, [c[0] for c in done])
     comm.barrier()
