@@ -161,8 +161,8 @@ def _write_tables(out: Path, size: int, n_ranks: int, results: list, selected) -
             f"| {case} | {payload['trivial_snr_db'][case]:.1f} | {cell(rows.get('2-step'))} | "
             f"{paper_cell(rows.get('2-step'))} | {cell(rows.get('APTs'))} | "
             f"{paper_cell(rows.get('APTs'))} | {cell(apt)} | {paper_cell(apt)} | "
-            f"{apt['iterations'] if apt else '-'} | {apt['wall_s']:.0f} |"
-            if apt else f"| {case} | - | - | - | - | - | - | - | - | - |")
+            f"{apt['iterations'] if apt else '-'} | "
+            f"{format(apt['wall_s'], '.0f') if apt else '-'} |")
     (out / "table.md").write_text("\n".join(lines) + "\n")
 
 
