@@ -20,13 +20,6 @@ from ptmpi.backend import get_xp
 LIKELIHOODS = ("agm", "ipm")
 
 
-def complex_sign(x):
-    """``x / |x|`` with 0 at 0."""
-    xp = get_xp(x)
-    mag = xp.abs(x)
-    return xp.where(mag > 0, x / xp.where(mag > 0, mag, 1), 0).astype(x.dtype, copy=False)
-
-
 def prox_data(zt, f, r2: float, likelihood: str):
     """z-step for all local frames.
 
