@@ -139,7 +139,7 @@ def _write_tables(out: Path, size: int, n_ranks: int, results: list, selected) -
     def cell(row):
         if row is None:
             return "-"
-        return f"{row['snr_db']:.1f} / {row['r_factor']:.4f}"
+        return f"{row['snr_db']:.1f} / {row['r_factor']:.3g}"
 
     def paper_cell(row):
         if row is None:
