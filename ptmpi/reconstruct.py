@@ -85,13 +85,14 @@ def _validate_and_read(input_path, output_path, algorithm, comm, force):
 
 
 def _empty_sample_projections(data, start, stop, xp, dtype):
-    """Projections ``P_t 1`` of the empty sample at the local angles (ones for 2-D data)."""
+    """Projections ``P_t 1`` of the empty sample at the local angles (ones for 2-D data),
+    and the local projector (None for 2-D data) for later use."""
     from ptmpi.operators.tomo import Projector
 
     if data.volume_shape is None:
-        return xp.ones((stop - start, *data.image_shape), dtype=dtype)
+        return xp.ones((stop - start, *data.image_shape), dtype=dtype), None
     projector = Projector(data.volume_shape, np.deg2rad(data.angles_deg[start:stop]), dtype)
-    return projector.fwd(xp.ones(data.volume_shape, dtype=dtype))
+    return projector.fwd(xp.ones(data.volume_shape, dtype=dtype)), projector
 
 
 def reconstruct(input_path: str, output_path: str, settings, comm: SerialComm, *,
@@ -171,9 +172,8 @@ def _run_joint(data, start, stop, settings, comm, xp, dtype, progress) -> dict:
 def _run_ptycho(data, start, stop, algorithm, settings, comm, xp, dtype, progress) -> dict:
     from ptmpi.metrics import r_factor, snr_db
     from ptmpi.operators.model import JointModel
-    from ptmpi.operators.tomo import Projector
 
-    empty = _empty_sample_projections(data, start, stop, xp, dtype)
+    empty, projector = _empty_sample_projections(data, start, stop, xp, dtype)
     logger.info("%s: per-angle ptychography, %d iterations, %s likelihood, damping %.3g%s",
                 algorithm, settings.iterations, settings.likelihood.upper(), settings.damping,
                 ", probe refined" if settings.refine_probe else "")
@@ -189,8 +189,7 @@ def _run_ptycho(data, start, stop, algorithm, settings, comm, xp, dtype, progres
         return {"history": history, "image": image, "omega": state.omega, "params": params}
 
     # two-step: tomography of the aligned projections.
-    theta_local = np.deg2rad(data.angles_deg[start:stop])
-    projector = Projector(data.volume_shape, theta_local, dtype)
+    theta_local = projector.theta
     u = tomography_cg(projector, aligned, comm, settings.tomo_iterations)
     model = JointModel(data.volume_shape, theta_local, to_device(state.omega, xp),
                        data.positions_local, data.frame_offset_local, dtype=dtype)
