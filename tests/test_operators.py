@@ -231,3 +231,25 @@ def test_gradient_normal_diagonal():
         e[k] = 1
         e = e.reshape(shape)
         assert diag.ravel()[k] == np.vdot(e, -op.laplacian(e))
+
+
+@pytest.mark.parametrize("slab_bytes", [1, 3 * 16 * 16 * 8])
+def test_projector_slabs_equal_one_product(slab_bytes, rng, monkeypatch):
+    """Cache blocking (slabs of 1 and 3 slices of 7, remainder included) changes nothing."""
+    from ptmpi.operators import tomo
+
+    shape = (7, 16, 16)
+    op = Projector(shape, _theta(13), dtype=np.complex64)
+    u = random_array(shape, np.complex64, rng)
+    p = random_array(op.data_shape, np.complex64, rng)
+    w = rng.uniform(0.5, 2.0, size=op.data_shape).astype(np.float32)
+    whole = (op.fwd(u), op.adj(p), op.adj(p, np.complex128), op.normal(u, w, np.complex128))
+    monkeypatch.setattr(tomo, "SLAB_BYTES", slab_bytes)
+    assert len(op.slabs(np)) == (7 if slab_bytes == 1 else 3)
+    blocked = (op.fwd(u), op.adj(p), op.adj(p, np.complex128), op.normal(u, w, np.complex128))
+    for a, b in zip(whole, blocked, strict=True):
+        assert a.dtype == b.dtype and a.shape == b.shape
+        assert np.array_equal(a, b)
+    # The fused normal operator equals adj(w * fwd(u)) formed in the wide dtype.
+    ref = op.adj((w * op.fwd(u)).astype(np.complex128), np.complex128)
+    assert np.abs(blocked[3] - ref).max() < 1e-12 * np.abs(ref).max()

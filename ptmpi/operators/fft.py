@@ -11,7 +11,23 @@ import numpy as np
 
 from ptmpi.backend import fft_module, get_xp
 
-_WORKERS = max(1, len(os.sched_getaffinity(0))) if hasattr(os, "sched_getaffinity") else 1
+_CORES = max(1, len(os.sched_getaffinity(0))) if hasattr(os, "sched_getaffinity") else 1
+_WORKERS = int(os.environ["OMP_NUM_THREADS"]) if os.environ.get("OMP_NUM_THREADS", "").isdigit() \
+    else _CORES
+
+
+def set_workers(ranks_per_node: int) -> int:
+    """Threads of the host FFT: ``OMP_NUM_THREADS`` when set, else this process's cores
+    shared among the ranks of its node (so ranks do not oversubscribe them)."""
+    global _WORKERS
+    threads = os.environ.get("OMP_NUM_THREADS", "")
+    _WORKERS = max(1, int(threads) if threads.isdigit() else _CORES // max(1, ranks_per_node))
+    return _WORKERS
+
+
+def workers() -> int:
+    """Threads the host FFT uses."""
+    return _WORKERS
 
 
 def fft2(x, inverse: bool = False):

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from ptmpi.backend import get_xp, real_dtype, to_device
+from ptmpi.backend import real_dtype, to_device
 from ptmpi.operators.fft import FarField
 from ptmpi.operators.ptycho import Ptycho
 from ptmpi.operators.tomo import Projector
@@ -69,5 +69,4 @@ class JointModel:
 
     def normal(self, u, weight, accumulate=None):
         """``D^H D u = sum_t P_t^H (W_t * P_t u)``, ``weight = W`` from :meth:`illumination`."""
-        xp = get_xp(u)
-        return self.projector.adj(xp.multiply(self.projector.fwd(u), weight), accumulate)
+        return self.projector.normal(u, weight, accumulate)

@@ -8,10 +8,16 @@ the bin integral of its trapezoidal footprint (the convolution of two boxes of w
 ``|cos(theta)|`` and ``|sin(theta)|``). Each voxel touches at most three bins.
 
 Because the geometry is identical for every z-slice, the weights of all local angles form
-one real sparse matrix ``M`` of shape ``(n_theta * n, n * n)`` and the projection of all
-slices is a single sparse-times-dense product with the ``nz`` slices (real and imaginary
-parts as separate columns) as the dense operand. The adjoint is the product with the
-explicitly stored transpose, so it is exact by construction.
+one real sparse matrix ``M`` of shape ``(n_theta * n, n * n)`` and the projection of a slab
+of slices is a sparse-times-dense product with the slab's slices (real and imaginary parts
+as separate columns) as the dense operand. The adjoint is the product with the explicitly
+stored transpose, so it is exact by construction.
+
+Cache blocking: on the host the slices are processed in slabs whose dense operand is about
+``SLAB_BYTES`` (a few slices at n = 128), so that the rows the sparse product gathers stay
+in cache; one product over all slices reads every gathered row from main memory and is
+2-3 times slower. :meth:`Projector.normal` applies ``P^H (W * P u)`` slab by slab, so the
+projections never leave the cache. On a GPU one slab holds all slices.
 """
 
 from __future__ import annotations
@@ -26,6 +32,8 @@ logger = logging.getLogger(__name__)
 
 # Below this box width the two-box CDF formula loses precision; use the single box.
 _THIN_BOX = 1e-7
+# Target size of a slab's dense operand on the host (bytes): well inside the shared L3.
+SLAB_BYTES = 2 * 2**20
 
 
 def _ramp_sq(t: np.ndarray) -> np.ndarray:
@@ -146,6 +154,27 @@ class Projector:
             return xp.ascontiguousarray(out).view(cols.dtype)
         return matrix @ cols
 
+    def slabs(self, xp, itemsize: int | None = None) -> list[tuple[int, int]]:
+        """``(k0, k1)`` slice ranges processed together (see the module docstring)."""
+        nz, n, _ = self.shape
+        if xp is not np:
+            return [(0, nz)]
+        itemsize = itemsize or self.dtype.itemsize
+        step = max(1, min(nz, SLAB_BYTES // (n * n * itemsize)))
+        return [(k0, min(nz, k0 + step)) for k0 in range(0, nz, step)]
+
+    def _fwd_slab(self, matrix, u_slab, xp):
+        """Projections of a slab ``(k, n, n)``, returned as ``(N_THETA, n, k)``."""
+        k, n, _ = u_slab.shape
+        cols = xp.ascontiguousarray(u_slab.reshape(k, n * n).T)  # (pixels, slices)
+        return self._apply(matrix, cols, xp).reshape(self.n_theta, n, k)
+
+    def _adj_slab(self, matrix_t, p_slab, xp):
+        """Back-projection of ``(N_THETA, n, k)`` slab projections, as ``(k, n, n)``."""
+        _, n, k = p_slab.shape
+        out = self._apply(matrix_t, p_slab.reshape(self.n_theta * n, k), xp)  # (pixels, k)
+        return out.T.reshape(k, n, n)
+
     def adj_squared_weights(self, w):
         """``sum_c M[c, pixel]^2 w[c]`` per voxel: the diagonal of ``P^H diag(w) P``.
 
@@ -165,13 +194,13 @@ class Projector:
     def fwd(self, u):
         """Project: ``u (nz, n, n) -> (N_THETA, nz, n)``, same dtype as ``u``."""
         xp = get_xp(u)
-        nz, n, _ = self.shape
         if u.shape != self.shape:
             raise ValueError(f"Projector.fwd: expected volume {self.shape}, got {u.shape}")
         m, _ = self._matrix_pair(xp, real_dtype(u.dtype))
-        cols = xp.ascontiguousarray(u.reshape(nz, n * n).T)  # (pixels, slices)
-        out = self._apply(m, cols, xp)  # (n_theta * n, nz)
-        return xp.ascontiguousarray(out.reshape(self.n_theta, n, nz).transpose(0, 2, 1))
+        out = xp.empty(self.data_shape, dtype=u.dtype)
+        for k0, k1 in self.slabs(xp, u.dtype.itemsize):
+            out[:, k0:k1, :] = self._fwd_slab(m, u[k0:k1], xp).transpose(0, 2, 1)
+        return out
 
     def adj(self, p, accumulate=None):
         """Back-project (exact adjoint): ``p (N_THETA, nz, n) -> (nz, n, n)``.
@@ -181,12 +210,31 @@ class Projector:
         over different blocks of angles add up to the same rounded result.
         """
         xp = get_xp(p)
-        nz, n, _ = self.shape
         if p.shape != self.data_shape:
             raise ValueError(f"Projector.adj: expected data {self.data_shape}, got {p.shape}")
-        if accumulate is not None:
-            p = p.astype(np.result_type(p.dtype, accumulate), copy=False)
-        _, mt = self._matrix_pair(xp, real_dtype(p.dtype))
-        cols = xp.ascontiguousarray(p.transpose(0, 2, 1)).reshape(self.n_theta * n, nz)
-        out = self._apply(mt, cols, xp)  # (n * n, nz)
-        return xp.ascontiguousarray(out.T).reshape(nz, n, n)
+        dtype = p.dtype if accumulate is None else np.result_type(p.dtype, accumulate)
+        _, mt = self._matrix_pair(xp, real_dtype(dtype))
+        out = xp.empty(self.shape, dtype=dtype)
+        for k0, k1 in self.slabs(xp, p.dtype.itemsize):
+            slab = xp.ascontiguousarray(p[:, k0:k1, :].transpose(0, 2, 1), dtype=dtype)
+            out[k0:k1] = self._adj_slab(mt, slab, xp)
+        return out
+
+    def normal(self, u, weight, accumulate=None):
+        """``P^H (weight * P u)``, slab by slab: ``(nz, n, n) -> (nz, n, n)``.
+
+        ``weight``: ``(N_THETA, nz, n)`` real; ``accumulate`` as in :meth:`adj`.
+        Equal to ``adj(weight * fwd(u), accumulate)`` up to rounding.
+        """
+        xp = get_xp(u)
+        if u.shape != self.shape:
+            raise ValueError(f"Projector.normal: expected volume {self.shape}, got {u.shape}")
+        dtype = u.dtype if accumulate is None else np.result_type(u.dtype, accumulate)
+        m, _ = self._matrix_pair(xp, real_dtype(u.dtype))
+        _, mt = self._matrix_pair(xp, real_dtype(dtype))
+        out = xp.empty(self.shape, dtype=dtype)
+        for k0, k1 in self.slabs(xp, u.dtype.itemsize):
+            proj = self._fwd_slab(m, u[k0:k1], xp)  # (N_THETA, n, k)
+            proj *= weight[:, k0:k1, :].transpose(0, 2, 1)
+            out[k0:k1] = self._adj_slab(mt, proj.astype(dtype, copy=False), xp)
+        return out
