@@ -7,6 +7,7 @@ at the last index of each axis is zero (no wrap-around), the usual choice for is
 from __future__ import annotations
 
 from ptmpi.backend import get_xp
+from ptmpi.operators import kernels
 
 
 class Gradient:
@@ -40,6 +41,19 @@ class Gradient:
             out[tuple(head)] -= gd[tuple(head)]
             out[tuple(tail)] += gd[tuple(head)]
         return out
+
+    def normal(self, u):
+        """``grad^H grad u = -Lap u``: one compiled pass on the host when available,
+        else ``adj(fwd(u))``."""
+        if kernels.available(u):
+            return kernels.neg_laplacian(u)
+        return self.adj(self.fwd(u))
+
+    def adj_sum(self, a, b):
+        """``adj(a + b) = -div(a + b)`` (one compiled pass on the host when available)."""
+        if kernels.available(a, b):
+            return kernels.neg_div_sum(a, b)
+        return self.adj(a + b)
 
     def normal_diagonal(self, xp, dtype):
         """Diagonal of ``grad^H grad = -Lap``: the number of differences touching a voxel."""

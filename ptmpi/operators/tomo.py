@@ -26,7 +26,8 @@ import logging
 
 import numpy as np
 
-from ptmpi.backend import get_xp, real_dtype, sparse_module
+from ptmpi.backend import complex_dtype, get_xp, real_dtype, sparse_module
+from ptmpi.operators import kernels
 
 logger = logging.getLogger(__name__)
 
@@ -146,13 +147,17 @@ class Projector:
         return self._matrices[key]
 
     @staticmethod
-    def _apply(matrix, cols, xp):
-        """``matrix @ cols`` for a 2-D ``cols`` whose rows are pixels; complex via a real view."""
-        if xp.iscomplexobj(cols):
-            rdtype = real_dtype(cols.dtype)
-            out = matrix @ cols.view(rdtype)
-            return xp.ascontiguousarray(out).view(cols.dtype)
-        return matrix @ cols
+    def _apply(matrix, cols, xp, out_dtype=None):
+        """``matrix @ cols`` for a 2-D ``cols`` whose rows are pixels (or bins); complex via
+        a real view; the sums are formed in ``out_dtype`` (default: ``cols``' dtype)."""
+        is_complex = xp.iscomplexobj(cols)
+        real_cols = cols.view(real_dtype(cols.dtype)) if is_complex else cols
+        rdtype = real_dtype(out_dtype or cols.dtype)
+        if kernels.available(real_cols):
+            out = kernels.csr_matmat(matrix, real_cols, rdtype)
+        else:
+            out = xp.ascontiguousarray(matrix @ real_cols.astype(rdtype, copy=False))
+        return out.view(complex_dtype(rdtype)) if is_complex else out
 
     def slabs(self, xp, itemsize: int | None = None) -> list[tuple[int, int]]:
         """``(k0, k1)`` slice ranges processed together (see the module docstring)."""
@@ -169,11 +174,11 @@ class Projector:
         cols = xp.ascontiguousarray(u_slab.reshape(k, n * n).T)  # (pixels, slices)
         return self._apply(matrix, cols, xp).reshape(self.n_theta, n, k)
 
-    def _adj_slab(self, matrix_t, p_slab, xp):
+    def _adj_slab(self, matrix_t, p_slab, xp, out_dtype=None):
         """Back-projection of ``(N_THETA, n, k)`` slab projections, as ``(k, n, n)``."""
         _, n, k = p_slab.shape
-        out = self._apply(matrix_t, p_slab.reshape(self.n_theta * n, k), xp)  # (pixels, k)
-        return out.T.reshape(k, n, n)
+        out = self._apply(matrix_t, p_slab.reshape(self.n_theta * n, k), xp, out_dtype)
+        return out.T.reshape(k, n, n)  # (pixels, k) -> (k, n, n)
 
     def adj_squared_weights(self, w):
         """``sum_c M[c, pixel]^2 w[c]`` per voxel: the diagonal of ``P^H diag(w) P``.
@@ -216,8 +221,8 @@ class Projector:
         _, mt = self._matrix_pair(xp, real_dtype(dtype))
         out = xp.empty(self.shape, dtype=dtype)
         for k0, k1 in self.slabs(xp, p.dtype.itemsize):
-            slab = xp.ascontiguousarray(p[:, k0:k1, :].transpose(0, 2, 1), dtype=dtype)
-            out[k0:k1] = self._adj_slab(mt, slab, xp)
+            slab = xp.ascontiguousarray(p[:, k0:k1, :].transpose(0, 2, 1))
+            out[k0:k1] = self._adj_slab(mt, slab, xp, dtype)
         return out
 
     def normal(self, u, weight, accumulate=None):
@@ -236,5 +241,5 @@ class Projector:
         for k0, k1 in self.slabs(xp, u.dtype.itemsize):
             proj = self._fwd_slab(m, u[k0:k1], xp)  # (N_THETA, n, k)
             proj *= weight[:, k0:k1, :].transpose(0, 2, 1)
-            out[k0:k1] = self._adj_slab(mt, proj.astype(dtype, copy=False), xp)
+            out[k0:k1] = self._adj_slab(mt, proj, xp, dtype)
         return out

@@ -16,6 +16,7 @@ from __future__ import annotations
 import numpy as np
 
 from ptmpi.backend import get_xp
+from ptmpi.operators import kernels
 
 LIKELIHOODS = ("agm", "ipm")
 
@@ -59,6 +60,21 @@ def shrink_isotropic(pt, threshold: float):
     mag = xp.sqrt(xp.sum(pt.real**2 + pt.imag**2, axis=0))
     scale = xp.maximum(mag - threshold, 0) / xp.where(mag > 0, mag, 1)
     return pt * scale[None].astype(pt.real.dtype, copy=False)
+
+
+def update_tv_split(grad, u, lam1, threshold: float, p=None):
+    """Steps 2-3 for the TV split (no over-relaxation): ``g = grad u``,
+    ``p = shrink(g - lam1, threshold)``, ``lam1 += p - g`` in place; returns ``p``.
+
+    ``p`` may be passed as the buffer of the result. One compiled pass on the host when
+    available (:func:`ptmpi.operators.kernels.tv_step`), else these numpy steps.
+    """
+    if kernels.available(u, lam1):
+        return kernels.tv_step(u, lam1, threshold, p)
+    g = grad.fwd(u)
+    p = shrink_isotropic(g - lam1, threshold)
+    lam1 += p - g
+    return p
 
 
 def data_objective(d, f, likelihood: str) -> float:

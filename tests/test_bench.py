@@ -1,0 +1,152 @@
+"""``ptmpi bench``, the memory prediction and ``reconstruct --dry-run``."""
+
+from __future__ import annotations
+
+import json
+import time
+import tracemalloc
+
+import numpy as np
+import pytest
+
+from ptmpi.bench import BenchCase, bench_case, run_bench
+from ptmpi.bench.floors import iteration_floor
+from ptmpi.bench.stages import STAGES, StageTimer, instrumented
+from ptmpi.cli import main
+from ptmpi.memory import format_bytes, predict_arrays
+from ptmpi.operators.tomo import Projector
+from ptmpi.parallel import SerialComm
+
+
+def test_stage_timer_charges_nested_time_to_the_inner_stage():
+    timer = StageTimer(np)
+    inner = timer.wrap("fft", lambda: time.sleep(0.05))
+
+    def outer_body():
+        time.sleep(0.02)
+        inner()
+
+    timer.wrap("cg", outer_body)()
+    assert 0.045 < timer.totals["fft"] < 0.2
+    assert 0.015 < timer.totals["cg"] < 0.045  # the inner 50 ms are not counted twice
+
+
+def test_instrumented_restores_what_it_wrapped():
+    comm = SerialComm()
+    before = (Projector.fwd, Projector.normal, comm.allreduce_sum)
+    with instrumented(comm, np):
+        assert Projector.fwd is not before[0]
+    assert (Projector.fwd, Projector.normal) == before[:2]
+    assert "allreduce_sum" not in vars(comm) and comm.allreduce_sum == before[2]
+
+
+def test_iteration_floor_counts_bytes_as_documented():
+    floors = iteration_floor(volume_shape=(2, 4, 4), n_theta_local=3, n_frames_local=5,
+                             probe_size=2, nnz=10, cg_iterations=1, n_ranks=2, itemsize=8,
+                             bandwidth=1.0, fft_seconds=7.0)
+    vol, proj, frames, mats = 256, 192, 160, 10 * 8 * 2 + 10 * 12 * 2
+    assert floors["prox"] == 4.5 * frames
+    assert floors["projector"] == 2 * (3 * vol + proj / 2 + mats) + (vol + proj) + (proj + 2 * vol)
+    assert floors["cg"] == 7 * vol + 3 * vol
+    assert floors["tv"] == 2 * vol * 2 + 17 * vol
+    assert floors["allreduce"] == 4 * vol * 3
+    assert floors["fft"] == 7.0
+    assert floors["iteration"] == pytest.approx(sum(v for k, v in floors.items()
+                                                    if k != "iteration"))
+
+
+def test_bench_case_breakdown_adds_up_and_memory_prediction_holds():
+    row = bench_case(BenchCase(n=32, angles=6), SerialComm(), 2, np, np.complex64)
+    stages = row["stages_s"]
+    assert set(stages) == set(STAGES)
+    assert all(v >= 0 for v in stages.values())
+    assert sum(stages.values()) == pytest.approx(row["iteration_mean_s"], rel=1e-6)
+    assert stages["projector"] > 0 and stages["fft"] > 0 and stages["tv"] > 0
+    assert stages["allreduce"] < 0.1 * row["iteration_mean_s"]  # one rank: nothing to wait for
+    assert row["floors_s"]["iteration"] > 0 and row["bandwidth_gb_s"] > 0.1
+    ratio = row["memory_predicted_bytes"] / row["memory_measured_bytes"]
+    assert 0.8 < ratio < 1.25, ratio
+
+
+@pytest.mark.parametrize("algorithm", ["apt", "apts"])
+def test_memory_prediction_within_20_percent_off_the_calibration_sizes(algorithm):
+    """A geometry the coefficients were not read from: 40^3, 10 angles, probe 20, step 7."""
+    from ptmpi.sim.presets import SimulationSettings
+    from ptmpi.sim.simulate import simulate
+    from ptmpi.solvers.admm import LocalProblem, SolverSettings, solve
+
+    data = simulate(SimulationSettings(n=40, nz=40, n_angles=10, step=7, probe_size=20,
+                                       fwhm=4.5))
+    counts = np.fft.ifftshift(data.counts, axes=(-2, -1)).astype(np.float32)
+    problem = LocalProblem(data.volume.shape, np.deg2rad(data.angles_deg), counts,
+                           data.positions_px, data.frame_offset, data.probe)
+    tracemalloc.start()
+    try:
+        base = tracemalloc.get_traced_memory()[0]
+        solve(problem, SolverSettings(algorithm=algorithm, iterations=2), SerialComm())
+        measured = tracemalloc.get_traced_memory()[1] - base
+    finally:
+        tracemalloc.stop()
+    parts = predict_arrays(data.volume.shape, counts.shape[0], 20, 10, algorithm)
+    predicted = parts["solver"] + parts["projector"]
+    assert abs(predicted / measured - 1) < 0.2, (format_bytes(predicted), format_bytes(measured))
+
+
+def test_bench_command_prints_a_table_and_writes_json(tmp_path, capsys):
+    out = tmp_path / "bench.json"
+    assert main(["bench", "--sizes", "32", "--angles", "4", "--repeat", "1", "--no-astra",
+                 "--json", str(out)]) == 0
+    text = capsys.readouterr().out
+    assert "APT iteration" in text and "projector" in text and "memory per rank" in text
+    result = json.loads(out.read_text())
+    case = result["cases"][0]
+    assert case["n"] == 32 and case["ranks"] == 1 and case["iteration_s"] > 0
+    assert result["machine"]["cores"] >= 1
+
+
+def test_bench_rejects_bad_sizes(capsys):
+    assert main(["bench", "--sizes", "20", "--repeat", "1"]) == 1
+    assert "multiples of 8" in capsys.readouterr().err
+
+
+@pytest.mark.mpi(ranks=[2], timeout=120, unit="s")
+def test_bench_on_two_ranks_reports_the_slowest_rank(mpi_ranks):
+    from ptmpi.parallel import Comm
+
+    comm = Comm()
+    result = run_bench([32], 4, None, 1, comm, astra=False, iteration_only=True)
+    if comm.is_root:
+        case = result["cases"][0]
+        assert case["ranks"] == 2 and case["angles_local"] == 2
+        assert case["iteration_s_max_rank"] >= case["iteration_s"] > 0
+
+
+def _simulate(tmp_path):
+    path = tmp_path / "in.h5"
+    assert main(["simulate", "--n", "16", "--nz", "12", "--angles", "4", "--step", "4",
+                 "--probe-size", "8", "--fwhm", "3", "-o", str(path)]) == 0
+    return path
+
+
+def test_dry_run_prints_the_plan_and_writes_nothing(tmp_path, capsys):
+    path = _simulate(tmp_path)
+    out = tmp_path / "rec.h5"
+    assert main(["reconstruct", str(path), "-o", str(out), "--dry-run"]) == 0
+    text = capsys.readouterr().out
+    assert "memory per rank" in text and "it fits" in text
+    assert not out.exists()
+
+
+def test_a_run_that_does_not_fit_is_refused_before_reading(tmp_path, capsys, monkeypatch):
+    import ptmpi.memory
+
+    path = _simulate(tmp_path)
+    monkeypatch.setattr(ptmpi.memory, "available_bytes", lambda: 1000)
+    for extra in (["--dry-run"], []):
+        assert main(["reconstruct", str(path), "-o", str(tmp_path / "rec.h5"), *extra]) == 1
+        err = capsys.readouterr().err
+        lines = [line for line in err.splitlines() if "error" in line]
+        assert len(lines) == 1 and "Traceback" not in err
+        assert lines[0].startswith("ptmpi reconstruct: error: not enough memory")
+        assert "available" in lines[0]
+    assert not (tmp_path / "rec.h5").exists()

@@ -1,0 +1,105 @@
+"""Compiled host kernels against the numpy code they replace (run only with Numba)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from ptmpi.operators import kernels
+from ptmpi.operators.dottest import random_array
+from ptmpi.operators.grad import Gradient
+from ptmpi.operators.tomo import Projector
+from ptmpi.solvers.cg import conjugate_gradient
+
+pytestmark = pytest.mark.skipif(not kernels.ENABLED, reason="Numba is not installed")
+
+
+@pytest.fixture
+def numpy_only(monkeypatch):
+    """Run the enclosed code on the numpy reference path."""
+    def use_reference():
+        monkeypatch.setattr(kernels, "ENABLED", False)
+    return use_reference
+
+
+@pytest.mark.parametrize("dtype", [np.complex64, np.complex128])
+def test_projector_kernel_equals_scipy_product(dtype, rng, numpy_only):
+    op = Projector((5, 19, 19), [0.0, 0.3, 1.2, np.pi / 2, 2.8], dtype=dtype)
+    u = random_array(op.shape, dtype, rng)
+    p = random_array(op.data_shape, dtype, rng)
+    w = rng.uniform(0.5, 2.0, op.data_shape).astype(np.finfo(dtype).dtype)
+    compiled = (op.fwd(u), op.adj(p), op.adj(p, np.complex128), op.normal(u, w, np.complex128))
+    numpy_only()
+    reference = (op.fwd(u), op.adj(p), op.adj(p, np.complex128),
+                 op.normal(u, w, np.complex128))
+    for a, b in zip(compiled, reference, strict=True):
+        assert a.dtype == b.dtype
+        assert np.abs(a - b).max() <= 1e-6 * np.abs(b).max()
+
+
+@pytest.mark.parametrize("shape", [(6, 7, 8), (1, 5, 4), (4, 1, 9)])
+def test_neg_laplacian_equals_adj_of_gradient(shape, rng, cdtype):
+    op = Gradient(shape)
+    u = random_array(shape, cdtype, rng)
+    tol = 1e-5 if cdtype == np.complex64 else 1e-12
+    ref = op.adj(op.fwd(u))
+    assert np.abs(op.normal(u) - ref).max() <= tol * np.abs(ref).max()
+
+
+@pytest.mark.parametrize("precondition", [False, True])
+def test_fused_cg_equals_reference_cg(precondition, rng, numpy_only):
+    n = 300
+    a = random_array((n, n), np.complex128, rng)
+    a = (a @ a.conj().T / n + np.eye(n)).astype(np.complex64)
+    b = random_array((n,), np.complex64, rng)
+    x0 = random_array((n,), np.complex64, rng)
+    inv_diag = (1 / np.real(np.diag(a))).astype(np.float32) if precondition else None
+    fused = conjugate_gradient(lambda v: a @ v, b, x0, 12, inv_diag=inv_diag)
+    numpy_only()
+    reference = conjugate_gradient(lambda v: a @ v, b, x0, 12, inv_diag=inv_diag)
+    assert np.abs(fused - reference).max() <= 1e-4 * np.abs(reference).max()
+    assert np.linalg.norm(a @ fused - b) < 1e-3 * np.linalg.norm(b)
+
+
+def test_cg_update_refuses_views_it_cannot_update_in_place():
+    x = np.zeros((4, 4), np.complex64)[:, ::2]
+    v = np.zeros((4, 2), np.complex64)
+    with pytest.raises(ValueError, match="contiguous"):
+        kernels.cg_update(x, v.copy(), v.copy(), v.copy(), 1.0)
+
+
+@pytest.mark.parametrize("shape", [(6, 7, 8), (1, 5, 4)])
+def test_neg_div_sum_equals_adj_of_the_sum(shape, rng, cdtype):
+    op = Gradient(shape)
+    a = random_array((3, *shape), cdtype, rng)
+    b = random_array((3, *shape), cdtype, rng)
+    ref = op.adj(a + b)
+    tol = 1e-5 if cdtype == np.complex64 else 1e-12
+    assert np.abs(op.adj_sum(a, b) - ref).max() <= tol * np.abs(ref).max()
+
+
+def test_tv_step_equals_gradient_shrink_and_multiplier_update(rng, cdtype, numpy_only):
+    from ptmpi.solvers.prox import update_tv_split
+
+    shape = (5, 6, 7)
+    op = Gradient(shape)
+    u = random_array(shape, cdtype, rng)
+    lam1 = 0.3 * random_array((3, *shape), cdtype, rng)
+    threshold = 2.0  # about half of the magnitudes are shrunk to zero
+    lam1_compiled = lam1.copy()
+    p_compiled = update_tv_split(op, u, lam1_compiled, threshold)
+    numpy_only()
+    lam1_reference = lam1.copy()
+    p_reference = update_tv_split(op, u, lam1_reference, threshold)
+    assert 0.2 < np.mean(p_reference == 0) < 0.8
+    tol = 1e-5 if cdtype == np.complex64 else 1e-12
+    assert np.abs(p_compiled - p_reference).max() <= tol
+    assert np.abs(lam1_compiled - lam1_reference).max() <= tol
+
+
+def test_combine_rounds_the_scaled_sum_once(rng):
+    wide = random_array((4, 5, 6), np.complex128, rng)
+    extra = random_array((4, 5, 6), np.complex64, rng)
+    out = kernels.combine(wide, 0.1, extra, 3.0, np.complex64)
+    assert out.dtype == np.complex64
+    assert np.abs(out - (0.1 * wide + 3.0 * extra.astype(np.complex128))).max() < 1e-6
