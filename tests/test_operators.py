@@ -233,19 +233,25 @@ def test_gradient_normal_diagonal():
         assert diag.ravel()[k] == np.vdot(e, -op.laplacian(e))
 
 
-@pytest.mark.parametrize("slab_bytes", [1, 3 * 16 * 16 * 8])
-def test_projector_slabs_equal_one_product(slab_bytes, rng, monkeypatch):
-    """Cache blocking (slabs of 1 and 3 slices of 7, remainder included) changes nothing."""
-    from ptmpi.operators import tomo
+@pytest.mark.parametrize("compiled", [True, False])
+@pytest.mark.parametrize("step", [1, 3])
+def test_projector_slabs_equal_one_product(step, compiled, rng, monkeypatch):
+    """Cache blocking (slabs of 1 and 3 slices of 7, remainder included) changes nothing,
+    on the compiled path and on the scipy path."""
+    from ptmpi.operators import kernels
 
+    if compiled and not kernels.ENABLED:
+        pytest.skip("Numba is not installed")
+    monkeypatch.setattr(kernels, "ENABLED", compiled)
     shape = (7, 16, 16)
     op = Projector(shape, _theta(13), dtype=np.complex64)
     u = random_array(shape, np.complex64, rng)
     p = random_array(op.data_shape, np.complex64, rng)
     w = rng.uniform(0.5, 2.0, size=op.data_shape).astype(np.float32)
+    monkeypatch.setattr(op, "slabs", lambda xp, itemsize=None: [(0, 7)])
     whole = (op.fwd(u), op.adj(p), op.adj(p, np.complex128), op.normal(u, w, np.complex128))
-    monkeypatch.setattr(tomo, "SLAB_BYTES", slab_bytes)
-    assert len(op.slabs(np)) == (7 if slab_bytes == 1 else 3)
+    monkeypatch.setattr(op, "slabs", lambda xp, itemsize=None: [
+        (k, min(7, k + step)) for k in range(0, 7, step)])
     blocked = (op.fwd(u), op.adj(p), op.adj(p, np.complex128), op.normal(u, w, np.complex128))
     for a, b in zip(whole, blocked, strict=True):
         assert a.dtype == b.dtype and a.shape == b.shape

@@ -8,6 +8,9 @@ a core, and ranks, not threads, share out the work.
 - :func:`csr_matmat`: ``y = A @ x`` for a CSR matrix and a dense ``(cols, k)`` block,
   accumulating in ``y``'s dtype (float64 sums of float32 data without a converted copy);
   the inner loop over the block's columns is vectorized.
+- :func:`csr_scatter`: the same product from ``A^T``'s CSR rows: ``x`` is streamed once and
+  scattered into ``y``, which stays in cache (the projector's forward map).
+- :func:`normal_slab`: ``A^T (w * A x)`` with the intermediate kept in cache.
 - :func:`neg_laplacian`: ``grad^H grad u = -Lap u`` (Neumann) in one pass.
 - :func:`cg_update`: CG's ``x += a d``, ``r -= a Ad``, ``s = M r`` and ``<r, s>`` in one pass.
 - :func:`cg_direction`: ``d = s + b d`` in place.
@@ -35,86 +38,140 @@ def available(*arrays) -> bool:
 if numba is not None:
     _jit = numba.njit(cache=True, fastmath=False, boundscheck=False, nogil=True)
 
+    # Loops index arrays directly: a slice inside a compiled loop builds a view each time,
+    # which costs more than the arithmetic it feeds.
+
     @_jit
     def _csr_matmat(indptr, indices, data, x, y):
         n_rows, width = y.shape
         for i in range(n_rows):
-            row = y[i]
             for k in range(width):
-                row[k] = 0
+                y[i, k] = 0
             for jj in range(indptr[i], indptr[i + 1]):
                 a = data[jj]
-                xj = x[indices[jj]]
+                j = indices[jj]
                 for k in range(width):
-                    row[k] += a * xj[k]
+                    y[i, k] += a * x[j, k]
+
+    @_jit
+    def _csr_scatter(indptr, indices, data, x, y):
+        # y = A x where (indptr, indices, data) is A^T in CSR: rows of x are read once, in
+        # order, and scattered into the (cache-resident) rows of y.
+        n_rows, width = y.shape
+        for i in range(n_rows):
+            for k in range(width):
+                y[i, k] = 0
+        for j in range(x.shape[0]):
+            for jj in range(indptr[j], indptr[j + 1]):
+                a = data[jj]
+                i = indices[jj]
+                for k in range(width):
+                    y[i, k] += a * x[j, k]
+
+    @_jit
+    def _normal_slab(indptr, indices, data, data_wide, x, w, y, out):
+        _csr_scatter(indptr, indices, data, x, y)
+        n_rows, width = y.shape
+        for i in range(n_rows):
+            for k in range(width):
+                y[i, k] *= w[i, k]
+        _csr_matmat(indptr, indices, data_wide, y, out)
+
+    # The stencil kernels work on real views: a complex (nz, ny, nx) array is a real
+    # (nz, ny, 2 nx) one whose x-neighbours are 2 apart. Every loop runs along one row, with
+    # the boundary tests hoisted out of it, so that it vectorizes.
 
     @_jit
     def _neg_laplacian(u, out):
-        nz, ny, nx = u.shape
+        nz, ny, w = u.shape
         for k in range(nz):
             for i in range(ny):
-                for j in range(nx):
-                    c = u[k, i, j]
-                    acc = 0 * c
-                    if k > 0:
-                        acc += c - u[k - 1, i, j]
-                    if k < nz - 1:
-                        acc += c - u[k + 1, i, j]
-                    if i > 0:
-                        acc += c - u[k, i - 1, j]
-                    if i < ny - 1:
-                        acc += c - u[k, i + 1, j]
-                    if j > 0:
-                        acc += c - u[k, i, j - 1]
-                    if j < nx - 1:
-                        acc += c - u[k, i, j + 1]
-                    out[k, i, j] = acc
+                for j in range(w):
+                    out[k, i, j] = 0
+                if k > 0:
+                    for j in range(w):
+                        out[k, i, j] += u[k, i, j] - u[k - 1, i, j]
+                if k < nz - 1:
+                    for j in range(w):
+                        out[k, i, j] += u[k, i, j] - u[k + 1, i, j]
+                if i > 0:
+                    for j in range(w):
+                        out[k, i, j] += u[k, i, j] - u[k, i - 1, j]
+                if i < ny - 1:
+                    for j in range(w):
+                        out[k, i, j] += u[k, i, j] - u[k, i + 1, j]
+                for j in range(2, w):
+                    out[k, i, j] += u[k, i, j] - u[k, i, j - 2]
+                for j in range(w - 2):
+                    out[k, i, j] += u[k, i, j] - u[k, i, j + 2]
 
     @_jit
     def _neg_div_sum(a, b, out):
-        _, nz, ny, nx = a.shape
+        # -div(q), q = a + b: out[v] = sum over axes of q[v - e] (if inside) - q[v] (if the
+        # forward difference at v exists).
+        _, nz, ny, w = a.shape
         for k in range(nz):
             for i in range(ny):
-                for j in range(nx):
-                    acc = out[k, i, j]  # zero: out comes zero-filled
-                    if k < nz - 1:
-                        acc -= a[0, k, i, j] + b[0, k, i, j]
-                    if k > 0:
-                        acc += a[0, k - 1, i, j] + b[0, k - 1, i, j]
-                    if i < ny - 1:
-                        acc -= a[1, k, i, j] + b[1, k, i, j]
-                    if i > 0:
-                        acc += a[1, k, i - 1, j] + b[1, k, i - 1, j]
-                    if j < nx - 1:
-                        acc -= a[2, k, i, j] + b[2, k, i, j]
-                    if j > 0:
-                        acc += a[2, k, i, j - 1] + b[2, k, i, j - 1]
-                    out[k, i, j] = acc
+                for j in range(w):
+                    out[k, i, j] = 0
+                if k < nz - 1:
+                    for j in range(w):
+                        out[k, i, j] -= a[0, k, i, j] + b[0, k, i, j]
+                if k > 0:
+                    for j in range(w):
+                        out[k, i, j] += a[0, k - 1, i, j] + b[0, k - 1, i, j]
+                if i < ny - 1:
+                    for j in range(w):
+                        out[k, i, j] -= a[1, k, i, j] + b[1, k, i, j]
+                if i > 0:
+                    for j in range(w):
+                        out[k, i, j] += a[1, k, i - 1, j] + b[1, k, i - 1, j]
+                for j in range(w - 2):
+                    out[k, i, j] -= a[2, k, i, j] + b[2, k, i, j]
+                for j in range(2, w):
+                    out[k, i, j] += a[2, k, i, j - 2] + b[2, k, i, j - 2]
 
     @_jit
-    def _tv_step(u, lam1, threshold, p):
-        nz, ny, nx = u.shape
-        zero = 0 * u[0, 0, 0]
+    def _tv_step(u, lam1, threshold, p, g, scale):
+        # g: scratch (3, 2 nx), the gradient of one row; scale: scratch (nx,)
+        nz, ny, w = u.shape
+        nx = w // 2
         for k in range(nz):
             for i in range(ny):
-                for j in range(nx):
-                    c = u[k, i, j]
-                    g0 = u[k + 1, i, j] - c if k < nz - 1 else zero
-                    g1 = u[k, i + 1, j] - c if i < ny - 1 else zero
-                    g2 = u[k, i, j + 1] - c if j < nx - 1 else zero
-                    t0 = g0 - lam1[0, k, i, j]
-                    t1 = g1 - lam1[1, k, i, j]
-                    t2 = g2 - lam1[2, k, i, j]
-                    mag = np.sqrt(t0.real * t0.real + t0.imag * t0.imag + t1.real * t1.real
-                                  + t1.imag * t1.imag + t2.real * t2.real + t2.imag * t2.imag)
-                    scale = (mag - threshold) / mag if mag > threshold else 0 * mag
-                    p0, p1, p2 = t0 * scale, t1 * scale, t2 * scale
-                    p[0, k, i, j] = p0
-                    p[1, k, i, j] = p1
-                    p[2, k, i, j] = p2
-                    lam1[0, k, i, j] += p0 - g0
-                    lam1[1, k, i, j] += p1 - g1
-                    lam1[2, k, i, j] += p2 - g2
+                if k < nz - 1:
+                    for j in range(w):
+                        g[0, j] = u[k + 1, i, j] - u[k, i, j]
+                else:
+                    for j in range(w):
+                        g[0, j] = 0
+                if i < ny - 1:
+                    for j in range(w):
+                        g[1, j] = u[k, i + 1, j] - u[k, i, j]
+                else:
+                    for j in range(w):
+                        g[1, j] = 0
+                for j in range(w - 2):
+                    g[2, j] = u[k, i, j + 2] - u[k, i, j]
+                g[2, w - 2] = 0
+                g[2, w - 1] = 0
+                for d in range(3):  # p = g - lam1, then |p| over the 3 components
+                    for j in range(w):
+                        p[d, k, i, j] = g[d, j] - lam1[d, k, i, j]
+                for x in range(nx):
+                    scale[x] = 0
+                for d in range(3):
+                    for x in range(nx):
+                        re = p[d, k, i, 2 * x]
+                        im = p[d, k, i, 2 * x + 1]
+                        scale[x] += re * re + im * im
+                for x in range(nx):
+                    mag = np.sqrt(scale[x])
+                    scale[x] = (mag - threshold) / mag if mag > threshold else 0
+                for d in range(3):  # shrink, then lam1 += p - g
+                    for j in range(w):
+                        q = p[d, k, i, j] * scale[j // 2]
+                        p[d, k, i, j] = q
+                        lam1[d, k, i, j] += q - g[d, j]
 
     @_jit
     def _combine(wide, a, extra, b, out):
@@ -156,10 +213,35 @@ def csr_matmat(matrix, x, out_dtype=None):
     return y
 
 
+def csr_scatter(matrix_t, x, n_rows: int):
+    """``matrix_t.T @ x`` for a scipy CSR ``matrix_t`` (the transpose of the operator), by
+    scattering the rows of a C-contiguous 2-D real ``x``; same sums, same order, as the
+    row-by-row product with the operator itself."""
+    y = np.empty((n_rows, x.shape[1]), dtype=x.dtype)
+    _csr_scatter(matrix_t.indptr, matrix_t.indices, matrix_t.data, x, y)
+    return y
+
+
+def normal_slab(matrix_t, data_wide, x, w, out_dtype):
+    """``A^T (w * (A x))`` in one call, ``A^T = matrix_t`` (CSR): the projections of the
+    slab stay in cache. ``w``: ``(rows of A, x.shape[1])`` real; the back-projection sums
+    use ``data_wide`` (the same non-zeros in ``out_dtype``) and are formed in ``out_dtype``."""
+    y = np.empty((matrix_t.shape[1], x.shape[1]), dtype=x.dtype)
+    out = np.empty(x.shape, dtype=out_dtype)
+    _normal_slab(matrix_t.indptr, matrix_t.indices, matrix_t.data, data_wide, x, w, y, out)
+    return out
+
+
+def _real_view(x):
+    """Real view of a C-contiguous complex array, last axis doubled."""
+    x = np.ascontiguousarray(x)
+    return x.view(np.finfo(x.dtype).dtype)
+
+
 def neg_laplacian(u):
-    """``-Lap u`` with Neumann boundary, ``u`` of shape ``(nz, ny, nx)``."""
+    """``-Lap u`` with Neumann boundary, ``u`` of shape ``(nz, ny, nx)`` complex."""
     out = np.empty_like(u)
-    _neg_laplacian(np.ascontiguousarray(u), out)
+    _neg_laplacian(_real_view(u), out.view(np.finfo(u.dtype).dtype))
     return out
 
 
@@ -184,21 +266,25 @@ def cg_direction(d, s, beta) -> None:
 
 
 def neg_div_sum(a, b):
-    """``grad^H (a + b) = -div(a + b)`` for two ``(3, nz, ny, nx)`` fields, in one pass."""
-    out = np.zeros(a.shape[1:], dtype=np.result_type(a, b))
-    _neg_div_sum(np.ascontiguousarray(a), np.ascontiguousarray(b), out)
+    """``grad^H (a + b) = -div(a + b)`` for two ``(3, nz, ny, nx)`` complex fields."""
+    dtype = np.result_type(a, b)
+    out = np.empty(a.shape[1:], dtype=dtype)
+    _neg_div_sum(_real_view(a.astype(dtype, copy=False)), _real_view(b.astype(dtype, copy=False)),
+                 out.view(np.finfo(dtype).dtype))
     return out
 
 
 def tv_step(u, lam1, threshold: float, p=None):
     """TV split and multiplier in one pass: ``g = grad u``,
     ``p = shrink(g - lam1, threshold)``, ``lam1 += p - g`` (in place); returns ``p``."""
-    if not lam1.flags.c_contiguous:
-        raise ValueError("tv_step: lam1 must be C-contiguous (updated in place)")
-    if p is None or p is lam1 or not p.flags.c_contiguous:
+    if not lam1.flags.c_contiguous or lam1.dtype != u.dtype:
+        raise ValueError("tv_step: lam1 must be C-contiguous, of u's dtype (updated in place)")
+    if p is None or p is lam1 or not p.flags.c_contiguous or p.dtype != u.dtype:
         p = np.empty_like(lam1)
     rdtype = np.finfo(u.dtype).dtype
-    _tv_step(np.ascontiguousarray(u), lam1, rdtype.type(threshold), p)
+    g = np.empty((3, 2 * u.shape[-1]), dtype=rdtype)
+    scale = np.empty(u.shape[-1], dtype=rdtype)
+    _tv_step(_real_view(u), lam1.view(rdtype), rdtype.type(threshold), p.view(rdtype), g, scale)
     return p
 
 

@@ -35,6 +35,8 @@ logger = logging.getLogger(__name__)
 _THIN_BOX = 1e-7
 # Target size of a slab's dense operand on the host (bytes): well inside the shared L3.
 SLAB_BYTES = 2 * 2**20
+# With the compiled kernels, target size of a slab's projections (bytes): inside L2.
+SLAB_PROJECTION_BYTES = 384 * 2**10
 
 
 def _ramp_sq(t: np.ndarray) -> np.ndarray:
@@ -165,13 +167,39 @@ class Projector:
         if xp is not np:
             return [(0, nz)]
         itemsize = itemsize or self.dtype.itemsize
-        step = max(1, min(nz, SLAB_BYTES // (n * n * itemsize)))
+        if kernels.ENABLED:
+            step = SLAB_PROJECTION_BYTES // (max(1, self.n_theta) * n * itemsize)
+            step = min(nz, max(4, min(64, step)))
+        else:
+            step = max(1, min(nz, SLAB_BYTES // (n * n * itemsize)))
         return [(k0, min(nz, k0 + step)) for k0 in range(0, nz, step)]
+
+    def _wide_data(self, rdtype):
+        """Non-zeros of the transposed matrix in ``rdtype``, aligned with the float32
+        transpose's structure (for the compiled normal operator)."""
+        key = ("wide-data", np.dtype(rdtype).str)
+        if key not in self._matrices:
+            _, mt = self._matrix_pair(np, self._base_rdtype())
+            _, mt_wide = self._matrix_pair(np, rdtype)
+            if not (np.array_equal(mt.indptr, mt_wide.indptr)
+                    and np.array_equal(mt.indices, mt_wide.indices)):
+                raise RuntimeError("projector matrices of different precision differ in "
+                                   "structure")
+            self._matrices[key] = mt_wide.data
+        return self._matrices[key]
+
+    def _base_rdtype(self):
+        return real_dtype(self.dtype)
 
     def _fwd_slab(self, matrix, u_slab, xp):
         """Projections of a slab ``(k, n, n)``, returned as ``(N_THETA, n, k)``."""
         k, n, _ = u_slab.shape
         cols = xp.ascontiguousarray(u_slab.reshape(k, n * n).T)  # (pixels, slices)
+        if kernels.available(cols):
+            rdtype = real_dtype(cols.dtype)
+            _, mt = self._matrix_pair(np, rdtype)
+            out = kernels.csr_scatter(mt, cols.view(rdtype), self.n_theta * n)
+            return out.view(cols.dtype).reshape(self.n_theta, n, k)
         return self._apply(matrix, cols, xp).reshape(self.n_theta, n, k)
 
     def _adj_slab(self, matrix_t, p_slab, xp, out_dtype=None):
@@ -238,7 +266,21 @@ class Projector:
         m, _ = self._matrix_pair(xp, real_dtype(u.dtype))
         _, mt = self._matrix_pair(xp, real_dtype(dtype))
         out = xp.empty(self.shape, dtype=dtype)
+        fused = kernels.available(u, weight)
+        if fused:
+            rdtype = real_dtype(u.dtype)
+            _, mt = self._matrix_pair(np, rdtype)
+            data_wide = mt.data if dtype == u.dtype else self._wide_data(real_dtype(dtype))
+        nz, n, _ = self.shape
         for k0, k1 in self.slabs(xp, u.dtype.itemsize):
+            if fused:  # one compiled call per slab; its projections stay in cache
+                k = k1 - k0
+                cols = np.ascontiguousarray(u[k0:k1].reshape(k, n * n).T).view(rdtype)
+                w = np.repeat(weight[:, k0:k1, :].transpose(0, 2, 1).reshape(-1, k), 2, axis=1)
+                res = kernels.normal_slab(mt, data_wide, cols, w.astype(rdtype, copy=False),
+                                          real_dtype(dtype))
+                out[k0:k1] = res.view(dtype).T.reshape(k, n, n)
+                continue
             proj = self._fwd_slab(m, u[k0:k1], xp)  # (N_THETA, n, k)
             proj *= weight[:, k0:k1, :].transpose(0, 2, 1)
             out[k0:k1] = self._adj_slab(mt, proj, xp, dtype)
