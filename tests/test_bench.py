@@ -51,8 +51,15 @@ def test_iteration_floor_counts_bytes_as_documented():
     assert floors["tv"] == 2 * vol * 2 + 17 * vol
     assert floors["allreduce"] == 4 * vol * 3
     assert floors["fft"] == 7.0
-    assert floors["iteration"] == pytest.approx(sum(v for k, v in floors.items()
-                                                    if k != "iteration"))
+    assert floors["iteration"] == pytest.approx(sum(floors[k] for k in STAGES))
+    assert floors["iteration_bandwidth"] == floors["iteration"]
+    # With an arithmetic rate the projector's floor is the larger of memory and arithmetic
+    # time: (nnz 2 nz) (1 + 2) (K + 1) multiply-adds.
+    slow = iteration_floor(volume_shape=(2, 4, 4), n_theta_local=3, n_frames_local=5,
+                           probe_size=2, nnz=10, cg_iterations=1, n_ranks=2, itemsize=8,
+                           bandwidth=1.0, fft_seconds=7.0, fma_per_second=1e-3)
+    assert slow["projector"] == pytest.approx(10 * 2 * 2 * 3 * 3 / 1e-3)
+    assert slow["iteration_bandwidth"] == floors["iteration"]
 
 
 def test_bench_case_breakdown_adds_up_and_memory_prediction_holds():

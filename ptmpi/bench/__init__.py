@@ -170,7 +170,7 @@ def time_astra(n: int, angles: int, repeat: int) -> dict | None:
 def bench_case(case: BenchCase, comm, repeat: int, xp, dtype, *, operators: bool = True,
                memory: bool = True) -> dict:
     """Everything ``ptmpi bench`` reports for one case, as seen by this rank."""
-    from ptmpi.bench.floors import fft_floor, iteration_floor, memory_bandwidth
+    from ptmpi.bench.floors import fft_floor, fma_rate, iteration_floor, memory_bandwidth
     from ptmpi.memory import peak_resident_bytes, predict_arrays
 
     problem, volume = _local_problem(case, comm, dtype)
@@ -186,13 +186,15 @@ def bench_case(case: BenchCase, comm, repeat: int, xp, dtype, *, operators: bool
     row.update(time_iteration(problem, repeat, comm, xp, dtype, case.algorithm))
     bandwidth = memory_bandwidth(xp=xp)
     fft_seconds = fft_floor((n_frames, m, m), dtype, repeat, xp)
+    fmas = fma_rate(xp=xp)
     nnz = row.get("nnz") or int(2.2 * len(problem.theta_local) * case.n**2)
     floors = iteration_floor(
         volume_shape=problem.volume_shape, n_theta_local=len(problem.theta_local),
         n_frames_local=n_frames, probe_size=m, nnz=nnz, cg_iterations=row["cg_iterations"],
         n_ranks=comm.size, itemsize=np.dtype(dtype).itemsize, bandwidth=bandwidth,
-        fft_seconds=fft_seconds)
-    row.update(bandwidth_gb_s=bandwidth / 1e9, fft_floor_s=fft_seconds, floors_s=floors)
+        fft_seconds=fft_seconds, fma_per_second=fmas)
+    row.update(bandwidth_gb_s=bandwidth / 1e9, fft_floor_s=fft_seconds,
+               gfma_per_s=fmas / 1e9, floors_s=floors)
     if memory:
         predicted = predict_arrays(problem.volume_shape, n_frames, m, len(problem.theta_local),
                                    case.algorithm, dtype)

@@ -9,9 +9,15 @@ Two rates are measured on the rank's own core(s):
 
 The floor of a stage is the time to move the bytes it cannot avoid moving at ``B`` (each
 operand read once and each result written once per use, fused; caches assumed perfect
-within a stage), or, for the FFT, the measured FFT time. The floor of an iteration is the
-sum over stages. The byte counts per iteration, with ``V`` one complex volume, ``Pr`` the
-local projections, ``Fr`` the local frames, ``K = cg_iterations + 1`` normal-operator
+within a stage), or, for the FFT, the measured FFT time. The projector is bound by
+arithmetic rather than memory, so its floor is the larger of that memory time and its
+multiply-adds (``2 nnz nz`` per ``P``, twice that per float64 ``P^H``) at the rate of an
+in-cache BLAS ``sgemm`` (:func:`fma_rate`), the third measured rate. The floor of an
+iteration is the sum over stages; ``iteration_bandwidth`` is the same sum with the
+projector's memory time only (memory and FFT floors alone).
+
+The byte counts per iteration, with ``V`` one complex volume, ``Pr`` the local
+projections, ``Fr`` the local frames, ``K = cg_iterations + 1`` normal-operator
 applications and ``Mx`` the projector's sparse matrices (float32 pair for ``P``, float64
 pair for the wide sums):
 
@@ -76,9 +82,24 @@ def fft_floor(shape, dtype, repeat: int = 5, xp=np) -> float:
     return median_time(both, repeat, xp)
 
 
+def fma_rate(repeat: int = 5, xp=np) -> float:
+    """Real single-precision fused multiply-adds per second of an in-cache matrix product
+    (the BLAS ``sgemm`` of 256 x 256 blocks, with the run's BLAS threads)."""
+    a = xp.ones((256, 256), dtype=xp.float32)
+    b = xp.ones((256, 256), dtype=xp.float32)
+    c = xp.empty((256, 256), dtype=xp.float32)
+    return 256**3 / median_time(lambda: xp.matmul(a, b, out=c), max(repeat, 20), xp)
+
+
 def iteration_floor(*, volume_shape, n_theta_local, n_frames_local, probe_size, nnz,
-                    cg_iterations, n_ranks, itemsize, bandwidth, fft_seconds) -> dict:
-    """Floor of each stage of one APT iteration (seconds; see the module docstring)."""
+                    cg_iterations, n_ranks, itemsize, bandwidth, fft_seconds,
+                    fma_per_second=None) -> dict:
+    """Floor of each stage of one APT iteration (seconds; see the module docstring).
+
+    With ``fma_per_second`` the projector's floor is the larger of its memory time and
+    its arithmetic time (``projector_fma`` below); ``iteration_bandwidth`` is always the
+    memory-and-FFT floor alone.
+    """
     nz, n, _ = volume_shape
     vol = nz * n * n * itemsize
     proj = n_theta_local * nz * n * itemsize
@@ -96,5 +117,12 @@ def iteration_floor(*, volume_shape, n_theta_local, n_frames_local, probe_size, 
     }
     floors = {stage: b / bandwidth for stage, b in stage_bytes.items()}
     floors["fft"] = fft_seconds
+    bandwidth_only = sum(floors.values())
+    if fma_per_second:
+        # Each non-zero multiplies every real column of every slice, in P (float32) and in
+        # the float64 P^H (half the vector lanes: counted twice): K + 1 of each.
+        fmas = (nnz * 2 * nz) * (1 + 2) * (k + 1)
+        floors["projector"] = max(floors["projector"], fmas / fma_per_second)
     floors["iteration"] = sum(floors.values())
+    floors["iteration_bandwidth"] = bandwidth_only
     return floors

@@ -22,7 +22,8 @@ def format_result(result: dict) -> str:
                      f"{row['frames_local']} frames on rank 0 ==")
         lines.append(f"floors: memory bandwidth {row['bandwidth_gb_s']:.1f} GB/s (copy), "
                      f"FFT fwd+inv of ({row['frames_local']}, {row['n'] // 2}, "
-                     f"{row['n'] // 2}) {_ms(row['fft_floor_s'])} ms")
+                     f"{row['n'] // 2}) {_ms(row['fft_floor_s'])} ms, "
+                     f"{row['gfma_per_s']:.1f} GFMA/s (in-cache sgemm)")
         if "projector_fwd_s" in row:
             lines.append(f"projector fwd {_ms(row['projector_fwd_s'])} ms, adj "
                          f"{_ms(row['projector_adj_s'])} ms "
@@ -40,7 +41,9 @@ def format_result(result: dict) -> str:
         lines.append(f"APT iteration: {_ms(row['iteration_s'])} ms median (slowest rank "
                      f"{_ms(row['iteration_s_max_rank'])} ms), floor "
                      f"{_ms(floors['iteration'])} ms, ratio "
-                     f"{row['iteration_s'] / floors['iteration']:.1f}x")
+                     f"{row['iteration_s'] / floors['iteration']:.1f}x (memory and FFT floors "
+                     f"only: {_ms(floors['iteration_bandwidth'])} ms, "
+                     f"{row['iteration_s'] / floors['iteration_bandwidth']:.1f}x)")
         lines.append(f"  {'stage':<10} {'ms':>8} {'share':>6} {'floor ms':>9} {'ratio':>6}")
         for stage in STAGES:
             t, f = stages[stage], floors[stage]
