@@ -5,8 +5,8 @@ The prediction counts the arrays alive at the solver's peak in units of one comp
 (both in the complex dtype's bytes), plus the projector's sparse matrices:
 
 ============  ==========================================================================
-APT           ``20.5 V``: u, the previous u, the CG vectors (x, r, s, d, A d, b), p, lam1,
-              the gradient and the shrink temporaries of the TV step (3 V each)
+APT           ``16.5 V``: u, the previous u, the CG vectors (x, r, s, d, A d, b), p and
+              lam1 (3 V each), the complex128 sums of the normal operator
 APTs          ``4 V``: no p, lam1 or TV step
 two-step,     ``max(16 Fb + 2 V, 16 V + 4 Fb)``: the ptychography phase holds the frames'
 ptycho2d      split variables and temporaries; the tomography phase the CG volumes
@@ -17,8 +17,9 @@ all           ``+ 8.8 Fb`` (APT/APTs: counts, their square roots, z, lam2, D u, 
               ground truth, one volume
 ============  ==========================================================================
 
-The coefficients were read off ``tracemalloc`` peaks of short runs at 32^3-96^3 and are
-checked by ``ptmpi bench``, which prints the prediction beside the measured peak.
+The coefficients were read off ``tracemalloc`` peaks of short runs at 48^3-96^3 (with the
+compiled kernels; the numpy fallback holds a few more temporaries) and are checked by
+``ptmpi bench``, which prints the prediction beside the measured peak.
 To the arrays add the process baseline (interpreter, numpy, scipy, MPI), measured at run
 time as the resident size before the data are read.
 """
@@ -43,7 +44,7 @@ def predict_arrays(volume_shape, n_frames_local: int, probe_size: int, n_theta_l
     vol = nz * ny * nx * itemsize
     frames = n_frames_local * probe_size * probe_size * itemsize
     if algorithm == "apt":
-        solver = 20.5 * vol + 8.8 * frames
+        solver = 16.5 * vol + 8.8 * frames
     elif algorithm == "apts":
         solver = 4.0 * vol + 8.8 * frames
     elif algorithm in ("two-step", "ptycho2d"):
