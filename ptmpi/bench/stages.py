@@ -75,6 +75,7 @@ def instrumented(comm, xp):
         (Gradient, "fwd", "tv"), (Gradient, "adj", "tv"), (Gradient, "normal", "tv"),
         (Gradient, "adj_sum", "tv"), (admm, "update_tv_split", "tv"),
         (admm, "shrink_isotropic", "tv"), (admm, "prox_data", "prox"),
+        (admm, "update_data_split", "prox"),
         (admm, "conjugate_gradient", "cg"),
         (comm, "allreduce_sum", "allreduce"), (comm, "allreduce_scalar", "allreduce"),
     ]

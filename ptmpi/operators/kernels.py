@@ -11,6 +11,10 @@ a core, and ranks, not threads, share out the work.
 - :func:`csr_scatter`: the same product from ``A^T``'s CSR rows: ``x`` is streamed once and
   scattered into ``y``, which stays in cache (the projector's forward map).
 - :func:`normal_slab`: ``A^T (w * A x)`` with the intermediate kept in cache.
+- :func:`window_fwd`, :func:`window_adj`: the probe windows and their scatter-add.
+- :func:`data_split`: the z-step and the update of lam2 in one pass.
+- :func:`tv_step`, :func:`neg_div_sum`, :func:`combine`: the TV split step, the
+  divergence in the right-hand side and the rounding of the reduced sums.
 - :func:`neg_laplacian`: ``grad^H grad u = -Lap u`` (Neumann) in one pass.
 - :func:`cg_update`: CG's ``x += a d``, ``r -= a Ad``, ``s = M r`` and ``<r, s>`` in one pass.
 - :func:`cg_direction`: ``d = s + b d`` in place.
@@ -174,6 +178,51 @@ if numba is not None:
                         lam1[d, k, i, j] += q - g[d, j]
 
     @_jit
+    def _window_fwd(images, probe, a, r, c, out):
+        m = probe.shape[0]
+        for f in range(out.shape[0]):
+            af, rf, cf = a[f], r[f], c[f]
+            for i in range(m):
+                for j in range(m):
+                    out[f, i, j] = probe[i, j] * images[af, rf + i, cf + j]
+
+    @_jit
+    def _window_adj(psi, probe, a, r, c, images):
+        m = probe.shape[0]
+        for f in range(psi.shape[0]):
+            af, rf, cf = a[f], r[f], c[f]
+            for i in range(m):
+                for j in range(m):
+                    images[af, rf + i, cf + j] += np.conj(probe[i, j]) * psi[f, i, j]
+
+    @_jit
+    def _data_split(d, lam2, f, r2, ipm, z):
+        # z = prox_G(d - lam2) (see ptmpi.solvers.prox), then lam2 += z - d; frame by frame.
+        n_frames, m, _ = d.shape
+        eps = np.finfo(f.dtype).eps
+        for fr in range(n_frames):
+            peak = 0.0
+            for i in range(m):
+                for j in range(m):
+                    zt = d[fr, i, j] - lam2[fr, i, j]
+                    peak = max(peak, abs(zt))
+            tiny = 64 * eps * peak
+            for i in range(m):
+                for j in range(m):
+                    dij = d[fr, i, j]
+                    zt = dij - lam2[fr, i, j]
+                    mag = abs(zt)
+                    fij = f[fr, i, j]
+                    if ipm:
+                        rho = (r2 * mag + np.sqrt((r2 * mag) ** 2 + 4 * (1 + r2) * fij)) / (
+                            2 * (1 + r2))
+                    else:
+                        rho = (np.sqrt(fij) + r2 * mag) / (1 + r2)
+                    zij = zt * (rho / mag) if mag > tiny else zt * 0 + rho
+                    z[fr, i, j] = zij
+                    lam2[fr, i, j] += zij - dij
+
+    @_jit
     def _combine(wide, a, extra, b, out):
         for i in range(out.size):
             out[i] = a * wide[i] + b * extra[i]
@@ -295,3 +344,27 @@ def combine(wide, a: float, extra, b: float, dtype):
     _combine(wide.reshape(-1), float(a), np.ascontiguousarray(extra).reshape(-1), float(b),
              out.reshape(-1))
     return out
+
+
+def window_fwd(images, probe, a, r, c):
+    """``probe * S_j images`` for every frame ``j`` (windows at ``(a, r, c)`` of the padded
+    image stack), in one pass."""
+    out = np.empty((a.size, *probe.shape), dtype=images.dtype)
+    _window_fwd(images, probe, a, r, c, out)
+    return out
+
+
+def window_adj(psi, probe, a, r, c, images):
+    """``images += sum_j S_j^H (conj(probe) * psi_j)`` in place, frame by frame."""
+    _window_adj(np.ascontiguousarray(psi), probe, a, r, c, images)
+
+
+def data_split(d, lam2, f, r2: float, likelihood: str):
+    """``z = prox_G(d - lam2)`` and ``lam2 += z - d`` (in place) in one pass; returns z."""
+    if not lam2.flags.c_contiguous:
+        raise ValueError("data_split: lam2 must be C-contiguous (updated in place)")
+    z = np.empty_like(d)
+    rdtype = f.dtype.type
+    _data_split(np.ascontiguousarray(d), lam2, np.ascontiguousarray(f), rdtype(r2),
+                likelihood == "ipm", z)
+    return z

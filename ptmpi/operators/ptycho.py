@@ -22,6 +22,7 @@ import warnings
 import numpy as np
 
 from ptmpi.backend import get_xp, real_dtype, to_device
+from ptmpi.operators import kernels
 
 logger = logging.getLogger(__name__)
 
@@ -214,11 +215,23 @@ class Ptycho:
 
     def fwd(self, v):
         """``psi_j = omega * S_j v``."""
-        return self._probe_as(v) * self.extract(v)
+        probe = self._probe_as(v)
+        if kernels.available(v, probe) and tuple(v.shape) == self.image_stack_shape:
+            (a, r, c), _ = self._indices(np)
+            return kernels.window_fwd(self._padded(v, np), probe, a, r, c)
+        return probe * self.extract(v)
 
     def adj(self, psi):
         """``sum_j S_j^H (conj(omega) * psi_j)``."""
-        return self.scatter(self._probe_as(psi).conj() * psi)
+        probe = self._probe_as(psi)
+        if kernels.available(psi, probe) and tuple(psi.shape) == self.data_shape:
+            (a, r, c), _ = self._indices(np)
+            p = self.pad
+            nz, n = self.image_shape
+            padded = np.zeros((self.n_theta, nz + 2 * p, n + 2 * p), dtype=psi.dtype)
+            kernels.window_adj(psi, probe, a, r, c, padded)
+            return padded if p == 0 else np.ascontiguousarray(padded[:, p:-p, p:-p])
+        return self.scatter(probe.conj() * psi)
 
     def illumination(self, dtype=None):
         """``W = sum_j S_j^H |omega|^2`` per angle: ``(N_THETA, nz, n)`` real."""

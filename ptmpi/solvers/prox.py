@@ -62,6 +62,20 @@ def shrink_isotropic(pt, threshold: float):
     return pt * scale[None].astype(pt.real.dtype, copy=False)
 
 
+def update_data_split(d, lam2, f, r2: float, likelihood: str):
+    """Steps 2-3 for the far-field split (no over-relaxation): ``z = prox_G(d - lam2)``
+    and ``lam2 += z - d`` in place; returns ``z``. One compiled pass on the host when
+    available (:func:`ptmpi.operators.kernels.data_split`), else these numpy steps.
+    """
+    if likelihood not in LIKELIHOODS:
+        raise ValueError(f"likelihood must be one of {LIKELIHOODS}, got {likelihood!r}")
+    if kernels.available(d, lam2, f):
+        return kernels.data_split(d, lam2, f, r2, likelihood)
+    z = prox_data(d - lam2, f, r2, likelihood)
+    lam2 += z - d
+    return z
+
+
 def update_tv_split(grad, u, lam1, threshold: float, p=None):
     """Steps 2-3 for the TV split (no over-relaxation): ``g = grad u``,
     ``p = shrink(g - lam1, threshold)``, ``lam1 += p - g`` in place; returns ``p``.
