@@ -198,27 +198,33 @@ if numba is not None:
     @_jit
     def _data_split(d, lam2, f, r2, ipm, z):
         # z = prox_G(d - lam2) (see ptmpi.solvers.prox), then lam2 += z - d; frame by frame.
+        # Plain products and square roots only: abs() and ** go through slow library calls.
         n_frames, m, _ = d.shape
         eps = np.finfo(f.dtype).eps
+        one = f.dtype.type(1)
         for fr in range(n_frames):
-            peak = 0.0
+            peak2 = f.dtype.type(0)
             for i in range(m):
                 for j in range(m):
                     zt = d[fr, i, j] - lam2[fr, i, j]
-                    peak = max(peak, abs(zt))
-            tiny = 64 * eps * peak
+                    peak2 = max(peak2, zt.real * zt.real + zt.imag * zt.imag)
+            tiny = 64 * eps * np.sqrt(peak2)
             for i in range(m):
                 for j in range(m):
                     dij = d[fr, i, j]
                     zt = dij - lam2[fr, i, j]
-                    mag = abs(zt)
+                    mag = np.sqrt(zt.real * zt.real + zt.imag * zt.imag)
                     fij = f[fr, i, j]
+                    rm = r2 * mag
                     if ipm:
-                        rho = (r2 * mag + np.sqrt((r2 * mag) ** 2 + 4 * (1 + r2) * fij)) / (
-                            2 * (1 + r2))
+                        rho = (rm + np.sqrt(rm * rm + 4 * (one + r2) * fij)) / (2 * (one + r2))
                     else:
-                        rho = (np.sqrt(fij) + r2 * mag) / (1 + r2)
-                    zij = zt * (rho / mag) if mag > tiny else zt * 0 + rho
+                        rho = (np.sqrt(fij) + rm) / (one + r2)
+                    if mag > tiny:
+                        scale = rho / mag
+                        zij = zt * scale
+                    else:
+                        zij = zt * 0 + rho
                     z[fr, i, j] = zij
                     lam2[fr, i, j] += zij - dij
 
