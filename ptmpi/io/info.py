@@ -15,6 +15,7 @@ from ptmpi.io.cxi import (
     DATA,
     FRAME_OFFSET,
     POSITIONS,
+    REQUIRED,
     TRUTH_PROBE,
     TRUTH_VOLUME,
     read_input,
@@ -33,7 +34,8 @@ def info_lines(path: str | os.PathLike) -> tuple[list[str], list[str]]:
     """Summary lines and problem lines of an input or output file.
 
     The kind is detected from the content: an input file has the detector data
-    ``/entry_1/instrument_1/detector_1/data``, an output file the reconstruction
+    ``/entry_1/instrument_1/detector_1/data`` (or another required dataset of SPEC 3, so
+    that a file missing the data is reported as such), an output file the reconstruction
     ``/entry_1/image_1/data``.
 
     Returns
@@ -48,7 +50,9 @@ def info_lines(path: str | os.PathLike) -> tuple[list[str], list[str]]:
         return [], [f"{name}: file does not exist"]
     try:
         with h5py.File(name, "r") as f:
-            is_input, is_output = DATA in f, OUT_VOLUME in f
+            # Any SPEC 3 dataset makes an input file: validation then names what is missing.
+            is_input, is_output = any(d in f for d in REQUIRED), OUT_VOLUME in f
+            is_checkpoint = "ptmpi_checkpoint" in f.attrs
     except Exception as exc:  # noqa: BLE001 - whatever h5py raises, the file is unusable
         return [], [f"{name}: not a readable HDF5 file ({one_line(exc)})"]
     size = f"file: {name} ({_human_bytes(os.path.getsize(name))})"
@@ -56,6 +60,8 @@ def info_lines(path: str | os.PathLike) -> tuple[list[str], list[str]]:
         summary, problems = _input_info(name)
     elif is_output:
         summary, problems = _output_info(name)
+    elif is_checkpoint:
+        summary, problems = _checkpoint_info(name)
     else:
         return [size], [f"{name}: neither a ptmpi input file (no {DATA}) nor an output file "
                         f"(no {OUT_VOLUME})"]
@@ -77,6 +83,31 @@ def main_info(path: str | os.PathLike) -> int:
     for line in problems:
         print(f"error: {line}", file=sys.stderr)
     return 1 if problems else 0
+
+
+# ---------------------------------------------------------------------------- checkpoint
+
+
+def _checkpoint_info(name: str) -> tuple[list[str], list[str]]:
+    from ptmpi.io.checkpoint import read_checkpoint_header
+
+    lines = ["kind: checkpoint (APT/APTs solver state; ptmpi reconstruct --resume)"]
+    try:
+        head = read_checkpoint_header(name)
+    except ValueError as exc:
+        return lines, [one_line(exc)]
+    settings = head.settings
+    penalties = ", ".join(f"{k} {head.params.get(k, math.nan):.4g}" for k in ("tv_weight", "r1",
+                                                                          "r2"))
+    lines += [
+        f"iteration: {head.iteration} (of --iterations {settings.get('iterations')})",
+        f"algorithm: {settings.get('algorithm')}, likelihood {settings.get('likelihood')}, "
+        f"{head.dtype}, {penalties}",
+        f"volume: {head.volume_shape}, probe: {head.probe_shape}, frames: {head.n_frames}",
+        f"n_ranks: {head.n_ranks} (a resume may use another count)",
+        f"input_checksum: {head.input_checksum}",
+    ]
+    return lines, []
 
 
 # ---------------------------------------------------------------------------- input

@@ -48,11 +48,18 @@ from collections.abc import Callable
 import numpy as np
 
 from ptmpi.backend import get_xp, real_dtype, synchronize, to_device
+from ptmpi.operators import kernels
 from ptmpi.operators.grad import Gradient
 from ptmpi.operators.model import JointModel
 from ptmpi.parallel.comm import SerialComm
 from ptmpi.solvers.cg import conjugate_gradient
-from ptmpi.solvers.prox import LIKELIHOODS, prox_data, shrink_isotropic
+from ptmpi.solvers.prox import (
+    LIKELIHOODS,
+    prox_data,
+    shrink_isotropic,
+    update_data_split,
+    update_tv_split,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -138,7 +145,13 @@ class LocalProblem:
 
 @dataclasses.dataclass
 class ADMMState:
-    """Full solver state (what a checkpoint holds)."""
+    """Full solver state (what a checkpoint holds, :mod:`ptmpi.io.checkpoint`).
+
+    ``u`` ``(nz, n, n)``, ``p`` and ``lam1`` ``(3, nz, n, n)`` (None for APTs) and ``omega``
+    ``(M, M)`` are replicated; ``z_local`` and ``lam2_local`` ``(N_FRAMES_LOCAL, M, M)`` hold
+    this rank's frames. ``iteration`` counts completed iterations, ``history`` the metrics
+    per iteration (lists), ``params`` the penalties in use (:func:`resolve`).
+    """
 
     u: object
     z_local: object
@@ -148,6 +161,7 @@ class ADMMState:
     omega: object
     iteration: int = 0
     history: dict = dataclasses.field(default_factory=dict)
+    params: dict = dataclasses.field(default_factory=dict)
 
 
 def operator_norm(model: JointModel, weight, comm: SerialComm, iterations: int, xp,
@@ -202,6 +216,18 @@ def resolve(settings: SolverSettings, norm: float, noise_amplitude: float = 0.0)
             "norm_DhD": norm, "noise_amplitude": noise_amplitude}
 
 
+def _scaled_sum(wide_sum, r2: float, tv_term, r1: float, dtype):
+    """``r2 * wide_sum + r1 * tv_term`` rounded once to ``dtype`` (``tv_term`` may be
+    None): the u-system's operator and right-hand side from the reduced data term."""
+    if tv_term is not None and kernels.available(wide_sum, tv_term):
+        return kernels.combine(wide_sum, r2, tv_term, r1, dtype)
+    out = wide_sum.astype(dtype)
+    out *= r2
+    if tv_term is not None:
+        out += r1 * tv_term
+    return out
+
+
 def _snr(u, truth) -> float:
     from ptmpi.metrics import snr_db
 
@@ -246,7 +272,9 @@ def solve(problem: LocalProblem, settings: SolverSettings, comm: SerialComm,
     xp : array module (numpy, or cupy for a GPU run).
     dtype : complex dtype of the iterates.
     state : ADMMState, optional
-        Resume from this state instead of the paper's initialisation.
+        Resume from this state instead of the paper's initialisation. When it carries
+        ``params`` (a checkpoint's), those penalties are used as they are: ``L`` is not
+        estimated again, so a resumed run continues the interrupted one exactly.
     callback : called after every iteration with the state and that iteration's metrics.
     """
     rdtype = real_dtype(dtype)
@@ -260,11 +288,15 @@ def solve(problem: LocalProblem, settings: SolverSettings, comm: SerialComm,
     grad = Gradient(problem.volume_shape)
 
     weight = model.illumination(xp)
-    norm = operator_norm(model, weight, comm, settings.power_iterations, xp, dtype)
-    # Photon-counting data (all counts whole numbers) have Poisson noise of amplitude ~1/2.
-    counting = float(xp.all(f_local == xp.rint(f_local))) if f_local.size else 1.0
-    counting = comm.allreduce_scalar(counting, "min") > 0
-    params = resolve(settings, norm, 0.5 if counting else 0.0)
+    if state is not None and state.params:
+        params = dict(state.params)
+        norm, counting = params["norm_DhD"], params["noise_amplitude"] > 0
+    else:
+        norm = operator_norm(model, weight, comm, settings.power_iterations, xp, dtype)
+        # Photon-counting data (all counts whole numbers): Poisson noise of amplitude ~1/2.
+        counting = float(xp.all(f_local == xp.rint(f_local))) if f_local.size else 1.0
+        counting = comm.allreduce_scalar(counting, "min") > 0
+        params = resolve(settings, norm, 0.5 if counting else 0.0)
     logger.info(
         "%s, %s likelihood: ||D^H D|| = %.4g, %s data; tv_weight = %.4g, r1 = %.4g, "
         "r2 = %.4g, %d CG iterations, up to %d iterations", settings.algorithm.upper(),
@@ -286,6 +318,7 @@ def solve(problem: LocalProblem, settings: SolverSettings, comm: SerialComm,
     else:
         model.set_probe(state.omega)
         weight = model.illumination(xp)
+    state.params = params
     for key in ("iteration", "r_factor", "rel_change", "wall_s") + (
             ("snr_db",) if truth is not None else ()):
         state.history.setdefault(key, [])
@@ -311,11 +344,8 @@ def solve(problem: LocalProblem, settings: SolverSettings, comm: SerialComm,
     update_preconditioner()
 
     def normal_op(x):
-        out = comm.allreduce_sum(model.normal(x, weight, wide)).astype(dtype)
-        out *= r2
-        if r1 > 0:
-            out += r1 * grad.adj(grad.fwd(x))
-        return out
+        wide_sum = comm.allreduce_sum(model.normal(x, weight, wide))
+        return _scaled_sum(wide_sum, r2, grad.normal(x) if r1 > 0 else None, r1, dtype)
 
     sqrt_f_sum = comm.allreduce_scalar(float(xp.sum(sqrt_f, dtype=xp.float64)))
     t_start = time.perf_counter() - (state.history["wall_s"][-1] if state.history["wall_s"] else 0)
@@ -323,10 +353,9 @@ def solve(problem: LocalProblem, settings: SolverSettings, comm: SerialComm,
         u_old = state.u
         target = state.z_local + state.lam2_local
         # Step 1: u by CG on the SPD normal equations.
-        rhs = comm.allreduce_sum(model.adj(target, wide)).astype(dtype)
-        rhs *= r2
-        if apt and r1 > 0:
-            rhs += r1 * grad.adj(state.p + state.lam1)
+        rhs = _scaled_sum(comm.allreduce_sum(model.adj(target, wide)), r2,
+                          grad.adj_sum(state.p, state.lam1) if apt and r1 > 0 else None, r1,
+                          dtype)
         u = conjugate_gradient(normal_op, rhs, u_old, settings.cg_iterations, inv_diag=inv_diag)
         if settings.refine_probe and state.iteration >= settings.probe_start:
             state.omega = update_probe(model, u, target, comm).astype(dtype)
@@ -337,16 +366,22 @@ def solve(problem: LocalProblem, settings: SolverSettings, comm: SerialComm,
         d = model.fwd(u)
         # Over-relaxation (alpha = 1 is the paper's ADMM): mix in the previous split value.
         alpha = settings.relaxation
-        d_hat = d if alpha == 1 else alpha * d + (1 - alpha) * state.z_local
-        z = prox_data(d_hat - state.lam2_local, f_local, r2, settings.likelihood)
-        if apt:
+        if alpha == 1:  # z-step and its multiplier update (step 3) together
+            z = update_data_split(d, state.lam2_local, f_local, r2, settings.likelihood)
+        else:
+            d_hat = alpha * d + (1 - alpha) * state.z_local
+            z = prox_data(d_hat - state.lam2_local, f_local, r2, settings.likelihood)
+            state.lam2_local += z - d_hat
+        if apt and alpha == 1 and r1 > 0:
+            # p-step and its multiplier update (step 3) together, one pass over u.
+            state.p = update_tv_split(grad, u, state.lam1, tv_weight / r1, state.p)
+        elif apt:
             g = grad.fwd(u)
             g_hat = g if alpha == 1 else alpha * g + (1 - alpha) * state.p
             p = shrink_isotropic(g_hat - state.lam1, tv_weight / r1) if r1 > 0 else g_hat
             # Step 3: multipliers.
             state.lam1 += p - g_hat
             state.p = p
-        state.lam2_local += z - d_hat
         state.z_local, state.u = z, u
         state.iteration += 1
 
@@ -369,7 +404,7 @@ def solve(problem: LocalProblem, settings: SolverSettings, comm: SerialComm,
             callback(state, row)
         if not math.isfinite(row["rel_change"]):
             raise FloatingPointError(
-                f"iteration {state.iteration}: the volume u is no longer finite (diverged)")
+                f"the volume u is no longer finite: diverged at iteration {state.iteration}")
         if settings.tol > 0 and row["rel_change"] < settings.tol:
             break
     return state, params

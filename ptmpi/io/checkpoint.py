@@ -1,0 +1,276 @@
+"""Checkpoints of APT / APTs: the full solver state, written by all ranks, atomically.
+
+Layout (one HDF5 file; frames in the input file's global, angle-major order)::
+
+    /                  @ptmpi_checkpoint   int, layout version (1)
+                       @iteration          int, iterations completed
+                       @input_checksum     "sha256:<hex>" of the input file
+                       @settings           JSON of SolverSettings.to_dict()
+                       @dtype              "complex64" or "complex128"
+                       @params             JSON of the penalties in use: tv_weight, r1, r2,
+                                           norm_DhD (L = ||D^H D||), noise_amplitude
+                       @n_ranks            ranks of the run that wrote it (information only)
+                       @program, @version, @date
+    u                  (nz, n, n) dtype          volume
+    omega              (M, M) dtype              probe
+    p, lam1            (3, nz, n, n) dtype       gradient split variable, multiplier (APT only)
+    z, lam2            (N_FRAMES, M, M) dtype    far-field split variable, multiplier
+    metrics/<column>   (iteration,) history so far: iteration int64, others float64
+
+Writing (:func:`write_checkpoint`, collective): rank 0 creates ``.<name>.tmp`` in the
+checkpoint's folder with every dataset, writes the replicated arrays, the metrics and its
+own frames, and closes it; then ranks 1, 2, ... in turn open it and write their own
+hyperslab of ``z`` and ``lam2``. A token passed by one broadcast per rank orders them and
+carries any error, so no rank ever holds the frames of another. Rank 0 then flushes the
+file to disk and renames it over ``<name>`` (``os.replace``, atomic on POSIX): a kill at
+any instant leaves either the previous checkpoint or the new one, both complete. A stale
+``.<name>.tmp`` of a killed run is overwritten by the next checkpoint.
+
+Reading: :func:`read_checkpoint_header` (metadata only, for the checks of a resume) and
+:func:`read_checkpoint` (the replicated arrays and one rank's frames ``[f0, f1)``), so a
+run may resume with another rank count.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime
+import json
+import os
+from pathlib import Path
+
+import h5py
+import numpy as np
+
+from ptmpi import __version__
+from ptmpi.backend import to_device, to_host
+from ptmpi.solvers.admm import ADMMState
+
+LAYOUT_VERSION = 1
+
+#: Settings a resumed run may change: they decide when to stop, not what is computed.
+RESUMABLE_CHANGES = ("iterations", "tol")
+
+
+class CheckpointWriteError(OSError):
+    """A checkpoint could not be written; raised on every rank with the same message."""
+
+
+@dataclasses.dataclass
+class CheckpointHeader:
+    """What a checkpoint says about itself (no large arrays).
+
+    Attributes
+    ----------
+    path : str
+    iteration : int
+        Iterations completed.
+    input_checksum : str
+    settings : dict
+        ``SolverSettings.to_dict()`` of the run that wrote it.
+    dtype : str
+        Complex dtype of the iterates.
+    params : dict
+        Penalties in use (see :func:`ptmpi.solvers.admm.resolve`).
+    n_ranks : int
+    volume_shape : tuple (nz, n, n)
+    probe_shape : tuple (M, M)
+    n_frames : int
+    """
+
+    path: str
+    iteration: int
+    input_checksum: str
+    settings: dict
+    dtype: str
+    params: dict
+    n_ranks: int
+    volume_shape: tuple
+    probe_shape: tuple
+    n_frames: int
+
+
+def default_checkpoint_path(output_path: str | os.PathLike) -> Path:
+    """``<output stem>-checkpoint.h5`` beside the output (``rec.h5`` -> ``rec-checkpoint.h5``)."""
+    output_path = Path(output_path)
+    return output_path.with_name(f"{output_path.with_suffix('').name}-checkpoint.h5")
+
+
+def temporary_path(path: str | os.PathLike) -> Path:
+    """The name a checkpoint is written under before it is renamed to ``path``."""
+    path = Path(path)
+    return path.with_name(f".{path.name}.tmp")
+
+
+def write_checkpoint(path, state: ADMMState, comm, *, settings: dict, dtype,
+                     input_checksum: str, frame_start: int, n_frames: int) -> None:
+    """Write ``state`` to ``path`` (collective: every rank calls it; see the module notes).
+
+    Parameters
+    ----------
+    path : str or PathLike
+        Checkpoint file; replaced atomically.
+    state : ADMMState
+        ``u``, ``p``, ``lam1``, ``omega`` replicated; ``z_local`` and ``lam2_local``
+        ``(N_FRAMES_LOCAL, M, M)`` this rank's frames; numpy or CuPy arrays.
+    comm : communicator
+    settings : dict
+        ``SolverSettings.to_dict()``.
+    dtype : complex dtype of the iterates.
+    input_checksum : str
+        Checksum of the input file (only rank 0's value is used).
+    frame_start : int
+        Global index of this rank's first frame (``frame_offset[angle_start]``).
+    n_frames : int
+        Frames in the whole input file.
+
+    Raises
+    ------
+    CheckpointWriteError
+        On every rank, with the same message, when any rank failed; the previous
+        checkpoint is then left as it was.
+    """
+    path = Path(path)
+    tmp = temporary_path(path)
+    dtype = np.dtype(dtype)
+    error = None
+    for writer in range(comm.size):
+        if comm.rank == writer and error is None:
+            try:
+                if writer == 0:
+                    _create(tmp, state, comm.size, settings, dtype, input_checksum, n_frames)
+                _write_frames(tmp, state, frame_start)
+            except Exception as exc:  # noqa: BLE001 - reported on every rank below
+                error = f"{type(exc).__name__}: {exc}"
+        error = comm.bcast(error, root=writer)
+    if error is None and comm.is_root:
+        try:
+            _fsync(tmp)
+            os.replace(tmp, path)
+        except OSError as exc:
+            error = f"{type(exc).__name__}: {exc}"
+    error = comm.bcast(error)
+    if error is not None:
+        if comm.is_root:
+            tmp.unlink(missing_ok=True)
+        raise CheckpointWriteError(f"{path}: cannot write the checkpoint ({error})")
+
+
+def _create(tmp: Path, state: ADMMState, n_ranks: int, settings: dict, dtype, checksum: str,
+            n_frames: int) -> None:
+    """Rank 0: the file with every dataset, the replicated arrays and the metrics."""
+    m = state.omega.shape[-1]
+    with h5py.File(tmp, "w") as f:
+        f.attrs["ptmpi_checkpoint"] = np.int64(LAYOUT_VERSION)
+        f.attrs["iteration"] = np.int64(state.iteration)
+        f.attrs["input_checksum"] = checksum
+        f.attrs["settings"] = json.dumps(settings, sort_keys=True)
+        f.attrs["dtype"] = dtype.name
+        f.attrs["params"] = json.dumps(state.params, sort_keys=True)
+        f.attrs["n_ranks"] = np.int64(n_ranks)
+        f.attrs["program"] = "ptmpi"
+        f.attrs["version"] = __version__
+        f.attrs["date"] = datetime.datetime.now(datetime.timezone.utc).isoformat()
+        for name in ("u", "omega", "p", "lam1"):
+            value = getattr(state, name)
+            if value is not None:
+                f.create_dataset(name, data=to_host(value).astype(dtype, copy=False))
+        for name in ("z", "lam2"):
+            f.create_dataset(name, shape=(n_frames, m, m), dtype=dtype)
+        metrics = f.create_group("metrics")
+        for key, values in state.history.items():
+            metrics.create_dataset(key, data=np.asarray(
+                values, dtype=np.int64 if key == "iteration" else np.float64))
+
+
+def _write_frames(tmp: Path, state: ADMMState, frame_start: int) -> None:
+    """This rank's hyperslab of ``z`` and ``lam2``."""
+    n_local = state.z_local.shape[0]
+    if n_local == 0:
+        return
+    with h5py.File(tmp, "r+") as f:
+        f["z"][frame_start:frame_start + n_local] = to_host(state.z_local)
+        f["lam2"][frame_start:frame_start + n_local] = to_host(state.lam2_local)
+
+
+def _fsync(path: Path) -> None:
+    """Flush ``path`` to disk, so a node crash after the rename cannot leave it empty."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def read_checkpoint_header(path: str | os.PathLike) -> CheckpointHeader:
+    """Metadata of a checkpoint; raises ValueError (one sentence) when it is not one."""
+    path = str(path)
+    try:
+        with h5py.File(path, "r") as f:
+            if "ptmpi_checkpoint" not in f.attrs:
+                raise ValueError(f"{path}: not a ptmpi checkpoint (no @ptmpi_checkpoint)")
+            version = int(f.attrs["ptmpi_checkpoint"])
+            if version != LAYOUT_VERSION:
+                raise ValueError(f"{path}: checkpoint layout {version}, this ptmpi reads "
+                                 f"layout {LAYOUT_VERSION}")
+            missing = [name for name in ("u", "omega", "z", "lam2") if name not in f]
+            if missing:
+                raise ValueError(f"{path}: checkpoint without {', '.join(missing)}")
+            return CheckpointHeader(
+                path=path,
+                iteration=int(f.attrs["iteration"]),
+                input_checksum=str(f.attrs["input_checksum"]),
+                settings=json.loads(f.attrs["settings"]),
+                dtype=str(f.attrs["dtype"]),
+                params=json.loads(f.attrs["params"]),
+                n_ranks=int(f.attrs["n_ranks"]),
+                volume_shape=tuple(f["u"].shape),
+                probe_shape=tuple(f["omega"].shape),
+                n_frames=int(f["z"].shape[0]),
+            )
+    except (OSError, KeyError, json.JSONDecodeError) as exc:
+        raise ValueError(f"{path}: not a readable ptmpi checkpoint ({exc})") from exc
+
+
+def config_differences(header: CheckpointHeader, settings: dict, dtype) -> list[str]:
+    """``"name: A there, B now"`` for each setting that a resume may not change.
+
+    Everything in ``SolverSettings`` counts except :data:`RESUMABLE_CHANGES`, and the dtype.
+    """
+    keys = sorted((set(header.settings) | set(settings)) - set(RESUMABLE_CHANGES))
+    missing = "(not set)"
+    diffs = [f"{key}: {header.settings.get(key, missing)} there, {settings.get(key, missing)} now"
+             for key in keys if header.settings.get(key, missing) != settings.get(key, missing)]
+    if np.dtype(header.dtype) != np.dtype(dtype):
+        diffs.append(f"dtype: {header.dtype} there, {np.dtype(dtype).name} now (--double)")
+    return diffs
+
+
+def read_checkpoint(path: str | os.PathLike, frame_start: int, frame_stop: int,
+                    xp=np) -> ADMMState:
+    """The state of a checkpoint with the frames ``[frame_start, frame_stop)`` of ``z``, ``lam2``.
+
+    Parameters
+    ----------
+    path : str or PathLike
+    frame_start, frame_stop : int
+        This rank's frames (``frame_offset[angle_start]``, ``frame_offset[angle_stop]``).
+    xp : array module of the returned arrays (numpy or cupy).
+
+    Returns
+    -------
+    ADMMState
+        Arrays in the checkpoint's dtype, ``history`` as lists, ``params`` set.
+    """
+    with h5py.File(path, "r") as f:
+        def get(name, sel=()):
+            return to_device(f[name][sel], xp) if name in f else None
+
+        frames = slice(frame_start, frame_stop)
+        history = {key: f["metrics"][key][...].tolist() for key in f["metrics"]}
+        return ADMMState(
+            u=get("u"), z_local=get("z", frames), lam2_local=get("lam2", frames),
+            p=get("p"), lam1=get("lam1"), omega=get("omega"),
+            iteration=int(f.attrs["iteration"]), history=history,
+            params=json.loads(f.attrs["params"]),
+        )
