@@ -157,3 +157,20 @@ def test_a_run_that_does_not_fit_is_refused_before_reading(tmp_path, capsys, mon
         assert lines[0].startswith("ptmpi reconstruct: error: not enough memory")
         assert "available" in lines[0]
     assert not (tmp_path / "rec.h5").exists()
+
+
+def test_scaling_runs_each_rank_count_and_reports_efficiencies(tmp_path, capsys):
+    out = tmp_path / "scaling.json"
+    assert main(["bench", "--scaling", "--ranks", "1,2", "--scaling-size", "32",
+                 "--scaling-angles", "4", "--weak-angles", "2", "--repeat", "1",
+                 "--json", str(out)]) == 0
+    text = capsys.readouterr().out
+    assert "strong scaling" in text and "weak scaling" in text
+    result = json.loads(out.read_text())
+    strong, weak = result["strong"], result["weak"]
+    assert [r["ranks"] for r in strong] == [1, 2] and [r["angles"] for r in weak] == [2, 4]
+    assert strong[0]["efficiency"] == 1.0 and weak[0]["efficiency"] == 1.0
+    for r in strong:
+        assert r["efficiency"] == pytest.approx(
+            strong[0]["iteration_s"] / (r["ranks"] * r["iteration_s"]))
+    assert all(r["iteration_s"] > 0 for r in strong + weak)
