@@ -1,8 +1,10 @@
-"""Command line: ``ptmpi simulate | reconstruct | info | demo | paper`` (SPEC section 6).
+"""Command line: ``ptmpi simulate | reconstruct | info | demo | paper | bench`` (SPEC 6).
 
 Every command runs unchanged with one process or under ``mpiexec``/``srun``; only rank 0
 prints. Errors a user can fix end the job with one line ``ptmpi <cmd>: error: ...`` and
-exit status 1 (2 for bad command-line usage), never a traceback.
+exit status 1 (2 for bad command-line usage), never a traceback. ``reconstruct`` (apt,
+apts) stopped by SIGTERM or SIGUSR1 writes a checkpoint and exits with
+:data:`EXIT_CHECKPOINTED` (75): resubmit the same command with ``--resume``.
 """
 
 from __future__ import annotations
@@ -12,6 +14,7 @@ import dataclasses
 import json
 import logging
 import math
+import os
 import sys
 import time
 import warnings
@@ -26,9 +29,62 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger("ptmpi")
 
+#: Exit status of a ``reconstruct`` stopped by SIGTERM/SIGUSR1 after writing a checkpoint
+#: (EX_TEMPFAIL): "checkpointed, run the same command again with --resume".
+EXIT_CHECKPOINTED = 75
+#: Seconds the ranks wait for each other after an error that all should raise alike.
+_ALIKE_TIMEOUT_S = 5.0
+#: ``--checkpoint-every`` when ``--checkpoint`` is given without it.
+DEFAULT_CHECKPOINT_EVERY = 10
+
 
 class UserError(Exception):
     """An error the user can fix (bad input, existing output, ...): one line, no traceback."""
+
+
+def _launcher_rank() -> int:
+    """This process's rank as an MPI or SLURM launcher tells it (0 without a launcher).
+
+    Read from the environment, so that command-line errors can be reported before (and
+    without) initializing MPI.
+    """
+    for var in ("PMI_RANK", "OMPI_COMM_WORLD_RANK", "PMIX_RANK", "SLURM_PROCID"):
+        value = os.environ.get(var, "")
+        if value.isdigit():
+            return int(value)
+    return 0
+
+
+class _Parser(argparse.ArgumentParser):
+    """Usage errors as one line from rank 0 only (every rank parses), exit status 2."""
+
+    def error(self, message: str):
+        if _launcher_rank() == 0:
+            _error_line(f"{self.prog}: error: {message} (see {self.prog} --help)")
+        self.exit(2)
+
+
+def _number(kind: type, low: float, strict: bool = False):
+    """An argparse type: a finite ``kind`` (int or float) ``>= low`` (``> low`` if strict)."""
+    what = f"{'an integer' if kind is int else 'a number'} {'>' if strict else '>='} {low:g}"
+
+    def parse(text: str):
+        try:
+            value = kind(text)
+        except ValueError:
+            value = None
+        if value is None or not math.isfinite(value) or value < low or (strict and value == low):
+            raise argparse.ArgumentTypeError(f"expected {what}, found {text!r}")
+        return value
+
+    parse.__name__ = what  # argparse names the type with it in some messages
+    return parse
+
+
+_COUNT = _number(int, 0)  # iterations: 0 allowed
+_POSITIVE_INT = _number(int, 1)
+_NON_NEGATIVE = _number(float, 0.0)
+_POSITIVE = _number(float, 0.0, strict=True)
 
 
 def _setup_logging(comm: SerialComm, verbose: bool) -> None:
@@ -133,31 +189,86 @@ def simulate_to_file(settings, path: Path, force: bool, demo: bool = False) -> N
 
 def cmd_simulate(args, comm: SerialComm) -> int:
     settings = _settings_from_args(args)
+    failure = None
     if comm.is_root:
-        simulate_to_file(settings, Path(args.output), args.force)
-    comm.barrier()
+        try:
+            simulate_to_file(settings, Path(args.output), args.force)
+        except UserError as exc:
+            failure = str(exc)
+    # Rank 0's verdict ends every rank alike (the others would wait here otherwise).
+    failure = comm.bcast(failure)
+    if failure:
+        raise UserError(failure)
     return 0
 
 
 # ---------------------------------------------------------------------------- reconstruct
 
 
+def _dry_run(args, algorithm, settings, dtype, comm: SerialComm) -> int:
+    """``reconstruct --dry-run``: validate, print the memory plan, solve nothing."""
+    from ptmpi.memory import format_bytes
+    from ptmpi.reconstruct import RunError, reconstruct
+
+    try:
+        plan = reconstruct(args.input, args.output, settings, comm, algorithm=algorithm,
+                           force=args.force, dtype=dtype, dry_run=True)
+    except RunError as exc:
+        raise UserError(str(exc)) from exc
+    if comm.is_root:
+        arrays = plan["arrays"]
+        print(f"dry run: {algorithm} on {comm.size} rank(s), {np_name(dtype)}: the input and "
+              "output are valid")
+        print(f"dry run: memory per rank up to {format_bytes(plan['bytes_per_rank_max'])} "
+              f"(solver arrays {format_bytes(arrays['solver'])}, projector "
+              f"{format_bytes(arrays['projector'])}, input {format_bytes(arrays['input'])}, "
+              "plus the process itself)")
+        available = plan["bytes_available"]
+        print(f"dry run: {format_bytes(plan['bytes_node'])} for the ranks on this node, "
+              f"{format_bytes(available) if available else 'unknown'} available: it fits")
+    return 0
+
+
+def np_name(dtype) -> str:
+    import numpy as np
+
+    return np.dtype(dtype).name
+
+
 def cmd_reconstruct(args, comm: SerialComm) -> int:
+    import contextlib
+
     import numpy as np
 
     from ptmpi.reconstruct import RunError, reconstruct, settings_from_args
+    from ptmpi.restart import Interrupted, stop_on_signals
 
     try:
         algorithm, settings = settings_from_args(args)
     except ValueError as exc:
         raise UserError(str(exc)) from exc
     dtype = np.complex128 if args.double else np.complex64
-    try:
-        reconstruct(args.input, args.output, settings, comm, algorithm=algorithm,
-                    force=args.force, gpu=args.gpu, dtype=dtype,
-                    figures=not args.no_figures, command=" ".join(sys.argv))
-    except RunError as exc:
-        raise UserError(str(exc)) from exc
+    if args.dry_run:
+        return _dry_run(args, algorithm, settings, dtype, comm)
+    every = args.checkpoint_every
+    if every is None:
+        every = DEFAULT_CHECKPOINT_EVERY if args.checkpoint else 0
+    # Stop signals become checkpoints only where they can (apt/apts); elsewhere they keep
+    # their default action (end the process).
+    joint = algorithm in ("apt", "apts")
+    with (stop_on_signals() if joint else contextlib.nullcontext()) as stop_request:
+        try:
+            reconstruct(args.input, args.output, settings, comm, algorithm=algorithm,
+                        force=args.force, gpu=args.gpu, dtype=dtype,
+                        figures=not args.no_figures, command=" ".join(sys.argv),
+                        checkpoint=args.checkpoint, checkpoint_every=every,
+                        resume=args.resume, stop_request=stop_request)
+        except RunError as exc:
+            raise UserError(str(exc)) from exc
+        except Interrupted as exc:  # raised alike on every rank
+            if comm.is_root:
+                _error_line(f"ptmpi reconstruct: {exc} (exit status {EXIT_CHECKPOINTED})")
+            return EXIT_CHECKPOINTED
     return 0
 
 
@@ -185,6 +296,60 @@ def cmd_paper(args, comm: SerialComm) -> int:
         raise UserError(str(exc)) from exc
     if comm.is_root:
         print((Path(args.out) / "table.md").read_text())
+    return 0
+
+
+# ---------------------------------------------------------------------------- bench
+
+
+def _int_list(text: str, flag: str) -> list[int]:
+    try:
+        values = [int(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        values = []
+    if not values or min(values) < 1:
+        raise UserError(f"{flag} takes comma-separated positive integers, got {text!r}")
+    return values
+
+
+def cmd_bench(args, comm: SerialComm) -> int:
+    import numpy as np
+
+    from ptmpi.backend import get_array_module, select_device
+    from ptmpi.bench import run_bench, write_json
+    from ptmpi.bench.report import format_result, format_scaling
+
+    if args.repeat < 1:
+        raise UserError(f"--repeat must be >= 1, got {args.repeat}")
+    if args.scaling:
+        from ptmpi.bench.scaling import run_scaling
+
+        if comm.size > 1:
+            raise UserError("bench --scaling starts its own MPI jobs: run it as one process")
+        try:
+            result = run_scaling(args.scaling_size, args.scaling_angles, args.weak_angles,
+                                 _int_list(args.ranks, "--ranks"), args.repeat)
+        except RuntimeError as exc:
+            raise UserError(str(exc)) from exc
+        print(format_scaling(result))
+    else:
+        sizes = _int_list(args.sizes, "--sizes")
+        if any(n % 8 or n < 32 for n in sizes) or args.angles < comm.size:
+            raise UserError("--sizes must be multiples of 8 (>= 32) and --angles >= ranks")
+        try:
+            xp = get_array_module(args.gpu)
+        except RuntimeError as exc:
+            raise UserError(str(exc)) from exc
+        if args.gpu:
+            select_device(comm.local_rank)
+        result = run_bench(sizes, args.angles, args.step, args.repeat, comm, xp=xp,
+                           dtype=np.complex128 if args.double else np.complex64,
+                           algorithm=args.algorithm, astra=not args.no_astra,
+                           iteration_only=args.iteration_only)
+        if comm.is_root and not args.iteration_only:
+            print(format_result(result))
+    if comm.is_root and args.json:
+        write_json(result, args.json)
     return 0
 
 
@@ -248,7 +413,7 @@ def cmd_demo(args, comm: SerialComm) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="ptmpi",
         description="Joint ptychography-tomography reconstruction (APT/APTs), MPI-distributed.",
     )
@@ -278,26 +443,45 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--algorithm", choices=["apt", "apts", "two-step", "ptycho2d"],
                    help="apt (default), apts, two-step (per-angle ptychography then "
                         "tomography) or ptycho2d (per-angle ptychography only)")
-    p.add_argument("--iterations", type=int,
+    p.add_argument("--iterations", type=_COUNT,
                    help="ADMM iterations (default 200 for apt/apts, 100 for two-step/ptycho2d)")
-    p.add_argument("--tol", type=float,
+    p.add_argument("--tol", type=_NON_NEGATIVE,
                    help="stop when the relative change of u falls below this (default: off)")
     p.add_argument("--likelihood", choices=["agm", "ipm"], help="data fidelity (default ipm)")
-    p.add_argument("--tv-weight", type=float, help="TV weight lambda (default: from data)")
-    p.add_argument("--r1", type=float, help="penalty of p = grad u (default: from data)")
-    p.add_argument("--r2", type=float, help="penalty of z = D u (default 0.1)")
-    p.add_argument("--cg-iterations", type=int, help="CG iterations per u-step (default 8)")
+    p.add_argument("--tv-weight", type=_NON_NEGATIVE, help="TV weight lambda (default: from data)")
+    p.add_argument("--r1", type=_NON_NEGATIVE, help="penalty of p = grad u (default: from data)")
+    p.add_argument("--r2", type=_POSITIVE, help="penalty of z = D u (default 0.1)")
+    p.add_argument("--cg-iterations", type=_POSITIVE_INT,
+                   help="CG iterations per u-step (default 8)")
     p.add_argument("--refine-probe", action="store_true", default=None,
                    help="update the probe every iteration")
-    p.add_argument("--tomo-iterations", type=int,
+    p.add_argument("--tomo-iterations", type=_COUNT,
                    help="two-step: CG iterations of the tomography (default 10)")
-    p.add_argument("--damping", type=float,
+    p.add_argument("--damping", type=_POSITIVE,
                    help="two-step/ptycho2d: damping of the image update, as a fraction of "
                         "the mean illumination (default 0.1)")
     p.add_argument("--double", action="store_true", help="complex128 instead of complex64")
+    p.add_argument("--dry-run", action="store_true",
+                   help="validate the input and output, print the memory each rank needs, "
+                        "and stop (also refused there when it would not fit the node)")
     p.add_argument("--gpu", action="store_true", help="one GPU per rank (CuPy)")
     p.add_argument("--no-figures", action="store_true", help="do not write PNG figures")
-    p.add_argument("--force", action="store_true", help="overwrite an existing output file")
+    p.add_argument("--checkpoint", metavar="FILE",
+                   help="apt/apts only: the checkpoint file, the full solver state (default "
+                        "<output stem>-checkpoint.h5, e.g. rec-checkpoint.h5). SIGTERM or "
+                        f"SIGUSR1 write it and end the run with exit status {EXIT_CHECKPOINTED}")
+    p.add_argument("--checkpoint-every", type=_COUNT, metavar="K",
+                   help="write the checkpoint every K iterations and after the last (default "
+                        f"{DEFAULT_CHECKPOINT_EVERY} with --checkpoint, else 0: only on "
+                        "SIGTERM/SIGUSR1)")
+    p.add_argument("--resume", action="store_true",
+                   help="continue from the checkpoint up to --iterations (any rank count); "
+                        "when there is no checkpoint yet, start from iteration 0, so a job "
+                        "script can always pass it. Refused: a checkpoint of another input "
+                        "or configuration (only --iterations and --tol may change)")
+    p.add_argument("--force", action="store_true",
+                   help="overwrite an existing output file (and, without --resume, an "
+                        "existing checkpoint)")
     p.set_defaults(func=cmd_reconstruct)
 
     p = sub.add_parser("paper", help="reproduce the paper's Tables 1 and 2 and figures")
@@ -306,16 +490,42 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--cases", help="comma-separated subset of the cases (default: all)")
     p.add_argument("--methods", help="comma-separated subset of two-step,apts,apt (default all);"
                                       " earlier results in --out are kept")
-    p.add_argument("--iterations", type=int, help="override every method's iterations")
-    p.add_argument("--force", action="store_true", help="re-simulate existing data files")
+    p.add_argument("--iterations", type=_COUNT, help="override every method's iterations")
+    p.add_argument("--force", action="store_true",
+                   help="re-simulate existing data files; replace files in --out that ptmpi "
+                        "did not write")
     p.set_defaults(func=cmd_paper)
+
+    p = sub.add_parser("bench", help="time operators and APT iterations against this "
+                                      "machine's floors (runs under mpiexec)")
+    p.add_argument("--sizes", default="64,128", help="volume sizes n (default 64,128)")
+    p.add_argument("--angles", type=int, default=12, help="rotation angles (default 12)")
+    p.add_argument("--step", type=int, help="scan step (default n/4, the paper's 32 at 128)")
+    p.add_argument("--algorithm", choices=["apt", "apts"], default="apt")
+    p.add_argument("--repeat", type=int, default=5, help="timed runs per figure (default 5)")
+    p.add_argument("--json", help="also write the results to this JSON file")
+    p.add_argument("--no-astra", action="store_true", help="skip the ASTRA comparison")
+    p.add_argument("--iteration-only", action="store_true",
+                   help="time only the iteration (used by --scaling)")
+    p.add_argument("--scaling", action="store_true",
+                   help="strong and weak scaling over --ranks (run as one process)")
+    p.add_argument("--ranks", default="1,2,4", help="rank counts of --scaling (default 1,2,4)")
+    p.add_argument("--scaling-size", type=int, default=64, help="--scaling size (default 64)")
+    p.add_argument("--scaling-angles", type=int, default=48,
+                   help="angles of the strong-scaling case (default 48)")
+    p.add_argument("--weak-angles", type=int, default=12,
+                   help="angles per rank of the weak-scaling case (default 12)")
+    p.add_argument("--double", action="store_true", help="complex128 instead of complex64")
+    p.add_argument("--gpu", action="store_true", help="one GPU per rank (CuPy)")
+    p.set_defaults(func=cmd_bench)
 
     p = sub.add_parser("info", help="summarize and validate an input or output file")
     p.add_argument("file")
     p.set_defaults(func=cmd_info)
 
     p = sub.add_parser("demo", help="simulate a small case and reconstruct it with APT")
-    p.add_argument("--iterations", type=int, default=200, help="APT iterations (default 200)")
+    p.add_argument("--iterations", type=_COUNT, default=200,
+                   help="APT iterations (default 200)")
     p.add_argument("--out", default="ptmpi-demo", help="directory for the demo's files")
     p.add_argument("--force", action="store_true", help="overwrite existing files in --out")
     p.set_defaults(func=cmd_demo)
@@ -329,25 +539,43 @@ def _error_line(text: str) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    try:
+        args = build_parser().parse_args(argv)
+    except SystemExit as exc:  # --help, --version (0) or a usage error (2), already printed
+        return exc.code if isinstance(exc.code, int) else 2
     try:
         comm = get_comm()
     except RuntimeError as exc:
-        _error_line(f"ptmpi: error: {exc}")
+        if _launcher_rank() == 0:  # every rank fails alike here
+            _error_line(f"ptmpi: error: {exc}")
         return 1
     _setup_logging(comm, args.verbose)
+    from ptmpi.operators.fft import set_workers
+
+    set_workers(comm.local_size)
     try:
         return args.func(args, comm)
     except UserError as exc:
-        # Raised alike on every rank that reached it: rank 0 speaks for all.
+        # Raised alike on every rank (checks agree collectively): rank 0 speaks for all.
         if comm.is_root:
             _error_line(f"ptmpi {args.command}: error: {exc}")
+        if not comm.reached_by_all(timeout=_ALIKE_TIMEOUT_S):
+            # Not raised alike after all: some rank waits in a collective elsewhere.
+            if not comm.is_root:
+                _error_line(f"ptmpi {args.command}: error on rank {comm.rank}: {exc}")
+            comm.abort(1)
         return 1
     except Exception as exc:  # noqa: BLE001 - anything else may be on one rank only
+        # The other ranks may be waiting in a collective: end the whole job (abort).
         where = f" on rank {comm.rank}" if comm.size > 1 else ""
-        _error_line(f"ptmpi {args.command}: error{where}: {type(exc).__name__}: {exc}")
-        if args.verbose:
+        text = " ".join(str(exc).split())  # some messages (h5py's) span lines
+        _error_line(f"ptmpi {args.command}: error{where}: {type(exc).__name__}: {text}")
+        if args.verbose and comm.size == 1:
             raise
+        if args.verbose:
+            import traceback
+
+            traceback.print_exc()
         if comm.size > 1:
             comm.abort(1)
         return 1

@@ -53,8 +53,54 @@ def _previous_results(out: Path, size: int) -> list:
     path = out / "table.json"
     if not path.exists():
         return []
-    previous = json.loads(path.read_text())
-    return previous.get("results", []) if previous.get("size") == size else []
+    try:
+        previous = json.loads(path.read_text())
+        return previous.get("results", []) if previous.get("size") == size else []
+    except (ValueError, AttributeError, UnicodeDecodeError):  # not a table (--force given)
+        return []
+
+
+def _refusal(out: Path, size: int, selected, methods, force: bool) -> str | None:
+    """Why ``run_paper`` must not write into ``out`` (None: it may).
+
+    ``out`` may hold an earlier run's files (data, reconstructions, tables), which are
+    reused or replaced; anything else under those names is a user's file.
+    """
+    import h5py
+
+    if out.exists() and not out.is_dir():
+        return f"{out}: expected a folder for --out, found a file"
+
+    def ptmpi_file(path: Path, kind: str) -> bool:
+        try:
+            with h5py.File(path, "r") as f:
+                if kind == "output":
+                    return "entry_1/process_1/program" in f
+                return "entry_1/ptmpi/volume_shape" in f
+        except OSError:
+            return False
+
+    targets = [(out / f"{case}-{m}.h5", "output") for case, _, case_methods in selected
+               for m in case_methods if methods is None or m in methods]
+    targets += [(out / f"{case}.h5", "input") for case, _, _ in selected]
+    for path, kind in targets:
+        if path.exists() and not ptmpi_file(path, kind) and not force:
+            return (f"{path}: exists and is not a ptmpi {kind} file; pass --force to "
+                    "overwrite it, or choose another --out")
+        if kind == "input" and path.exists() and not force:
+            with h5py.File(path, "r") as f:
+                found = tuple(int(v) for v in f["entry_1/ptmpi/volume_shape"][()])
+            if found != (size,) * 3:
+                return (f"{path}: expected a {size}^3 case for --size {size}, found volume "
+                        f"{found}; pass --force to re-simulate it, or choose another --out")
+    table = out / "table.json"
+    if table.exists() and not force:
+        try:
+            json.loads(table.read_text())["results"]
+        except (ValueError, KeyError, TypeError, UnicodeDecodeError):
+            return (f"{table}: exists and is not a ptmpi paper table; pass --force to "
+                    "overwrite it, or choose another --out")
+    return None
 
 
 def run_paper(out: Path, size: int, comm: SerialComm, *, iterations: int | None = None,
@@ -65,22 +111,34 @@ def run_paper(out: Path, size: int, comm: SerialComm, *, iterations: int | None 
     Results of an earlier run in ``out`` (same size) are kept for the case/method pairs not
     run again, so a long reproduction can be done in parts.
     """
-    from ptmpi.cli import simulate_to_file
-    from ptmpi.reconstruct import reconstruct
+    from ptmpi.cli import UserError, simulate_to_file
+    from ptmpi.reconstruct import RunError, reconstruct
     from ptmpi.solvers.admm import SolverSettings
     from ptmpi.solvers.ptycho2d import Ptycho2DSettings
 
     by_name = {c[0]: c for c in CASES}
     selected = list(CASES) if cases is None else [by_name[name] for name in cases]
+    # Before any work: never overwrite a file ptmpi did not write, nor reuse data of
+    # another size; rank 0's verdict ends every rank alike.
+    failure = _refusal(out, size, selected, methods, force) if comm.is_root else None
+    failure = comm.bcast(failure)
+    if failure:
+        raise RunError(failure)
     results = _previous_results(out, size) if comm.is_root else []
     for case, preset, case_methods in selected:
         settings = scaled_settings(preset, size)
         data = out / f"{case}.h5"
+        failure = None
         if comm.is_root:
-            out.mkdir(parents=True, exist_ok=True)
-            if force or not data.exists():
-                simulate_to_file(settings, data, force=True)
-        comm.barrier()
+            try:
+                out.mkdir(parents=True, exist_ok=True)
+                if force or not data.exists():
+                    simulate_to_file(settings, data, force=True)
+            except (UserError, OSError) as exc:
+                failure = str(exc)
+        failure = comm.bcast(failure)  # every rank ends alike on rank 0's failure
+        if failure:
+            raise RunError(failure)
         for method, paper in case_methods.items():
             if methods is not None and method not in methods:
                 continue

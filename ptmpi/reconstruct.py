@@ -1,9 +1,12 @@
 """Driver of ``ptmpi reconstruct``: validate, partition, read by rank, solve, write.
 
 Order of work, chosen so that a bad run fails before any iteration and on every rank
-with the same message: (1) rank 0 validates the file's structure and the output path and
-broadcasts the verdict; (2) angles are block-partitioned and each rank validates and reads
-only its own frames; (3) the solver runs; (4) rank 0 writes the output and its figures.
+with the same message: (0) apt/apts: rank 0 checks the checkpoint path and, for a resume,
+that the checkpoint fits the input and settings (:mod:`ptmpi.restart`); (1) rank 0
+validates the file's structure and the output path and broadcasts the verdict; (2) angles
+are block-partitioned and each rank validates and reads only its own frames (and of a
+checkpoint); (3) the solver runs, checkpointing as asked; (4) rank 0 writes the output and
+its figures.
 
 Algorithms: ``apt`` / ``apts`` (joint, :mod:`ptmpi.solvers.admm`), ``ptycho2d`` (per-angle
 2-D ptychography, also for single-angle 2-D datasets) and ``two-step`` (ptycho2d, then
@@ -48,40 +51,94 @@ def _agree(comm: SerialComm, problems: list[str]) -> None:
                        "\n  ".join(["input is not valid:"] + merged))
 
 
-def _validate_and_read(input_path, output_path, algorithm, comm, force):
-    """Steps (1) and (2): the collective checks, then this rank's block of the input."""
+def _validate_and_read(input_path, output_path, algorithm, comm, force, dtype=DEFAULT_COMPLEX,
+                       dry_run=False, figures=False):
+    """Steps (1) and (2): the collective checks, then this rank's block of the input.
+
+    The memory check (:func:`_plan_memory`) runs before any frame is read; with
+    ``dry_run`` the plan is returned instead of the data.
+    """
     from ptmpi.io.cxi import read_input
     from ptmpi.io.output import check_output_path
     from ptmpi.io.validate import validate_input
+    from ptmpi.memory import format_bytes
 
-    problems, n_angles = [], 0
+    problems, n_angles, layout = [], 0, None
     if comm.is_root:
         problems = validate_input(input_path, 0, 0)
         if not problems:
             head = read_input(input_path, 0, 0)
             n_angles = head.n_angles
+            layout = {"frame_offset": head.frame_offset, "m": int(head.probe.shape[-1]),
+                      "shape": head.volume_shape or (1, *head.image_shape),
+                      "truth": _has_truth(input_path)}
             if head.is_2d and algorithm != "ptycho2d":
                 problems.append(f"{input_path}: a 2-D ptychography dataset (no volume_shape); "
                                 f"{algorithm} needs a tomography series (use --algorithm "
                                 "ptycho2d)")
         try:
-            check_output_path(output_path, force)
+            check_output_path(output_path, force, input_path,
+                              figures=figure_paths(output_path, algorithm) if figures else ())
         except ValueError as exc:
             problems.append(str(exc))
-    problems, n_angles = comm.bcast((problems, n_angles))
+    problems, n_angles, layout = comm.bcast((problems, n_angles, layout))
     _agree(comm, problems)
     if comm.size > n_angles:
         raise RunError(f"{comm.size} ranks but only {n_angles} angles in {input_path}: "
                        f"use at most {n_angles} ranks")
     start, stop = block_partition(n_angles, comm.size, comm.rank)
+    plan = _plan_memory(layout, algorithm, dtype, comm)
+    if dry_run:
+        return plan
     _agree(comm, validate_input(input_path, start, stop))
     data = read_input(input_path, start, stop, read_truth=True)
     frames = comm.allgather(int(data.counts_local.shape[0]))
     shape = data.volume_shape if data.volume_shape is not None else data.image_shape
-    logger.info("%s: %s %s, %d angles, %d frames on %d rank(s) (frames per rank %d-%d)",
-                input_path, "volume" if data.volume_shape is not None else "2-D image",
-                tuple(shape), n_angles, sum(frames), comm.size, min(frames), max(frames))
+    logger.info("%s: %s %s, %d angles, %d frames on %d rank(s) (frames per rank %d-%d, "
+                "memory per rank up to %s)", input_path,
+                "volume" if data.volume_shape is not None else "2-D image", tuple(shape),
+                n_angles, sum(frames), comm.size, min(frames), max(frames),
+                format_bytes(plan["bytes_per_rank_max"]))
     return data, start, stop
+
+
+def _has_truth(path) -> bool:
+    import h5py
+
+    from ptmpi.io.cxi import TRUTH_VOLUME
+
+    with h5py.File(path, "r") as f:
+        return TRUTH_VOLUME in f
+
+
+def _plan_memory(layout, algorithm, dtype, comm) -> dict:
+    """Predicted memory per rank (:mod:`ptmpi.memory`), checked against the node's.
+
+    Every rank predicts its own need; the ranks on a node together must fit in what the
+    node has available, or every rank raises the same :class:`RunError`.
+    """
+    from ptmpi.memory import available_bytes, format_bytes, predict_arrays, resident_bytes
+
+    start, stop = block_partition(len(layout["frame_offset"]) - 1, comm.size, comm.rank)
+    offset = layout["frame_offset"]
+    arrays = predict_arrays(layout["shape"], int(offset[stop] - offset[start]), layout["m"],
+                            stop - start, algorithm, dtype, layout["truth"])
+    need = arrays["total"] + resident_bytes()
+    needs = comm.allgather(need)
+    node_need = sum(needs[comm.rank - comm.local_rank:][:comm.local_size])
+    available = comm.allreduce_scalar(float(available_bytes()), "min")
+    plan = {"bytes_per_rank_max": max(needs), "bytes_per_rank": needs,
+            "bytes_node": node_need, "bytes_available": int(available), "arrays": arrays}
+    logger.debug("memory: %s per rank (largest), %s on this node, %s available", format_bytes(
+        max(needs)), format_bytes(node_need), format_bytes(available) if available else "?")
+    too_big = comm.allreduce_scalar(float(available > 0 and node_need > available), "max")
+    if too_big:
+        raise RunError(f"not enough memory: the run needs about {format_bytes(max(needs))} "
+                       f"per rank ({format_bytes(node_need)} for the ranks on one node) but "
+                       f"only {format_bytes(available)} is available; use more nodes or "
+                       "fewer ranks per node" + (" or drop --double" if np.dtype(dtype).itemsize
+                                                 > 8 else ""))
+    return plan
 
 
 def _empty_sample_projections(data, start, stop, xp, dtype):
@@ -98,11 +155,20 @@ def _empty_sample_projections(data, start, stop, xp, dtype):
 def reconstruct(input_path: str, output_path: str, settings, comm: SerialComm, *,
                 algorithm: str | None = None, force: bool = False, gpu: bool = False,
                 dtype=DEFAULT_COMPLEX, figures: bool = True, command: str | None = None,
-                demo: bool = False) -> dict:
+                demo: bool = False, checkpoint: str | None = None, checkpoint_every: int = 0,
+                resume: bool = False, stop_request=None, dry_run: bool = False) -> dict:
     """Reconstruct ``input_path`` into ``output_path`` (SPEC 4); returns a summary dict.
 
     ``settings`` is a :class:`SolverSettings` (apt/apts; ``algorithm`` taken from it) or a
     :class:`Ptycho2DSettings` (``algorithm`` must then be ``two-step`` or ``ptycho2d``).
+    ``dry_run``: validate, predict the memory per rank and return that plan (no solve).
+
+    Checkpoint and restart (apt/apts only; :mod:`ptmpi.restart`): ``checkpoint`` is the
+    checkpoint file (default ``<output stem>-checkpoint.h5``), written every
+    ``checkpoint_every`` iterations and after the last (0: only on a stop request);
+    ``resume`` continues from it when it exists (from iteration 0 otherwise);
+    ``stop_request`` (a :class:`ptmpi.restart.StopRequest`, set by signal handlers) makes
+    every rank checkpoint and raise :class:`ptmpi.restart.Interrupted`.
     """
     from ptmpi.io.cxi import input_checksum
     from ptmpi.io.output import write_output
@@ -110,7 +176,23 @@ def reconstruct(input_path: str, output_path: str, settings, comm: SerialComm, *
     algorithm = algorithm or getattr(settings, "algorithm", None)
     if algorithm not in ALGORITHMS:
         raise RunError(f"unknown algorithm {algorithm!r}; expected one of {ALGORITHMS}")
-    data, start, stop = _validate_and_read(input_path, output_path, algorithm, comm, force)
+    joint = algorithm in ("apt", "apts")
+    if not joint and (checkpoint is not None or checkpoint_every or resume):
+        raise RunError(f"--checkpoint, --checkpoint-every and --resume are not supported with "
+                       f"--algorithm {algorithm} (apt and apts only)")
+    if checkpoint_every < 0:
+        raise RunError(f"--checkpoint-every must be >= 0, got {checkpoint_every}")
+    if dry_run:
+        plan = _validate_and_read(input_path, output_path, algorithm, comm, force, dtype,
+                                  dry_run=True)
+        return {"dry_run": True, **plan}
+    if joint:
+        path, header, checksum = _check_restart(input_path, output_path, settings, dtype, comm,
+                                                checkpoint, resume, force)
+    data, start, stop = _validate_and_read(input_path, output_path, algorithm, comm, force,
+                                           dtype, figures=figures)
+    if not joint:
+        checksum = input_checksum(input_path) if comm.is_root else ""
     xp = get_array_module(gpu)
     if gpu:
         logger.info("rank %d uses GPU %d", comm.rank, select_device(comm.local_rank))
@@ -118,8 +200,11 @@ def reconstruct(input_path: str, output_path: str, settings, comm: SerialComm, *
     n_iter = settings.iterations
     progress = Progress(n_iter, enabled=comm.is_root)
     try:
-        if algorithm in ("apt", "apts"):
-            result = _run_joint(data, start, stop, settings, comm, xp, dtype, progress)
+        if joint:
+            restart = _open_restart(path, header, data, start, stop, settings, comm, xp, dtype,
+                                    checksum, checkpoint_every, stop_request)
+            result = _run_joint(data, start, stop, settings, comm, xp, dtype, progress,
+                                *restart)
         else:
             result = _run_ptycho(data, start, stop, algorithm, settings, comm, xp, dtype,
                                  progress)
@@ -137,7 +222,7 @@ def reconstruct(input_path: str, output_path: str, settings, comm: SerialComm, *
         write_output(
             output_path, volume=image, probe=to_host(omega), metrics=history,
             parameters={"algorithm": algorithm, **params}, n_ranks=comm.size,
-            input_file=str(input_path), input_checksum=input_checksum(input_path),
+            input_file=str(input_path), input_checksum=checksum,
             command=command, overwrite=force, root_attrs={"ptmpi_demo": 1} if demo else None,
             image_axes="z:y:x" if algorithm != "ptycho2d" else "angle:y:x",
         )
@@ -152,7 +237,79 @@ def reconstruct(input_path: str, output_path: str, settings, comm: SerialComm, *
     return {"iterations": len(history["iteration"]), "parameters": params, **summary}
 
 
-def _run_joint(data, start, stop, settings, comm, xp, dtype, progress) -> dict:
+def _check_restart(input_path, output_path, settings, dtype, comm, checkpoint, resume,
+                   force):
+    """Rank 0's checks of the checkpoint (:func:`ptmpi.restart.checkpoint_problems`), before
+    any frame is read, agreed by every rank.
+
+    Returns the checkpoint path, the header of the checkpoint to resume from (None: start
+    from iteration 0) and the input's checksum (rank 0 only, "" elsewhere).
+    """
+    from ptmpi.io.checkpoint import default_checkpoint_path
+    from ptmpi.io.cxi import input_checksum
+    from ptmpi.io.output import check_output_path
+    from ptmpi.restart import checkpoint_problems
+
+    path = Path(checkpoint) if checkpoint else default_checkpoint_path(output_path)
+    problems, header, checksum = [], None, ""
+    if comm.is_root:
+        try:
+            checksum = input_checksum(input_path)
+        except OSError:
+            pass  # a missing or unreadable input is reported by the validation next
+        # A problem with the output is reported first: it is the user's real mistake, and
+        # its folder is also that of the default checkpoint.
+        try:
+            check_output_path(output_path, force, input_path)
+        except ValueError as exc:
+            problems = [str(exc)]
+        else:
+            problems, header = checkpoint_problems(
+                path, input_path=input_path, output_path=output_path, resume=resume,
+                force=force, settings=settings.to_dict(), dtype=dtype,
+                iterations=settings.iterations, checksum=checksum)
+    problems, header = comm.bcast((problems, header))
+    _agree(comm, problems)
+    return path, header, checksum
+
+
+def _open_restart(path, header, data, start, stop, settings, comm, xp, dtype, checksum, every,
+                  stop_request):
+    """This rank's part of the checkpoint to resume from (``header``; None: none), and the
+    :class:`ptmpi.restart.Checkpointer` of the run; returns ``(state, checkpointer)``."""
+    from ptmpi.io.checkpoint import read_checkpoint, write_checkpoint
+    from ptmpi.restart import Checkpointer
+
+    f0, f1 = int(data.frame_offset[start]), int(data.frame_offset[stop])
+    state = None
+    if header is not None:
+        # The checksum matched, so this guards against a damaged checkpoint only.
+        if (header.volume_shape != tuple(data.volume_shape) or header.n_frames != data.n_frames
+                or header.probe_shape != data.probe.shape):
+            raise RunError(f"{path}: checkpoint shapes (volume {header.volume_shape}, probe "
+                           f"{header.probe_shape}, {header.n_frames} frames) do not match "
+                           f"{data.path}")
+        problems = []
+        try:
+            state = read_checkpoint(path, f0, f1, xp)
+        except (OSError, KeyError, ValueError) as exc:
+            problems = [f"{path}: cannot read the checkpoint ({exc})"]
+        _agree(comm, problems)
+        logger.info("resuming from %s at iteration %d (written by %d rank(s))", path,
+                    header.iteration, header.n_ranks)
+
+    def write(state_now):
+        write_checkpoint(path, state_now, comm, settings=settings.to_dict(), dtype=dtype,
+                         input_checksum=checksum, frame_start=f0, n_frames=data.n_frames)
+
+    last = header.iteration if header is not None else None
+    return state, Checkpointer(path, every, comm, stop_request, write, last)
+
+
+def _run_joint(data, start, stop, settings, comm, xp, dtype, progress, state=None,
+               checkpointer=None) -> dict:
+    from ptmpi.io.checkpoint import CheckpointWriteError
+
     problem = LocalProblem(
         volume_shape=tuple(data.volume_shape),
         theta_local=np.deg2rad(data.angles_deg[start:stop]),
@@ -162,8 +319,23 @@ def _run_joint(data, start, stop, settings, comm, xp, dtype, progress) -> dict:
         probe=data.probe,
         truth_volume=data.truth_volume,
     )
-    state, params = solve(problem, settings, comm, xp=xp, dtype=dtype,
-                          callback=lambda _state, row: progress(row))
+
+    def callback(state_now, row):
+        progress(row)
+        if checkpointer is not None:
+            checkpointer(state_now, row)
+
+    try:
+        state, params = solve(problem, settings, comm, xp=xp, dtype=dtype, state=state,
+                              callback=callback)
+        if checkpointer is not None:
+            checkpointer.finish(state)
+    except FloatingPointError as exc:
+        # Every rank detects a divergence of replicated quantities at the same iteration.
+        kept = "" if checkpointer is None else f"; {checkpointer.describe_last()}"
+        raise RunError(f"{exc}; lower --r1/--tv-weight or raise --r2{kept}") from exc
+    except CheckpointWriteError as exc:  # raised alike on every rank
+        raise RunError(str(exc)) from exc
     image = to_host(state.u) if comm.is_root else None
     return {"history": state.history, "image": image, "omega": state.omega,
             "params": {**settings.to_dict(), **params}}
@@ -214,17 +386,24 @@ def _run_ptycho(data, start, stop, algorithm, settings, comm, xp, dtype, progres
             "final": {"snr_db": final.get("final_snr_db", math.nan)}}
 
 
+def figure_paths(output_path, algorithm: str) -> tuple[Path, Path]:
+    """The two PNG figures written beside ``output_path``: images or slices, convergence."""
+    stem = Path(output_path).with_suffix("")
+    first = "images" if algorithm == "ptycho2d" else "slices"
+    return Path(f"{stem}-{first}.png"), Path(f"{stem}-convergence.png")
+
+
 def _figures(output_path, algorithm, image, omega, data, history, n_iter) -> None:
     from ptmpi.plots import save_convergence, save_images, save_slices
 
-    stem = Path(output_path).with_suffix("")
+    first, convergence = figure_paths(output_path, algorithm)
     label = f"{algorithm.upper()}, {n_iter} iterations"
     if algorithm == "ptycho2d":
-        save_images(Path(f"{stem}-images.png"), image, omega, label)
+        save_images(first, image, omega, label)
     else:
         truth = None if data.truth_volume is None else to_host(data.truth_volume)
-        save_slices(Path(f"{stem}-slices.png"), image, truth, label)
-    save_convergence(Path(f"{stem}-convergence.png"), history, label)
+        save_slices(first, image, truth, label)
+    save_convergence(convergence, history, label)
 
 
 def settings_from_args(args):

@@ -62,7 +62,7 @@ def test_reconstruct_refuses_bad_requests(data_file, tmp_path, capsys):
     err = capsys.readouterr().err
     assert len(err.strip().splitlines()) == 1 and "missing.h5" in err
     assert main(["reconstruct", str(data_file), "-o", str(tmp_path / "r.h5"),
-                 "--r2", "-1"]) == 1
+                 "--r2", "-1"]) == 2  # a usage error
     assert "r2" in capsys.readouterr().err
     assert not (tmp_path / "r.h5").exists()
 

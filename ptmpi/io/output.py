@@ -7,6 +7,8 @@ import json
 import logging
 import os
 import sys
+import tempfile
+from collections.abc import Sequence
 from pathlib import Path
 
 import h5py
@@ -17,16 +19,50 @@ from ptmpi import __version__
 logger = logging.getLogger(__name__)
 
 
-def check_output_path(path: str | os.PathLike, force: bool) -> None:
-    """Raise ValueError if ``path`` exists (without ``force``) or its folder is not writable."""
+def check_output_path(path: str | os.PathLike, force: bool,
+                      input_path: str | os.PathLike | None = None,
+                      figures: Sequence[str | os.PathLike] = ()) -> None:
+    """Raise ValueError (one line) when ``path`` cannot or must not be written.
+
+    Refused: the input file itself (even with ``force``), a folder, an existing file (or
+    one of the ``figures`` to be written beside it) without ``force``, a missing parent
+    folder or one that is not a folder, and a folder where no file can be created. The
+    last is tried for real (a hidden empty file, created and removed at once): permission
+    bits do not stop root, and read-only or virtual file systems pass ``os.access``, yet
+    the write at the end of the run would fail.
+    """
     path = Path(path)
+    if input_path is not None and _same_file(path, Path(input_path)):
+        raise ValueError(f"{path}: output is the input file {input_path}; expected another "
+                         "name (the input is never overwritten, even with --force)")
+    if path.is_dir():
+        raise ValueError(f"{path}: output is a folder; expected a file name")
     if path.exists() and not force:
         raise ValueError(f"{path}: output exists; pass --force to overwrite it")
-    folder = path.parent if str(path.parent) else Path(".")
-    if not folder.is_dir():
+    for figure in figures:
+        if Path(figure).exists() and not force:
+            raise ValueError(f"{figure}: exists (a figure of output {path}); pass --force to "
+                             "overwrite it or --no-figures")
+    folder = path.parent
+    if not folder.exists():
         raise ValueError(f"{path}: output folder {folder} does not exist")
-    if not os.access(folder, os.W_OK):
-        raise ValueError(f"{path}: output folder {folder} is not writable")
+    if not folder.is_dir():
+        raise ValueError(f"{path}: {folder} is not a folder (a file of that name exists)")
+    try:
+        fd, trial = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".trial", dir=folder)
+    except OSError as exc:
+        raise ValueError(f"{path}: cannot create a file in output folder {folder} "
+                         f"({exc.strerror or exc})") from exc
+    os.close(fd)
+    os.unlink(trial)
+
+
+def _same_file(a: Path, b: Path) -> bool:
+    """True when ``a`` and ``b`` name one existing file (links and spellings alike)."""
+    try:
+        return os.path.samefile(a, b)
+    except OSError:  # one of them does not exist
+        return False
 
 
 def write_output(path, *, volume, probe, metrics: dict, parameters: dict, n_ranks: int,

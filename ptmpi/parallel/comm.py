@@ -24,6 +24,7 @@ class SerialComm:
     rank = 0
     size = 1
     local_rank = 0
+    local_size = 1
 
     @property
     def is_root(self) -> bool:
@@ -48,6 +49,10 @@ class SerialComm:
     def barrier(self) -> None:
         return None
 
+    def reached_by_all(self, timeout: float) -> bool:
+        """True when every rank calls this within ``timeout`` seconds (see :class:`Comm`)."""
+        return True
+
     def abort(self, code: int = 1) -> None:
         sys.stdout.flush()
         sys.stderr.flush()
@@ -66,7 +71,10 @@ class Comm(SerialComm):
         self.size = self.comm.Get_size()
         node = self.comm.Split_type(MPI.COMM_TYPE_SHARED, key=self.rank)
         self.local_rank = node.Get_rank()
+        self.local_size = node.Get_size()  # ranks sharing this node's memory
         node.Free()
+        # Only for reached_by_all: its barrier can never match a collective of the solver.
+        self._guard = self.comm.Dup()
 
     def allreduce_sum(self, x):
         """Sum over ranks in place (numpy or CuPy array); returns ``x``.
@@ -106,6 +114,23 @@ class Comm(SerialComm):
     def barrier(self) -> None:
         self.comm.Barrier()
 
+    def reached_by_all(self, timeout: float) -> bool:
+        """A barrier that gives up: True when every rank calls this within ``timeout`` s.
+
+        For error paths. An error that every rank is expected to raise alike passes at once;
+        when it returns False, some rank did not raise it and is waiting in a collective
+        elsewhere, so the caller must end the job (:meth:`abort`).
+        """
+        import time
+
+        request = self._guard.Ibarrier()
+        deadline = time.monotonic() + timeout
+        while not request.Test():
+            if time.monotonic() > deadline:
+                return False
+            time.sleep(0.005)
+        return True
+
     def abort(self, code: int = 1) -> None:
         sys.stdout.flush()
         sys.stderr.flush()
@@ -120,21 +145,65 @@ def _launched_by_mpi() -> bool:
     return any(v in os.environ for v in ("PMI_RANK", "PMIX_RANK", "OMPI_COMM_WORLD_RANK"))
 
 
+def _launcher_size() -> int | None:
+    """World size announced by a PMI/PMIx/Open MPI launcher, None when none announces one."""
+    for var in ("PMI_SIZE", "PMIX_SIZE", "OMPI_COMM_WORLD_SIZE"):
+        try:
+            return int(os.environ[var])
+        except (KeyError, ValueError):
+            continue
+    return None
+
+
+def check_slurm_step(size: int) -> None:
+    """Refuse a one-process MPI world in a task of a multi-task ``srun`` step.
+
+    ``srun -n N`` without the PMI plugin the MPI library speaks (``--mpi=none``, or a plugin
+    of another MPI) starts N singletons: each would run the whole job alone and write the
+    same output. ``SLURM_STEP_NUM_TASKS`` is set only inside an ``srun`` step (not in the
+    batch script itself), so a serial ``ptmpi`` call in a job script is not affected; nor is
+    a launcher inside the step that announces a world of one (``mpiexec -n 1``).
+
+    Raises
+    ------
+    RuntimeError
+        When the step has more than one task but MPI sees ``size == 1``.
+    """
+    try:
+        step_tasks = int(os.environ.get("SLURM_STEP_NUM_TASKS", "1"))
+    except ValueError:
+        return
+    if size != 1 or step_tasks <= 1 or _launcher_size() == 1:
+        return
+    raise RuntimeError(
+        f"srun started {step_tasks} tasks (SLURM_STEP_NUM_TASKS={step_tasks}) but MPI sees "
+        "a single process in each, so every task would run the whole job alone: launch with "
+        "the PMI plugin of your MPI (e.g. srun --mpi=pmi2 for MPICH; see srun --mpi=list) "
+        "or with mpiexec inside the allocation"
+    )
+
+
 def get_comm(force_serial: bool = False) -> SerialComm:
     """The world communicator: ``Comm`` under a launcher, otherwise ``SerialComm``.
 
     A plain ``ptmpi ...`` with one process needs no MPI at all; under ``mpiexec`` or
-    ``srun`` mpi4py is required.
+    ``srun`` mpi4py is required. A multi-task ``srun`` step whose tasks MPI does not join
+    into one world is an error (:func:`check_slurm_step`), unless ``force_serial``.
     """
-    if force_serial or not _launched_by_mpi():
+    if force_serial:
+        return SerialComm()
+    if not _launched_by_mpi():
+        check_slurm_step(1)
         return SerialComm()
     try:
-        return Comm()
+        comm = Comm()
     except ImportError as exc:
         raise RuntimeError(
             "started under an MPI launcher but mpi4py cannot be imported: "
             f"{exc}; install mpi4py built against your MPI"
         ) from exc
+    check_slurm_step(comm.size)
+    return comm
 
 
 def dot(x, y, comm: SerialComm | None = None) -> complex:
