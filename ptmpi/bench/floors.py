@@ -1,20 +1,23 @@
 """This machine's floors, measured in the same run, and the floor of an APT iteration.
 
-Two rates are measured on the rank's own core(s):
+Rates are measured on the rank's own core(s), all ranks at once (so ranks sharing a node
+share its bandwidth, as in a run), each as the best of its repeats (a floor is what the
+machine can do, not what it usually does):
 
 - memory bandwidth ``B``: a copy of a 256 MiB array (far beyond any cache), counting the
-  bytes read and written, median of repeats;
+  bytes read and written;
 - the FFT: the same library, in place on a preallocated batch of the run's actual shape
-  ``(N_FRAMES_LOCAL, M, M)``, forward then inverse, median of repeats.
+  ``(N_FRAMES_LOCAL, M, M)``, forward then inverse;
+- multiply-adds: an in-cache BLAS ``sgemm`` (:func:`fma_rate`).
 
 The floor of a stage is the time to move the bytes it cannot avoid moving at ``B`` (each
 operand read once and each result written once per use, fused; caches assumed perfect
 within a stage), or, for the FFT, the measured FFT time. The projector is bound by
 arithmetic rather than memory, so its floor is the larger of that memory time and its
 multiply-adds (``2 nnz nz`` per ``P``, twice that per float64 ``P^H``) at the rate of an
-in-cache BLAS ``sgemm`` (:func:`fma_rate`), the third measured rate. The floor of an
-iteration is the sum over stages; ``iteration_bandwidth`` is the same sum with the
-projector's memory time only (memory and FFT floors alone).
+in-cache ``sgemm``. The floor of an iteration is the sum over stages;
+``iteration_bandwidth`` is the same sum with the projector's memory time only (the memory
+and FFT floors alone).
 
 The byte counts per iteration, with ``V`` one complex volume, ``Pr`` the local
 projections, ``Fr`` the local frames, ``K = cg_iterations + 1`` normal-operator
@@ -45,8 +48,7 @@ import numpy as np
 from ptmpi.backend import synchronize
 
 
-def median_time(fn, repeat: int, xp=np, warmup: int = 1) -> float:
-    """Median wall time of ``fn()`` over ``repeat`` calls after ``warmup`` calls (seconds)."""
+def _times(fn, repeat: int, xp, warmup: int) -> list[float]:
     for _ in range(warmup):
         fn()
     times = []
@@ -56,14 +58,25 @@ def median_time(fn, repeat: int, xp=np, warmup: int = 1) -> float:
         fn()
         synchronize(xp)
         times.append(time.perf_counter() - t0)
-    return statistics.median(times)
+    return times
+
+
+def median_time(fn, repeat: int, xp=np, warmup: int = 1) -> float:
+    """Median wall time of ``fn()`` over ``repeat`` calls after ``warmup`` calls (seconds)."""
+    return statistics.median(_times(fn, repeat, xp, warmup))
+
+
+def best_time(fn, repeat: int, xp=np, warmup: int = 1) -> float:
+    """Shortest wall time of ``fn()`` over ``repeat`` calls: what a floor is measured by
+    (the machine's best, not its typical, rate)."""
+    return min(_times(fn, repeat, xp, warmup))
 
 
 def memory_bandwidth(repeat: int = 5, nbytes: int = 256 * 2**20, xp=np) -> float:
     """Copy bandwidth in bytes per second (read + write counted)."""
     src = xp.ones(nbytes // 8, dtype=xp.float64)
     dst = xp.empty_like(src)
-    seconds = median_time(lambda: xp.copyto(dst, src), repeat, xp)
+    seconds = best_time(lambda: xp.copyto(dst, src), repeat, xp)
     return 2 * src.nbytes / seconds
 
 
@@ -79,7 +92,7 @@ def fft_floor(shape, dtype, repeat: int = 5, xp=np) -> float:
     def both():
         fft.ifft2(fft.fft2(batch, norm="ortho", **kwargs), norm="ortho", **kwargs)
 
-    return median_time(both, repeat, xp)
+    return best_time(both, repeat, xp)
 
 
 def fma_rate(repeat: int = 5, xp=np) -> float:
@@ -88,7 +101,7 @@ def fma_rate(repeat: int = 5, xp=np) -> float:
     a = xp.ones((256, 256), dtype=xp.float32)
     b = xp.ones((256, 256), dtype=xp.float32)
     c = xp.empty((256, 256), dtype=xp.float32)
-    return 256**3 / median_time(lambda: xp.matmul(a, b, out=c), max(repeat, 20), xp)
+    return 256**3 / best_time(lambda: xp.matmul(a, b, out=c), max(repeat, 20), xp)
 
 
 def iteration_floor(*, volume_shape, n_theta_local, n_frames_local, probe_size, nnz,
