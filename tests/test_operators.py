@@ -249,9 +249,11 @@ def test_projector_slabs_equal_one_product(step, compiled, rng, monkeypatch):
     p = random_array(op.data_shape, np.complex64, rng)
     w = rng.uniform(0.5, 2.0, size=op.data_shape).astype(np.float32)
     monkeypatch.setattr(op, "slabs", lambda xp, itemsize=None: [(0, 7)])
+    monkeypatch.setattr(op, "kernel_step", lambda itemsize: 7)
     whole = (op.fwd(u), op.adj(p), op.adj(p, np.complex128), op.normal(u, w, np.complex128))
     monkeypatch.setattr(op, "slabs", lambda xp, itemsize=None: [
         (k, min(7, k + step)) for k in range(0, 7, step)])
+    monkeypatch.setattr(op, "kernel_step", lambda itemsize: step)
     blocked = (op.fwd(u), op.adj(p), op.adj(p, np.complex128), op.normal(u, w, np.complex128))
     for a, b in zip(whole, blocked, strict=True):
         assert a.dtype == b.dtype and a.shape == b.shape

@@ -1,16 +1,15 @@
 """Compiled host kernels (Numba) for the hot loops; the only module that imports Numba.
 
-Each kernel is a fused, single-pass version of numpy code that stays beside it as the
-reference (and as the path for CuPy arrays, or when Numba is missing or disabled with
-``PTMPI_NUMBA=0``); tests check that both agree. Kernels are single-threaded: a rank owns
-a core, and ranks, not threads, share out the work.
+Each kernel is a fused, single-pass version of numpy or scipy code that stays beside it
+as the reference (and as the path for CuPy arrays, or when Numba is missing or disabled
+with ``PTMPI_NUMBA=0``); tests check that both agree. Kernels are single-threaded: a rank
+owns a core, and ranks, not threads, share out the work. Loops index arrays directly (a
+slice inside a compiled loop builds a view each time, which costs more than the
+arithmetic it feeds).
 
-- :func:`csr_matmat`: ``y = A @ x`` for a CSR matrix and a dense ``(cols, k)`` block,
-  accumulating in ``y``'s dtype (float64 sums of float32 data without a converted copy);
-  the inner loop over the block's columns is vectorized.
-- :func:`csr_scatter`: the same product from ``A^T``'s CSR rows: ``x`` is streamed once and
-  scattered into ``y``, which stays in cache (the projector's forward map).
-- :func:`normal_slab`: ``A^T (w * A x)`` with the intermediate kept in cache.
+- :func:`project_fwd`, :func:`project_adj`, :func:`project_normal`: the projector ``P``,
+  its transpose (sums in a wider dtype, float64 from float32 data without a converted
+  copy) and ``P^T W P``, over slabs of slices straight from and to the volume's layout.
 - :func:`window_fwd`, :func:`window_adj`: the probe windows and their scatter-add.
 - :func:`data_split`: the z-step and the update of lam2 in one pass.
 - :func:`tv_step`, :func:`neg_div_sum`, :func:`combine`: the TV split step, the
@@ -42,44 +41,91 @@ def available(*arrays) -> bool:
 if numba is not None:
     _jit = numba.njit(cache=True, fastmath=False, boundscheck=False, nogil=True)
 
-    # Loops index arrays directly: a slice inside a compiled loop builds a view each time,
-    # which costs more than the arithmetic it feeds.
+    @_jit
+    def _slab_scatter(indptr, indices, data, u, k0, k1, y, buf):
+        # y[i, 2 kk + c] = sum_j M[i, j] u[k0 + kk, j, c], with (indptr, ...) = M^T in CSR
+        n_pix = u.shape[1]
+        width = 2 * (k1 - k0)
+        block = buf.shape[0]
+        for i in range(y.shape[0]):
+            for c in range(width):
+                y[i, c] = 0
+        for j0 in range(0, n_pix, block):
+            jb = min(block, n_pix - j0)
+            for kk in range(k1 - k0):
+                for jj in range(jb):
+                    buf[jj, 2 * kk] = u[k0 + kk, j0 + jj, 0]
+                    buf[jj, 2 * kk + 1] = u[k0 + kk, j0 + jj, 1]
+            for jj in range(jb):
+                for q in range(indptr[j0 + jj], indptr[j0 + jj + 1]):
+                    i = indices[q]
+                    a = data[q]
+                    for c in range(width):
+                        y[i, c] += a * buf[jj, c]
 
     @_jit
-    def _csr_matmat(indptr, indices, data, x, y):
-        n_rows, width = y.shape
-        for i in range(n_rows):
-            for k in range(width):
-                y[i, k] = 0
-            for jj in range(indptr[i], indptr[i + 1]):
-                a = data[jj]
-                j = indices[jj]
-                for k in range(width):
-                    y[i, k] += a * x[j, k]
+    def _slab_gather(indptr, indices, data, y, k0, k1, out, buf):
+        # out[k0 + kk, j, c] = sum_i M[i, j] y[i, 2 kk + c], summed in out's dtype
+        n_pix = out.shape[1]
+        width = 2 * (k1 - k0)
+        block = buf.shape[0]
+        for j0 in range(0, n_pix, block):
+            jb = min(block, n_pix - j0)
+            for jj in range(jb):
+                for c in range(width):
+                    buf[jj, c] = 0
+                for q in range(indptr[j0 + jj], indptr[j0 + jj + 1]):
+                    i = indices[q]
+                    a = data[q]
+                    for c in range(width):
+                        buf[jj, c] += a * y[i, c]
+            for kk in range(k1 - k0):
+                for jj in range(jb):
+                    out[k0 + kk, j0 + jj, 0] = buf[jj, 2 * kk]
+                    out[k0 + kk, j0 + jj, 1] = buf[jj, 2 * kk + 1]
 
     @_jit
-    def _csr_scatter(indptr, indices, data, x, y):
-        # y = A x where (indptr, indices, data) is A^T in CSR: rows of x are read once, in
-        # order, and scattered into the (cache-resident) rows of y.
-        n_rows, width = y.shape
-        for i in range(n_rows):
-            for k in range(width):
-                y[i, k] = 0
-        for j in range(x.shape[0]):
-            for jj in range(indptr[j], indptr[j + 1]):
-                a = data[jj]
-                i = indices[jj]
-                for k in range(width):
-                    y[i, k] += a * x[j, k]
+    def _project_normal(indptr, indices, data, data_wide, u, w, n, step, y, buf_in, buf_out,
+                        out):
+        nz = u.shape[0]
+        for k0 in range(0, nz, step):
+            k1 = min(nz, k0 + step)
+            _slab_scatter(indptr, indices, data, u, k0, k1, y, buf_in)
+            for i in range(y.shape[0]):
+                a = i // n
+                c = i - a * n
+                for kk in range(k1 - k0):
+                    wv = w[a, k0 + kk, c]
+                    y[i, 2 * kk] *= wv
+                    y[i, 2 * kk + 1] *= wv
+            _slab_gather(indptr, indices, data_wide, y, k0, k1, out, buf_out)
 
     @_jit
-    def _normal_slab(indptr, indices, data, data_wide, x, w, y, out):
-        _csr_scatter(indptr, indices, data, x, y)
-        n_rows, width = y.shape
-        for i in range(n_rows):
-            for k in range(width):
-                y[i, k] *= w[i, k]
-        _csr_matmat(indptr, indices, data_wide, y, out)
+    def _project_fwd(indptr, indices, data, u, n, step, y, buf, proj):
+        # proj: (N_THETA, nz, n, 2)
+        nz = u.shape[0]
+        for k0 in range(0, nz, step):
+            k1 = min(nz, k0 + step)
+            _slab_scatter(indptr, indices, data, u, k0, k1, y, buf)
+            for i in range(y.shape[0]):
+                a = i // n
+                c = i - a * n
+                for kk in range(k1 - k0):
+                    proj[a, k0 + kk, c, 0] = y[i, 2 * kk]
+                    proj[a, k0 + kk, c, 1] = y[i, 2 * kk + 1]
+
+    @_jit
+    def _project_adj(indptr, indices, data, proj, n, step, y, buf, out):
+        nz = out.shape[0]
+        for k0 in range(0, nz, step):
+            k1 = min(nz, k0 + step)
+            for i in range(y.shape[0]):
+                a = i // n
+                c = i - a * n
+                for kk in range(k1 - k0):
+                    y[i, 2 * kk] = proj[a, k0 + kk, c, 0]
+                    y[i, 2 * kk + 1] = proj[a, k0 + kk, c, 1]
+            _slab_gather(indptr, indices, data, y, k0, k1, out, buf)
 
     # The stencil kernels work on real views: a complex (nz, ny, nx) array is a real
     # (nz, ny, 2 nx) one whose x-neighbours are 2 apart. Every loop runs along one row, with
@@ -261,32 +307,6 @@ if numba is not None:
             d[i] = s[i] + beta * d[i]
 
 
-def csr_matmat(matrix, x, out_dtype=None):
-    """``matrix @ x`` for a scipy CSR ``matrix`` and a C-contiguous 2-D real ``x``."""
-    y = np.empty((matrix.shape[0], x.shape[1]), dtype=out_dtype or x.dtype)
-    _csr_matmat(matrix.indptr, matrix.indices, matrix.data, x, y)
-    return y
-
-
-def csr_scatter(matrix_t, x, n_rows: int):
-    """``matrix_t.T @ x`` for a scipy CSR ``matrix_t`` (the transpose of the operator), by
-    scattering the rows of a C-contiguous 2-D real ``x``; same sums, same order, as the
-    row-by-row product with the operator itself."""
-    y = np.empty((n_rows, x.shape[1]), dtype=x.dtype)
-    _csr_scatter(matrix_t.indptr, matrix_t.indices, matrix_t.data, x, y)
-    return y
-
-
-def normal_slab(matrix_t, data_wide, x, w, out_dtype):
-    """``A^T (w * (A x))`` in one call, ``A^T = matrix_t`` (CSR): the projections of the
-    slab stay in cache. ``w``: ``(rows of A, x.shape[1])`` real; the back-projection sums
-    use ``data_wide`` (the same non-zeros in ``out_dtype``) and are formed in ``out_dtype``."""
-    y = np.empty((matrix_t.shape[1], x.shape[1]), dtype=x.dtype)
-    out = np.empty(x.shape, dtype=out_dtype)
-    _normal_slab(matrix_t.indptr, matrix_t.indices, matrix_t.data, data_wide, x, w, y, out)
-    return out
-
-
 def _real_view(x):
     """Real view of a C-contiguous complex array, last axis doubled."""
     x = np.ascontiguousarray(x)
@@ -374,3 +394,56 @@ def data_split(d, lam2, f, r2: float, likelihood: str):
     _data_split(np.ascontiguousarray(d), lam2, np.ascontiguousarray(f), rdtype(r2),
                 likelihood == "ipm", z)
     return z
+
+
+PIXEL_BLOCK = 64
+
+
+def _rview(x, *shape):
+    x = np.ascontiguousarray(x)
+    return x.view(np.finfo(x.dtype).dtype).reshape(*shape)
+
+
+def project_fwd(matrix_t, u, n_theta: int, step: int):
+    """``P u`` for a complex ``u (nz, n, n)``; ``matrix_t`` is ``P^T`` (CSR, real)."""
+    nz, n, _ = u.shape
+    rdtype = np.finfo(u.dtype).dtype
+    proj = np.empty((n_theta, nz, n), dtype=u.dtype)
+    y = np.empty((n_theta * n, 2 * step), dtype=rdtype)
+    buf = np.empty((PIXEL_BLOCK, 2 * step), dtype=rdtype)
+    _project_fwd(matrix_t.indptr, matrix_t.indices, matrix_t.data, _rview(u, nz, n * n, 2),
+                 n, step, y, buf, proj.view(rdtype).reshape(n_theta, nz, n, 2))
+    return proj
+
+
+def project_adj(matrix_t, proj, shape, step: int, out_dtype):
+    """``P^T proj`` for complex ``proj (N_THETA, nz, n)``, summed in ``out_dtype``;
+    ``matrix_t``'s non-zeros must be of ``out_dtype``'s precision."""
+    n_theta, nz, n = proj.shape
+    rdtype = np.finfo(proj.dtype).dtype
+    wide = np.finfo(out_dtype).dtype
+    out = np.empty(shape, dtype=out_dtype)
+    y = np.empty((n_theta * n, 2 * step), dtype=rdtype)
+    buf = np.empty((PIXEL_BLOCK, 2 * step), dtype=wide)
+    _project_adj(matrix_t.indptr, matrix_t.indices, matrix_t.data,
+                 _rview(proj, n_theta, nz, n, 2), n, step, y, buf,
+                 out.view(wide).reshape(nz, n * n, 2))
+    return out
+
+
+def project_normal(matrix_t, data_wide, u, weight, step: int, out_dtype):
+    """``P^T (weight * P u)`` for complex ``u (nz, n, n)`` and real ``weight
+    (N_THETA, nz, n)``; the back-projection uses ``data_wide`` (``matrix_t``'s non-zeros
+    in ``out_dtype``'s precision) and sums in ``out_dtype``."""
+    nz, n, _ = u.shape
+    n_theta = weight.shape[0]
+    rdtype = np.finfo(u.dtype).dtype
+    wide = np.finfo(out_dtype).dtype
+    out = np.empty(u.shape, dtype=out_dtype)
+    y = np.empty((n_theta * n, 2 * step), dtype=rdtype)
+    buf_in = np.empty((PIXEL_BLOCK, 2 * step), dtype=rdtype)
+    buf_out = np.empty((PIXEL_BLOCK, 2 * step), dtype=wide)
+    _project_normal(matrix_t.indptr, matrix_t.indices, matrix_t.data, data_wide,
+                    _rview(u, nz, n * n, 2), np.ascontiguousarray(weight, dtype=rdtype), n,
+                    step, y, buf_in, buf_out, out.view(wide).reshape(nz, n * n, 2))
+    return out
