@@ -2,24 +2,34 @@
 
 The prediction counts the arrays alive at the solver's peak in units of one complex volume
 ``V = nz n^2`` and of one stack of the rank's far-field frames ``Fb = N_FRAMES_LOCAL M^2``
-(both in the complex dtype's bytes), plus the projector's sparse matrices:
+(both in the complex dtype's bytes), plus the projector's sparse matrices. The peak is the
+larger of two phases: the volume phase (CG on ``u``, the TV step) holds the volumes and the
+frames that live through the iteration; the frame phase (far field and prox) holds all the
+frames' temporaries and fewer volumes.
 
-============  ==========================================================================
-APT           ``16.5 V``: u, the previous u, the CG vectors (x, r, s, d, A d, b), p and
-              lam1 (3 V each), the complex128 sums of the normal operator
-APTs          ``4 V``: no p, lam1 or TV step
-two-step,     ``max(16 Fb + 2 V, 16 V + 4 Fb)``: the ptychography phase holds the frames'
-ptycho2d      split variables and temporaries; the tomography phase the CG volumes
-all           ``+ 8.8 Fb`` (APT/APTs: counts, their square roots, z, lam2, D u, z + lam2
-              and the prox temporaries), ``+ 40 B`` per projector non-zero (the float32
-              matrix and its transpose, and the float64 pair of the wide sums; about
-              ``2.2 n^2`` non-zeros per local angle), the input block as read and, with
-              ground truth, one volume
-============  ==========================================================================
+============  ==========================  ==========================  =====================
+algorithm     volume phase                frame phase                 per projector nnz
+============  ==========================  ==========================  =====================
+APT           ``17.7 V + 4.9 Fb``         ``9.3 V + 7.0 Fb``          ``68 B``
+APTs          ``8.9 V + 4.9 Fb``          ``2.7 V + 7.0 Fb``          ``45 B``
+two-step,     ``16 V + 4 Fb``             ``2 V + 16 Fb``             ``40 B``
+ptycho2d
+============  ==========================  ==========================  =====================
 
-The coefficients were read off ``tracemalloc`` peaks of short runs at 48^3-96^3 (with the
-compiled kernels; the numpy fallback holds a few more temporaries) and are checked by
-``ptmpi bench``, which prints the prediction beside the measured peak.
+APT's volumes are u, the previous u, the CG vectors (x, r, s, d, A d, b), p and lam1 (3 V
+each) and the complex128 sums of the normal operator; APTs has no p, lam1 or TV step. The
+frames are the counts, their square roots, z, lam2, D u, z + lam2 and the prox temporaries.
+The projector holds the float32 matrix and its transpose in CSR and the wider copies the
+normal operator sums with; it has about ``2.2 n^2`` non-zeros per local angle.
+With the numpy fallback (no Numba, ``PTMPI_NUMBA=0``, or GPU arrays) a few more
+temporaries are alive: APT ``19.4 V + 6.0 Fb`` / ``9.3 V + 9.1 Fb`` / ``69 B``, APTs
+``7.9 V + 7.6 Fb`` / ``2.9 V + 9.1 Fb`` / ``42 B``. Add the input block as read and, with
+ground truth, one volume.
+
+The APT and APTs coefficients are least-squares fits to ``tracemalloc`` peaks of two-iteration
+runs at 32^3-96^3 with 4-48 angles and far-field stacks from 0.1 to 14 volumes (largest
+misfit 3.5%); a test checks them on a geometry outside the fit, and ``ptmpi bench`` prints
+the prediction beside the measured peak.
 To the arrays add the process baseline (interpreter, numpy, scipy, MPI), measured at run
 time as the resident size before the data are read.
 """
@@ -33,29 +43,46 @@ import resource
 import numpy as np
 
 NNZ_PER_VOXEL_ANGLE = 2.2
-BYTES_PER_NNZ = 40
+
+# (volume phase: V, Fb), (frame phase: V, Fb), bytes per projector non-zero
+_COEFFICIENTS = {
+    (True, "apt"): ((17.7, 4.9), (9.3, 7.0), 68),
+    (True, "apts"): ((8.9, 4.9), (2.7, 7.0), 45),
+    (False, "apt"): ((19.4, 6.0), (9.3, 9.1), 69),
+    (False, "apts"): ((7.9, 7.6), (2.9, 9.1), 42),
+}
+_TWO_STEP = ((16.0, 4.0), (2.0, 16.0), 40)
 
 
 def predict_arrays(volume_shape, n_frames_local: int, probe_size: int, n_theta_local: int,
-                   algorithm: str, dtype=np.complex64, truth: bool = False) -> dict:
-    """Predicted peak bytes of the solver's arrays on one rank, by part (see module doc)."""
+                   algorithm: str, dtype=np.complex64, truth: bool = False,
+                   compiled: bool | None = None) -> dict:
+    """Predicted peak bytes of the solver's arrays on one rank, by part (see module doc).
+
+    ``compiled`` selects the coefficients of the compiled kernels (default: whether they
+    are enabled in this process) or of the numpy fallback.
+    """
+    if compiled is None:
+        from ptmpi.operators import kernels
+
+        compiled = kernels.ENABLED
+    if algorithm in ("two-step", "ptycho2d"):
+        volume_phase, frame_phase, per_nnz = _TWO_STEP
+    elif algorithm in ("apt", "apts"):
+        volume_phase, frame_phase, per_nnz = _COEFFICIENTS[bool(compiled), algorithm]
+    else:
+        raise ValueError(f"unknown algorithm {algorithm!r}")
     itemsize = np.dtype(dtype).itemsize
     nz, ny, nx = (int(s) for s in volume_shape)
     vol = nz * ny * nx * itemsize
     frames = n_frames_local * probe_size * probe_size * itemsize
-    if algorithm == "apt":
-        solver = 16.5 * vol + 8.8 * frames
-    elif algorithm == "apts":
-        solver = 4.0 * vol + 8.8 * frames
-    elif algorithm in ("two-step", "ptycho2d"):
-        solver = max(16 * frames + 2 * vol, 16 * vol + 4 * frames)
-    else:
-        raise ValueError(f"unknown algorithm {algorithm!r}")
+    solver = max(volume_phase[0] * vol + volume_phase[1] * frames,
+                 frame_phase[0] * vol + frame_phase[1] * frames)
     nnz = 0.0 if algorithm == "ptycho2d" and nz == 1 else (
         NNZ_PER_VOXEL_ANGLE * n_theta_local * ny * nx)
     parts = {
         "solver": solver,
-        "projector": BYTES_PER_NNZ * nnz,
+        "projector": per_nnz * nnz,
         "input": n_frames_local * probe_size * probe_size * 4 + (vol if truth else 0),
     }
     parts["total"] = sum(parts.values())

@@ -30,6 +30,7 @@ import h5py
 import numpy as np
 import pytest
 
+from jobs import job_env, mpiexec
 from ptmpi.cli import EXIT_CHECKPOINTED, main
 from ptmpi.io.checkpoint import (
     default_checkpoint_path,
@@ -363,23 +364,6 @@ def test_resume_with_another_rank_count(mpi_ranks, shared_tmp):
 # ---------------------------------------------------------------------------- whole jobs
 
 
-def _mpiexec() -> str:
-    exe = Path(sys.executable).parent / "mpiexec"
-    if not exe.exists():
-        pytest.skip(f"no mpiexec next to {sys.executable}")
-    return str(exe)
-
-
-def _job_env() -> dict:
-    """This environment without traces of an MPI launcher or of the MPI test plugin."""
-    env = {k: v for k, v in os.environ.items()
-           if not k.startswith(("PMI_", "PMIX_", "OMPI_", "HYDRA_", "MPI_LOCAL"))
-           and k not in ("PYTEST_ISOLATE_MPI_IS_FORKED", "PYTEST_MPI_REPORTS_PATH")}
-    env["MPIR_CVAR_ENABLE_HEAVY_YIELD"] = "1"  # 2 cores: do not busy-wait in collectives
-    env["OMP_NUM_THREADS"] = "1"
-    return env
-
-
 class Job:
     """A 2-rank ``ptmpi reconstruct`` launched with mpiexec; stderr goes to a file."""
 
@@ -389,9 +373,9 @@ class Job:
         self.t0 = time.perf_counter()
         with open(self.log, "w") as log:
             self.proc = subprocess.Popen(
-                [_mpiexec(), "-n", "2", sys.executable, "-m", "ptmpi", "reconstruct",
+                [mpiexec(), "-n", "2", sys.executable, "-m", "ptmpi", "reconstruct",
                  "tiny.h5", "--no-figures", *args],
-                cwd=folder, env=_job_env(), stdout=log, stderr=subprocess.STDOUT)
+                cwd=folder, env=job_env(), stdout=log, stderr=subprocess.STDOUT)
 
     def text(self) -> str:
         return self.log.read_text()

@@ -34,6 +34,7 @@ import h5py
 import numpy as np
 import pytest
 
+from jobs import job_env, mpiexec
 from ptmpi.cli import main
 from ptmpi.io.cxi import ANGLES, DATA, FRAME_OFFSET, POSITIONS, PROBE, write_input
 from ptmpi.sim.presets import SimulationSettings
@@ -294,24 +295,6 @@ CASES = [
 # ---------------------------------------------------------------------------- running a job
 
 
-def _mpiexec() -> str:
-    exe = Path(sys.executable).parent / "mpiexec"
-    if not exe.exists():
-        pytest.skip(f"no mpiexec next to {sys.executable}")
-    return str(exe)
-
-
-def _job_env() -> dict:
-    """This process's environment without traces of an MPI launcher or of the MPI plugin."""
-    env = {k: v for k, v in os.environ.items()
-           if not k.startswith(("PMI_", "PMIX_", "OMPI_", "HYDRA_", "MPI_LOCAL"))
-           and k not in ("PYTEST_ISOLATE_MPI_IS_FORKED", "PYTEST_MPI_REPORTS_PATH")}
-    env["MPIR_CVAR_ENABLE_HEAVY_YIELD"] = "1"  # 2 cores: do not busy-wait in collectives
-    env["OMP_NUM_THREADS"] = "1"
-    env["MPLBACKEND"] = "Agg"
-    return env
-
-
 def _snapshot(folder: Path) -> dict[str, str]:
     """sha256 of every file under ``folder``, by relative path."""
     return {str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest()
@@ -324,7 +307,7 @@ def test_failure_ends_the_job_cleanly(case: Case, base_file, tmp_path):
         pytest.skip(case.skip)
     case.setup(tmp_path, base_file)
     before = _snapshot(tmp_path)
-    env = _job_env()
+    env = job_env()
     if case.inject:
         script = tmp_path.parent / f"{tmp_path.name}-inject.py"  # outside the case's folder
         script.write_text(textwrap.dedent(_INJECT))
@@ -332,7 +315,7 @@ def test_failure_ends_the_job_cleanly(case: Case, base_file, tmp_path):
         env["PTMPI_TEST_FAIL"] = case.inject
     else:
         program = [sys.executable, "-m", "ptmpi"]
-    launcher = [_mpiexec(), "-n", str(case.ranks)] if case.ranks > 1 else []
+    launcher = [mpiexec(), "-n", str(case.ranks)] if case.ranks > 1 else []
     t0 = time.perf_counter()
     try:
         proc = subprocess.run([*launcher, *program, *case.args], cwd=tmp_path, env=env,

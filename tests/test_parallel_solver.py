@@ -11,7 +11,6 @@ job ends when something goes wrong (one clear line, non-zero exit, no hang, no t
 
 from __future__ import annotations
 
-import os
 import shutil
 import subprocess
 import sys
@@ -24,6 +23,7 @@ import h5py
 import numpy as np
 import pytest
 
+from jobs import job_env, mpiexec
 from ptmpi.io.cxi import DATA, read_input, write_input
 from ptmpi.operators.model import JointModel
 from ptmpi.parallel import Comm, SerialComm, block_partition
@@ -315,26 +315,10 @@ def test_fewer_angles_than_ranks_is_a_clear_error_on_every_rank(mpi_ranks, share
 # ---------------------------------------------------------------------------- whole jobs
 
 
-def _mpiexec() -> str:
-    exe = Path(sys.executable).parent / "mpiexec"
-    if not exe.exists():
-        pytest.skip(f"no mpiexec next to {sys.executable}")
-    return str(exe)
-
-
-def _job_env() -> dict:
-    """This process's environment without traces of an MPI launcher or of the MPI plugin."""
-    env = {k: v for k, v in os.environ.items()
-           if not k.startswith(("PMI_", "PMIX_", "OMPI_", "HYDRA_", "MPI_LOCAL"))
-           and k not in ("PYTEST_ISOLATE_MPI_IS_FORKED", "PYTEST_MPI_REPORTS_PATH")}
-    env["MPIR_CVAR_ENABLE_HEAVY_YIELD"] = "1"  # 2 cores: do not busy-wait in collectives
-    return env
-
-
 def _run_job(args: list[str], cwd: Path, timeout: float = 60):
     t0 = time.perf_counter()
-    proc = subprocess.run([_mpiexec(), "-n", "2", sys.executable, *args], cwd=cwd,
-                          env=_job_env(), capture_output=True, text=True, timeout=timeout)
+    proc = subprocess.run([mpiexec(), "-n", "2", sys.executable, *args], cwd=cwd,
+                          env=job_env(), capture_output=True, text=True, timeout=timeout)
     return proc, time.perf_counter() - t0
 
 
