@@ -102,6 +102,8 @@ def _setup_logging(comm: SerialComm, verbose: bool) -> None:
 
         for handler in logging.getLogger().handlers:
             handler.setFormatter(_RankFormatter("%(message)s"))
+    # A warning is one line for the user, not the source line that raised it.
+    warnings.formatwarning = lambda message, category, *args, **kwargs: f"warning: {message}"
     logging.captureWarnings(True)
     if comm.size > 1:
         # Warnings carry the rank; only rank 0 shows those all ranks would repeat.

@@ -84,8 +84,9 @@ def _validate_and_read(input_path, output_path, algorithm, comm, force, dtype=DE
     problems, n_angles, layout = comm.bcast((problems, n_angles, layout))
     _agree(comm, problems)
     if comm.size > n_angles:
-        raise RunError(f"{comm.size} ranks but only {n_angles} angles in {input_path}: "
-                       f"use at most {n_angles} ranks")
+        angles = f"{n_angles} angle" + ("s" if n_angles != 1 else "")
+        raise RunError(f"{comm.size} ranks but only {angles} in {input_path}: "
+                       f"use at most {n_angles} rank" + ("s" if n_angles != 1 else ""))
     start, stop = block_partition(n_angles, comm.size, comm.rank)
     plan = _plan_memory(layout, algorithm, dtype, comm)
     if dry_run:

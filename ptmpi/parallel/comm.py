@@ -17,6 +17,9 @@ from ptmpi.backend import get_xp, is_device_array, synchronize, to_host
 
 logger = logging.getLogger(__name__)
 
+# Seconds between the last error line and MPI_Abort (see Comm.abort).
+_ABORT_GRACE_S = 0.5
+
 
 class SerialComm:
     """A one-rank communicator with the methods of :class:`Comm` (no MPI needed)."""
@@ -132,8 +135,14 @@ class Comm(SerialComm):
         return True
 
     def abort(self, code: int = 1) -> None:
+        import time
+
         sys.stdout.flush()
         sys.stderr.flush()
+        # The launcher forwards output asynchronously and stops forwarding when the abort
+        # reaches it: give the error line just written time to get out (under load it was
+        # lost now and then without this).
+        time.sleep(_ABORT_GRACE_S)
         self.comm.Abort(code)
 
 
