@@ -209,6 +209,8 @@ def cmd_simulate(args, comm: SerialComm) -> int:
 
 def _dry_run(args, algorithm, settings, dtype, comm: SerialComm) -> int:
     """``reconstruct --dry-run``: validate, print the memory plan, solve nothing."""
+    import numpy as np
+
     from ptmpi.memory import format_bytes
     from ptmpi.reconstruct import RunError, reconstruct
 
@@ -219,7 +221,7 @@ def _dry_run(args, algorithm, settings, dtype, comm: SerialComm) -> int:
         raise UserError(str(exc)) from exc
     if comm.is_root:
         arrays = plan["arrays"]
-        print(f"dry run: {algorithm} on {comm.size} rank(s), {np_name(dtype)}: the input and "
+        print(f"dry run: {algorithm} on {comm.size} rank(s), {np.dtype(dtype).name}: the input and "
               "output are valid")
         print(f"dry run: memory per rank up to {format_bytes(plan['bytes_per_rank_max'])} "
               f"(solver arrays {format_bytes(arrays['solver'])}, projector "
@@ -229,12 +231,6 @@ def _dry_run(args, algorithm, settings, dtype, comm: SerialComm) -> int:
         print(f"dry run: {format_bytes(plan['bytes_node'])} for the ranks on this node, "
               f"{format_bytes(available) if available else 'unknown'} available: it fits")
     return 0
-
-
-def np_name(dtype) -> str:
-    import numpy as np
-
-    return np.dtype(dtype).name
 
 
 def cmd_reconstruct(args, comm: SerialComm) -> int:

@@ -26,6 +26,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from ptmpi.io.checkpoint import config_differences, read_checkpoint_header
+from ptmpi.io.output import same_file
 
 logger = logging.getLogger(__name__)
 
@@ -124,13 +125,6 @@ class Checkpointer:
         return f"the last good checkpoint (iteration {self.last}) is kept in {self.path}"
 
 
-def _same_file(a, b) -> bool:
-    try:
-        return os.path.samefile(a, b)
-    except OSError:
-        return os.path.abspath(a) == os.path.abspath(b)
-
-
 def checkpoint_problems(path: Path, *, input_path, output_path, resume: bool, force: bool,
                         settings: dict, dtype, iterations: int, checksum: str):
     """Rank 0's checks of the checkpoint path before a run; returns (problems, header).
@@ -142,7 +136,8 @@ def checkpoint_problems(path: Path, *, input_path, output_path, resume: bool, fo
     of the input; "" skips that check), of another configuration, or past ``iterations``.
     """
     for other, what in ((input_path, "input"), (output_path, "output")):
-        if _same_file(path, other):
+        # The checkpoint may not exist yet: the same spelled path counts too.
+        if same_file(path, other) or os.path.abspath(path) == os.path.abspath(other):
             return [f"{path}: the checkpoint cannot be the {what} file"], None
     folder = path.parent if str(path.parent) else Path(".")
     if not folder.is_dir():

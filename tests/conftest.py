@@ -1,8 +1,11 @@
-"""Shared fixtures: seeded rng, dtype-aware tolerances, array-module parametrization."""
+"""Shared fixtures: seeded rng, dtype-aware tolerances, array-module parametrization,
+a folder shared by the ranks of an MPI test."""
 
 from __future__ import annotations
 
 import os
+import shutil
+import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -56,3 +59,22 @@ def siemens_path() -> Path:
     if not SIEMENS.exists():
         pytest.skip(f"real data not found at {SIEMENS} (shared/ beside the checkout)")
     return SIEMENS
+
+
+@pytest.fixture
+def shared_tmp(mpi_ranks):
+    """A fresh folder that every rank of an MPI test sees, removed after the test.
+
+    Not ``mpi_tmp_path``: pytest-isolate-mpi caches the session's ``tmp_path_factory`` per
+    (size, rank) and restores it in later subsessions, but pytest's retention (3 base
+    folders) has by then deleted that factory's base folder whenever subsessions of other
+    sizes ran in between, so ``tmp_path`` fails in setup (FileNotFoundError).
+    """
+    from mpi4py import MPI
+
+    comm = MPI.COMM_WORLD
+    name = comm.bcast(tempfile.mkdtemp(prefix="ptmpi-mpi-") if comm.rank == 0 else None)
+    yield Path(name)
+    comm.Barrier()
+    if comm.rank == 0:
+        shutil.rmtree(name, ignore_errors=True)

@@ -22,7 +22,6 @@ import shutil
 import signal
 import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -265,19 +264,6 @@ def test_divergence_keeps_the_last_good_checkpoint(case, tmp_path, capsys):
 
 
 # ---------------------------------------------------------------------------- rank counts
-
-
-@pytest.fixture
-def shared_tmp(mpi_ranks):
-    """A fresh folder every rank sees (see tests/test_parallel_solver.py)."""
-    from mpi4py import MPI
-
-    comm = MPI.COMM_WORLD
-    name = comm.bcast(tempfile.mkdtemp(prefix="ptmpi-ckpt-") if comm.rank == 0 else None)
-    yield Path(name)
-    comm.Barrier()
-    if comm.rank == 0:
-        shutil.rmtree(name, ignore_errors=True)
 
 
 @pytest.mark.mpi(ranks=[2, 4], timeout=120, unit="s")

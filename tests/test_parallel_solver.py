@@ -11,10 +11,8 @@ job ends when something goes wrong (one clear line, non-zero exit, no hang, no t
 
 from __future__ import annotations
 
-import shutil
 import subprocess
 import sys
-import tempfile
 import textwrap
 import time
 from pathlib import Path
@@ -77,25 +75,6 @@ def local_problem(data, a0: int, a1: int) -> LocalProblem:
         frame_offset_local=off[a0 : a1 + 1] - f0,
         probe=data.probe,
     )
-
-
-@pytest.fixture
-def shared_tmp(mpi_ranks):
-    """A fresh folder that every rank sees, removed after the test.
-
-    Not ``mpi_tmp_path``: pytest-isolate-mpi caches the session's ``tmp_path_factory`` per
-    (size, rank) and restores it in later subsessions, but pytest's retention (3 base
-    folders) has by then deleted that factory's base folder whenever subsessions of other
-    sizes ran in between, so ``tmp_path`` fails in setup (FileNotFoundError).
-    """
-    from mpi4py import MPI
-
-    comm = MPI.COMM_WORLD
-    name = comm.bcast(tempfile.mkdtemp(prefix="ptmpi-par-") if comm.rank == 0 else None)
-    yield Path(name)
-    comm.Barrier()
-    if comm.rank == 0:
-        shutil.rmtree(name, ignore_errors=True)
 
 
 def rel(a, b) -> float:

@@ -171,7 +171,7 @@ def bench_case(case: BenchCase, comm, repeat: int, xp, dtype, *, operators: bool
                memory: bool = True) -> dict:
     """Everything ``ptmpi bench`` reports for one case, as seen by this rank."""
     from ptmpi.bench.floors import fft_floor, fma_rate, iteration_floor, memory_bandwidth
-    from ptmpi.memory import peak_resident_bytes, predict_arrays
+    from ptmpi.memory import NNZ_PER_VOXEL_ANGLE, peak_resident_bytes, predict_arrays
 
     problem, volume = _local_problem(case, comm, dtype)
     n_frames = problem.f_local.shape[0]
@@ -187,7 +187,7 @@ def bench_case(case: BenchCase, comm, repeat: int, xp, dtype, *, operators: bool
     bandwidth = memory_bandwidth(xp=xp)
     fft_seconds = fft_floor((n_frames, m, m), dtype, repeat, xp)
     fmas = fma_rate(xp=xp)
-    nnz = row.get("nnz") or int(2.2 * len(problem.theta_local) * case.n**2)
+    nnz = row.get("nnz") or int(NNZ_PER_VOXEL_ANGLE * len(problem.theta_local) * case.n**2)
     floors = iteration_floor(
         volume_shape=problem.volume_shape, n_theta_local=len(problem.theta_local),
         n_frames_local=n_frames, probe_size=m, nnz=nnz, cg_iterations=row["cg_iterations"],

@@ -32,7 +32,7 @@ def check_output_path(path: str | os.PathLike, force: bool,
     the write at the end of the run would fail.
     """
     path = Path(path)
-    if input_path is not None and _same_file(path, Path(input_path)):
+    if input_path is not None and same_file(path, Path(input_path)):
         raise ValueError(f"{path}: output is the input file {input_path}; expected another "
                          "name (the input is never overwritten, even with --force)")
     if path.is_dir():
@@ -57,7 +57,7 @@ def check_output_path(path: str | os.PathLike, force: bool,
     os.unlink(trial)
 
 
-def _same_file(a: Path, b: Path) -> bool:
+def same_file(a: str | os.PathLike, b: str | os.PathLike) -> bool:
     """True when ``a`` and ``b`` name one existing file (links and spellings alike)."""
     try:
         return os.path.samefile(a, b)

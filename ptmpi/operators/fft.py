@@ -12,16 +12,21 @@ import numpy as np
 from ptmpi.backend import fft_module, get_xp
 
 _CORES = max(1, len(os.sched_getaffinity(0))) if hasattr(os, "sched_getaffinity") else 1
-_WORKERS = int(os.environ["OMP_NUM_THREADS"]) if os.environ.get("OMP_NUM_THREADS", "").isdigit() \
-    else _CORES
+
+
+def _threads(ranks_per_node: int) -> int:
+    threads = os.environ.get("OMP_NUM_THREADS", "")
+    return max(1, int(threads) if threads.isdigit() else _CORES // max(1, ranks_per_node))
+
+
+_WORKERS = _threads(1)
 
 
 def set_workers(ranks_per_node: int) -> int:
     """Threads of the host FFT: ``OMP_NUM_THREADS`` when set, else this process's cores
     shared among the ranks of its node (so ranks do not oversubscribe them)."""
     global _WORKERS
-    threads = os.environ.get("OMP_NUM_THREADS", "")
-    _WORKERS = max(1, int(threads) if threads.isdigit() else _CORES // max(1, ranks_per_node))
+    _WORKERS = _threads(ranks_per_node)
     return _WORKERS
 
 
