@@ -170,7 +170,9 @@ def write_input(
         an interrupted write never leaves a partial file under ``path``.
     counts : (N_FRAMES, M, M) real
         Photon counts, stored as float32. Centered (zero frequency at ``[M//2, M//2]``)
-        unless ``is_fft_shifted=1``; stored as given, the convention is recorded.
+        unless ``is_fft_shifted=1``; stored as given, the convention is recorded. Any
+        object with ``shape``, ``ndim`` and slicing along axis 0 works (an h5py dataset, a
+        lazy reader): it is read one angle's frames at a time.
     probe : (M, M) complex
         Probe, stored as complex64.
     positions_px : (N_FRAMES, 2) float
@@ -208,7 +210,8 @@ def write_input(
     if path.exists() and not overwrite:
         raise FileExistsError(f"{path}: file exists; refusing to overwrite it without "
                               "overwrite=True (--force on the command line)")
-    counts = np.asarray(counts)
+    if not hasattr(counts, "shape"):  # arrays and lazy readers are sliced by angle below
+        counts = np.asarray(counts)
     probe = _squeeze_leading(np.asarray(probe))
     positions_px = np.asarray(positions_px, dtype=np.float64)
     frame_offset = np.asarray(frame_offset, dtype=np.int64)
