@@ -289,7 +289,9 @@ def _read_mask(f: h5py.File, path: str, m: int, fft_shifted: int) -> np.ndarray 
 
 
 def _mask_digest(mask: np.ndarray | None) -> str | None:
-    return None if mask is None else hashlib.sha256(np.ascontiguousarray(mask).tobytes()).hexdigest()
+    if mask is None:
+        return None
+    return hashlib.sha256(np.ascontiguousarray(mask).tobytes()).hexdigest()
 
 
 def read_header(path: str | os.PathLike, angle_dataset: str | None = CXI_ANGLE) -> AngleHeader:
@@ -587,7 +589,8 @@ def import_cxi(
                                 f"size {m}, found {volume_shape}")
         shape_source = "given (--volume-shape)"
     nz, n = volume_shape[0], volume_shape[2]
-    positions = np.stack([(nz - 1) / 2 + dy - m // 2, (n - 1) / 2 + dx - m // 2], axis=1)
+    positions = translation_to_positions(np.concatenate([h.translation for h in headers]),
+                                         pixel, m, (nz, n), conventions)
     _check_windows(headers, frame_offset, positions, (nz, n), m)
 
     probe_array, probe_source = _choose_probe(probe, headers, m)
