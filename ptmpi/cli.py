@@ -516,7 +516,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="probe guess (.npy, or HDF5 with source_1/illumination, source_1/probe "
                         "or image_2/data); default: the first file's illumination")
     p.add_argument("--angles-deg", metavar="LIST",
-                   help="comma-separated angles in degrees, one per file, instead of the files'")
+                   help="comma-separated angles in degrees, one per file, instead of the files' "
+                        "(write --angles-deg=-30,... when the first is negative)")
     p.add_argument("--angle-dataset", default="/entry_1/ptychodus/tomography_angle_deg",
                    metavar="PATH", help="dataset holding each file's angle in degrees "
                                         "(default %(default)s)")
