@@ -172,7 +172,7 @@ def simulate_to_file(settings, path: Path, force: bool, demo: bool = False,
     if path.exists() and not force:
         raise UserError(f"{path}: output exists; pass --force to overwrite it")
     if export_cxi is not None:
-        from ptmpi.io.importer import per_angle_names
+        from ptmpi.io.per_angle import per_angle_names
 
         if export_cxi.exists() and not export_cxi.is_dir():
             raise UserError(f"{export_cxi}: --export-cxi expects a folder, found a file")
@@ -202,7 +202,7 @@ def simulate_to_file(settings, path: Path, force: bool, demo: bool = False,
     except (FileExistsError, OSError) as exc:
         raise UserError(f"{path}: cannot write ({exc})") from exc
     if export_cxi is not None:
-        from ptmpi.io.importer import write_per_angle_cxi
+        from ptmpi.io.per_angle import write_per_angle_cxi
 
         try:
             write_per_angle_cxi(export_cxi, counts=data.counts, probe=data.probe,
@@ -242,7 +242,8 @@ def cmd_simulate(args, comm: SerialComm) -> int:
 
 def cmd_import(args, comm: SerialComm) -> int:
     """Per-angle CXI files (SPEC 8) into one SPEC 3 file; rank 0 works, the others wait."""
-    from ptmpi.io.importer import Conventions, ImportFailure, import_cxi
+    from ptmpi.io.importer import ImportFailure, import_cxi
+    from ptmpi.io.per_angle import Conventions
 
     angles = None
     if args.angles_deg is not None:

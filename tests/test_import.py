@@ -17,18 +17,15 @@ import pytest
 from ptmpi.cli import main
 from ptmpi.io import importer
 from ptmpi.io.cxi import read_input
-from ptmpi.io.importer import (
+from ptmpi.io.importer import IMPORT_GROUP, MASK, ImportFailure, import_cxi
+from ptmpi.io.per_angle import (
     CXI_ANGLE,
     CXI_DATA,
     CXI_ENERGY,
     CXI_ILLUMINATION,
     CXI_MASK,
     CXI_TRANSLATIONS,
-    IMPORT_GROUP,
-    MASK,
     Conventions,
-    ImportFailure,
-    import_cxi,
     object_pixel_size,
     write_per_angle_cxi,
 )
