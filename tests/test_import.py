@@ -9,10 +9,13 @@ centre pixel ``m // 2`` at ``(x, y)`` from the image centre ``((nz-1)/2, (n-1)/2
 from __future__ import annotations
 
 import hashlib
+import subprocess
+import sys
 
 import h5py
 import numpy as np
 import pytest
+from jobs import job_env, mpiexec
 
 from ptmpi.cli import main
 from ptmpi.io import importer
@@ -414,3 +417,18 @@ def test_units_attribute_is_honoured(tmp_path, sim):
     with pytest.raises(ImportFailure, match=f"{files[0]}: {CXI_ENERGY}: expected @units"):
         import_cxi(files, tmp_path / "bad.h5")
 
+
+
+def test_import_under_mpiexec_two_ranks(tmp_path, sim):
+    """Rank 0 imports, the other rank waits; a refusal is one line and exit status 1."""
+    files = list(map(str, _copy_files(sim, tmp_path)))
+    out = tmp_path / "imp.h5"
+    cmd = [mpiexec(), "-n", "2", sys.executable, "-m", "ptmpi", "import", *files, "-o", str(out),
+           "--volume-shape", "20", "24", "24"]
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=120, env=job_env())
+    assert done.returncode == 0, done.stderr
+    assert np.abs(read_input(out).positions_local - sim.positions_px).max() < 1e-9
+    again = subprocess.run(cmd, capture_output=True, text=True, timeout=120, env=job_env())
+    assert again.returncode == 1
+    lines = again.stderr.strip().splitlines()
+    assert lines == [f"ptmpi import: error: {out}: output exists; pass --force to overwrite it"]
