@@ -15,8 +15,8 @@ import sys
 import h5py
 import numpy as np
 import pytest
-from jobs import job_env, mpiexec
 
+from jobs import job_env, mpiexec
 from ptmpi.cli import main
 from ptmpi.io import importer
 from ptmpi.io.cxi import read_input
