@@ -191,64 +191,73 @@ def read_header(path: str | os.PathLike, angle_dataset: str | None = CXI_ANGLE) 
     except OSError as exc:
         raise ImportFailure(f"{name}: not a readable HDF5 file ({' '.join(str(exc).split())})"
                             ) from exc
-    with f:
-        data = f.get(CXI_DATA)
-        if not isinstance(data, h5py.Dataset):
-            raise _fail(name, CXI_DATA, "required dataset (the counts) is missing")
-        if data.ndim != 3:
-            raise _fail(name, CXI_DATA, f"expected 3-D counts (F, m, m), found shape {data.shape}")
-        n_frames, m = data.shape[0], data.shape[2]
-        if data.shape[1] != m or m == 0 or n_frames == 0:
-            raise _fail(name, CXI_DATA, f"expected (F, m, m) counts with square frames and "
-                                        f"F >= 1, found shape {data.shape}")
-        if data.dtype.kind not in "iuf":
-            raise _fail(name, CXI_DATA, f"expected real photon counts, found dtype {data.dtype}")
-        shifted = np.asarray(data.attrs.get("is_fft_shifted", 0)).reshape(-1)
-        if shifted.size != 1 or shifted[0] not in (0, 1):
-            raise _fail(name, CXI_DATA, f"expected @is_fft_shifted 0 (centered) or 1 (corner), "
-                                        f"found {shifted.tolist()}")
-        fft_shifted = int(shifted[0])
+    try:
+        with f:
+            return _read_header(f, name, angle_dataset)
+    except OSError as exc:  # a damaged file fails anywhere in a read
+        raise ImportFailure(f"{name}: cannot be read completely ({' '.join(str(exc).split())})"
+                            ) from exc
 
-        energy = _scalar(f, name, CXI_ENERGY, _ENERGY_UNITS)
-        distance = _scalar(f, name, CXI_DISTANCE, _LENGTH_UNITS)
-        x_pixel = _scalar(f, name, CXI_X_PIXEL_SIZE, _LENGTH_UNITS)
-        y_pixel = (_scalar(f, name, CXI_Y_PIXEL_SIZE, _LENGTH_UNITS)
-                   if CXI_Y_PIXEL_SIZE in f else x_pixel)
-        if not math.isclose(x_pixel, y_pixel, rel_tol=AGREEMENT_RTOL):
-            raise _fail(name, CXI_Y_PIXEL_SIZE, f"expected square detector pixels (equal to "
-                                                f"x_pixel_size {x_pixel:g} m), found {y_pixel:g} m")
 
-        where = next((t for t in CXI_TRANSLATIONS if t in f), None)
-        if where is None:
-            raise _fail(name, CXI_TRANSLATIONS[0], f"required dataset (scan translations) is "
-                                                   f"missing (also not at {CXI_TRANSLATIONS[1]})")
-        ds = f[where]
-        if not isinstance(ds, h5py.Dataset) or ds.ndim != 2 or ds.shape[1] not in (2, 3) \
-                or ds.shape[0] != n_frames or ds.dtype.kind not in "iuf":
-            raise _fail(name, where, f"expected ({n_frames}, 3) translations in metres (x, y, z; "
-                                     f"one row per frame of {CXI_DATA}), found "
-                                     f"{getattr(ds, 'shape', 'a group')}")
-        translation = np.asarray(ds[()], dtype=np.float64)[:, :2]
-        scale = 1.0
-        unit = _units(ds)
-        if unit is not None:
-            if unit not in _LENGTH_UNITS:
-                raise _fail(name, where, f"expected @units one of {', '.join(_LENGTH_UNITS)}, "
-                                         f"found {unit!r}")
-            scale = _LENGTH_UNITS[unit]
-        translation = translation * scale
-        if not np.all(np.isfinite(translation)):
-            bad = int(np.flatnonzero(~np.all(np.isfinite(translation), axis=1))[0])
-            raise _fail(name, where, f"expected finite translations, found a non-finite one at "
-                                     f"frame {bad}")
+def _read_header(f: h5py.File, name: str, angle_dataset: str | None) -> AngleHeader:
+    """The body of :func:`read_header` on the open file ``f``."""
+    data = f.get(CXI_DATA)
+    if not isinstance(data, h5py.Dataset):
+        raise _fail(name, CXI_DATA, "required dataset (the counts) is missing")
+    if data.ndim != 3:
+        raise _fail(name, CXI_DATA, f"expected 3-D counts (F, m, m), found shape {data.shape}")
+    n_frames, m = data.shape[0], data.shape[2]
+    if data.shape[1] != m or m == 0 or n_frames == 0:
+        raise _fail(name, CXI_DATA, f"expected (F, m, m) counts with square frames and "
+                                    f"F >= 1, found shape {data.shape}")
+    if data.dtype.kind not in "iuf":
+        raise _fail(name, CXI_DATA, f"expected real photon counts, found dtype {data.dtype}")
+    shifted = np.asarray(data.attrs.get("is_fft_shifted", 0)).reshape(-1)
+    if shifted.size != 1 or shifted[0] not in (0, 1):
+        raise _fail(name, CXI_DATA, f"expected @is_fft_shifted 0 (centered) or 1 (corner), "
+                                    f"found {shifted.tolist()}")
+    fft_shifted = int(shifted[0])
 
-        angle = None
-        if angle_dataset is not None:
-            angle = _scalar(f, name, angle_dataset, None, positive=False)
+    energy = _scalar(f, name, CXI_ENERGY, _ENERGY_UNITS)
+    distance = _scalar(f, name, CXI_DISTANCE, _LENGTH_UNITS)
+    x_pixel = _scalar(f, name, CXI_X_PIXEL_SIZE, _LENGTH_UNITS)
+    y_pixel = (_scalar(f, name, CXI_Y_PIXEL_SIZE, _LENGTH_UNITS)
+               if CXI_Y_PIXEL_SIZE in f else x_pixel)
+    if not math.isclose(x_pixel, y_pixel, rel_tol=AGREEMENT_RTOL):
+        raise _fail(name, CXI_Y_PIXEL_SIZE, f"expected square detector pixels (equal to "
+                                            f"x_pixel_size {x_pixel:g} m), found {y_pixel:g} m")
 
-        mask = _read_mask(f, name, m, fft_shifted)
-        probe = f.get(CXI_ILLUMINATION)
-        has_probe = isinstance(probe, h5py.Dataset)
+    where = next((t for t in CXI_TRANSLATIONS if t in f), None)
+    if where is None:
+        raise _fail(name, CXI_TRANSLATIONS[0], f"required dataset (scan translations) is "
+                                               f"missing (also not at {CXI_TRANSLATIONS[1]})")
+    ds = f[where]
+    if not isinstance(ds, h5py.Dataset) or ds.ndim != 2 or ds.shape[1] not in (2, 3) \
+            or ds.shape[0] != n_frames or ds.dtype.kind not in "iuf":
+        raise _fail(name, where, f"expected ({n_frames}, 3) translations in metres (x, y, z; "
+                                 f"one row per frame of {CXI_DATA}), found "
+                                 f"{getattr(ds, 'shape', 'a group')}")
+    translation = np.asarray(ds[()], dtype=np.float64)[:, :2]
+    scale = 1.0
+    unit = _units(ds)
+    if unit is not None:
+        if unit not in _LENGTH_UNITS:
+            raise _fail(name, where, f"expected @units one of {', '.join(_LENGTH_UNITS)}, "
+                                     f"found {unit!r}")
+        scale = _LENGTH_UNITS[unit]
+    translation = translation * scale
+    if not np.all(np.isfinite(translation)):
+        bad = int(np.flatnonzero(~np.all(np.isfinite(translation), axis=1))[0])
+        raise _fail(name, where, f"expected finite translations, found a non-finite one at "
+                                 f"frame {bad}")
+
+    angle = None
+    if angle_dataset is not None:
+        angle = _scalar(f, name, angle_dataset, None, positive=False)
+
+    mask = _read_mask(f, name, m, fft_shifted)
+    probe = f.get(CXI_ILLUMINATION)
+    has_probe = isinstance(probe, h5py.Dataset)
     return AngleHeader(
         path=name, n_frames=int(n_frames), m=int(m), energy=energy, distance=distance,
         x_pixel_size=x_pixel, y_pixel_size=y_pixel, angle_deg=angle, translation=translation,
@@ -355,9 +364,13 @@ def read_counts(header: AngleHeader) -> np.ndarray:
 
     Raises ImportFailure on a non-finite or negative count at a valid pixel.
     """
-    with h5py.File(header.path, "r") as f:
-        counts = np.asarray(f[CXI_DATA][()], dtype=np.float32)
-        mask = _read_mask(f, header.path, header.m, header.is_fft_shifted)
+    try:
+        with h5py.File(header.path, "r") as f:
+            counts = np.asarray(f[CXI_DATA][()], dtype=np.float32)
+            mask = _read_mask(f, header.path, header.m, header.is_fft_shifted)
+    except OSError as exc:  # a damaged file fails in the read
+        raise _fail(header.path, CXI_DATA, f"cannot be read ({' '.join(str(exc).split())})"
+                    ) from exc
     if header.is_fft_shifted:
         counts = np.fft.fftshift(counts, axes=(-2, -1))
     if mask is not None:
@@ -449,10 +462,9 @@ def import_cxi(
     pixel = object_pixel_size(first.energy, first.distance, m, first.x_pixel_size)
 
     frame_offset = np.concatenate([[0], np.cumsum([h.n_frames for h in headers])]).astype(np.int64)
-    offsets = [centre_offsets(h.translation, pixel, conventions) for h in headers]
-    dy = np.concatenate([o[0] for o in offsets])
-    dx = np.concatenate([o[1] for o in offsets])
+    translation = np.concatenate([h.translation for h in headers])
     if volume_shape is None:
+        dy, dx = centre_offsets(translation, pixel, conventions)
         volume_shape = derive_volume_shape(dy, dx, m, margin)
         shape_source = f"derived: every window inside, margin {margin}"
     else:
@@ -463,8 +475,7 @@ def import_cxi(
                                 f"size {m}, found {volume_shape}")
         shape_source = "given (--volume-shape)"
     nz, n = volume_shape[0], volume_shape[2]
-    positions = translation_to_positions(np.concatenate([h.translation for h in headers]),
-                                         pixel, m, (nz, n), conventions)
+    positions = translation_to_positions(translation, pixel, m, (nz, n), conventions)
     _check_windows(headers, frame_offset, positions, (nz, n), m)
 
     probe_array, probe_source = _choose_probe(probe, headers, m)
