@@ -384,12 +384,17 @@ def test_existing_output_is_refused_without_force(tmp_path, sim, capsys):
     assert "is the input file" in _one_error_line(capsys)
 
 
-def test_missing_and_non_hdf5_inputs(tmp_path, capsys):
+def test_missing_non_hdf5_and_truncated_inputs(tmp_path, sim, capsys):
     (tmp_path / "junk.cxi").write_text("not hdf5")
     assert main(["import", str(tmp_path / "nope.cxi"), "-o", str(tmp_path / "a.h5")]) == 1
     assert "nope.cxi: file does not exist" in _one_error_line(capsys)
     assert main(["import", str(tmp_path / "junk.cxi"), "-o", str(tmp_path / "a.h5")]) == 1
     assert "junk.cxi: not a readable HDF5 file" in _one_error_line(capsys)
+    whole = write_per_angle_cxi(tmp_path / "cxi", **_arrays(sim))[0].read_bytes()
+    (tmp_path / "cut.cxi").write_bytes(whole[: len(whole) // 2])
+    assert main(["import", str(tmp_path / "cut.cxi"), "-o", str(tmp_path / "a.h5")]) == 1
+    assert f"{tmp_path / 'cut.cxi'}: " in _one_error_line(capsys)
+    assert not (tmp_path / "a.h5").exists()
 
 
 def test_export_geometry_round_trips_for_other_constants(tmp_path, sim):
