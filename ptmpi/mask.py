@@ -60,10 +60,3 @@ def valid_per_frame(valid_per_angle: np.ndarray, frame_offset_local: np.ndarray)
                          f"{counts.size} angles")
     return np.repeat(valid_per_angle, counts, axis=0)
 
-
-def count_valid(valid, shape) -> int:
-    """Number of valid pixels of frames of ``shape`` (all of them when ``valid`` is None)."""
-    if valid is None:
-        return int(np.prod(shape))
-    xp = get_xp(valid)
-    return int(xp.count_nonzero(xp.broadcast_to(valid, shape)))
