@@ -274,6 +274,12 @@ def test_mask_round_trips_and_is_read_like_the_counts(tiny, tmp_path, rng, is_ff
             for j in (0, int(off[2]) + 1, int(off[-1]) - 1):
                 angle = int(np.searchsorted(off, j, side="right") - 1)
                 assert np.array_equal(whole.valid_local[j], shift(mask[angle] == 0))
+        # counts at invalid pixels are not handed on; the others are the file's
+        full = np.broadcast_to(whole.valid_local, whole.counts_local.shape)
+        assert np.all(whole.counts_local[~full] == 0)
+        stored = tiny.counts if is_fft_shifted else np.fft.ifftshift(tiny.counts, axes=(-2, -1))
+        assert np.array_equal(whole.counts_local[full], stored[full])
+        assert np.any(stored[~full] != 0)
         # a block of angles gets the valid pixels of its own frames
         block = read_input(path, 2, 4)
         expected = whole.valid_local if mask.ndim == 2 else whole.valid_local[off[2]:off[4]]

@@ -73,7 +73,8 @@ class InputData:
     angle_start, angle_stop : int
         The block of angles ``[angle_start, angle_stop)`` whose frames were read.
     counts_local : (N_FRAMES_LOCAL, M, M) float32
-        Photon counts of the block, zero frequency at ``[0, 0]`` whatever the file stores.
+        Photon counts of the block, zero frequency at ``[0, 0]`` whatever the file stores;
+        0 at the pixels the detector mask marks invalid.
     positions_local : (N_FRAMES_LOCAL, 2) float64
         ``(row, col)`` of each window's top-left corner in the projection image, after
         ``position_shift`` was added.
@@ -424,6 +425,9 @@ def read_input(
             counts_local = np.fft.ifftshift(counts_local, axes=(-2, -1))
         valid_local = _read_valid(f, path, m, n_angles, angle_start, angle_stop,
                                   frame_offset, is_fft_shifted)
+        if valid_local is not None:
+            # Not data (SPEC 8): no garbage of a dead or hot pixel is handed on.
+            np.copyto(counts_local, np.float32(0), where=~valid_local)
 
         if volume_shape is None:
             positions = np.asarray(f[POSITIONS][()], dtype=np.float64)
