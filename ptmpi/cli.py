@@ -136,6 +136,7 @@ def _settings_from_args(args) -> SimulationSettings:
         "n": args.n, "nz": args.nz, "n_angles": args.angles, "step": args.step,
         "probe_size": args.probe_size, "fwhm": args.fwhm, "eta": args.eta, "seed": args.seed,
         "phase_scale": args.phase_scale, "jitter": args.jitter,
+        "mask_stripe": args.mask_stripe, "hot_pixels": args.hot_pixels,
     }
     overrides = {k: v for k, v in overrides.items() if v is not None}
     if args.nz is None and args.n is not None and args.preset is None:
@@ -192,6 +193,7 @@ def simulate_to_file(settings, path: Path, force: bool, demo: bool = False,
             volume_shape=data.volume.shape,
             truth_volume=data.volume,
             truth_probe=data.probe,
+            mask=data.mask,
             overwrite=force,
             attrs={
                 "simulation": json.dumps(settings.to_dict()),
@@ -505,6 +507,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--export-cxi", metavar="DIR",
                    help="also write the data as per-angle CXI files DIR/angle-000.cxi, ... "
                         "(SPEC 8; the input of ptmpi import)")
+    p.add_argument("--mask-stripe", type=int, metavar="W",
+                   help="W dead detector columns beside the centre (counts 0), masked")
+    p.add_argument("--hot-pixels", type=int, metavar="K",
+                   help="K random hot detector pixels (counts 4e9), masked")
     p.add_argument("--force", action="store_true", help="overwrite an existing output file")
     p.set_defaults(func=cmd_simulate)
 
