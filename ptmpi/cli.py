@@ -545,11 +545,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--iterations", type=_COUNT,
                    help="ADMM iterations (default 200 for apt/apts, 100 for two-step/ptycho2d)")
     p.add_argument("--tol", type=_NON_NEGATIVE,
-                   help="stop when the relative change of u falls below this (default: off)")
+                   help="stop when the relative change of u has stayed below this for 5 "
+                        "iterations (default 1e-4; 0: run all --iterations)")
     p.add_argument("--likelihood", choices=["agm", "ipm"], help="data fidelity (default ipm)")
     p.add_argument("--tv-weight", type=_NON_NEGATIVE, help="TV weight lambda (default: from data)")
     p.add_argument("--r1", type=_NON_NEGATIVE, help="penalty of p = grad u (default: from data)")
     p.add_argument("--r2", type=_POSITIVE, help="penalty of z = D u (default 0.1)")
+    p.add_argument("--adapt-r2", choices=["auto", "on", "off"],
+                   help="raise r2 when the iterates cycle (default auto: on for photon "
+                        "counts, off for noise-free data)")
+    p.add_argument("--epsilon", type=_NON_NEGATIVE,
+                   help="smoothing of the likelihood, in counts per pixel (default 10 for "
+                        "photon counts, 0 for noise-free data)")
     p.add_argument("--cg-iterations", type=_POSITIVE_INT,
                    help="CG iterations per u-step (default 8)")
     p.add_argument("--refine-probe", action="store_true", default=None,

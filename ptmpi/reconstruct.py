@@ -418,7 +418,8 @@ def settings_from_args(args):
             "algorithm": algorithm, "iterations": args.iterations, "tol": args.tol,
             "likelihood": args.likelihood, "tv_weight": args.tv_weight, "r1": args.r1,
             "r2": args.r2, "cg_iterations": args.cg_iterations,
-            "refine_probe": args.refine_probe,
+            "refine_probe": args.refine_probe, "epsilon": getattr(args, "epsilon", None),
+            "adapt_r2": {"on": True, "off": False}.get(getattr(args, "adapt_r2", None)),
         }
         base = SolverSettings()
     else:

@@ -236,9 +236,11 @@ def test_resume_refuses_another_input_or_configuration(case, checkpointed, tmp_p
 @pytest.mark.filterwarnings("ignore:overflow:RuntimeWarning",
                             "ignore:invalid value:RuntimeWarning")
 def test_divergence_keeps_the_last_good_checkpoint(case, tmp_path, capsys):
-    """``--r2 1e30`` overflows at iteration 2: iteration 1 is the last one written."""
+    """``--r2 1e30`` overflows the unsmoothed z-step (``--epsilon 0``) at iteration 2:
+    iteration 1 is the last one written."""
     ck = tmp_path / "ck.h5"
-    base = ["reconstruct", str(case), "--r2", "1e30", "--iterations", "5", "--no-figures"]
+    base = ["reconstruct", str(case), "--r2", "1e30", "--epsilon", "0", "--iterations", "5",
+            "--no-figures"]
     assert main([*base, "-o", str(tmp_path / "a.h5")]) == 1
     err = capsys.readouterr().err.strip()
     assert "diverged at iteration 2" in err and err.endswith("no checkpoint was written")

@@ -102,7 +102,7 @@ def run_plain(template: str, folder: Path, case: Path, args: str, **extra: str):
 def plain_run(case, tmp_path_factory):
     """The CPU template as plain bash (mpiexec, 2 ranks), N_LONG iterations, uninterrupted."""
     folder = tmp_path_factory.mktemp("plain")
-    proc = run_plain("cpu.sbatch", folder, case, f"--iterations {N_LONG} --no-figures")
+    proc = run_plain("cpu.sbatch", folder, case, f"--iterations {N_LONG} --tol 0 --no-figures")
     return folder / "out.h5", proc
 
 
@@ -141,7 +141,7 @@ def test_usr1_checkpoints_requeues_and_resumes_to_the_same_result(cluster, case,
     assert proc.returncode == 0, proc.stdout
     ckpt = tmp_path / "out-checkpoint.h5"
     # --checkpoint-every 0: the only checkpoint is the one the signal asks for.
-    job = submit(cluster, tmp_path, case, f"--iterations {N_LONG} --no-figures",
+    job = submit(cluster, tmp_path, case, f"--iterations {N_LONG} --tol 0 --no-figures",
                  PTMPI_CHECKPOINT_EVERY="0")
     # Signal once the ranks iterate (what --signal=USR1@T does before the time limit).
     deadline = time.monotonic() + 180
@@ -168,7 +168,7 @@ def test_usr1_checkpoints_requeues_and_resumes_to_the_same_result(cluster, case,
 
 @pytest.mark.slow
 def test_scancel_stops_without_requeue(cluster, case, tmp_path):
-    job = submit(cluster, tmp_path, case, f"--iterations {N_LONG} --no-figures",
+    job = submit(cluster, tmp_path, case, f"--iterations {N_LONG} --tol 0 --no-figures",
                  PTMPI_CHECKPOINT_EVERY="0")
     deadline = time.monotonic() + 180
     while f"iteration 1/{N_LONG}:" not in job_log(tmp_path, job):
@@ -220,7 +220,7 @@ def test_cpu_template_runs_under_plain_bash_with_mpiexec(plain_run):
 @pytest.mark.slow
 def test_plain_bash_forwards_usr1_and_exits_75(case, tmp_path):
     env = job_env(PTMPI_INPUT=str(case), PTMPI_OUTPUT=str(tmp_path / "out.h5"),
-                  PTMPI_ARGS=f"--iterations {N_LONG} --no-figures", PTMPI_RANKS="2",
+                  PTMPI_ARGS=f"--iterations {N_LONG} --tol 0 --no-figures", PTMPI_RANKS="2",
                   PTMPI_CHECKPOINT_EVERY="0")
     log = tmp_path / "log"
     with open(log, "w") as f:

@@ -59,10 +59,12 @@ def test_apt_beats_apts_on_a_large_step_scan(large_step):
 
 
 def test_relative_change_tolerance_stops_early(large_step):
-    state, _ = solve(large_step, SolverSettings(iterations=200, tol=5e-3), SerialComm())
+    state, _ = solve(large_step, SolverSettings(iterations=200, tol=2e-2), SerialComm())
     assert state.iteration < 200
-    assert state.history["rel_change"][-1] < 5e-3
-    assert all(c >= 5e-3 for c in state.history["rel_change"][1:-1])
+    change = state.history["rel_change"]
+    # stopped at the first iteration that ends 5 in a row below tol
+    assert max(change[-5:]) < 2e-2
+    assert all(max(change[i - 4:i + 1]) >= 2e-2 for i in range(4, len(change) - 1))
 
 
 def test_defaults_scale_with_the_photon_count():

@@ -14,6 +14,7 @@ Layout (one HDF5 file; frames in the input file's global, angle-major order)::
     u                  (nz, n, n) dtype          volume
     omega              (M, M) dtype              probe
     p, lam1            (3, nz, n, n) dtype       gradient split variable, multiplier (APT only)
+    step               (nz, n, n) dtype          last step u_k - u_{k-1} (period-2 detection)
     z, lam2            (N_FRAMES, M, M) dtype    far-field split variable, multiplier
     metrics/<column>   (iteration,) history so far: iteration int64, others float64
 
@@ -171,7 +172,7 @@ def _create(tmp: Path, state: ADMMState, n_ranks: int, settings: dict, dtype, ch
         f.attrs["program"] = "ptmpi"
         f.attrs["version"] = __version__
         f.attrs["date"] = datetime.datetime.now(datetime.timezone.utc).isoformat()
-        for name in ("u", "omega", "p", "lam1"):
+        for name in ("u", "omega", "p", "lam1", "step"):
             value = getattr(state, name)
             if value is not None:
                 f.create_dataset(name, data=to_host(value).astype(dtype, copy=False))
@@ -270,7 +271,7 @@ def read_checkpoint(path: str | os.PathLike, frame_start: int, frame_stop: int,
         history = {key: f["metrics"][key][...].tolist() for key in f["metrics"]}
         return ADMMState(
             u=get("u"), z_local=get("z", frames), lam2_local=get("lam2", frames),
-            p=get("p"), lam1=get("lam1"), omega=get("omega"),
+            p=get("p"), lam1=get("lam1"), omega=get("omega"), step=get("step"),
             iteration=int(f.attrs["iteration"]), history=history,
             params=json.loads(f.attrs["params"]),
         )

@@ -182,8 +182,11 @@ if numba is not None:
                     out[k, i, j] += a[2, k, i, j - 2] + b[2, k, i, j - 2]
 
     @_jit
-    def _tv_step(u, lam1, threshold, p, g, scale):
-        # g: scratch (3, 2 nx), the gradient of one row; scale: scratch (nx,)
+    def _tv_step(u, lam1, threshold, p, g, scale, t, stats):
+        # g: scratch (3, 2 nx), the gradient of one row; scale: scratch (nx,); t: scratch
+        # (3, 2 nx), the new p of the row before it overwrites the old one. stats (float64):
+        # += [sum |p - g|^2, sum |p - p_old|^2, sum |g|_iso] (primal and dual residuals of
+        # the split, TV of u).
         nz, ny, w = u.shape
         nx = w // 2
         for k in range(nz):
@@ -206,22 +209,38 @@ if numba is not None:
                 g[2, w - 1] = 0
                 for d in range(3):  # p = g - lam1, then |p| over the 3 components
                     for j in range(w):
-                        p[d, k, i, j] = g[d, j] - lam1[d, k, i, j]
+                        t[d, j] = g[d, j] - lam1[d, k, i, j]
+                tv = 0.0
                 for x in range(nx):
                     scale[x] = 0
+                    gx = 0.0
+                    for d in range(3):
+                        re = g[d, 2 * x]
+                        im = g[d, 2 * x + 1]
+                        gx += re * re + im * im
+                    tv += np.sqrt(gx)
+                stats[2] += tv
                 for d in range(3):
                     for x in range(nx):
-                        re = p[d, k, i, 2 * x]
-                        im = p[d, k, i, 2 * x + 1]
+                        re = t[d, 2 * x]
+                        im = t[d, 2 * x + 1]
                         scale[x] += re * re + im * im
                 for x in range(nx):
                     mag = np.sqrt(scale[x])
                     scale[x] = (mag - threshold) / mag if mag > threshold else 0
+                primal = 0.0
+                dual = 0.0
                 for d in range(3):  # shrink, then lam1 += p - g
                     for j in range(w):
-                        q = p[d, k, i, j] * scale[j // 2]
+                        q = t[d, j] * scale[j // 2]
+                        step = q - p[d, k, i, j]
+                        dual += step * step
                         p[d, k, i, j] = q
-                        lam1[d, k, i, j] += q - g[d, j]
+                        r = q - g[d, j]
+                        primal += r * r
+                        lam1[d, k, i, j] += r
+                stats[0] += primal
+                stats[1] += dual
 
     @_jit
     def _window_fwd(images, probe, a, r, c, out):
@@ -242,13 +261,53 @@ if numba is not None:
                     images[af, rf + i, cf + j] += np.conj(probe[i, j]) * psi[f, i, j]
 
     @_jit
-    def _data_split(d, lam2, f, valid, r2, ipm, z):
+    def _prox_modulus(a, fij, r2, ipm, eps_g, one):
+        # Modulus rho of prox_G at |zt| = a (see ptmpi.solvers.prox.prox_modulus).
+        rm = r2 * a
+        if eps_g <= 0:
+            if ipm:
+                return (rm + np.sqrt(rm * rm + 4 * (one + r2) * fij)) / (2 * (one + r2))
+            return (np.sqrt(fij) + rm) / (one + r2)
+        # Smoothed likelihood: the root of phi(rho) = rho (1 + r2 - k(rho)) - r2 a, with
+        # k = sqrt(f + eps) / sqrt(rho^2 + eps) (AGM) or (f + eps) / (rho^2 + eps) (IPM),
+        # bracketed in [0, max(a, sqrt f)] (phi <= 0 at 0, >= 0 there), safeguarded Newton.
+        c = fij + eps_g
+        lo = 0.0
+        hi = max(a, np.sqrt(fij))
+        rho = hi
+        for _ in range(60):
+            q2 = rho * rho + eps_g
+            if ipm:
+                k = c / q2
+                dk = -2.0 * rho * c / (q2 * q2)
+            else:
+                q = np.sqrt(q2)
+                k = np.sqrt(c) / q
+                dk = -rho * k / q2
+            phi = rho * (1.0 + r2 - k) - rm
+            if phi > 0:
+                hi = rho
+            else:
+                lo = rho
+            dphi = 1.0 + r2 - k - rho * dk
+            step = rho - phi / dphi if dphi > 0 else -1.0
+            if step <= lo or step >= hi:
+                step = 0.5 * (lo + hi)
+            if abs(step - rho) <= 4e-16 * hi:
+                rho = step
+                break
+            rho = step
+        return rho
+
+    @_jit
+    def _data_split(d, lam2, f, valid, r2, ipm, z, eps_g, z_old, stats):
         # z = prox_G(d - lam2) (see ptmpi.solvers.prox), then lam2 += z - d; frame by frame.
         # valid: (0, m, m) for no mask, (1, m, m) for one mask, else one per frame; z = zt
         # where it is False, and f is not read there.
         # Plain products and square roots only: abs() and ** go through slow library calls.
         n_frames, m, _ = d.shape
         n_valid = valid.shape[0]
+        n_old = z_old.shape[0]
         eps = np.finfo(f.dtype).eps
         one = f.dtype.type(1)
         for fr in range(n_frames):
@@ -266,21 +325,36 @@ if numba is not None:
                     if n_valid > 0 and not valid[vf, i, j]:
                         z[fr, i, j] = zt
                         lam2[fr, i, j] += zt - dij
+                        r = zt - dij
+                        stats[0] += r.real * r.real + r.imag * r.imag
+                        if n_old > 0:
+                            r = zt - z_old[fr, i, j]
+                            stats[1] += r.real * r.real + r.imag * r.imag
                         continue
                     mag = np.sqrt(zt.real * zt.real + zt.imag * zt.imag)
                     fij = f[fr, i, j]
-                    rm = r2 * mag
-                    if ipm:
-                        rho = (rm + np.sqrt(rm * rm + 4 * (one + r2) * fij)) / (2 * (one + r2))
-                    else:
-                        rho = (np.sqrt(fij) + rm) / (one + r2)
+                    rho = f.dtype.type(_prox_modulus(mag, fij, r2, ipm, eps_g, one))
                     if mag > tiny:
                         scale = rho / mag
                         zij = zt * scale
                     else:
                         zij = zt * 0 + rho
                     z[fr, i, j] = zij
-                    lam2[fr, i, j] += zij - dij
+                    r = zij - dij
+                    lam2[fr, i, j] += r
+                    stats[0] += r.real * r.real + r.imag * r.imag
+                    if n_old > 0:
+                        r = zij - z_old[fr, i, j]
+                        stats[1] += r.real * r.real + r.imag * r.imag
+                    # likelihood of the model d (the objective at the current u)
+                    g2 = dij.real * dij.real + dij.imag * dij.imag + eps_g
+                    fe = fij + eps_g
+                    if ipm:
+                        stats[2] += 0.5 * (g2 - (fe * np.log(max(g2, 1e-300)) if fe > 0
+                                                 else 0.0))
+                    else:
+                        dr = np.sqrt(g2) - np.sqrt(fe)
+                        stats[2] += 0.5 * dr * dr
 
     @_jit
     def _combine(wide, a, extra, b, out):
@@ -357,17 +431,26 @@ def neg_div_sum(a, b):
     return out
 
 
-def tv_step(u, lam1, threshold: float, p=None):
+def tv_step(u, lam1, threshold: float, p=None, stats=None):
     """TV split and multiplier in one pass: ``g = grad u``,
-    ``p = shrink(g - lam1, threshold)``, ``lam1 += p - g`` (in place); returns ``p``."""
+    ``p = shrink(g - lam1, threshold)``, ``lam1 += p - g`` (in place); returns ``p``.
+
+    ``p`` is overwritten when it is a usable buffer (the previous ``p``). ``stats``: optional
+    float64 array of 3 that receives ``[||p - g||^2, ||p - p_old||^2, TV(u)]``.
+    """
     if not lam1.flags.c_contiguous or lam1.dtype != u.dtype:
         raise ValueError("tv_step: lam1 must be C-contiguous, of u's dtype (updated in place)")
     if p is None or p is lam1 or not p.flags.c_contiguous or p.dtype != u.dtype:
-        p = np.empty_like(lam1)
+        p = np.zeros_like(lam1)
     rdtype = np.finfo(u.dtype).dtype
     g = np.empty((3, 2 * u.shape[-1]), dtype=rdtype)
+    t = np.empty((3, 2 * u.shape[-1]), dtype=rdtype)
     scale = np.empty(u.shape[-1], dtype=rdtype)
-    _tv_step(_real_view(u), lam1.view(rdtype), rdtype.type(threshold), p.view(rdtype), g, scale)
+    out = np.zeros(3, dtype=np.float64)
+    _tv_step(_real_view(u), lam1.view(rdtype), rdtype.type(threshold), p.view(rdtype), g, scale,
+             t, out)
+    if stats is not None:
+        stats[:] = out
     return p
 
 
@@ -393,8 +476,14 @@ def window_adj(psi, probe, a, r, c, images):
     _window_adj(np.ascontiguousarray(psi), probe, a, r, c, images)
 
 
-def data_split(d, lam2, f, r2: float, likelihood: str, valid=None):
+def data_split(d, lam2, f, r2: float, likelihood: str, valid=None, epsilon: float = 0.0,
+               z_old=None, stats=None):
     """``z = prox_G(d - lam2)`` and ``lam2 += z - d`` (in place) in one pass; returns z.
+
+    ``epsilon`` > 0: the smoothed likelihood ``B_eps`` (see :mod:`ptmpi.solvers.prox`).
+    ``stats``: optional float64 array of 3 that receives ``[||z - d||^2, ||z - z_old||^2,
+    sum G(d)]`` (primal and dual residuals of the split; the likelihood of the model ``d``
+    over the valid pixels), the second one 0 without ``z_old``.
 
     ``valid``: optional detector mask, bool ``(M, M)`` or ``(N_FRAMES, M, M)`` (True =
     measured); at invalid pixels ``z = d - lam2`` and ``f`` is not read.
@@ -412,8 +501,13 @@ def data_split(d, lam2, f, r2: float, likelihood: str, valid=None):
         if valid.shape[0] not in (1, d.shape[0]):
             raise ValueError(f"data_split: valid of shape {valid.shape} for {d.shape[0]} "
                              "frames")
+    out = np.zeros(3, dtype=np.float64)
+    old = (np.zeros((0, m, m), dtype=d.dtype) if z_old is None
+           else np.ascontiguousarray(z_old, dtype=d.dtype))
     _data_split(np.ascontiguousarray(d), lam2, np.ascontiguousarray(f), valid, rdtype(r2),
-                likelihood == "ipm", z)
+                likelihood == "ipm", z, float(epsilon), old, out)
+    if stats is not None:
+        stats[:] = out
     return z
 
 

@@ -14,6 +14,19 @@ multiplier there becomes ``lam2 + (d - lam2) - d = 0`` after one step (exactly 0
 starts at 0, as Algorithm 1 does), so ``z + lam2`` is the model ``d`` at invalid pixels:
 the u-step and the probe update see no data there.
 
+With ``epsilon > 0`` both are the paper's smoothed distances,
+``B_eps(g, f) = 1/2 (sqrt(g + eps) - sqrt(f + eps))^2`` (AGM) and
+``1/2 (g + eps - (f + eps) log(g + eps))`` (IPM): ``G`` is then differentiable at ``z = 0``
+and ``rho`` is the root of ``phi(rho) = rho (1 + r2 - k(rho)) - r2 |zt|`` with
+``k = sqrt((f + eps) / (rho^2 + eps))`` (AGM) or ``(f + eps) / (rho^2 + eps)`` (IPM), found
+by safeguarded Newton in the bracket ``[0, max(|zt|, sqrt f)]`` (``phi`` is <= 0 at its
+left end and >= 0 at its right end). Why it matters: ``G`` is nonconvex along the phase
+of ``z`` wherever the model is darker than the data (curvature ``1 - k < 0``), without
+bound as ``|z| -> 0`` when ``eps = 0``: there the prox jumps (``rho -> sqrt(f)/(1 + r2)``
+with an arbitrary phase) and ADMM cycles with period 2 on noisy data (see
+:mod:`ptmpi.solvers.admm`). With ``eps`` the curvature is bounded below by
+``1 - sqrt((f + eps) / eps)`` (AGM) or ``1 - (f + eps) / eps`` (IPM).
+
 The p-step is the isotropic shrink of ``pt = grad u - lam1`` by ``tv_weight / r1``.
 """
 
@@ -28,7 +41,43 @@ from ptmpi.operators import kernels
 LIKELIHOODS = ("agm", "ipm")
 
 
-def prox_data(zt, f, r2: float, likelihood: str, valid=None):
+def prox_modulus(mag, f, r2: float, likelihood: str, epsilon: float = 0.0):
+    """Modulus of ``prox_G`` at ``|zt| = mag`` (elementwise), see the module docstring."""
+    xp = get_xp(mag)
+    if likelihood not in LIKELIHOODS:
+        raise ValueError(f"likelihood must be one of {LIKELIHOODS}, got {likelihood!r}")
+    if epsilon <= 0:
+        if likelihood == "agm":
+            return (xp.sqrt(f) + r2 * mag) / (1 + r2)
+        return (r2 * mag + xp.sqrt((r2 * mag) ** 2 + 4 * (1 + r2) * f)) / (2 * (1 + r2))
+    a = mag.astype(xp.float64)
+    c = f.astype(xp.float64) + epsilon
+    lo = xp.zeros_like(a)
+    hi = xp.maximum(a, xp.sqrt(f.astype(xp.float64)))
+    rho = hi.copy()
+    for _ in range(60):
+        q2 = rho * rho + epsilon
+        if likelihood == "ipm":
+            k = c / q2
+            dk = -2 * rho * c / (q2 * q2)
+        else:
+            k = xp.sqrt(c / q2)
+            dk = -rho * k / q2
+        phi = rho * (1 + r2 - k) - r2 * a
+        above = phi > 0
+        hi = xp.where(above, rho, hi)
+        lo = xp.where(above, lo, rho)
+        dphi = 1 + r2 - k - rho * dk
+        step = xp.where(dphi > 0, rho - phi / xp.where(dphi > 0, dphi, 1), -1.0)
+        step = xp.where((step <= lo) | (step >= hi), 0.5 * (lo + hi), step)
+        done = xp.abs(step - rho) <= 4e-16 * hi
+        rho = step
+        if bool(xp.all(done)):
+            break
+    return rho.astype(mag.dtype)
+
+
+def prox_data(zt, f, r2: float, likelihood: str, valid=None, epsilon: float = 0.0):
     """z-step for all local frames.
 
     Parameters
@@ -43,16 +92,13 @@ def prox_data(zt, f, r2: float, likelihood: str, valid=None):
     valid : bool, broadcastable to ``(N_FRAMES_LOCAL, M, M)``, optional
         Detector mask (True = measured); ``z = zt`` at invalid pixels, whose counts are
         not read.
+    epsilon : float
+        Smoothing of the likelihood (0: the unsmoothed distances).
     """
     xp = get_xp(zt)
     f = valid_only(f, valid)
     mag = xp.abs(zt)
-    if likelihood == "agm":
-        rho = (xp.sqrt(f) + r2 * mag) / (1 + r2)
-    elif likelihood == "ipm":
-        rho = (r2 * mag + xp.sqrt((r2 * mag) ** 2 + 4 * (1 + r2) * f)) / (2 * (1 + r2))
-    else:
-        raise ValueError(f"likelihood must be one of {LIKELIHOODS}, got {likelihood!r}")
+    rho = prox_modulus(mag, f, r2, likelihood, epsilon)
     # Where zt = 0 its phase is undefined and any phase is optimal: keep the real axis.
     # Values at rounding level relative to their frame count as 0, or their phase would be
     # that of the rounding noise, which depends on summation order (and so on the ranks).
@@ -74,42 +120,61 @@ def shrink_isotropic(pt, threshold: float):
     return pt * scale[None].astype(pt.real.dtype, copy=False)
 
 
-def update_data_split(d, lam2, f, r2: float, likelihood: str, valid=None):
+def update_data_split(d, lam2, f, r2: float, likelihood: str, valid=None,
+                      epsilon: float = 0.0, z_old=None, stats=None):
     """Steps 2-3 for the far-field split (no over-relaxation): ``z = prox_G(d - lam2)``
     and ``lam2 += z - d`` in place; returns ``z``. One compiled pass on the host when
     available (:func:`ptmpi.operators.kernels.data_split`), else these numpy steps.
-    ``valid``: the detector mask, as in :func:`prox_data`.
+    ``valid``: the detector mask, as in :func:`prox_data`. ``stats``: optional float64
+    array of 3 that receives the local ``[||z - d||^2, ||z - z_old||^2, sum G(d)]`` (the
+    second 0 without ``z_old``).
     """
     if likelihood not in LIKELIHOODS:
         raise ValueError(f"likelihood must be one of {LIKELIHOODS}, got {likelihood!r}")
     if kernels.available(d, lam2, f) and (valid is None or kernels.available(valid)):
-        return kernels.data_split(d, lam2, f, r2, likelihood, valid)
-    z = prox_data(d - lam2, f, r2, likelihood, valid)
-    lam2 += z - d
+        return kernels.data_split(d, lam2, f, r2, likelihood, valid, epsilon, z_old, stats)
+    xp = get_xp(d)
+    z = prox_data(d - lam2, f, r2, likelihood, valid, epsilon)
+    step = z - d
+    lam2 += step
+    if stats is not None:
+        stats[0] = float(xp.vdot(step, step).real)
+        stats[1] = 0.0 if z_old is None else float(xp.linalg.norm(z - z_old)) ** 2
+        stats[2] = data_objective(d, f, likelihood, valid, epsilon)
     return z
 
 
-def update_tv_split(grad, u, lam1, threshold: float, p=None):
+def update_tv_split(grad, u, lam1, threshold: float, p=None, stats=None):
     """Steps 2-3 for the TV split (no over-relaxation): ``g = grad u``,
     ``p = shrink(g - lam1, threshold)``, ``lam1 += p - g`` in place; returns ``p``.
 
-    ``p`` may be passed as the buffer of the result. One compiled pass on the host when
+    ``p`` (the previous one) may be passed as the buffer of the result. ``stats``: optional
+    float64 array of 3 that receives ``[||p - g||^2, ||p - p_old||^2, TV(u)]`` (the second
+    needs ``p``). One compiled pass on the host when
     available (:func:`ptmpi.operators.kernels.tv_step`), else these numpy steps.
     """
     if kernels.available(u, lam1):
-        return kernels.tv_step(u, lam1, threshold, p)
+        return kernels.tv_step(u, lam1, threshold, p, stats)
+    xp = get_xp(u)
     g = grad.fwd(u)
-    p = shrink_isotropic(g - lam1, threshold)
-    lam1 += p - g
-    return p
+    p_new = shrink_isotropic(g - lam1, threshold)
+    step = p_new - g
+    lam1 += step
+    if stats is not None:
+        stats[0] = float(xp.vdot(step, step).real)
+        stats[1] = 0.0 if p is None else float(xp.linalg.norm(p_new - p)) ** 2
+        stats[2] = float(xp.sum(xp.sqrt(xp.sum(g.real**2 + g.imag**2, axis=0)),
+                                dtype=xp.float64))
+    return p_new
 
 
-def data_objective(d, f, likelihood: str, valid=None) -> float:
-    """Local ``sum G(d)`` over the valid pixels (for tests and diagnostics), accumulated
-    in float64; ``valid`` as in :func:`prox_data` (None: every pixel)."""
+def data_objective(d, f, likelihood: str, valid=None, epsilon: float = 0.0) -> float:
+    """Local ``sum G(d)`` over the valid pixels (for the objective and diagnostics),
+    accumulated in float64; ``valid`` as in :func:`prox_data` (None: every pixel). The
+    Poisson one is ``1/2 sum (g - f log g)``, the negative log-likelihood up to a constant."""
     xp = get_xp(d)
-    g = xp.abs(d).astype(xp.float64) ** 2
-    f64 = valid_only(f, valid).astype(xp.float64)
+    g = xp.abs(d).astype(xp.float64) ** 2 + epsilon
+    f64 = valid_only(f, valid).astype(xp.float64) + epsilon
     if likelihood == "agm":
         return float(0.5 * xp.sum(valid_only((xp.sqrt(g) - xp.sqrt(f64)) ** 2, valid)))
     safe = xp.where(f64 > 0, f64 * xp.log(xp.maximum(g, 1e-300)), 0)
