@@ -124,7 +124,7 @@ def _settings_from_args(args) -> SimulationSettings:
     overrides = {
         "n": args.n, "nz": args.nz, "n_angles": args.angles, "step": args.step,
         "probe_size": args.probe_size, "fwhm": args.fwhm, "eta": args.eta, "seed": args.seed,
-        "phase_scale": args.phase_scale, "jitter": args.jitter,
+        "phase_scale": args.phase_scale, "jitter": args.jitter, "scan": args.scan,
     }
     overrides = {k: v for k, v in overrides.items() if v is not None}
     if args.nz is None and args.n is not None and args.preset is None:
@@ -431,7 +431,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--eta", type=float, help="Poisson photon scale; omit for noise-free data")
     p.add_argument("--seed", type=int, help="random seed")
     p.add_argument("--phase-scale", type=float, help="radians of phase per unit phantom value")
-    p.add_argument("--jitter", type=float, help="uniform scan jitter amplitude (pixels)")
+    p.add_argument("--jitter", type=float,
+                   help="uniform scan jitter half-width (pixels, sub-pixel: not rounded)")
+    p.add_argument("--scan", choices=["grid", "spiral"],
+                   help="scan pattern: grid (default) or Fermat spiral (--step = mean "
+                        "spacing; a new random rotation and offset at every angle)")
     p.add_argument("--force", action="store_true", help="overwrite an existing output file")
     p.set_defaults(func=cmd_simulate)
 

@@ -53,7 +53,10 @@ class SimulationSettings:
     phase_scale: float = DEFAULT_PHASE_SCALE
     """Radians of phase per unit phantom value: ``u = exp(i phase_scale phi)``."""
     jitter: float = 0.0
-    """Half-width in pixels of the uniform scan-position jitter (rounded to whole pixels)."""
+    """Half-width in pixels of the uniform scan-position jitter (sub-pixel, not rounded)."""
+    scan: str = "grid"
+    """Scan pattern: ``grid`` (raster) or ``spiral`` (Fermat spiral, ``step`` = mean
+    spacing, rotated and offset at random at every angle); see :mod:`ptmpi.sim.scan`."""
 
     def __post_init__(self) -> None:
         def fail(what: str) -> None:
@@ -88,6 +91,8 @@ class SimulationSettings:
             object.__setattr__(self, "eta", float(self.eta))
         if self.jitter < 0:
             fail(f"jitter must be >= 0 pixels, got {self.jitter:g}")
+        if self.scan not in ("grid", "spiral"):
+            fail(f"scan must be 'grid' or 'spiral', got {self.scan!r}")
 
     def to_dict(self) -> dict[str, Any]:
         """Plain-Python field values (JSON-serialisable; ``eta`` may be None)."""
