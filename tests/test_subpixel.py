@@ -211,6 +211,19 @@ def test_fourier_shift_is_unitary_and_moves_by_whole_pixels(rng):
     np.testing.assert_allclose(y[1], np.roll(x[1], (1, 2), axis=(0, 1)), atol=1e-13)
 
 
+def test_unshift_sum_is_the_adjoint_of_the_probe_shifts(cdtype, rng):
+    op = _subpixel_case(rng, cdtype)
+    m = op.m
+    assert dottest(lambda p: fourier_shift(p, op.fractions).astype(cdtype), op.unshift_sum,
+                   (m, m), op.data_shape, cdtype, rng) < DOT_TOL[cdtype]
+    # real frames give the real part, in float64
+    frames = np.abs(random_array(op.data_shape, cdtype, rng))
+    total = op.unshift_sum(frames)
+    assert total.dtype == np.float64
+    np.testing.assert_allclose(total, op.unshift_sum(frames + 0j).real, rtol=1e-12,
+                               atol=1e-12 * np.abs(total).max())
+
+
 def test_probe_update_on_subpixel_data_beats_rounding(rng):
     """Exit waves made with the exact sub-pixel operator and a known probe; the closed-form
     probe update with each frame mapped back by its shift recovers the probe far better

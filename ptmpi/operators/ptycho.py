@@ -37,7 +37,7 @@ import logging
 
 import numpy as np
 
-from ptmpi.backend import get_xp, real_dtype, to_device
+from ptmpi.backend import complex_dtype, get_xp, real_dtype, to_device
 from ptmpi.operators import kernels
 
 logger = logging.getLogger(__name__)
@@ -64,24 +64,31 @@ def split_positions(positions: np.ndarray, name: str = "positions"):
     return corners.astype(np.int64), snapped - corners
 
 
+def _ramps(shifts, m: int, xp, dtype):
+    """Per-axis phase ramps ``exp(-2 pi i k s)``: ``(K, M)`` rows and ``(K, M)`` columns."""
+    freq = np.fft.fftfreq(m)
+    s = np.asarray(shifts, dtype=np.float64).reshape(-1, 2)
+    ramp_r = np.exp(-2j * np.pi * s[:, 0, None] * freq[None, :]).astype(dtype)
+    ramp_c = np.exp(-2j * np.pi * s[:, 1, None] * freq[None, :]).astype(dtype)
+    return to_device(ramp_r, xp), to_device(ramp_c, xp)
+
+
 def fourier_shift(x, shifts):
     """Move each ``(M, M)`` frame of ``x`` by ``shifts`` pixels (Fourier phase ramp).
 
-    ``x``: ``(K, M, M)`` complex (or ``(M, M)``, broadcast to every shift); ``shifts``:
-    ``(K, 2)`` float (row, col), positive towards higher indices. Periodic over the frame
-    and unitary; the adjoint is the shift by ``-shifts``. Computed in complex128; the
-    result is complex128.
+    ``x``: ``(K, M, M)`` (or ``(M, M)``, moved by every shift); ``shifts``: ``(K, 2)``
+    float (row, col), positive towards higher indices. Periodic over the frame and unitary;
+    the adjoint is the shift by ``-shifts``. Returns ``(K, M, M)`` complex of ``x``'s
+    precision.
     """
     from ptmpi.operators.fft import fft2
 
     xp = get_xp(x)
-    m = x.shape[-1]
-    freq = to_device(np.fft.fftfreq(m), xp)
-    s = to_device(np.asarray(shifts, dtype=np.float64).reshape(-1, 2), xp)
-    ramp_r = xp.exp(-2j * np.pi * s[:, 0, None] * freq[None, :])
-    ramp_c = xp.exp(-2j * np.pi * s[:, 1, None] * freq[None, :])
-    spectrum = fft2(x.astype(np.complex128))
-    return fft2(spectrum * ramp_r[:, :, None] * ramp_c[:, None, :], inverse=True)
+    dtype = complex_dtype(x.dtype)
+    ramp_r, ramp_c = _ramps(shifts, x.shape[-1], xp, dtype)
+    spectrum = fft2(x.astype(dtype, copy=False)) * ramp_r[:, :, None]
+    spectrum *= ramp_c[:, None, :]
+    return fft2(spectrum, inverse=True)
 
 
 def check_windows(positions: np.ndarray, image_shape, m: int) -> None:
@@ -293,7 +300,7 @@ class Ptycho:
             base = self._probe_as(x)
             stack = xp.empty((1 + self.shifts.shape[0], self.m, self.m), dtype=x.dtype)
             stack[0] = base
-            wide = to_device(self.probe, xp)
+            wide = to_device(self.probe, xp).astype(np.result_type(self.probe.dtype, x.dtype))
             for k0 in range(0, self.shifts.shape[0], _SHIFT_CHUNK):
                 k1 = min(self.shifts.shape[0], k0 + _SHIFT_CHUNK)
                 stack[1 + k0 : 1 + k1] = fourier_shift(wide, self.shifts[k0:k1])
@@ -336,25 +343,37 @@ class Ptycho:
         intensity = (xp.abs(probes) ** 2).astype(rdtype)
         return self.scatter(intensity[index])
 
-    def unshift(self, frames):
-        """``shift_j^H`` of every frame: undo each frame's probe shift (``(N_FRAMES, M, M)``).
+    def unshift_sum(self, frames):
+        """``sum_j shift_j^H(frames_j)``: every frame moved back by its fraction, summed.
 
-        The adjoint of ``omega -> omega_j``; frames without a fraction are returned as they
-        are. Real input gives a real result (the real part). Used by the probe update to
-        map every frame's contribution back onto the unshifted probe's grid.
+        ``frames``: ``(N_FRAMES, M, M)``; returns ``(M, M)`` complex128 (float64, the real
+        part, for real frames). ``shift_j^H`` is the adjoint of ``omega -> omega_j``, so
+        this maps per-frame terms of a probe update back onto the unshifted probe's grid.
+        Without sub-pixel positions it is the plain sum. One forward FFT per moved frame:
+        the back-shift is linear, so the spectra are summed and inverted once.
         """
+        from ptmpi.operators.fft import fft2
+
         xp = get_xp(frames)
         if tuple(frames.shape) != self.data_shape:
             raise ValueError(f"Ptycho: expected frames {self.data_shape}, got {frames.shape}")
+        real = not xp.iscomplexobj(frames)
+        wide = np.float64 if real else np.complex128
         if not self.subpixel:
-            return frames
-        out = frames.copy()
+            return xp.sum(frames, axis=0, dtype=wide)
+        whole = to_device(np.flatnonzero(self.probe_index == 0), xp)
+        total = xp.sum(frames[whole], axis=0, dtype=np.complex128)
         moved = np.flatnonzero(self.probe_index > 0)
+        spectrum = xp.zeros((self.m, self.m), dtype=np.complex128)
+        dtype = complex_dtype(frames.dtype)
         for k0 in range(0, moved.size, _SHIFT_CHUNK):
             sel = moved[k0 : k0 + _SHIFT_CHUNK]
-            back = fourier_shift(frames[to_device(sel, xp)], -self.fractions[sel])
-            out[to_device(sel, xp)] = back.real if xp.isrealobj(frames) else back
-        return out
+            ramp_r, ramp_c = _ramps(-self.fractions[sel], self.m, xp, dtype)
+            part = fft2(frames[to_device(sel, xp)].astype(dtype)) * ramp_r[:, :, None]
+            part *= ramp_c[:, None, :]
+            spectrum += xp.sum(part, axis=0, dtype=np.complex128)
+        total += fft2(spectrum, inverse=True)
+        return total.real.copy() if real else total
 
 
 _SHIFT_CHUNK = 256  # frames shifted per FFT batch (bounds the complex128 temporaries)

@@ -240,7 +240,7 @@ def probe_from_views(views_local, target_local, comm: SerialComm, ptycho=None):
     ``views_local``: ``(N_FRAMES_LOCAL, M, M)`` windows ``S_j P_t u`` (or ``S_j v``);
     ``target_local``: the far fields ``z + lam2`` of the same frames. With sub-pixel
     positions pass ``ptycho`` (the frames' :class:`~ptmpi.operators.ptycho.Ptycho`): each
-    frame's terms are mapped back by ``shift_j^H`` (``Ptycho.unshift``), giving
+    frame's terms are mapped back by ``shift_j^H`` (``Ptycho.unshift_sum``), giving
     ``sum_j shift_j^H(v_j^* y_j) / sum_j shift_j^H(|v_j|^2)``, which is exact where
     ``|v_j|^2`` is locally constant and an approximation otherwise.
     """
@@ -248,11 +248,12 @@ def probe_from_views(views_local, target_local, comm: SerialComm, ptycho=None):
 
     xp = get_xp(views_local)
     back = fft2(target_local, inverse=True)
-    num_frames, den_frames = xp.conj(views_local) * back, xp.abs(views_local) ** 2
-    if ptycho is not None:
-        num_frames, den_frames = ptycho.unshift(num_frames), ptycho.unshift(den_frames)
-    num = xp.sum(num_frames, axis=0, dtype=np.complex128)
-    den = xp.sum(den_frames, axis=0, dtype=np.float64).astype(np.complex128)
+    if ptycho is None:
+        num = xp.sum(xp.conj(views_local) * back, axis=0, dtype=np.complex128)
+        den = xp.sum(xp.abs(views_local) ** 2, axis=0, dtype=np.float64).astype(np.complex128)
+    else:
+        num = ptycho.unshift_sum(xp.conj(views_local) * back)
+        den = ptycho.unshift_sum(xp.abs(views_local) ** 2).astype(np.complex128)
     comm.allreduce_sum(num)
     comm.allreduce_sum(den)
     floor = 1e-8 * float(xp.abs(den).max())
