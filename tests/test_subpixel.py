@@ -248,6 +248,7 @@ def test_probe_update_on_subpixel_data_beats_rounding(rng):
     norm = np.linalg.norm(truth)
     err = np.linalg.norm(recovered - truth) / norm
     err_rounded = np.linalg.norm(recovered_rounded - truth) / norm
+    print(f"probe error: exact {err:.4f}, rounded {err_rounded:.4f}")
     assert err < 0.2 * err_rounded
     assert err < 0.02
     # without sub-pixel positions the update is the plain closed form, unchanged
@@ -324,6 +325,7 @@ def test_true_volume_r_factor_exact_versus_rounded(scan):
     settings = SimulationSettings(n=32, nz=24, n_angles=3, step=6, probe_size=16, fwhm=4.0,
                                   eta=None, seed=2, jitter=1.0, scan=scan)
     exact, rounded = _true_model_r_factors(settings)
+    print(f"R-factor of the true volume ({scan}): exact {exact:.2e}, rounded {rounded:.4f}")
     # noise-free: the exact positions reproduce the data to float32 rounding
     assert exact < 1e-5
     assert rounded > 1e-2
@@ -340,3 +342,33 @@ def test_simulate_cli_spiral_with_subpixel_jitter(tmp_path):
     assert len(pos) == offset[-1] and np.count_nonzero(pos - np.rint(pos)) > 0.9 * pos.size
     assert _floor_windows_inside(pos, (16, 24), 8)
     assert main(["info", str(path)]) == 0
+
+
+def test_memory_prediction_counts_one_probe_per_frame():
+    """Sub-pixel scans add one far-field stack (the per-frame probes) to the prediction,
+    and the measured peak of a short APTs run grows by about that much."""
+    import tracemalloc
+
+    from ptmpi.memory import predict_arrays
+    from ptmpi.solvers.admm import LocalProblem, SolverSettings, solve
+
+    peaks = []
+    for jitter in (0.0, 1.0):
+        data = simulate(SimulationSettings(n=32, nz=24, n_angles=4, step=4, probe_size=16,
+                                           fwhm=4.0, jitter=jitter, seed=1))
+        counts = np.fft.ifftshift(data.counts, axes=(-2, -1)).astype(np.float32)
+        problem = LocalProblem(data.volume.shape, np.deg2rad(data.angles_deg), counts,
+                               data.positions_px, data.frame_offset, data.probe)
+        tracemalloc.start()
+        try:
+            base = tracemalloc.get_traced_memory()[0]
+            solve(problem, SolverSettings(algorithm="apts", iterations=2), SerialComm())
+            peaks.append(tracemalloc.get_traced_memory()[1] - base)
+        finally:
+            tracemalloc.stop()
+    stack = counts.shape[0] * 16 * 16 * np.dtype(np.complex64).itemsize
+    args = (data.volume.shape, counts.shape[0], 16, 4, "apts")
+    extra = (predict_arrays(*args, subpixel=True)["solver"]
+             - predict_arrays(*args)["solver"])
+    assert extra == stack
+    assert 0.6 * stack < peaks[1] - peaks[0] < 1.4 * stack
