@@ -19,8 +19,8 @@ the exit wave by ``f_j``, i.e. a far-field phase ramp, so the intensities agree.
 construction and the illumination ``W = sum_j S_j^H |omega_j|^2`` stays pointwise.
 Frames with zero fraction use ``omega`` itself, bit for bit. Fractions within
 ``SNAP_PX`` of a whole pixel count as whole (a float-rounding remnant of a unit
-conversion would otherwise turn ``11.999999`` into a corner of 11 and a probe moved by a
-whole pixel, which wraps around the probe grid).
+conversion would otherwise turn ``11.99999999`` into a corner of 11 and a probe moved by
+almost a whole pixel, which wraps around the probe grid).
 
 Implementation: the image stack is zero-padded by the largest overhang and viewed as all
 of its ``(M, M)`` windows (a strided view, no copy). The forward map gathers every
