@@ -10,6 +10,7 @@ import pytest
 
 from ptmpi.cli import main
 from ptmpi.io.cxi import FRAME_OFFSET, POSITIONS
+from ptmpi.io.validate import validate_input
 from ptmpi.metrics import r_factor
 from ptmpi.operators import kernels
 from ptmpi.operators.dottest import DOT_TOL, dottest, random_array
@@ -332,7 +333,7 @@ def test_true_volume_r_factor_exact_versus_rounded(scan):
     assert rounded > 1000 * exact
 
 
-def test_simulate_cli_spiral_with_subpixel_jitter(tmp_path):
+def test_simulate_cli_spiral_with_subpixel_jitter(tmp_path, capsys):
     path = tmp_path / "spiral.h5"
     assert main(["simulate", "-o", str(path), "--n", "24", "--nz", "16", "--angles", "3",
                  "--step", "5", "--probe-size", "8", "--fwhm", "3", "--jitter", "0.4",
@@ -342,6 +343,14 @@ def test_simulate_cli_spiral_with_subpixel_jitter(tmp_path):
     assert len(pos) == offset[-1] and np.count_nonzero(pos - np.rint(pos)) > 0.9 * pos.size
     assert _floor_windows_inside(pos, (16, 24), 8)
     assert main(["info", str(path)]) == 0
+    assert "modelled exactly" in capsys.readouterr().out
+    # validation judges the window at the floor corner, as the operators cut it
+    for row, problems in ((-7.0 + 0.5, 0), (-7.0 - 1e-9, 0), (-7.0 - 0.5, 1)):
+        with h5py.File(path, "r+") as f:
+            f[POSITIONS][0] = [row, 3.0]
+        found = validate_input(path)
+        assert len(found) == problems, found
+        assert all("entirely outside" in line for line in found)
 
 
 def test_memory_prediction_counts_one_probe_per_frame():
