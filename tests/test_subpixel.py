@@ -362,7 +362,7 @@ def test_memory_prediction_counts_one_probe_per_frame():
     from ptmpi.solvers.admm import LocalProblem, SolverSettings, solve
 
     peaks = []
-    for jitter in (0.0, 1.0):
+    for jitter in (0.0, 0.0, 1.0):  # the first run only warms up lazy imports and caches
         data = simulate(SimulationSettings(n=32, nz=24, n_angles=4, step=4, probe_size=16,
                                            fwhm=4.0, jitter=jitter, seed=1))
         counts = np.fft.ifftshift(data.counts, axes=(-2, -1)).astype(np.float32)
@@ -380,4 +380,5 @@ def test_memory_prediction_counts_one_probe_per_frame():
     extra = (predict_arrays(*args, subpixel=True)["solver"]
              - predict_arrays(*args)["solver"])
     assert extra == stack
-    assert 0.6 * stack < peaks[1] - peaks[0] < 1.4 * stack
+    print(f"sub-pixel extra peak: {(peaks[2] - peaks[1]) / stack:.2f} stacks")
+    assert 0.6 * stack < peaks[2] - peaks[1] < 1.4 * stack
