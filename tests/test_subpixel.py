@@ -382,3 +382,18 @@ def test_memory_prediction_counts_one_probe_per_frame():
     assert extra == stack
     print(f"sub-pixel extra peak: {(peaks[2] - peaks[1]) / stack:.2f} stacks")
     assert 0.6 * stack < peaks[2] - peaks[1] < 1.4 * stack
+
+
+@pytest.mark.skipif(not kernels.ENABLED, reason="Numba is not installed")
+def test_subpixel_illumination_does_not_depend_on_the_angle_split(rng):
+    """W of a block of angles is the same, bit for bit, whichever other angles the operator
+    holds (as on the ranks of an MPI run), so sub-pixel runs do not depend on the rank count."""
+    image, m = (24, 32), 8
+    positions, offset = scan_positions_for_angles(image, m, 3, 5, jitter=0.7, rng=rng,
+                                                  scan="spiral")
+    probe = focused_probe(m, 3.0).astype(np.complex64)
+    full = Ptycho(probe, positions, offset, image).illumination(np.float32)
+    for a0, a1 in ((0, 2), (2, 5), (1, 4)):
+        f0, f1 = offset[a0], offset[a1]
+        part = Ptycho(probe, positions[f0:f1], offset[a0 : a1 + 1] - f0, image)
+        np.testing.assert_array_equal(part.illumination(np.float32), full[a0:a1])

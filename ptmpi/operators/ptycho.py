@@ -340,8 +340,19 @@ class Ptycho:
             return self.scatter(xp.ascontiguousarray(xp.broadcast_to(intensity,
                                                                      self.data_shape)))
         probes, index = self.probes(self.probe.astype(np.result_type(rdtype, np.complex64)))
-        intensity = (xp.abs(probes) ** 2).astype(rdtype)
-        return self.scatter(intensity[index])
+        intensity = (xp.abs(probes) ** 2).astype(rdtype)[index]
+        if kernels.available(intensity):
+            # Frame by frame, in frame order: an angle's sum does not depend on which other
+            # angles this rank holds (the overlap-free groups do), so W does not depend on
+            # the rank count.
+            (a, r, c), _ = self._indices(np)
+            p = self.pad
+            nz, n = self.image_shape
+            padded = np.zeros((self.n_theta, nz + 2 * p, n + 2 * p), dtype=rdtype)
+            kernels.window_adj(intensity, np.ones((self.m, self.m), dtype=rdtype), a, r, c,
+                               padded)
+            return padded if p == 0 else np.ascontiguousarray(padded[:, p:-p, p:-p])
+        return self.scatter(intensity)
 
     def unshift_sum(self, frames):
         """``sum_j shift_j^H(frames_j)``: every frame moved back by its fraction, summed.
