@@ -135,7 +135,7 @@ def _settings_from_args(args) -> SimulationSettings:
     overrides = {
         "n": args.n, "nz": args.nz, "n_angles": args.angles, "step": args.step,
         "probe_size": args.probe_size, "fwhm": args.fwhm, "eta": args.eta, "seed": args.seed,
-        "phase_scale": args.phase_scale, "jitter": args.jitter,
+        "phase_scale": args.phase_scale, "jitter": args.jitter, "scan": args.scan,
         "mask_stripe": args.mask_stripe, "hot_pixels": args.hot_pixels,
     }
     overrides = {k: v for k, v in overrides.items() if v is not None}
@@ -503,7 +503,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--eta", type=float, help="Poisson photon scale; omit for noise-free data")
     p.add_argument("--seed", type=int, help="random seed")
     p.add_argument("--phase-scale", type=float, help="radians of phase per unit phantom value")
-    p.add_argument("--jitter", type=float, help="uniform scan jitter amplitude (pixels)")
+    p.add_argument("--jitter", type=float,
+                   help="uniform scan jitter half-width (pixels, sub-pixel: not rounded)")
+    p.add_argument("--scan", choices=["grid", "spiral"],
+                   help="scan pattern: grid (default) or Fermat spiral (--step = mean "
+                        "spacing; a new random rotation and offset at every angle)")
     p.add_argument("--export-cxi", metavar="DIR",
                    help="also write the data as per-angle CXI files DIR/angle-000.cxi, ... "
                         "(SPEC 8; the input of ptmpi import)")

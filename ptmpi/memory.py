@@ -24,7 +24,8 @@ normal operator sums with; it has about ``2.2 n^2`` non-zeros per local angle.
 With the numpy fallback (no Numba, ``PTMPI_NUMBA=0``, or GPU arrays) a few more
 temporaries are alive: APT ``19.4 V + 6.0 Fb`` / ``9.3 V + 9.1 Fb`` / ``69 B``, APTs
 ``7.9 V + 7.6 Fb`` / ``2.9 V + 9.1 Fb`` / ``42 B``. Add the input block as read and, with
-ground truth, one volume.
+ground truth, one volume. Sub-pixel scan positions add ``1 Fb`` to both phases: the cached
+probe of every frame (measured +0.84 to +1.00 Fb for APT and APTs, kernels and numpy).
 
 The APT and APTs coefficients are least-squares fits to ``tracemalloc`` peaks of two-iteration
 runs at 32^3-96^3 with 4-48 angles and far-field stacks from 0.1 to 14 volumes (largest
@@ -56,11 +57,12 @@ _TWO_STEP = ((16.0, 4.0), (2.0, 16.0), 40)
 
 def predict_arrays(volume_shape, n_frames_local: int, probe_size: int, n_theta_local: int,
                    algorithm: str, dtype=np.complex64, truth: bool = False,
-                   compiled: bool | None = None) -> dict:
+                   compiled: bool | None = None, subpixel: bool = False) -> dict:
     """Predicted peak bytes of the solver's arrays on one rank, by part (see module doc).
 
     ``compiled`` selects the coefficients of the compiled kernels (default: whether they
-    are enabled in this process) or of the numpy fallback.
+    are enabled in this process) or of the numpy fallback; ``subpixel``: the scan has
+    sub-pixel positions (one shifted probe per frame).
     """
     if compiled is None:
         from ptmpi.operators import kernels
@@ -77,7 +79,7 @@ def predict_arrays(volume_shape, n_frames_local: int, probe_size: int, n_theta_l
     vol = nz * ny * nx * itemsize
     frames = n_frames_local * probe_size * probe_size * itemsize
     solver = max(volume_phase[0] * vol + volume_phase[1] * frames,
-                 frame_phase[0] * vol + frame_phase[1] * frames)
+                 frame_phase[0] * vol + frame_phase[1] * frames) + (frames if subpixel else 0)
     nnz = 0.0 if algorithm == "ptycho2d" and nz == 1 else (
         NNZ_PER_VOXEL_ANGLE * n_theta_local * ny * nx)
     parts = {

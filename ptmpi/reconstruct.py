@@ -71,7 +71,7 @@ def _validate_and_read(input_path, output_path, algorithm, comm, force, dtype=DE
             n_angles = head.n_angles
             layout = {"frame_offset": head.frame_offset, "m": int(head.probe.shape[-1]),
                       "shape": head.volume_shape or (1, *head.image_shape),
-                      "truth": _has_truth(input_path)}
+                      "truth": _has_truth(input_path), "subpixel": _has_subpixel(input_path)}
             if head.is_2d and algorithm != "ptycho2d":
                 problems.append(f"{input_path}: a 2-D ptychography dataset (no volume_shape); "
                                 f"{algorithm} needs a tomography series (use --algorithm "
@@ -112,6 +112,17 @@ def _has_truth(path) -> bool:
         return TRUTH_VOLUME in f
 
 
+def _has_subpixel(path) -> bool:
+    """True when some scan position is not a whole pixel (SPEC 8: a probe per frame)."""
+    import h5py
+
+    from ptmpi.io.cxi import POSITIONS
+    from ptmpi.operators.ptycho import split_positions
+
+    with h5py.File(path, "r") as f:
+        return bool(np.any(split_positions(f[POSITIONS][()])[1] != 0))
+
+
 def _plan_memory(layout, algorithm, dtype, comm) -> dict:
     """Predicted memory per rank (:mod:`ptmpi.memory`), checked against the node's.
 
@@ -123,7 +134,8 @@ def _plan_memory(layout, algorithm, dtype, comm) -> dict:
     start, stop = block_partition(len(layout["frame_offset"]) - 1, comm.size, comm.rank)
     offset = layout["frame_offset"]
     arrays = predict_arrays(layout["shape"], int(offset[stop] - offset[start]), layout["m"],
-                            stop - start, algorithm, dtype, layout["truth"])
+                            stop - start, algorithm, dtype, layout["truth"],
+                            subpixel=layout.get("subpixel", False))
     need = arrays["total"] + resident_bytes()
     needs = comm.allgather(need)
     node_need = sum(needs[comm.rank - comm.local_rank:][:comm.local_size])

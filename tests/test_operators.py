@@ -163,16 +163,20 @@ def test_ptycho_window_values_and_illumination(rng):
     assert np.allclose(w[0], expected)
 
 
-def test_ptycho_rejects_window_outside_and_rounds_subpixel(rng):
+def test_ptycho_rejects_window_outside_and_keeps_subpixel(rng):
     probe = np.ones((4, 4), np.complex64)
     with pytest.raises(ValueError, match="frame 1 .*no pixel inside"):
         Ptycho(probe, [[0, 0], [30, 1]], [0, 2], (10, 10))
     with pytest.raises(ValueError, match="frame 0 .*no pixel inside"):
         Ptycho(probe, [[-4, 0]], [0, 1], (10, 10))
+    # the integer corner is the floor: -3.5 puts the window at -4, fully outside
+    with pytest.raises(ValueError, match="frame 0 .*no pixel inside"):
+        Ptycho(probe, [[-3.5, 0]], [0, 1], (10, 10))
     Ptycho(probe, [[-3, 9]], [0, 1], (10, 10))  # one pixel inside is enough
-    with pytest.warns(UserWarning, match="sub-pixel"):
-        op = Ptycho(probe, [[0.4, 1.0]], [0, 1], (10, 10))
-    assert op.positions.tolist() == [[0, 1]]
+    op = Ptycho(probe, [[0.4, 1.0], [2.0, -1.75]], [0, 2], (10, 10))
+    assert op.positions.tolist() == [[0.4, 1.0], [2.0, -1.75]]
+    assert op.corners.tolist() == [[0, 1], [2, -2]]
+    np.testing.assert_allclose(op.fractions, [[0.4, 0.0], [0.0, 0.25]])
 
 
 def test_gradient_dottest_and_laplacian(cdtype, rng, xp):

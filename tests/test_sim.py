@@ -244,15 +244,18 @@ def test_grid_non_square():
     assert len(pos) == 40
 
 
-@pytest.mark.parametrize("jitter", [0.7, 2.0, 3.4])
-def test_grid_jitter_integer_and_bounded(jitter, rng):
+@pytest.mark.parametrize("jitter", [0.3, 0.7, 2.0, 3.4])
+def test_grid_jitter_subpixel_and_bounded(jitter, rng):
     shape, m, step = (64, 80), 16, 8
     base = grid_positions(shape, m, step)
     pos = grid_positions(shape, m, step, jitter=jitter, rng=rng)
-    np.testing.assert_array_equal(pos, np.round(pos))
     offset = pos - base
-    assert np.abs(offset).max() <= round(jitter)
-    assert np.count_nonzero(offset) > 0.2 * offset.size
+    # not rounded: fractional parts spread over (0, 1), offsets fill (-jitter, jitter)
+    fraction = pos - np.floor(pos)
+    assert np.count_nonzero(fraction) == fraction.size
+    assert fraction.std() > 0.2
+    assert np.abs(offset).max() <= jitter
+    assert np.abs(offset).max() > 0.8 * jitter
     assert _windows_touch(pos, shape, m)
 
 

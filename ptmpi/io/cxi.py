@@ -389,8 +389,8 @@ def read_input(
     A 2-D dataset (no ``volume_shape``) has scan positions in an arbitrary frame (the tike
     Siemens star's run from about -164 to 168). They are shifted by a whole number of pixels
     per axis, ``shift = margin - floor(min(pos))``, which puts the minimum corner at
-    ``margin`` pixels (up to its sub-pixel part, kept unchanged so that rounding positions
-    later gives the same relative grid). The image is ``ceil(max(pos + shift) + M + margin)``
+    ``margin`` pixels (up to its sub-pixel part, kept unchanged: the operators model
+    sub-pixel positions exactly, SPEC 8). The image is ``ceil(max(pos + shift) + M + margin)``
     pixels per axis. Both use all frames of the file, so every rank gets the same image.
     """
     path = str(path)

@@ -159,8 +159,8 @@ def _input_info(name: str) -> tuple[list[str], list[str]]:
     lines.append("scan step: " + _scan_step_text(first))
     subpixel = float(np.abs(positions - np.rint(positions)).max(initial=0.0))
     if subpixel > 1e-6:
-        lines.append(f"positions: sub-pixel values (up to {subpixel:.2f} px from whole pixels); "
-                     "the solver rounds them to whole pixels, with a warning")
+        lines.append(f"positions: sub-pixel values (up to {subpixel:.2f} px from whole pixels), "
+                     "modelled exactly (SPEC 8)")
     lines.append(f"truth: {', '.join(truth) if truth else 'absent'}")
     for label, value, unit in (("energy", data.energy, "J"), ("distance", data.distance, "m"),
                                ("pixel size", data.pixel_size, "m")):

@@ -290,8 +290,13 @@ def _check_volume_shape(f: h5py.File, m: int, problem) -> tuple[int, int, int] |
 def _check_windows(positions: np.ndarray, volume_shape, m: int, problem) -> None:
     """One problem when some window has no pixel inside the (nz, n) projection image."""
     nz, n = volume_shape[0], volume_shape[2]
-    # The solver rounds positions to whole pixels; judge the windows it will use.
-    r, c = np.rint(positions[:, 0]), np.rint(positions[:, 1])
+    # The operators cut each window at the integer corner floor(position) (SPEC 8), after
+    # snapping float noise within SNAP_PX to the whole pixel.
+    from ptmpi.operators.ptycho import SNAP_PX
+
+    near = np.rint(positions)
+    corners = np.floor(np.where(np.abs(positions - near) <= SNAP_PX, near, positions))
+    r, c = corners[:, 0], corners[:, 1]
     outside = (r + m <= 0) | (r >= nz) | (c + m <= 0) | (c >= n)
     if outside.any():
         bad = np.flatnonzero(outside)

@@ -10,7 +10,8 @@ arithmetic it feeds).
 - :func:`project_fwd`, :func:`project_adj`, :func:`project_normal`: the projector ``P``,
   its transpose (sums in a wider dtype, float64 from float32 data without a converted
   copy) and ``P^T W P``, over slabs of slices straight from and to the volume's layout.
-- :func:`window_fwd`, :func:`window_adj`: the probe windows and their scatter-add.
+- :func:`window_fwd`, :func:`window_adj`: the probe windows and their scatter-add (one
+  probe, or a probe per frame for sub-pixel positions).
 - :func:`data_split`: the z-step and the update of lam2 in one pass (detector mask aware).
 - :func:`tv_step`, :func:`neg_div_sum`, :func:`combine`: the TV split step, the
   divergence in the right-hand side and the rounding of the reduced sums.
@@ -243,22 +244,22 @@ if numba is not None:
                 stats[1] += dual
 
     @_jit
-    def _window_fwd(images, probe, a, r, c, out):
-        m = probe.shape[0]
+    def _window_fwd(images, probes, pf, a, r, c, out):
+        m = probes.shape[1]
         for f in range(out.shape[0]):
-            af, rf, cf = a[f], r[f], c[f]
+            af, rf, cf, q = a[f], r[f], c[f], pf[f]
             for i in range(m):
                 for j in range(m):
-                    out[f, i, j] = probe[i, j] * images[af, rf + i, cf + j]
+                    out[f, i, j] = probes[q, i, j] * images[af, rf + i, cf + j]
 
     @_jit
-    def _window_adj(psi, probe, a, r, c, images):
-        m = probe.shape[0]
+    def _window_adj(psi, probes, pf, a, r, c, images):
+        m = probes.shape[1]
         for f in range(psi.shape[0]):
-            af, rf, cf = a[f], r[f], c[f]
+            af, rf, cf, q = a[f], r[f], c[f], pf[f]
             for i in range(m):
                 for j in range(m):
-                    images[af, rf + i, cf + j] += np.conj(probe[i, j]) * psi[f, i, j]
+                    images[af, rf + i, cf + j] += np.conj(probes[q, i, j]) * psi[f, i, j]
 
     @_jit
     def _prox_modulus(a, fij, r2, ipm, eps_g, one):
@@ -463,17 +464,30 @@ def combine(wide, a: float, extra, b: float, dtype):
     return out
 
 
-def window_fwd(images, probe, a, r, c):
-    """``probe * S_j images`` for every frame ``j`` (windows at ``(a, r, c)`` of the padded
-    image stack), in one pass."""
-    out = np.empty((a.size, *probe.shape), dtype=images.dtype)
-    _window_fwd(images, probe, a, r, c, out)
+def _probe_stack(probe, a, probe_index):
+    """``(P, M, M)`` probes and the probe of every frame (all 0 for one ``(M, M)`` probe)."""
+    if probe.ndim == 2:
+        return probe[None], np.zeros(a.size, dtype=np.int64)
+    if probe_index is None:
+        raise ValueError("window kernels: a (P, M, M) probe stack needs probe_index")
+    return probe, np.ascontiguousarray(probe_index, dtype=np.int64)
+
+
+def window_fwd(images, probe, a, r, c, probe_index=None):
+    """``probe_j * S_j images`` for every frame ``j`` (windows at ``(a, r, c)`` of the
+    padded image stack), in one pass. ``probe`` is one ``(M, M)`` probe, or a ``(P, M, M)``
+    stack of which frame ``j`` uses ``probe[probe_index[j]]``."""
+    probes, index = _probe_stack(probe, a, probe_index)
+    out = np.empty((a.size, *probes.shape[1:]), dtype=images.dtype)
+    _window_fwd(images, probes, index, a, r, c, out)
     return out
 
 
-def window_adj(psi, probe, a, r, c, images):
-    """``images += sum_j S_j^H (conj(probe) * psi_j)`` in place, frame by frame."""
-    _window_adj(np.ascontiguousarray(psi), probe, a, r, c, images)
+def window_adj(psi, probe, a, r, c, images, probe_index=None):
+    """``images += sum_j S_j^H (conj(probe_j) * psi_j)`` in place, frame by frame (probes
+    as in :func:`window_fwd`)."""
+    probes, index = _probe_stack(probe, a, probe_index)
+    _window_adj(np.ascontiguousarray(psi), probes, index, a, r, c, images)
 
 
 def data_split(d, lam2, f, r2: float, likelihood: str, valid=None, epsilon: float = 0.0,

@@ -1,9 +1,26 @@
-"""Ptychographic windowing with the probe: ``psi_j = omega * S_j v`` (SPEC section 2).
+"""Ptychographic windowing with the probe: ``psi_j = omega_j * S_j v`` (SPEC 2 and 8).
 
-``S_j`` cuts the ``(M, M)`` window with top-left corner ``positions[j] = (row, col)`` out
-of the ``(nz, n)`` projection image of its angle; pixels outside the image read as zero
+``S_j`` cuts the ``(M, M)`` window with top-left corner ``floor(positions[j])`` (row, col)
+out of the ``(nz, n)`` projection image of its angle; pixels outside the image read as zero
 (non-periodic boundary), so windows may hang over the edge. The adjoint scatters
-``conj(omega) * psi_j`` back and drops what falls outside.
+``conj(omega_j) * psi_j`` back and drops what falls outside.
+
+Sub-pixel positions (SPEC 8) are exact in the probe-shift form: with the fraction
+``f_j = positions[j] - floor(positions[j])`` (per axis, in ``[0, 1)``), frame ``j`` uses
+the probe ``omega_j = shift(omega, f_j)``, the probe moved by ``f_j`` pixels towards
+higher indices by a Fourier phase ramp over its ``(M, M)`` grid (periodic, unitary):
+
+    omega_j = ifft2(fft2(omega) * exp(-2 pi i (k_r f_r + k_c f_c)))
+
+For a probe that is band-limited and vanishes at the window's edges this is the SPEC's
+"band-limited image shifted by ``f_j``, cut at the integer corner" up to a translation of
+the exit wave by ``f_j``, i.e. a far-field phase ramp, so the intensities agree. The map
+``v -> psi`` stays a pointwise product after an integer cut, so the adjoint is exact by
+construction and the illumination ``W = sum_j S_j^H |omega_j|^2`` stays pointwise.
+Frames with zero fraction use ``omega`` itself, bit for bit. Fractions within
+``SNAP_PX`` of a whole pixel count as whole (a float-rounding remnant of a unit
+conversion would otherwise turn ``11.99999999`` into a corner of 11 and a probe moved by
+almost a whole pixel, which wraps around the probe grid).
 
 Implementation: the image stack is zero-padded by the largest overhang and viewed as all
 of its ``(M, M)`` windows (a strided view, no copy). The forward map gathers every
@@ -17,32 +34,61 @@ of frames.
 from __future__ import annotations
 
 import logging
-import warnings
 
 import numpy as np
 
-from ptmpi.backend import get_xp, real_dtype, to_device
+from ptmpi.backend import complex_dtype, get_xp, real_dtype, to_device
 from ptmpi.operators import kernels
 
 logger = logging.getLogger(__name__)
 
 
-def integer_positions(positions: np.ndarray, name: str = "positions") -> np.ndarray:
-    """Round scan positions to whole pixels, warning when any was not already whole.
+SNAP_PX = 1e-6
+"""Fractions of a pixel closer than this to a whole pixel are taken as whole."""
 
-    Sub-pixel shifts are not modelled yet (SPEC 2): rounding is explicit, never a silent
-    truncation.
+
+def split_positions(positions: np.ndarray, name: str = "positions"):
+    """Integer window corners and sub-pixel fractions of float scan positions.
+
+    Returns ``corners`` ``(N_FRAMES, 2) int64`` (``floor``) and ``fractions``
+    ``(N_FRAMES, 2) float64`` in ``[0, 1)``; positions within ``SNAP_PX`` of a whole pixel
+    are snapped to it (fraction exactly 0).
     """
     positions = np.asarray(positions, dtype=np.float64).reshape(-1, 2)
-    rounded = np.rint(positions)
-    offset = np.abs(positions - rounded).max(initial=0.0)
-    if offset > 1e-6:
-        warnings.warn(
-            f"{name}: sub-pixel scan positions are not supported yet; rounded to whole "
-            f"pixels (largest change {offset:.3f} px)",
-            stacklevel=2,
-        )
-    return rounded.astype(np.int64)
+    if not np.all(np.isfinite(positions)):
+        j = int(np.flatnonzero(~np.isfinite(positions).all(axis=1))[0])
+        raise ValueError(f"{name}: scan position of frame {j} is not finite: {positions[j]}")
+    nearest = np.rint(positions)
+    snapped = np.where(np.abs(positions - nearest) <= SNAP_PX, nearest, positions)
+    corners = np.floor(snapped)
+    return corners.astype(np.int64), snapped - corners
+
+
+def _ramps(shifts, m: int, xp, dtype):
+    """Per-axis phase ramps ``exp(-2 pi i k s)``: ``(K, M)`` rows and ``(K, M)`` columns."""
+    freq = np.fft.fftfreq(m)
+    s = np.asarray(shifts, dtype=np.float64).reshape(-1, 2)
+    ramp_r = np.exp(-2j * np.pi * s[:, 0, None] * freq[None, :]).astype(dtype)
+    ramp_c = np.exp(-2j * np.pi * s[:, 1, None] * freq[None, :]).astype(dtype)
+    return to_device(ramp_r, xp), to_device(ramp_c, xp)
+
+
+def fourier_shift(x, shifts):
+    """Move each ``(M, M)`` frame of ``x`` by ``shifts`` pixels (Fourier phase ramp).
+
+    ``x``: ``(K, M, M)`` (or ``(M, M)``, moved by every shift); ``shifts``: ``(K, 2)``
+    float (row, col), positive towards higher indices. Periodic over the frame and unitary;
+    the adjoint is the shift by ``-shifts``. Returns ``(K, M, M)`` complex of ``x``'s
+    precision.
+    """
+    from ptmpi.operators.fft import fft2
+
+    xp = get_xp(x)
+    dtype = complex_dtype(x.dtype)
+    ramp_r, ramp_c = _ramps(shifts, x.shape[-1], xp, dtype)
+    spectrum = fft2(x.astype(dtype, copy=False)) * ramp_r[:, :, None]
+    spectrum *= ramp_c[:, None, :]
+    return fft2(spectrum, inverse=True)
 
 
 def check_windows(positions: np.ndarray, image_shape, m: int) -> None:
@@ -108,9 +154,11 @@ class Ptycho:
     Parameters
     ----------
     probe : (M, M) complex
-        The probe ``omega`` (numpy or CuPy; used on the device of the data).
+        The probe ``omega`` (numpy or CuPy; used on the device of the data). Assigning
+        ``op.probe`` later (a probe update) refreshes the per-frame shifted probes.
     positions : (N_FRAMES, 2) float or int
-        Window corners ``(row, col)``, angle-major; rounded with a warning if not whole.
+        Window corners ``(row, col)``, angle-major, in pixels; sub-pixel parts are modelled
+        exactly (see the module notes).
     frame_offset : (N_THETA + 1,) int
         Frames of angle ``a`` are ``[frame_offset[a], frame_offset[a + 1])``.
     image_shape : (nz, n)
@@ -119,14 +167,19 @@ class Ptycho:
     Notes
     -----
     ``fwd``: ``(N_THETA, nz, n) -> (N_FRAMES, M, M)``; ``adj``: the reverse.
+    ``positions`` keeps the float positions, ``corners`` the integer window corners
+    (``floor``) that the window checks, the padding and the overlap-free groups use,
+    ``fractions`` the sub-pixel parts. The shifted probes are cached per array module and
+    dtype: one ``(M, M)`` per distinct non-zero fraction (at most one per frame).
     """
 
     def __init__(self, probe, positions, frame_offset, image_shape):
         self.m = int(probe.shape[-1])
         if tuple(probe.shape) != (self.m, self.m):
             raise ValueError(f"Ptycho: probe must be square (M, M), got {probe.shape}")
-        self.probe = probe
-        self.positions = integer_positions(positions)
+        self._probe = probe
+        self.positions = np.asarray(positions, dtype=np.float64).reshape(-1, 2)
+        self.corners, self.fractions = split_positions(self.positions)
         self.frame_offset = np.asarray(frame_offset, dtype=np.int64)
         self.image_shape = tuple(int(s) for s in image_shape)
         self.n_theta = self.frame_offset.size - 1
@@ -136,14 +189,38 @@ class Ptycho:
                 f"Ptycho: {self.positions.shape[0]} positions but frame_offset ends at "
                 f"{self.n_frames}"
             )
-        check_windows(self.positions, self.image_shape, self.m)
+        check_windows(self.corners, self.image_shape, self.m)
         self.angle = np.repeat(np.arange(self.n_theta), np.diff(self.frame_offset))
         nz, n = self.image_shape
-        r, c = self.positions[:, 0], self.positions[:, 1]
+        r, c = self.corners[:, 0], self.corners[:, 1]
         self.pad = int(max(0, -r.min(initial=0), -c.min(initial=0),
                            (r + self.m - nz).max(initial=0), (c + self.m - n).max(initial=0)))
-        self.groups = overlap_free_groups(self.positions, self.angle, self.m)
+        self.groups = overlap_free_groups(self.corners, self.angle, self.m)
         self._index_cache: dict = {}
+        # Probe 0 is omega itself; probe 1 + k is omega moved by the k-th distinct fraction.
+        shifted = np.any(self.fractions != 0, axis=1)
+        self.shifts, inverse = np.unique(self.fractions[shifted], axis=0, return_inverse=True)
+        self.probe_index = np.zeros(self.n_frames, dtype=np.int64)
+        self.probe_index[shifted] = 1 + inverse.ravel()
+        self._probe_cache: dict = {}
+
+    @property
+    def probe(self):
+        """The probe ``omega`` ``(M, M)``; frame ``j`` uses ``shift(omega, fractions[j])``."""
+        return self._probe
+
+    @probe.setter
+    def probe(self, probe) -> None:
+        if tuple(probe.shape) != (self.m, self.m):
+            raise ValueError(f"Ptycho: probe must be ({self.m}, {self.m}), got {probe.shape}")
+        if probe is not self._probe:
+            self._probe = probe
+            self._probe_cache.clear()
+
+    @property
+    def subpixel(self) -> bool:
+        """True when some frame has a sub-pixel fraction (and so its own shifted probe)."""
+        return self.shifts.shape[0] > 0
 
     @property
     def data_shape(self) -> tuple[int, int, int]:
@@ -158,8 +235,8 @@ class Ptycho:
         key = xp.__name__
         if key not in self._index_cache:
             a = self.angle
-            r = self.positions[:, 0] + self.pad
-            c = self.positions[:, 1] + self.pad
+            r = self.corners[:, 0] + self.pad
+            c = self.corners[:, 1] + self.pad
             dev = [to_device(v, xp) for v in (a, r, c)]
             groups = [tuple(to_device(v[g], xp) for v in (a, r, c)) + (to_device(g, xp),)
                       for g in self.groups]
@@ -213,29 +290,101 @@ class Ptycho:
         xp = get_xp(x)
         return to_device(self.probe, xp).astype(x.dtype, copy=False)
 
+    def probes(self, x):
+        """``(P, M, M)`` probes on ``x``'s device in ``x``'s dtype (frame ``j`` uses
+        ``probes[probe_index[j]]``) and ``probe_index`` there; ``P = 1`` without sub-pixel
+        positions. Cached until the probe changes."""
+        xp = get_xp(x)
+        key = (xp.__name__, np.dtype(x.dtype).str)
+        if key not in self._probe_cache:
+            base = self._probe_as(x)
+            stack = xp.empty((1 + self.shifts.shape[0], self.m, self.m), dtype=x.dtype)
+            stack[0] = base
+            wide = to_device(self.probe, xp).astype(np.result_type(self.probe.dtype, x.dtype))
+            for k0 in range(0, self.shifts.shape[0], _SHIFT_CHUNK):
+                k1 = min(self.shifts.shape[0], k0 + _SHIFT_CHUNK)
+                stack[1 + k0 : 1 + k1] = fourier_shift(wide, self.shifts[k0:k1])
+            self._probe_cache[key] = (stack, to_device(self.probe_index, xp))
+        return self._probe_cache[key]
+
     def fwd(self, v):
-        """``psi_j = omega * S_j v``."""
-        probe = self._probe_as(v)
-        if kernels.available(v, probe) and tuple(v.shape) == self.image_stack_shape:
+        """``psi_j = omega_j * S_j v``."""
+        probes, index = self.probes(v)
+        if kernels.available(v, probes) and tuple(v.shape) == self.image_stack_shape:
             (a, r, c), _ = self._indices(np)
-            return kernels.window_fwd(self._padded(v, np), probe, a, r, c)
-        return probe * self.extract(v)
+            return kernels.window_fwd(self._padded(v, np), probes, a, r, c, index)
+        if probes.shape[0] == 1:
+            return probes[0] * self.extract(v)
+        return probes[index] * self.extract(v)
 
     def adj(self, psi):
-        """``sum_j S_j^H (conj(omega) * psi_j)``."""
-        probe = self._probe_as(psi)
-        if kernels.available(psi, probe) and tuple(psi.shape) == self.data_shape:
+        """``sum_j S_j^H (conj(omega_j) * psi_j)``."""
+        probes, index = self.probes(psi)
+        if kernels.available(psi, probes) and tuple(psi.shape) == self.data_shape:
             (a, r, c), _ = self._indices(np)
             p = self.pad
             nz, n = self.image_shape
             padded = np.zeros((self.n_theta, nz + 2 * p, n + 2 * p), dtype=psi.dtype)
-            kernels.window_adj(psi, probe, a, r, c, padded)
+            kernels.window_adj(psi, probes, a, r, c, padded, index)
             return padded if p == 0 else np.ascontiguousarray(padded[:, p:-p, p:-p])
-        return self.scatter(probe.conj() * psi)
+        if probes.shape[0] == 1:
+            return self.scatter(probes[0].conj() * psi)
+        return self.scatter(probes[index].conj() * psi)
 
     def illumination(self, dtype=None):
-        """``W = sum_j S_j^H |omega|^2`` per angle: ``(N_THETA, nz, n)`` real."""
+        """``W = sum_j S_j^H |omega_j|^2`` per angle: ``(N_THETA, nz, n)`` real."""
         xp = get_xp(self.probe)
         rdtype = real_dtype(dtype or self.probe.dtype)
-        intensity = (xp.abs(self.probe) ** 2).astype(rdtype)
-        return self.scatter(xp.ascontiguousarray(xp.broadcast_to(intensity, self.data_shape)))
+        if not self.subpixel:
+            intensity = (xp.abs(self.probe) ** 2).astype(rdtype)
+            return self.scatter(xp.ascontiguousarray(xp.broadcast_to(intensity,
+                                                                     self.data_shape)))
+        probes, index = self.probes(self.probe.astype(np.result_type(rdtype, np.complex64)))
+        intensity = (xp.abs(probes) ** 2).astype(rdtype)[index]
+        if kernels.available(intensity):
+            # Frame by frame, in frame order: an angle's sum does not depend on which other
+            # angles this rank holds (the overlap-free groups do), so W does not depend on
+            # the rank count.
+            (a, r, c), _ = self._indices(np)
+            p = self.pad
+            nz, n = self.image_shape
+            padded = np.zeros((self.n_theta, nz + 2 * p, n + 2 * p), dtype=rdtype)
+            kernels.window_adj(intensity, np.ones((self.m, self.m), dtype=rdtype), a, r, c,
+                               padded)
+            return padded if p == 0 else np.ascontiguousarray(padded[:, p:-p, p:-p])
+        return self.scatter(intensity)
+
+    def unshift_sum(self, frames):
+        """``sum_j shift_j^H(frames_j)``: every frame moved back by its fraction, summed.
+
+        ``frames``: ``(N_FRAMES, M, M)``; returns ``(M, M)`` complex128 (float64, the real
+        part, for real frames). ``shift_j^H`` is the adjoint of ``omega -> omega_j``, so
+        this maps per-frame terms of a probe update back onto the unshifted probe's grid.
+        Without sub-pixel positions it is the plain sum. One forward FFT per moved frame:
+        the back-shift is linear, so the spectra are summed and inverted once.
+        """
+        from ptmpi.operators.fft import fft2
+
+        xp = get_xp(frames)
+        if tuple(frames.shape) != self.data_shape:
+            raise ValueError(f"Ptycho: expected frames {self.data_shape}, got {frames.shape}")
+        real = not xp.iscomplexobj(frames)
+        wide = np.float64 if real else np.complex128
+        if not self.subpixel:
+            return xp.sum(frames, axis=0, dtype=wide)
+        whole = to_device(np.flatnonzero(self.probe_index == 0), xp)
+        total = xp.sum(frames[whole], axis=0, dtype=np.complex128)
+        moved = np.flatnonzero(self.probe_index > 0)
+        spectrum = xp.zeros((self.m, self.m), dtype=np.complex128)
+        dtype = complex_dtype(frames.dtype)
+        for k0 in range(0, moved.size, _SHIFT_CHUNK):
+            sel = moved[k0 : k0 + _SHIFT_CHUNK]
+            ramp_r, ramp_c = _ramps(-self.fractions[sel], self.m, xp, dtype)
+            part = fft2(frames[to_device(sel, xp)].astype(dtype)) * ramp_r[:, :, None]
+            part *= ramp_c[:, None, :]
+            spectrum += xp.sum(part, axis=0, dtype=np.complex128)
+        total += fft2(spectrum, inverse=True)
+        return total.real.copy() if real else total
+
+
+_SHIFT_CHUNK = 256  # frames shifted per FFT batch (bounds the complex128 temporaries)

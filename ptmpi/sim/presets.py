@@ -54,7 +54,10 @@ class SimulationSettings:
     phase_scale: float = DEFAULT_PHASE_SCALE
     """Radians of phase per unit phantom value: ``u = exp(i phase_scale phi)``."""
     jitter: float = 0.0
-    """Half-width in pixels of the uniform scan-position jitter (rounded to whole pixels)."""
+    """Half-width in pixels of the uniform scan-position jitter (sub-pixel, not rounded)."""
+    scan: str = "grid"
+    """Scan pattern: ``grid`` (raster) or ``spiral`` (Fermat spiral, ``step`` = mean
+    spacing, rotated and offset at random at every angle); see :mod:`ptmpi.sim.scan`."""
     mask_stripe: int = 0
     """Dead detector columns (a stripe right of the central column, counts 0), masked."""
     hot_pixels: int = 0
@@ -104,6 +107,8 @@ class SimulationSettings:
         if self.hot_pixels > self.probe_size**2 // 4:
             fail(f"hot_pixels must be at most {self.probe_size**2 // 4} (a quarter of the "
                  f"detector) for probe_size {self.probe_size}, got {self.hot_pixels}")
+        if self.scan not in ("grid", "spiral"):
+            fail(f"scan must be 'grid' or 'spiral', got {self.scan!r}")
 
     def to_dict(self) -> dict[str, Any]:
         """Plain-Python field values (JSON-serialisable; ``eta`` may be None)."""

@@ -1,9 +1,11 @@
-"""Raster scan grids of probe windows over the ``(nz, n)`` projection image.
+"""Scan positions of probe windows over the ``(nz, n)`` projection image: raster grids
+and Fermat spirals.
 
-Positions follow SPEC section 2: ``(row, col)`` of the top-left corner of the ``M x M``
-probe window, ``row`` along z (axis 0 of the projection image) and ``col`` along the
-detector; a window may hang over the image edge but must keep at least one pixel inside.
-The boundary is non-periodic (the paper's "single grid scan with non-periodical boundary").
+Positions follow SPEC sections 2 and 8: ``(row, col)`` of the top-left corner of the
+``M x M`` probe window, ``row`` along z (axis 0 of the projection image) and ``col`` along
+the detector, in float pixels (sub-pixel parts are modelled exactly by the operators); a
+window may hang over the image edge but must keep at least one pixel inside. The boundary
+is non-periodic (the paper's "single grid scan with non-periodical boundary").
 """
 
 from __future__ import annotations
@@ -81,8 +83,8 @@ def grid_positions(
     Returns
     -------
     positions : (N_FRAMES, 2) float64
-        ``(row, col)`` per frame, integer-valued, raster order: ``row`` outer (slow), ``col``
-        inner (fast). ``N_FRAMES = K_row * K_col`` (see Notes).
+        ``(row, col)`` per frame (integer-valued without jitter), raster order: ``row``
+        outer (slow), ``col`` inner (fast). ``N_FRAMES = K_row * K_col`` (see Notes).
 
     Notes
     -----
@@ -101,11 +103,9 @@ def grid_positions(
     corners ``-32, 0, 32, 64, 96`` (centres -0.5 .. 127.5), so 25 frames per angle;
     ``step = 4`` gives ``K = 33``, 1089 frames.
 
-    Jitter: each coordinate gets an independent ``U(-jitter, jitter)`` offset, and the
-    result is then *rounded to the nearest integer*, because the solver does not support
-    sub-pixel positions yet (SPEC section 2). The integer offsets are therefore at most
-    ``round(jitter)`` in magnitude, and ``jitter < 0.5`` has no effect. Jittered corners
-    are clipped to ``[-(M-1), L-1]`` so every window still touches the image.
+    Jitter: each coordinate gets an independent ``U(-jitter, jitter)`` offset, kept as a
+    float (sub-pixel positions, SPEC 8; no rounding). Jittered corners are clipped to
+    ``[-(M-1), L-1]`` so every window still keeps a pixel inside the image.
     """
     _validate(image_shape, m, step, jitter, rng)
     nz, n = (int(s) for s in image_shape)
@@ -114,17 +114,87 @@ def grid_positions(
     cols = _axis_corners(n, m, step)
     positions = np.stack(np.meshgrid(rows, cols, indexing="ij"), axis=-1).reshape(-1, 2)
     positions = positions.astype(np.float64)
+    return _jittered(positions, (nz, n), m, jitter, rng)
+
+
+def _jittered(positions, image_shape, m: int, jitter: float, rng):
+    """``positions`` plus ``U(-jitter, jitter)`` per coordinate, clipped to
+    ``[-(M-1), L-1]`` per axis so that every window keeps a pixel inside the image."""
     if jitter > 0:
-        if jitter < 0.5:
-            logger.warning(
-                "scan grid: jitter=%g px rounds to zero offset (positions are whole pixels)",
-                jitter,
-            )
-        offsets = rng.uniform(-jitter, jitter, size=positions.shape)
-        positions = np.rint(positions + offsets)
-        positions[:, 0] = np.clip(positions[:, 0], -(m - 1), nz - 1)
-        positions[:, 1] = np.clip(positions[:, 1], -(m - 1), n - 1)
+        positions = positions + rng.uniform(-jitter, jitter, size=positions.shape)
+    for axis, length in enumerate(image_shape):
+        positions[:, axis] = np.clip(positions[:, axis], -(m - 1), length - 1)
     return positions
+
+
+GOLDEN_ANGLE = math.pi * (3.0 - math.sqrt(5.0))
+"""Angle between consecutive points of the Fermat spiral (radians, about 137.5 degrees)."""
+
+
+def spiral_positions(
+    image_shape: tuple[int, int],
+    m: int,
+    step: float,
+    rng: np.random.Generator,
+    jitter: float = 0.0,
+) -> NDArray[np.float64]:
+    """Top-left corners of a Fermat spiral of ``M x M`` windows, randomly rotated and offset.
+
+    Parameters
+    ----------
+    image_shape : (int, int)
+        ``(nz, n)``, the shape of one projection image.
+    m : int
+        Probe window size ``M``.
+    step : int
+        Mean spacing in pixels: one position per ``step^2`` pixels of area, as for a grid
+        of that step.
+    rng : numpy.random.Generator
+        Draws the rotation and the offset of the spiral (and the jitter).
+    jitter : float, optional
+        As in :func:`grid_positions` (uniform, sub-pixel, per coordinate).
+
+    Returns
+    -------
+    positions : (N_FRAMES, 2) float64
+        ``(row, col)`` per frame in spiral order (from the centre out); ``N_FRAMES`` depends
+        on the draw (about ``(nz + step) (n + step) / step^2``).
+
+    Notes
+    -----
+    Centre ``k`` of the spiral is ``c0 + sqrt(k) step / sqrt(pi) (cos phi_k, sin phi_k)``
+    with ``phi_k = phi_0 + k * GOLDEN_ANGLE`` (Vogel's model of a sunflower head, a scan
+    of uniform density ``1 / step^2`` without the periodicity of a grid, whose raster
+    pathology it avoids). The centre ``c0`` is the image centre plus ``U(-step/2,
+    step/2)`` per axis and ``phi_0`` is ``U(0, 2 pi)``: drawn again for every call, so
+    every angle of :func:`scan_positions_for_angles` has its own positions. Centres are
+    kept inside the image grown by ``step / 2`` on every side (the span a grid of that
+    step covers); window corners are centres minus ``(M - 1) / 2``, then jittered and
+    clipped to ``[-(M-1), L-1]`` like the grid's.
+    """
+    _validate(image_shape, m, step, jitter, rng)
+    if not isinstance(rng, np.random.Generator):
+        raise ValueError(f"scan spiral: needs rng, a numpy.random.Generator; got {rng!r}")
+    nz, n = (int(s) for s in image_shape)
+    half = step / 2.0
+    centre = np.array([(nz - 1) / 2.0, (n - 1) / 2.0]) + rng.uniform(-half, half, size=2)
+    phi0 = rng.uniform(0.0, 2.0 * math.pi)
+    # every centre kept lies within the image grown by step/2: no radius beyond reaching
+    # that rectangle's farthest corner from c0 is needed
+    reach = math.hypot(max(centre[0], nz - 1 - centre[0]) + half,
+                       max(centre[1], n - 1 - centre[1]) + half)
+    k = np.arange(int(math.ceil(math.pi * (reach / step) ** 2)) + 1, dtype=np.float64)
+    radius = np.sqrt(k) * step / math.sqrt(math.pi)
+    phi = phi0 + k * GOLDEN_ANGLE
+    centres = centre + np.stack([radius * np.cos(phi), radius * np.sin(phi)], axis=-1)
+    inside = ((centres[:, 0] >= -half) & (centres[:, 0] <= nz - 1 + half)
+              & (centres[:, 1] >= -half) & (centres[:, 1] <= n - 1 + half))
+    positions = centres[inside] - (m - 1) / 2.0
+    return _jittered(positions, (nz, n), m, jitter, rng)
+
+
+SCANS = ("grid", "spiral")
+"""Scan patterns of :func:`scan_positions_for_angles`."""
 
 
 def scan_positions_for_angles(
@@ -134,8 +204,10 @@ def scan_positions_for_angles(
     n_angles: int,
     jitter: float = 0.0,
     rng: np.random.Generator | None = None,
+    scan: str = "grid",
 ) -> tuple[NDArray[np.float64], NDArray[np.int64]]:
-    """The grid of :func:`grid_positions` at every angle, frames angle-major.
+    """The scan of :func:`grid_positions` or :func:`spiral_positions` at every angle,
+    frames angle-major.
 
     Parameters
     ----------
@@ -150,7 +222,10 @@ def scan_positions_for_angles(
     jitter : float, optional
         As in :func:`grid_positions`; drawn independently for every angle.
     rng : numpy.random.Generator, optional
-        Required when ``jitter > 0``.
+        Required when ``jitter > 0`` or for a spiral.
+    scan : {"grid", "spiral"}
+        Raster grid (the same at every angle up to the jitter) or Fermat spiral (rotated
+        and offset at random at every angle; ``step`` is the mean spacing).
 
     Returns
     -------
@@ -158,13 +233,20 @@ def scan_positions_for_angles(
         ``(row, col)`` of every frame; the frames of angle ``a`` are
         ``positions[frame_offset[a]:frame_offset[a + 1]]``.
     frame_offset : (N_ANGLES + 1,) int64
-        ``a * F_PER_ANGLE`` for ``a = 0 .. N_ANGLES`` (SPEC section 3 ``frame_offset``).
+        Start of every angle's frames and the total (SPEC section 3 ``frame_offset``);
+        ``a * F_PER_ANGLE`` for a grid, spirals may differ in count from angle to angle.
     """
     if not _is_int(n_angles) or n_angles < 1:
         raise ValueError(f"scan grid: n_angles must be a positive integer, got {n_angles!r}")
-    per_angle = [
-        grid_positions(image_shape, m, step, jitter=jitter, rng=rng) for _ in range(n_angles)
-    ]
+    if scan == "grid":
+        per_angle = [grid_positions(image_shape, m, step, jitter=jitter, rng=rng)
+                     for _ in range(n_angles)]
+    elif scan == "spiral":
+        per_angle = [spiral_positions(image_shape, m, step, rng, jitter=jitter)
+                     for _ in range(n_angles)]
+    else:
+        raise ValueError(f"scan: expected one of {', '.join(SCANS)}, got {scan!r}")
     positions = np.concatenate(per_angle, axis=0)
-    frame_offset = np.arange(n_angles + 1, dtype=np.int64) * per_angle[0].shape[0]
+    counts = [p.shape[0] for p in per_angle]
+    frame_offset = np.concatenate([[0], np.cumsum(counts)]).astype(np.int64)
     return positions, frame_offset

@@ -63,7 +63,7 @@ def simulate(settings: SimulationSettings) -> SimulatedData:
     u_true = pure_phase_volume(shepp_logan_3d(shape), s.phase_scale, dtype=np.complex64)
     probe = focused_probe(s.probe_size, s.fwhm).astype(np.complex64)
     positions, frame_offset = scan_positions_for_angles(
-        (s.nz, s.n), s.probe_size, s.step, s.n_angles, jitter=s.jitter, rng=rng
+        (s.nz, s.n), s.probe_size, s.step, s.n_angles, jitter=s.jitter, rng=rng, scan=s.scan
     )
     theta_deg = angles_deg(s.n_angles)
     theta = np.deg2rad(theta_deg)

@@ -271,18 +271,26 @@ def _snr(u, truth) -> float:
     return snr_db(u, truth)
 
 
-def probe_from_views(views_local, target_local, comm: SerialComm):
+def probe_from_views(views_local, target_local, comm: SerialComm, ptycho=None):
     """``omega = sum_j v_j^* F^H(target_j) / sum_j |v_j|^2`` over all frames of all ranks.
 
     ``views_local``: ``(N_FRAMES_LOCAL, M, M)`` windows ``S_j P_t u`` (or ``S_j v``);
-    ``target_local``: the far fields ``z + lam2`` of the same frames.
+    ``target_local``: the far fields ``z + lam2`` of the same frames. With sub-pixel
+    positions pass ``ptycho`` (the frames' :class:`~ptmpi.operators.ptycho.Ptycho`): each
+    frame's terms are mapped back by ``shift_j^H`` (``Ptycho.unshift_sum``), giving
+    ``sum_j shift_j^H(v_j^* y_j) / sum_j shift_j^H(|v_j|^2)``, which is exact where
+    ``|v_j|^2`` is locally constant and an approximation otherwise.
     """
     from ptmpi.operators.fft import fft2
 
     xp = get_xp(views_local)
     back = fft2(target_local, inverse=True)
-    num = xp.sum(xp.conj(views_local) * back, axis=0, dtype=np.complex128)
-    den = xp.sum(xp.abs(views_local) ** 2, axis=0, dtype=np.float64).astype(np.complex128)
+    if ptycho is None:
+        num = xp.sum(xp.conj(views_local) * back, axis=0, dtype=np.complex128)
+        den = xp.sum(xp.abs(views_local) ** 2, axis=0, dtype=np.float64).astype(np.complex128)
+    else:
+        num = ptycho.unshift_sum(xp.conj(views_local) * back)
+        den = ptycho.unshift_sum(xp.abs(views_local) ** 2).astype(np.complex128)
     comm.allreduce_sum(num)
     comm.allreduce_sum(den)
     floor = 1e-8 * float(xp.abs(den).max())
@@ -292,7 +300,8 @@ def probe_from_views(views_local, target_local, comm: SerialComm):
 
 def update_probe(model: JointModel, u, target_local, comm: SerialComm):
     """The paper's probe update for APT: views ``S_j P_t u`` of the current volume."""
-    return probe_from_views(model.ptycho.extract(model.projector.fwd(u)), target_local, comm)
+    return probe_from_views(model.ptycho.extract(model.projector.fwd(u)), target_local, comm,
+                            ptycho=model.ptycho)
 
 
 def solve(problem: LocalProblem, settings: SolverSettings, comm: SerialComm,

@@ -124,7 +124,7 @@ def solve_ptycho2d(v0_local, f_local, probe, positions_local, frame_offset_local
         v_old = state.v_local
         v = (ptycho.adj(farfield.adj(target)) + delta * v_old) / (weight + delta)
         if settings.refine_probe:
-            state.omega = probe_from_views(ptycho.extract(v), target, comm)
+            state.omega = probe_from_views(ptycho.extract(v), target, comm, ptycho=ptycho)
             ptycho.probe = state.omega
             weight, delta = illumination()
         d = farfield.fwd(ptycho.fwd(v))
