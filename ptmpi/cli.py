@@ -124,7 +124,8 @@ def _settings_from_args(args) -> SimulationSettings:
     overrides = {
         "n": args.n, "nz": args.nz, "n_angles": args.angles, "step": args.step,
         "probe_size": args.probe_size, "fwhm": args.fwhm, "eta": args.eta, "seed": args.seed,
-        "phase_scale": args.phase_scale, "jitter": args.jitter,
+        "phase_scale": args.phase_scale, "jitter": args.jitter, "model": args.model,
+        "max_phase": args.max_phase,
     }
     overrides = {k: v for k, v in overrides.items() if v is not None}
     if args.nz is None and args.n is not None and args.preset is None:
@@ -175,6 +176,7 @@ def simulate_to_file(settings, path: Path, force: bool, demo: bool = False) -> N
             attrs={
                 "simulation": json.dumps(settings.to_dict()),
                 "snr_intensity_db": data.snr_intensity_db,
+                "model": settings.model,
             },
             root_attrs={"ptmpi_demo": 1} if demo else None,
         )
@@ -432,6 +434,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, help="random seed")
     p.add_argument("--phase-scale", type=float, help="radians of phase per unit phantom value")
     p.add_argument("--jitter", type=float, help="uniform scan jitter amplitude (pixels)")
+    p.add_argument("--model", choices=["linear", "exp"],
+                   help="forward model: linear (the paper's, default) or exp (t = exp(i P u), "
+                        "SPEC 8); recorded in the file")
+    p.add_argument("--max-phase", type=_POSITIVE, metavar="RAD",
+                   help="exp model: largest projected phase in radians (default 3 pi)")
     p.add_argument("--force", action="store_true", help="overwrite an existing output file")
     p.set_defaults(func=cmd_simulate)
 

@@ -17,6 +17,11 @@ from numpy.typing import NDArray
 
 from ptmpi.sim.phantom import DEFAULT_PHASE_SCALE
 
+#: Forward models (SPEC 8): the paper's linear model and the projection approximation.
+MODELS = ("linear", "exp")
+#: Default largest projected phase of ``--model exp`` data (radians): a thick sample.
+DEFAULT_MAX_PHASE = 3 * math.pi
+
 
 def _is_int(value: object) -> bool:
     return isinstance(value, (int, np.integer)) and not isinstance(value, (bool, np.bool_))
@@ -54,6 +59,12 @@ class SimulationSettings:
     """Radians of phase per unit phantom value: ``u = exp(i phase_scale phi)``."""
     jitter: float = 0.0
     """Half-width in pixels of the uniform scan-position jitter (rounded to whole pixels)."""
+    model: str = "linear"
+    """Forward model: ``linear`` (the paper's, ``u = exp(i phase_scale phi)`` per voxel) or
+    ``exp`` (SPEC 8, ``t = exp(i P u)``, the phantom scaled to ``max_phase``)."""
+    max_phase: float | None = None
+    """``exp`` model only: the largest projected phase ``max Re(P u)`` over the simulated
+    angles, in radians (default ``DEFAULT_MAX_PHASE`` = 3 pi)."""
 
     def __post_init__(self) -> None:
         def fail(what: str) -> None:
@@ -88,6 +99,15 @@ class SimulationSettings:
             object.__setattr__(self, "eta", float(self.eta))
         if self.jitter < 0:
             fail(f"jitter must be >= 0 pixels, got {self.jitter:g}")
+        if self.model not in MODELS:
+            fail(f"model must be one of {', '.join(MODELS)}, got {self.model!r}")
+        if self.max_phase is not None:
+            if self.model != "exp":
+                fail("max_phase applies to the exp model only (--model exp)")
+            if not _is_real(self.max_phase) or not (math.isfinite(self.max_phase)
+                                                    and self.max_phase > 0):
+                fail(f"max_phase must be a finite number > 0 radians, got {self.max_phase!r}")
+            object.__setattr__(self, "max_phase", float(self.max_phase))
 
     def to_dict(self) -> dict[str, Any]:
         """Plain-Python field values (JSON-serialisable; ``eta`` may be None)."""
