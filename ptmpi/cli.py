@@ -240,11 +240,12 @@ def cmd_reconstruct(args, comm: SerialComm) -> int:
 
     import numpy as np
 
-    from ptmpi.reconstruct import RunError, reconstruct, settings_from_args
+    from ptmpi.reconstruct import RunError, input_model, reconstruct, settings_from_args
     from ptmpi.restart import Interrupted, stop_on_signals
 
+    model = args.model or comm.bcast(input_model(args.input) if comm.is_root else None)
     try:
-        algorithm, settings = settings_from_args(args)
+        algorithm, settings = settings_from_args(args, model)
     except ValueError as exc:
         raise UserError(str(exc)) from exc
     dtype = np.complex128 if args.double else np.complex64
@@ -255,7 +256,7 @@ def cmd_reconstruct(args, comm: SerialComm) -> int:
         every = DEFAULT_CHECKPOINT_EVERY if args.checkpoint else 0
     # Stop signals become checkpoints only where they can (apt/apts); elsewhere they keep
     # their default action (end the process).
-    joint = algorithm in ("apt", "apts")
+    joint = algorithm in ("apt", "apts") and model == "linear"
     with (stop_on_signals() if joint else contextlib.nullcontext()) as stop_request:
         try:
             reconstruct(args.input, args.output, settings, comm, algorithm=algorithm,
@@ -448,6 +449,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--algorithm", choices=["apt", "apts", "two-step", "ptycho2d"],
                    help="apt (default), apts, two-step (per-angle ptychography then "
                         "tomography) or ptycho2d (per-angle ptychography only)")
+    p.add_argument("--model", choices=["linear", "exp"],
+                   help="forward model: linear (the paper's) or exp (t = exp(i P u), SPEC 8); "
+                        "default: what the input file records, else linear")
     p.add_argument("--iterations", type=_COUNT,
                    help="ADMM iterations (default 200 for apt/apts, 100 for two-step/ptycho2d)")
     p.add_argument("--tol", type=_NON_NEGATIVE,

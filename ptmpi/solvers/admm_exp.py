@@ -77,7 +77,7 @@ from ptmpi.solvers.prox import LIKELIHOODS, update_data_split, update_tv_split
 
 logger = logging.getLogger(__name__)
 
-ALGORITHMS = ("apt", "apts")
+ALGORITHMS = ("apt", "apts", "two-step")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -85,7 +85,8 @@ class ExpSolverSettings:
     """Settings of exp-model APT / APTs. ``None``: chosen from the data (:func:`resolve_exp`)."""
 
     algorithm: str = "apt"
-    """``apt`` (with TV) or ``apts`` (``tv_weight = r1 = 0``)."""
+    """``apt`` (with TV), ``apts`` (``tv_weight = r1 = 0``) or ``two-step`` (only the
+    initialisation: per-angle ptychography, then the phase-gradient tomography)."""
     iterations: int = 200
     """Maximum number of outer ADMM iterations."""
     tol: float = 0.0
@@ -193,7 +194,7 @@ def resolve_exp(settings: ExpSolverSettings, weight_max: float, norm_php: float)
     rho = settings.rho if settings.rho is not None else settings.rho_factor * r2 * weight_max
     curvature = rho * norm_php
     tv_weight = r1 = 0.0
-    if settings.algorithm == "apt":
+    if settings.algorithm != "apts":
         r1 = settings.r1 if settings.r1 is not None else settings.r1_factor * curvature
         tv_weight = (settings.tv_weight if settings.tv_weight is not None
                      else settings.tv_threshold * r1)
@@ -344,6 +345,7 @@ def solve_exp(problem: LocalProblem, settings: ExpSolverSettings, comm: SerialCo
         params["max_W"], params["norm_PhP"], rho, r2, tv_weight, r1,
         settings.gn_iterations, settings.cg_iterations, settings.iterations)
 
+    t_init = time.perf_counter()
     if state is None:
         # u from the initialisation (or the empty sample u = 0), psi = exp(i P u),
         # z = Q psi, multipliers 0.
@@ -369,6 +371,34 @@ def solve_exp(problem: LocalProblem, settings: ExpSolverSettings, comm: SerialCo
         state.history.setdefault(key, [])
 
     t = model.transmission(state.u)
+    sqrt_f_sum = comm.allreduce_scalar(float(xp.sum(sqrt_f, dtype=xp.float64)))
+
+    def metrics(u, u_old, t_now, t_start) -> dict:
+        d = model.views(t_now)
+        num = comm.allreduce_scalar(float(xp.sum(xp.abs(xp.abs(d) - sqrt_f), dtype=xp.float64)))
+        du = float(xp.linalg.norm(u - u_old))
+        un = float(xp.linalg.norm(u))
+        synchronize(xp)
+        row = {
+            "iteration": state.iteration,
+            "r_factor": num / sqrt_f_sum if sqrt_f_sum > 0 else math.nan,
+            "rel_change": du / un if un > 0 else math.inf,
+            "wall_s": time.perf_counter() - t_start,
+        }
+        if truth is not None:
+            from ptmpi.metrics import snr_db
+
+            row["snr_db"] = snr_db(u, truth)
+        for key, value in row.items():
+            state.history[key].append(value)
+        return row
+
+    if settings.algorithm == "two-step":
+        state.iteration = 1
+        row = metrics(state.u, xp.zeros_like(state.u), t, t_init)
+        if callback is not None:
+            callback(state, row)
+        return state, params
     frame_angle = to_device(model.ptycho.angle, xp)
     air = None
     if settings.gauge and settings.air_columns > 0:
@@ -377,8 +407,7 @@ def solve_exp(problem: LocalProblem, settings: ExpSolverSettings, comm: SerialCo
         k = settings.air_columns
         air[..., :k] = weight[..., :k]
         air[..., -k:] = weight[..., -k:]
-    sqrt_f_sum = comm.allreduce_scalar(float(xp.sum(sqrt_f, dtype=xp.float64)))
-    t_start = time.perf_counter() - (state.history["wall_s"][-1] if state.history["wall_s"] else 0)
+    t_start = t_init - (state.history["wall_s"][-1] if state.history["wall_s"] else 0)
     for _ in range(state.iteration, settings.iterations):
         u_old = state.u
         target = state.z_local + state.lam2_local
@@ -418,24 +447,7 @@ def solve_exp(problem: LocalProblem, settings: ExpSolverSettings, comm: SerialCo
         state.psi_local, state.z_local, state.u = psi, z, u
         state.iteration += 1
 
-        # Metrics of the iterate u_{k+1}.
-        d = model.views(t)
-        num = comm.allreduce_scalar(float(xp.sum(xp.abs(xp.abs(d) - sqrt_f), dtype=xp.float64)))
-        du = float(xp.linalg.norm(u - u_old))
-        un = float(xp.linalg.norm(u))
-        synchronize(xp)
-        row = {
-            "iteration": state.iteration,
-            "r_factor": num / sqrt_f_sum if sqrt_f_sum > 0 else math.nan,
-            "rel_change": du / un if un > 0 else math.inf,
-            "wall_s": time.perf_counter() - t_start,
-        }
-        if truth is not None:
-            from ptmpi.metrics import snr_db
-
-            row["snr_db"] = snr_db(u, truth)
-        for key, value in row.items():
-            state.history[key].append(value)
+        row = metrics(u, u_old, t, t_start)  # of the iterate u_{k+1}
         if callback is not None:
             callback(state, row)
         if not math.isfinite(row["rel_change"]):
