@@ -101,7 +101,7 @@ class ExpSolverSettings:
     """Penalty of ``z = Q psi`` (dimensionless); default 0.1."""
     rho: float | None = None
     """Penalty of ``psi = exp(i P u)``; default ``rho_factor * r2 * max W``."""
-    cg_iterations: int = 4
+    cg_iterations: int = 8
     """CG iterations per Gauss-Newton step."""
     gn_iterations: int = 1
     """Gauss-Newton steps per u-step."""
@@ -109,7 +109,7 @@ class ExpSolverSettings:
     """Update the probe each iteration with the closed form."""
     probe_start: int = 0
     """First iteration of probe updates."""
-    rho_factor: float = 0.5
+    rho_factor: float = 2.0
     """Default ``rho / (r2 max W)``."""
     r1_factor: float = 1e-3
     """Default ``r1 / L``."""
