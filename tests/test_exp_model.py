@@ -181,19 +181,19 @@ def test_exp_apt_reconstructs_a_thick_sample_and_beats_the_linear_model(thick_ca
                               SerialComm())
     r_exp, snr_exp = state.history["r_factor"][-1], state.history["snr_db"][-1]
     assert params["tv_weight"] > 0 and params["rho"] > 0
-    assert snr_exp > 30.0
-    assert r_exp < 0.012
+    assert snr_exp > 35.0  # measured 40.3 dB
+    assert r_exp < 0.004  # measured 0.00095
     # no wrapping: the projected phase of the reconstruction is the truth's to 3%
     proj_rec = Projector(data.volume.shape, theta, dtype=np.complex64).fwd(state.u)
-    assert np.abs(proj_rec.real - proj.real).max() < 0.03 * proj.real.max()
+    assert np.abs(proj_rec.real - proj.real).max() < 0.01 * proj.real.max()  # measured 0.0014
 
     # the paper's linear model on the same data, same iterations: its volume is a
     # transmission per voxel, so its truth is exp(i u) per voxel
     linear, _ = solve(problem_of(data), SolverSettings(iterations=30), SerialComm())
     r_linear = linear.history["r_factor"][-1]
     snr_linear = snr_db(linear.u, np.exp(1j * data.volume.astype(np.complex128)))
-    assert r_linear > 4 * r_exp
-    assert snr_linear < snr_exp - 15
+    assert r_linear > 20 * r_exp  # measured 0.059
+    assert snr_linear < snr_exp - 30  # measured -14.8 dB
 
 
 @pytest.mark.slow
@@ -201,7 +201,7 @@ def test_exp_two_step_unwraps_and_apt_improves_on_it(thick_case):
     settings = ExpSolverSettings(algorithm="two-step", init_iterations=50)
     two, _ = solve_exp(problem_of(thick_case), settings, SerialComm())
     assert two.iteration == 1 and len(two.history["r_factor"]) == 1
-    assert two.history["snr_db"][0] > 20.0
+    assert two.history["snr_db"][0] > 28.0  # measured 32.3 dB
     apt, _ = solve_exp(problem_of(thick_case), ExpSolverSettings(iterations=30), SerialComm())
     assert apt.history["r_factor"][-1] < 0.5 * two.history["r_factor"][0]
 
@@ -210,11 +210,11 @@ def test_exp_solver_without_initialisation_starts_from_empty_space():
     """From ``u = 0`` with a weak sample (phase 0.5 rad) the joint ADMM alone converges."""
     data = simulate(exp_settings(n=16, nz=16, n_angles=6, step=3, probe_size=8, fwhm=3.0,
                                  max_phase=0.5))
-    state, _ = solve_exp(problem_of(data), ExpSolverSettings(iterations=15, init_iterations=0),
+    state, _ = solve_exp(problem_of(data), ExpSolverSettings(iterations=30, init_iterations=0),
                          SerialComm())
     r = state.history["r_factor"]
-    assert r[-1] < 0.3 * r[0]
-    assert state.history["snr_db"][-1] > 5.0
+    assert r[-1] < 0.25 * r[0]  # measured 0.047 -> 0.0078
+    assert state.history["snr_db"][-1] > 15.0  # measured 19.8 dB
 
 
 def test_exp_settings_validation():
