@@ -1,7 +1,7 @@
 """APT / APTs for the exponential model (SPEC 8, ``--model exp``): ``t_t = exp(i P_t u)``.
 
-Problem: ``min_u sum_{j,t} G(F(omega * S_j exp(i P_t u))) + tv_weight * TV(u)``, with
-``u = 0`` (empty space) as the start. Two split variables per local angle separate the
+Problem: ``min_u sum_{j,t} G(F(omega * S_j exp(i P_t u))) + tv_weight * TV(u)``, from
+empty space ``u = 0`` or the initialisation below. Two split variables per angle separate the
 ptychography from the tomography (the design of ptychotomo and of tike's joint ADMM):
 
 ``psi`` (``psi_local``)
@@ -17,11 +17,25 @@ with scaled multipliers ``mu`` (``mu_local``), ``lam2`` and ``lam1`` and penalti
     sum G(z) + tv_weight ||p||_1 + r2/2 ||z - Q psi + lam2||^2
         + rho/2 ||psi - exp(i P u) + mu||^2 + r1/2 ||p - grad u + lam1||^2
 
-One iteration:
+Initialisation (``init_iterations > 0``, :func:`initial_volume`): per-angle
+ptychography from ``psi = 1`` (:func:`ptmpi.solvers.ptycho2d.solve_ptycho2d`), then a
+tomography of the projected phase *gradient* of those images from ``u = 0``
+(:func:`gauss_newton` with ``fit="gradient"``): it fits, for each pair of neighbouring
+detector pixels, the wrapped difference of their phase increments, so it unwraps
+whenever neighbours differ by less than pi, and it does not see each image's global
+phase (which ptychography cannot recover). Without it the joint iteration started from
+``u = 0`` falls into the wrapped solution as soon as the projected phase passes pi
+(measured: SNR below 0 dB at 3 pi), as any local fit of ``exp(i P u)`` does.
+``algorithm="two-step"`` stops after the initialisation.
+
+One joint iteration:
 
 1. psi-step, closed form per pixel, since ``Q^H Q = W = sum_j S_j^H |omega|^2`` is
-   diagonal: ``psi = (r2 Q^H(z + lam2) + rho (t - mu)) / (r2 W + rho)``;
-   with ``refine_probe`` the probe is then updated by the paper's closed form
+   diagonal: ``psi = (r2 Q^H(z + lam2) + rho (t - mu)) / (r2 W + rho)``, ``t = exp(i P u)``;
+   then the gauge: each angle's ``psi``, ``z``, ``lam2`` are rotated together by the
+   unit factor aligning ``psi`` with ``t - mu`` (far-field data are blind to it, so this
+   minimises the augmented Lagrangian exactly over it); with ``refine_probe`` the probe
+   is then updated by the paper's closed form
    ``omega = sum_j conj(S_j psi) F^H(z + lam2) / sum_j |S_j psi|^2``;
 2. z-step, the closed-form prox of the linear model (:mod:`ptmpi.solvers.prox`) on
    ``Q psi - lam2``, and ``lam2 += z - Q psi``;
@@ -30,9 +44,9 @@ One iteration:
    each linearised at the current ``u`` (``exp(i P (u + du)) ~ t (1 + i P du)``,
    :class:`~ptmpi.operators.transmission.LinearisedTransmission` ``J``) and solved by
    ``cg_iterations`` CG steps from ``du = 0`` on
-   ``(rho J^H J + r1 grad^H grad) du = rho J^H (psi + mu - t) + r1 grad^H(p + lam1 - grad u)``.
-   No logarithm of ``psi`` is ever taken, so the phase is never wrapped: the projected
-   phase grows continuously from 0 as the iterations proceed;
+   ``(rho J^H J + r1 grad^H grad) du = rho J^H (psi + mu - t) + r1 grad^H(p + lam1 - grad u)``,
+   then ``Re u, Im u >= 0`` (X-ray phase shift and attenuation are non-negative; without
+   it ``u`` takes up a per-angle phase offset the data cannot see);
 4. ``mu += psi - exp(i P u)``; TV split ``p = shrink(grad u - lam1, tv_weight / r1)`` and
    ``lam1 += p - grad u`` (APT).
 
@@ -42,10 +56,11 @@ formed in complex128 and Allreduced once per application, so results depend on t
 count only through float rounding.
 
 Default penalties (:func:`resolve_exp`), from the data: ``r2 = 0.1`` (dimensionless, as
-in the linear model); ``rho = rho_factor * r2 * max W``, so that the psi-step weighs the
-tomography prior against the brightest-lit data; ``L = rho ||sum_t P_t^H P_t||`` is the
-curvature of the u-subproblem at ``u = 0`` and ``r1 = r1_factor * L``, ``tv_weight =
-tv_threshold * r1`` (the shrink threshold ``tv_weight / r1`` is in radians per voxel).
+in the linear model); ``rho = rho_factor * r2 * max W`` (2: the psi-step weighs the
+tomography twice the brightest-lit data; 0.5 and 5 converged more slowly or unevenly on
+the 3 pi case); ``L = rho ||sum_t P_t^H P_t||`` is the curvature of the u-subproblem at
+``u = 0``; ``r1 = r1_factor * L`` and ``tv_weight = tv_threshold * r1`` (the shrink
+threshold ``tv_weight / r1`` is in radians per voxel).
 
 Metrics per iteration as the linear solver (SPEC 5): R-factor of ``D(omega, u)``,
 relative change of ``u``, and ``snr_db(u, u_true)`` when the truth is known (the truth
@@ -120,22 +135,18 @@ class ExpSolverSettings:
     gauge: bool = True
     """Fix the global phase of each angle's ``psi`` (with its ``z``, ``lam2``) to the
     tomography every iteration (:func:`gauge_phases`)."""
-    multiplier: bool = True
-    """Update the multiplier ``mu`` of ``psi = exp(i P u)`` (False: a penalty only)."""
     init_iterations: int = 50
     """Per-angle ptychography iterations of the initialisation (0: start from ``u = 0``)."""
     init_gn_iterations: int = 20
-    """Phase-gradient Gauss-Newton steps of the initial tomography (:func:`u_step_gradient`)."""
+    """Phase-gradient Gauss-Newton steps of the initial tomography (:func:`gauss_newton`)."""
     u_fit: str = "exp"
-    """u-step objective: ``gradient`` (the projected phase gradient, which unwraps) or
-    ``exp`` (``||exp(i P u) - (psi + mu)||^2``, which cannot pass a pi jump)."""
+    """u-step objective of the joint iterations (:func:`gauss_newton`): ``exp`` or
+    ``gradient`` (the phase-gradient fit of the initialisation; in the joint iterations it
+    diverged on the 3 pi case, where early ``psi`` are far from a transmission)."""
     nonnegative: bool = True
     """Keep ``Re u >= 0`` and ``Im u >= 0`` after each Gauss-Newton step (X-ray phase
     shift and attenuation are non-negative); this also removes the near-symmetry of a
     per-angle phase offset, which the far-field intensities cannot see."""
-    air_columns: int = 0
-    """Edge columns of each projection taken as air for the gauge: psi's phase there is
-    set to 0 (the sample must not reach them); 0 aligns psi with ``exp(i P u)`` instead."""
 
     def __post_init__(self):
         if self.algorithm not in ALGORITHMS:
@@ -221,59 +232,41 @@ def nonnegative_part(u):
     return (xp.maximum(u.real, 0) + 1j * xp.maximum(u.imag, 0)).astype(u.dtype, copy=False)
 
 
-def u_step_gradient(model: ExpModel, u, target_local, rho: float, grad: Gradient, tv_rhs,
-                    r1: float, comm: SerialComm, gn_iterations: int, cg_iterations: int,
-                    nonnegative: bool = False):
-    """As :func:`u_step`, fitting the phase *gradient* of the projections: each step
-    solves ``min rho/2 ||grad_2d P du - r||^2 + r1/2 ||g - grad(u + du)||^2`` with
-    ``r = log_ratio_gradient(target, exp(i P u))`` (the wrapped difference of neighbouring
-    pixels' increments, never the phase of one pixel)."""
-    dtype = u.dtype
-    wide = np.complex128
-    op = ProjectedGradient(model.projector)
-    t = model.transmission(u)
-    for _ in range(gn_iterations):
-        r = log_ratio_gradient(target_local, t)
-        rhs = comm.allreduce_sum(op.adj(r, wide)) * rho
-        if tv_rhs is not None:
-            rhs += r1 * (tv_rhs - grad.normal(u))
-        rhs = rhs.astype(dtype)
+def gauss_newton(model: ExpModel, u, target_local, rho: float, grad: Gradient, tv_rhs,
+                 r1: float, comm: SerialComm, gn_iterations: int, cg_iterations: int, *,
+                 fit: str = "exp", nonnegative: bool = False):
+    """Gauss-Newton steps of the u-step; returns the new ``u`` and ``exp(i P u)``.
 
-        def normal_op(x):
-            out = comm.allreduce_sum(op.normal(x, wide)) * rho
-            if r1 > 0:
-                out += r1 * grad.normal(x)
-            return out.astype(dtype)
+    Each step solves, by ``cg_iterations`` CG steps from ``du = 0``,
+    ``min rho/2 ||A du - r||^2 + r1/2 ||g - grad(u + du)||^2`` with, for ``fit``:
 
-        du = conjugate_gradient(normal_op, rhs, get_xp(u).zeros_like(u), cg_iterations)
-        u = u + du
-        if nonnegative:
-            u = nonnegative_part(u)
-        t = model.transmission(u)
-    return u, t
-
-
-def u_step(model: ExpModel, u, target_local, rho: float, grad: Gradient, tv_rhs, r1: float,
-           comm: SerialComm, gn_iterations: int, cg_iterations: int,
-           nonnegative: bool = False):
-    """Gauss-Newton steps on ``rho/2 ||exp(i P u) - target||^2 + r1/2 ||g - grad u||^2``.
+    - ``exp``: ``A = J = i t P`` (:class:`LinearisedTransmission`) and
+      ``r = target - exp(i P u)``, the linearisation of ``||exp(i P u) - target||^2``;
+    - ``gradient``: ``A = grad_2d P`` (:class:`ProjectedGradient`) and
+      ``r = log_ratio_gradient(target, exp(i P u))``, the projected phase *gradient*
+      (unwraps; blind to each image's global phase).
 
     ``target_local`` ``(N_THETA_LOCAL, nz, n)`` is ``psi + mu``; ``tv_rhs`` is
-    ``grad^H g = grad^H(p + lam1)`` (None without TV). Returns the new ``u`` and its
-    transmission ``exp(i P u)`` at the local angles.
+    ``grad^H g = grad^H(p + lam1)`` (None without TV). With ``nonnegative`` each step
+    ends with :func:`nonnegative_part`.
     """
     dtype = u.dtype
     wide = np.complex128
     t = model.transmission(u)
     for _ in range(gn_iterations):
-        lin = LinearisedTransmission(model.projector, t)
-        rhs = comm.allreduce_sum(lin.adj(target_local - t, wide)) * rho
+        if fit == "exp":
+            op = LinearisedTransmission(model.projector, t)
+            residual = target_local - t
+        else:
+            op = ProjectedGradient(model.projector)
+            residual = log_ratio_gradient(target_local, t)
+        rhs = comm.allreduce_sum(op.adj(residual, wide)) * rho
         if tv_rhs is not None:
             rhs += r1 * (tv_rhs - grad.normal(u))
         rhs = rhs.astype(dtype)
 
-        def normal_op(x, lin=lin):
-            out = comm.allreduce_sum(lin.normal(x, wide)) * rho
+        def normal_op(x, op=op):
+            out = comm.allreduce_sum(op.normal(x, wide)) * rho
             if r1 > 0:
                 out += r1 * grad.normal(x)
             return out.astype(dtype)
@@ -304,9 +297,9 @@ def initial_volume(model: ExpModel, problem: LocalProblem, settings: ExpSolverSe
                             problem.probe, problem.positions_local,
                             problem.frame_offset_local, ptycho_settings, comm)
     u = xp.zeros(problem.volume_shape, dtype=dtype)
-    u, _ = u_step_gradient(model, u, images.v_local, 1.0, Gradient(problem.volume_shape),
-                           None, 0.0, comm, settings.init_gn_iterations,
-                           settings.cg_iterations, settings.nonnegative)
+    u, _ = gauss_newton(model, u, images.v_local, 1.0, Gradient(problem.volume_shape), None,
+                        0.0, comm, settings.init_gn_iterations, settings.cg_iterations,
+                        fit="gradient", nonnegative=settings.nonnegative)
     r_factor = images.history["r_factor"][-1] if images.history["r_factor"] else math.nan
     logger.info("exp model initialisation: %d per-angle ptychography iterations (R-factor "
                 "%.4g), phase-gradient tomography by %d Gauss-Newton steps",
@@ -400,13 +393,6 @@ def solve_exp(problem: LocalProblem, settings: ExpSolverSettings, comm: SerialCo
             callback(state, row)
         return state, params
     frame_angle = to_device(model.ptycho.angle, xp)
-    air = None
-    if settings.gauge and settings.air_columns > 0:
-        # Reference of the gauge: transmission 1 on the lit edge columns (air), 0 elsewhere.
-        air = xp.zeros(model.projector.data_shape, dtype=dtype)
-        k = settings.air_columns
-        air[..., :k] = weight[..., :k]
-        air[..., -k:] = weight[..., -k:]
     t_start = t_init - (state.history["wall_s"][-1] if state.history["wall_s"] else 0)
     for _ in range(state.iteration, settings.iterations):
         u_old = state.u
@@ -418,11 +404,8 @@ def solve_exp(problem: LocalProblem, settings: ExpSolverSettings, comm: SerialCo
             # Far-field intensities do not see a global phase per angle: rotate psi, z and
             # lam2 of each angle together by the factor that best aligns psi with the
             # tomography (an exact minimisation of the augmented Lagrangian over it).
-            g = gauge_phases(psi, air if air is not None else t - state.mu_local)
-            logger.debug("gauge %s", np.round(np.angle(g), 3))
+            g = gauge_phases(psi, t - state.mu_local)
             psi *= g[:, None, None]
-            if air is not None:
-                state.mu_local *= g[:, None, None]
             g_frames = g[frame_angle][:, None, None]
             state.z_local *= g_frames
             state.lam2_local *= g_frames
@@ -436,12 +419,11 @@ def solve_exp(problem: LocalProblem, settings: ExpSolverSettings, comm: SerialCo
                               settings.likelihood)
         # Step 3: u by Gauss-Newton.
         tv_rhs = grad.adj_sum(state.p, state.lam1) if apt and r1 > 0 else None
-        fit = u_step_gradient if settings.u_fit == "gradient" else u_step
-        u, t = fit(model, u_old, psi + state.mu_local, rho, grad, tv_rhs, r1, comm,
-                      settings.gn_iterations, settings.cg_iterations, settings.nonnegative)
+        u, t = gauss_newton(model, u_old, psi + state.mu_local, rho, grad, tv_rhs, r1, comm,
+                            settings.gn_iterations, settings.cg_iterations,
+                            fit=settings.u_fit, nonnegative=settings.nonnegative)
         # Step 4: multipliers (and the TV split).
-        if settings.multiplier:
-            state.mu_local += psi - t
+        state.mu_local += psi - t
         if apt and r1 > 0:
             state.p = update_tv_split(grad, u, state.lam1, tv_weight / r1, state.p)
         state.psi_local, state.z_local, state.u = psi, z, u
