@@ -1,4 +1,4 @@
-"""Command line: ``ptmpi simulate | reconstruct | info | demo | paper | bench`` (SPEC 6).
+"""Command line: ``ptmpi simulate | reconstruct | import | info | demo | paper | bench`` (SPEC 6).
 
 Every command runs unchanged with one process or under ``mpiexec``/``srun``; only rank 0
 prints. Errors a user can fix end the job with one line ``ptmpi <cmd>: error: ...`` and
@@ -87,6 +87,17 @@ _NON_NEGATIVE = _number(float, 0.0)
 _POSITIVE = _number(float, 0.0, strict=True)
 
 
+def _finite(text: str) -> float:
+    """An argparse type: any finite number."""
+    try:
+        value = float(text)
+    except ValueError:
+        value = math.nan
+    if not math.isfinite(value):
+        raise argparse.ArgumentTypeError(f"expected a finite number, found {text!r}")
+    return value
+
+
 def _setup_logging(comm: SerialComm, verbose: bool) -> None:
     level = logging.INFO if comm.is_root else logging.WARNING
     if verbose and comm.is_root:
@@ -124,8 +135,9 @@ def _settings_from_args(args) -> SimulationSettings:
     overrides = {
         "n": args.n, "nz": args.nz, "n_angles": args.angles, "step": args.step,
         "probe_size": args.probe_size, "fwhm": args.fwhm, "eta": args.eta, "seed": args.seed,
-        "phase_scale": args.phase_scale, "jitter": args.jitter, "model": args.model,
-        "max_phase": args.max_phase,
+        "phase_scale": args.phase_scale, "jitter": args.jitter,
+        "mask_stripe": args.mask_stripe, "hot_pixels": args.hot_pixels,
+        "model": args.model, "max_phase": args.max_phase,
     }
     overrides = {k: v for k, v in overrides.items() if v is not None}
     if args.nz is None and args.n is not None and args.preset is None:
@@ -147,11 +159,13 @@ def _is_demo_file(path: Path) -> bool:
         return False
 
 
-def simulate_to_file(settings, path: Path, force: bool, demo: bool = False) -> None:
+def simulate_to_file(settings, path: Path, force: bool, demo: bool = False,
+                     export_cxi: Path | None = None) -> None:
     """Simulate ``settings`` and write the SPEC 3 file ``path`` (with ``truth/``).
 
     An existing ``path`` is replaced only with ``force``, or when ``demo`` is set and the
     file is one an earlier demo wrote: nothing a user wrote is overwritten silently.
+    ``export_cxi`` also writes the data as per-angle CXI files (SPEC 8) into that folder.
     """
     force = force or (demo and path.exists() and _is_demo_file(path))
     from ptmpi.io.cxi import write_input
@@ -159,6 +173,14 @@ def simulate_to_file(settings, path: Path, force: bool, demo: bool = False) -> N
 
     if path.exists() and not force:
         raise UserError(f"{path}: output exists; pass --force to overwrite it")
+    if export_cxi is not None:
+        from ptmpi.io.per_angle import per_angle_names
+
+        if export_cxi.exists() and not export_cxi.is_dir():
+            raise UserError(f"{export_cxi}: --export-cxi expects a folder, found a file")
+        for name in per_angle_names(settings.n_angles):
+            if (export_cxi / name).exists() and not force:
+                raise UserError(f"{export_cxi / name}: exists; pass --force to overwrite it")
     t0 = time.perf_counter()
     data = simulate(settings)
     try:
@@ -172,6 +194,7 @@ def simulate_to_file(settings, path: Path, force: bool, demo: bool = False) -> N
             volume_shape=data.volume.shape,
             truth_volume=data.volume,
             truth_probe=data.probe,
+            mask=data.mask,
             overwrite=force,
             attrs={
                 "simulation": json.dumps(settings.to_dict()),
@@ -182,6 +205,17 @@ def simulate_to_file(settings, path: Path, force: bool, demo: bool = False) -> N
         )
     except (FileExistsError, OSError) as exc:
         raise UserError(f"{path}: cannot write ({exc})") from exc
+    if export_cxi is not None:
+        from ptmpi.io.per_angle import write_per_angle_cxi
+
+        try:
+            write_per_angle_cxi(export_cxi, counts=data.counts, probe=data.probe,
+                                positions_px=data.positions_px, frame_offset=data.frame_offset,
+                                angles_deg=data.angles_deg, volume_shape=data.volume.shape,
+                                overwrite=force)
+        except (FileExistsError, OSError) as exc:
+            raise UserError(f"{export_cxi}: cannot write ({exc})") from exc
+        logger.info("wrote %d per-angle CXI files to %s", settings.n_angles, export_cxi)
     snr = "noise-free" if math.isinf(data.snr_intensity_db) else (
         f"SNR_intensity {data.snr_intensity_db:.1f} dB")
     logger.info(
@@ -196,10 +230,48 @@ def cmd_simulate(args, comm: SerialComm) -> int:
     failure = None
     if comm.is_root:
         try:
-            simulate_to_file(settings, Path(args.output), args.force)
+            simulate_to_file(settings, Path(args.output), args.force,
+                             export_cxi=Path(args.export_cxi) if args.export_cxi else None)
         except UserError as exc:
             failure = str(exc)
     # Rank 0's verdict ends every rank alike (the others would wait here otherwise).
+    failure = comm.bcast(failure)
+    if failure:
+        raise UserError(failure)
+    return 0
+
+
+# ---------------------------------------------------------------------------- import
+
+
+def cmd_import(args, comm: SerialComm) -> int:
+    """Per-angle CXI files (SPEC 8) into one SPEC 3 file; rank 0 works, the others wait."""
+    from ptmpi.io.importer import ImportFailure, import_cxi
+    from ptmpi.io.per_angle import Conventions
+
+    angles = None
+    if args.angles_deg is not None:
+        try:
+            angles = [float(v) for v in args.angles_deg.split(",") if v.strip()]
+        except ValueError:
+            raise UserError(f"--angles-deg takes comma-separated numbers, got "
+                            f"{args.angles_deg!r}") from None
+    failure = None
+    if comm.is_root:
+        try:
+            summary = import_cxi(
+                args.files, args.output, volume_shape=args.volume_shape, probe=args.probe,
+                angles_deg=angles, angle_dataset=args.angle_dataset,
+                conventions=Conventions(args.flip_x, args.flip_y, args.axis_offset),
+                overwrite=args.force, command=" ".join(sys.argv),
+            )
+            mask = "no mask" if summary.mask_shape is None else f"mask {summary.mask_shape}"
+            logger.info("imported %d file(s) into %s: volume %s, %d frames of %dx%d, object "
+                        "pixel %.4g m, %s", summary.n_angles, summary.output,
+                        summary.volume_shape, summary.n_frames, summary.m, summary.m,
+                        summary.object_pixel_size, mask)
+        except ImportFailure as exc:
+            failure = str(exc)
     failure = comm.bcast(failure)
     if failure:
         raise UserError(failure)
@@ -435,6 +507,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, help="random seed")
     p.add_argument("--phase-scale", type=float, help="radians of phase per unit phantom value")
     p.add_argument("--jitter", type=float, help="uniform scan jitter amplitude (pixels)")
+    p.add_argument("--export-cxi", metavar="DIR",
+                   help="also write the data as per-angle CXI files DIR/angle-000.cxi, ... "
+                        "(SPEC 8; the input of ptmpi import)")
+    p.add_argument("--mask-stripe", type=int, metavar="W",
+                   help="W dead detector columns beside the centre (counts 0), masked")
+    p.add_argument("--hot-pixels", type=int, metavar="K",
+                   help="K random hot detector pixels (counts 4e9), masked")
     p.add_argument("--model", choices=["linear", "exp"],
                    help="forward model: linear (the paper's, default) or exp (t = exp(i P u), "
                         "SPEC 8); recorded in the file")
@@ -442,6 +521,28 @@ def build_parser() -> argparse.ArgumentParser:
                    help="exp model: largest projected phase in radians (default 3 pi)")
     p.add_argument("--force", action="store_true", help="overwrite an existing output file")
     p.set_defaults(func=cmd_simulate)
+
+    p = sub.add_parser("import", help="per-angle CXI files (SPEC 8) into one input file")
+    p.add_argument("files", nargs="+", metavar="FILE", help="one CXI file per angle")
+    p.add_argument("-o", "--output", required=True, help="output HDF5 file (SPEC 3)")
+    p.add_argument("--volume-shape", type=_POSITIVE_INT, nargs=3, metavar=("NZ", "N", "N"),
+                   help="volume shape (default: the smallest holding every window whole)")
+    p.add_argument("--probe", metavar="FILE",
+                   help="probe guess (.npy, or HDF5 with source_1/illumination, source_1/probe "
+                        "or image_2/data); default: the first file's illumination")
+    p.add_argument("--angles-deg", metavar="LIST",
+                   help="comma-separated angles in degrees, one per file, instead of the files' "
+                        "(write --angles-deg=-30,... when the first is negative)")
+    p.add_argument("--angle-dataset", default="/entry_1/ptychodus/tomography_angle_deg",
+                   metavar="PATH", help="dataset holding each file's angle in degrees "
+                                        "(default %(default)s)")
+    p.add_argument("--flip-x", action="store_true", help="negate the x translations")
+    p.add_argument("--flip-y", action="store_true", help="negate the y translations")
+    p.add_argument("--axis-offset", type=_finite, default=0.0, metavar="PX",
+                   help="the rotation axis passes through x = PX object pixels (after "
+                        "--flip-x), not x = 0 (default 0)")
+    p.add_argument("--force", action="store_true", help="overwrite an existing output file")
+    p.set_defaults(func=cmd_import)
 
     p = sub.add_parser("reconstruct", help="reconstruct a volume with APT or APTs")
     p.add_argument("input", help="input HDF5 file (SPEC 3)")

@@ -8,7 +8,9 @@
 Sums are accumulated in float64 (inputs are cast block by block, so a complex64 volume
 is never copied whole to complex128). The frame-wise metrics take an optional
 communicator: each rank passes its own frames and the two partial sums are combined with
-one ``comm.allreduce_sum`` of a float64 buffer of length 2.
+one ``comm.allreduce_sum`` of a float64 buffer of length 2. They also take an optional
+detector mask ``valid`` (SPEC 8, :mod:`ptmpi.mask`): sums then run over the valid pixels
+only, and the counts at invalid pixels are never read (NaN or garbage there is harmless).
 
 Limits, chosen so that no metric raises on legitimate edge cases:
 ``snr_db`` and ``snr_intensity_db`` are ``math.inf`` when the residual is exactly zero and
@@ -25,6 +27,7 @@ import math
 import numpy as np
 
 from ptmpi.backend import get_xp
+from ptmpi.mask import valid_only
 
 logger = logging.getLogger(__name__)
 
@@ -38,6 +41,25 @@ def _blocks(*arrays):
     size = flat[0].size
     for i in range(0, size, _BLOCK):
         yield tuple(a[i : i + _BLOCK] for a in flat)
+
+
+def _frame_blocks(valid, *arrays):
+    """Matching blocks of ``arrays`` (same shape) and of ``valid`` (broadcastable to it),
+    whole frames along the first axis, about ``_BLOCK`` elements each; ``valid`` None
+    falls back to :func:`_blocks` and yields None for it."""
+    if valid is None:
+        for block in _blocks(*arrays):
+            yield (*block, None)
+        return
+    xp = get_xp(*arrays)
+    shape = arrays[0].shape
+    valid = xp.broadcast_to(xp.asarray(valid, dtype=bool), shape)
+    if len(shape) < 2:
+        yield (*arrays, valid)
+        return
+    step = max(1, _BLOCK // max(1, math.prod(shape[1:])))
+    for i in range(0, shape[0], step):
+        yield (*(a[i : i + step] for a in arrays), valid[i : i + step])
 
 
 def _wide(xp, a):
@@ -116,7 +138,7 @@ def snr_db(u, u_true) -> float:
     return _ratio_db(residual, signal)
 
 
-def r_factor(d_model, f, comm=None) -> float:
+def r_factor(d_model, f, comm=None, valid=None) -> float:
     """R-factor of a far-field model against measured counts (SPEC section 5).
 
     Parameters
@@ -128,19 +150,23 @@ def r_factor(d_model, f, comm=None) -> float:
     comm : communicator, optional
         When given, the numerator and denominator are summed over ranks with one
         ``comm.allreduce_sum`` of a float64 array of length 2.
+    valid : bool array broadcastable to ``f.shape``, optional
+        Detector mask (True = measured pixel, zero frequency at ``[0, 0]``): both sums run
+        over the valid pixels only and ``f`` is not read elsewhere.
 
     Returns
     -------
     float
-        ``sum | |d_model| - sqrt(f) | / sum sqrt(f)``, over all frames of all ranks.
+        ``sum | |d_model| - sqrt(f) | / sum sqrt(f)``, over all (valid) pixels of all
+        frames of all ranks.
     """
     xp = get_xp(d_model, f)
     d_model, f = xp.asarray(d_model), xp.asarray(f)
     _check_shapes(d_model, f, "d_model, f")
     num = den = 0.0
-    for d, c in _blocks(d_model, f):
-        amp = xp.sqrt(_wide(xp, c))
-        num += float(xp.sum(xp.abs(xp.abs(_wide(xp, d)) - amp)))
+    for d, c, v in _frame_blocks(valid, d_model, f):
+        amp = xp.sqrt(valid_only(_wide(xp, c), v))
+        num += float(xp.sum(valid_only(xp.abs(xp.abs(_wide(xp, d)) - amp), v)))
         den += float(xp.sum(amp))
     num, den = _reduce(comm, num, den)
     if num == 0.0:
@@ -148,7 +174,7 @@ def r_factor(d_model, f, comm=None) -> float:
     return math.inf if den == 0.0 else num / den
 
 
-def snr_intensity_db(f, f_clean, comm=None) -> float:
+def snr_intensity_db(f, f_clean, comm=None, valid=None) -> float:
     """SNR in dB of noisy counts against their noise-free intensities (SPEC section 5).
 
     Parameters
@@ -159,6 +185,8 @@ def snr_intensity_db(f, f_clean, comm=None) -> float:
         Noise-free intensities (same scale and layout).
     comm : communicator, optional
         As in :func:`r_factor`: one ``allreduce_sum`` of the two partial sums.
+    valid : bool array broadcastable to ``f.shape``, optional
+        Detector mask, as in :func:`r_factor`: sums over the valid pixels only.
 
     Returns
     -------
@@ -170,9 +198,9 @@ def snr_intensity_db(f, f_clean, comm=None) -> float:
     f, f_clean = xp.asarray(f), xp.asarray(f_clean)
     _check_shapes(f, f_clean, "f, f_clean")
     noise = clean = 0.0
-    for a, c in _blocks(f, f_clean):
-        c = _wide(xp, c)
-        noise += float(xp.sum((_wide(xp, a) - c) ** 2))
+    for a, c, v in _frame_blocks(valid, f, f_clean):
+        c = valid_only(_wide(xp, c), v)
+        noise += float(xp.sum((valid_only(_wide(xp, a), v) - c) ** 2))
         clean += float(xp.sum(c**2))
     noise, clean = _reduce(comm, noise, clean)
     return _ratio_db(noise, clean)

@@ -329,6 +329,7 @@ def _run_joint(data, start, stop, settings, comm, xp, dtype, progress, state=Non
         frame_offset_local=data.frame_offset_local,
         probe=data.probe,
         truth_volume=data.truth_volume,
+        valid_local=data.valid_local,
     )
 
     def callback(state_now, row):
@@ -365,7 +366,8 @@ def _run_ptycho(data, start, stop, algorithm, settings, comm, xp, dtype, progres
                 ", probe refined" if settings.refine_probe else "")
     state = solve_ptycho2d(empty, data.counts_local, data.probe, data.positions_local,
                            data.frame_offset_local, settings, comm,
-                           callback=lambda _state, row: progress(row))
+                           callback=lambda _state, row: progress(row),
+                           valid_local=data.valid_local)
     history = state.history
     aligned = align_global_factor(state.v_local, empty)
     params = settings.to_dict()
@@ -380,7 +382,8 @@ def _run_ptycho(data, start, stop, algorithm, settings, comm, xp, dtype, progres
     model = JointModel(data.volume_shape, theta_local, to_device(state.omega, xp),
                        data.positions_local, data.frame_offset_local, dtype=dtype)
     f_local = to_device(data.counts_local, xp)
-    final = {"final_r_factor": r_factor(model.fwd(u), f_local, comm=comm)}
+    valid = None if data.valid_local is None else to_device(data.valid_local, xp)
+    final = {"final_r_factor": r_factor(model.fwd(u), f_local, comm=comm, valid=valid)}
     if data.truth_volume is not None:
         final["final_snr_db"] = snr_db(u, to_device(data.truth_volume, xp))
     logger.info("two-step: tomography by %d CG iterations: R-factor %.4g%s",

@@ -11,6 +11,10 @@ records them, unless the detector dataset carries ``@is_fft_shifted = 1`` (zero 
 ``[0, 0]``, tike's convention). :func:`read_input` always returns counts with the zero
 frequency at ``[0, 0]``, the layout of ``fft2`` output, so solvers compare model and data
 without any shift in the iteration loop.
+
+The optional detector mask ``detector_1/mask`` (SPEC 8; ``(M, M)`` or one per angle
+``(N_ANGLES, M, M)``, nonzero = invalid) shares the data's convention and is returned the
+same way, as the boolean ``valid_local`` of the block's frames (:mod:`ptmpi.mask`).
 """
 
 from __future__ import annotations
@@ -26,12 +30,15 @@ from pathlib import Path
 import h5py
 import numpy as np
 
+from ptmpi.mask import valid_from_mask, valid_per_frame
+
 logger = logging.getLogger(__name__)
 
 CXI_VERSION = 160
 LAYOUT_VERSION = 1
 
 DATA = "/entry_1/instrument_1/detector_1/data"
+MASK = "/entry_1/instrument_1/detector_1/mask"
 PROBE = "/entry_1/instrument_1/source_1/probe"
 ENERGY = "/entry_1/instrument_1/source_1/energy"
 DISTANCE = "/entry_1/instrument_1/detector_1/distance"
@@ -66,7 +73,8 @@ class InputData:
     angle_start, angle_stop : int
         The block of angles ``[angle_start, angle_stop)`` whose frames were read.
     counts_local : (N_FRAMES_LOCAL, M, M) float32
-        Photon counts of the block, zero frequency at ``[0, 0]`` whatever the file stores.
+        Photon counts of the block, zero frequency at ``[0, 0]`` whatever the file stores;
+        0 at the pixels the detector mask marks invalid.
     positions_local : (N_FRAMES_LOCAL, 2) float64
         ``(row, col)`` of each window's top-left corner in the projection image, after
         ``position_shift`` was added.
@@ -88,6 +96,10 @@ class InputData:
         Ground truth, only when requested with ``read_truth`` and present.
     energy, distance, pixel_size : float or None
         Optional geometry in SI units (J, m, m).
+    valid_local : bool (M, M) or (N_FRAMES_LOCAL, M, M), or None
+        The detector mask as valid pixels (True = measured), zero frequency at ``[0, 0]``
+        like ``counts_local``: ``(M, M)`` when the file has one mask for all frames, one
+        per local frame when it has one per angle, None when it has no mask.
     """
 
     path: str
@@ -108,6 +120,7 @@ class InputData:
     energy: float | None = None
     distance: float | None = None
     pixel_size: float | None = None
+    valid_local: np.ndarray | None = None
 
     @property
     def is_2d(self) -> bool:
@@ -156,6 +169,7 @@ def write_input(
     energy: float | None = None,
     distance: float | None = None,
     pixel_size: float | None = None,
+    mask: np.ndarray | None = None,
     overwrite: bool = False,
     compression: str | None = None,
     attrs: Mapping | None = None,
@@ -170,7 +184,9 @@ def write_input(
         an interrupted write never leaves a partial file under ``path``.
     counts : (N_FRAMES, M, M) real
         Photon counts, stored as float32. Centered (zero frequency at ``[M//2, M//2]``)
-        unless ``is_fft_shifted=1``; stored as given, the convention is recorded.
+        unless ``is_fft_shifted=1``; stored as given, the convention is recorded. Any
+        object with ``shape``, ``ndim`` and slicing along axis 0 works (an h5py dataset, a
+        lazy reader): it is read one angle's frames at a time.
     probe : (M, M) complex
         Probe, stored as complex64.
     positions_px : (N_FRAMES, 2) float
@@ -188,6 +204,9 @@ def write_input(
         0: ``counts`` are centered; 1: zero frequency at ``[0, 0]``.
     energy, distance, pixel_size : float, optional
         Photon energy (J), detector distance (m), detector pixel size (m).
+    mask : (M, M) or (N_ANGLES, M, M) integer or bool, optional
+        Detector mask (SPEC 8), nonzero = invalid pixel, in the same convention as
+        ``counts`` (centered unless ``is_fft_shifted=1``); stored as uint32.
     overwrite : bool
         Replace an existing ``path``; without it an existing file raises FileExistsError.
     compression : str, optional
@@ -208,13 +227,16 @@ def write_input(
     if path.exists() and not overwrite:
         raise FileExistsError(f"{path}: file exists; refusing to overwrite it without "
                               "overwrite=True (--force on the command line)")
-    counts = np.asarray(counts)
+    if not hasattr(counts, "shape"):  # arrays and lazy readers are sliced by angle below
+        counts = np.asarray(counts)
     probe = _squeeze_leading(np.asarray(probe))
     positions_px = np.asarray(positions_px, dtype=np.float64)
     frame_offset = np.asarray(frame_offset, dtype=np.int64)
     angles_deg = np.asarray(angles_deg, dtype=np.float64).reshape(-1)
     _check_write_shapes(counts, probe, positions_px, frame_offset, angles_deg, volume_shape,
                         is_fft_shifted)
+    if mask is not None:
+        mask = _check_write_mask(np.asarray(mask), counts.shape[-1], angles_deg.size)
     n_frames, m = counts.shape[0], counts.shape[-1]
 
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
@@ -243,6 +265,8 @@ def write_input(
             data.attrs["is_fft_shifted"] = np.int32(is_fft_shifted)
             data.attrs["units"] = "counts"
             data.attrs["axes"] = "translation:y:x"
+            if mask is not None:
+                detector.create_dataset("mask", data=mask)
             source.create_dataset("probe", data=probe.astype(np.complex64))
             for dset, value, unit in ((ENERGY, energy, "J"), (DISTANCE, distance, "m"),
                                       (PIXEL_SIZE, pixel_size, "m")):
@@ -306,6 +330,21 @@ def _check_write_shapes(counts, probe, positions_px, frame_offset, angles_deg, v
         raise ValueError(f"is_fft_shifted: expected 0 or 1, found {is_fft_shifted!r}")
 
 
+def _check_write_mask(mask: np.ndarray, m: int, n_angles: int) -> np.ndarray:
+    """The mask as uint32, values kept (nonzero = invalid; a simulation writes 1 for dead,
+    2 for hot pixels); ValueError when its shape, type or values are wrong."""
+    if mask.shape not in ((m, m), (n_angles, m, m)):
+        raise ValueError(f"mask: expected shape {(m, m)} or {(n_angles, m, m)} (one per "
+                         f"angle), found {mask.shape}")
+    if mask.dtype.kind not in "biu":
+        raise ValueError(f"mask: expected integers or booleans (nonzero = invalid), found "
+                         f"dtype {mask.dtype}")
+    if mask.size and (mask.min() < 0 or mask.max() > np.iinfo(np.uint32).max):
+        raise ValueError(f"mask: expected values in [0, 2^32) (uint32), found "
+                         f"{mask.min()} to {mask.max()}")
+    return mask.astype(np.uint32)
+
+
 # ---------------------------------------------------------------------------- reading
 
 
@@ -342,6 +381,8 @@ def read_input(
     InputData
         ``counts_local`` is float32 with the zero frequency at ``[0, 0]``: centered files
         (``is_fft_shifted`` 0 or absent) are ``ifftshift``-ed, corner files are read as is.
+        ``valid_local`` (None without a mask) likewise; a per-angle mask is read for the
+        block's angles only and repeated for each of their frames.
 
     Notes
     -----
@@ -385,6 +426,11 @@ def read_input(
         counts_local = np.asarray(ds[f0:f1], dtype=np.float32)
         if not is_fft_shifted:
             counts_local = np.fft.ifftshift(counts_local, axes=(-2, -1))
+        valid_local = _read_valid(f, path, m, n_angles, angle_start, angle_stop,
+                                  frame_offset, is_fft_shifted)
+        if valid_local is not None:
+            # Not data (SPEC 8): no garbage of a dead or hot pixel is handed on.
+            np.copyto(counts_local, np.float32(0), where=~valid_local)
 
         if volume_shape is None:
             positions = np.asarray(f[POSITIONS][()], dtype=np.float64)
@@ -427,7 +473,26 @@ def read_input(
         energy=energy,
         distance=distance,
         pixel_size=pixel_size,
+        valid_local=valid_local,
     )
+
+
+def _read_valid(f: h5py.File, path: str, m: int, n_angles: int, angle_start: int,
+                angle_stop: int, frame_offset: np.ndarray, is_fft_shifted: int):
+    """``valid_local`` of :class:`InputData` from the file's mask (None when absent)."""
+    if MASK not in f:
+        return None
+    ds = f[MASK]
+    if not isinstance(ds, h5py.Dataset) or ds.shape not in ((m, m), (n_angles, m, m)) \
+            or ds.dtype.kind not in "biu":
+        raise ValueError(f"{path}: {MASK}: expected integers of shape {(m, m)} or "
+                         f"{(n_angles, m, m)}, found {getattr(ds, 'shape', 'a group')} "
+                         f"{getattr(ds, 'dtype', '')}".rstrip())
+    if ds.ndim == 2:
+        return valid_from_mask(ds[()], is_fft_shifted)
+    per_angle = valid_from_mask(ds[angle_start:angle_stop], is_fft_shifted)
+    offsets = frame_offset[angle_start : angle_stop + 1]
+    return valid_per_frame(per_angle, offsets - offsets[0])
 
 
 def image_frame_2d(positions: np.ndarray, m: int, margin: int) -> tuple[np.ndarray, tuple]:

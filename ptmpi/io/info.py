@@ -144,10 +144,12 @@ def _input_info(name: str) -> tuple[list[str], list[str]]:
     power = float(np.sum(np.abs(data.probe.astype(np.complex128)) ** 2))
     lines.append(f"probe: {data.m} x {data.m} complex64, sum |probe|^2 = {power:.6g}")
     if report.counts_total is not None:
-        lines.append(f"counts: total {report.counts_total:.6g}, max {report.counts_max:g}")
+        lines.append(f"counts: total {report.counts_total:.6g}, max {report.counts_max:g}"
+                     + (" (valid pixels only)" if report.mask_shape is not None else ""))
     convention = ("1 (zero frequency at [0, 0])" if data.is_fft_shifted
                   else "0 (centered: zero frequency at [m//2, m//2])")
     lines.append(f"detector convention: is_fft_shifted = {convention}")
+    lines.append("detector mask: " + _mask_text(report.mask_shape, report.masked_pixels))
     with h5py.File(name, "r") as f:
         off = f[FRAME_OFFSET][()]
         first = np.asarray(f[POSITIONS][int(off[0]) : int(off[1])], dtype=np.float64) \
@@ -168,6 +170,18 @@ def _input_info(name: str) -> tuple[list[str], list[str]]:
         if value is not None:
             lines.append(f"{label}: {value:g} {unit}")
     return lines, []
+
+
+def _mask_text(shape: tuple | None, masked: int) -> str:
+    """The mask line of ``ptmpi info``: shape, kind and number of masked pixels."""
+    if shape is None:
+        return "none (every pixel valid)"
+    m = shape[-1]
+    if len(shape) == 2:
+        return (f"{m} x {m}, one for all frames, {masked} masked pixel(s) "
+                f"({100 * masked / (m * m):.2f}%)")
+    return (f"{shape[0]} x {m} x {m}, one per angle, {masked} masked pixel(s) in all "
+            f"({100 * masked / (shape[0] * m * m):.2f}%)")
 
 
 def _scan_step_text(positions: np.ndarray) -> str:

@@ -5,6 +5,10 @@ structure (datasets, shapes, offsets, probe, positions, angles) is checked in fu
 counts only for the frames of the caller's block of angles, read a few frames at a time,
 so that every MPI rank checks its own hyperslab with bounded memory.
 
+The optional detector mask (SPEC 8) must be integers (or booleans) of shape ``(m, m)`` or
+``(A, m, m)``; counts at the pixels it marks invalid are not data, so they are not checked
+(a dead pixel's NaN or a hot pixel's huge value is no problem there).
+
 Non-integer positions are not a problem here: the solver rounds them with a warning
 (SPEC section 2).
 """
@@ -23,6 +27,7 @@ from ptmpi.io.cxi import (
     DATA,
     FRAME_OFFSET,
     LAYOUT_VERSION,
+    MASK,
     POSITIONS,
     PROBE,
     PTMPI,
@@ -54,15 +59,22 @@ class InputReport:
     problems : list of str
         One line each; empty when the file is valid.
     counts_total, counts_max : float or None
-        Sum and maximum of the finite counts of the frames checked (None if none was).
+        Sum and maximum of the finite counts at the valid pixels of the frames checked
+        (None if none was).
     frames_checked : int
         Number of frames whose counts were read.
+    mask_shape : tuple or None
+        Shape of the detector mask (None: no mask, or an invalid one).
+    masked_pixels : int
+        Number of invalid pixels in the mask (summed over its angles for a per-angle mask).
     """
 
     problems: list[str]
     counts_total: float | None = None
     counts_max: float | None = None
     frames_checked: int = 0
+    mask_shape: tuple | None = None
+    masked_pixels: int = 0
 
 
 def validate_input(path: str | os.PathLike, angle_start: int = 0,
@@ -168,6 +180,7 @@ def _check_file(f: h5py.File, name: str, angle_start: int, angle_stop: int | Non
                         f"{_first_bad(angles, lambda a: ~np.isfinite(a))}")
 
     offsets_ok = _check_frame_offset(f, n_angles, n_frames, problem)
+    mask_ok = _check_mask(f, m, n_angles, problem, report)
 
     positions = np.asarray(f[POSITIONS][()])
     positions_ok = False
@@ -192,9 +205,11 @@ def _check_file(f: h5py.File, name: str, angle_start: int, angle_stop: int | Non
     if not 0 <= angle_start <= angle_stop <= n_angles:
         problems.append(f"{name}: angle block [{angle_start}, {angle_stop}) is not inside "
                         f"the file's {n_angles} angles")
-    elif offsets_ok and shape_ok:
+    elif offsets_ok and shape_ok and mask_ok:
         offsets = np.asarray(f[FRAME_OFFSET][()], dtype=np.int64)
-        _scan_counts(data, int(offsets[angle_start]), int(offsets[angle_stop]), problem, report)
+        mask = f[MASK] if report.mask_shape is not None else None
+        _scan_counts(data, int(offsets[angle_start]), int(offsets[angle_stop]), problem, report,
+                     mask, offsets)
 
 
 def _check_frame_offset(f: h5py.File, n_angles: int, n_frames: int, problem) -> bool:
@@ -221,6 +236,34 @@ def _check_frame_offset(f: h5py.File, n_angles: int, n_frames: int, problem) -> 
                               f"found {int(offsets[-1])}")
         ok = False
     return ok
+
+
+def _check_mask(f: h5py.File, m: int, n_angles: int, problem, report: InputReport) -> bool:
+    """Check the optional detector mask; fill the report's mask fields. False: unusable."""
+    if MASK not in f:
+        return True
+    ds = f[MASK]
+    if not isinstance(ds, h5py.Dataset):
+        problem(MASK, "expected a dataset (m, m) or (A, m, m), found a group")
+        return False
+    if ds.shape not in ((m, m), (n_angles, m, m)):
+        problem(MASK, f"expected shape ({m}, {m}) (one mask for all frames) or "
+                      f"({n_angles}, {m}, {m}) (one per angle), found {ds.shape}")
+        return False
+    if ds.dtype.kind not in "biu":
+        problem(MASK, f"expected integers (uint32, nonzero = invalid pixel), found dtype "
+                      f"{ds.dtype}")
+        return False
+    if ds.ndim == 2:
+        masked = int(np.count_nonzero(ds[()]))
+    else:
+        step = max(1, _SCAN_BYTES // (4 * m * m))
+        masked = sum(int(np.count_nonzero(ds[a : a + step])) for a in range(0, n_angles, step))
+    report.mask_shape, report.masked_pixels = tuple(ds.shape), masked
+    if masked == ds.size:
+        problem(MASK, "expected some valid (zero) pixels, found every pixel masked")
+        return False
+    return True
 
 
 def _check_volume_shape(f: h5py.File, m: int, problem) -> tuple[int, int, int] | None:
@@ -259,9 +302,15 @@ def _check_windows(positions: np.ndarray, volume_shape, m: int, problem) -> None
                            f"{positions[j, 1]:g}) entirely outside{more}")
 
 
-def _scan_counts(data: h5py.Dataset, f0: int, f1: int, problem, report: InputReport) -> None:
-    """Check counts of frames ``[f0, f1)`` a few frames at a time; fill the report's stats."""
+def _scan_counts(data: h5py.Dataset, f0: int, f1: int, problem, report: InputReport,
+                 mask: h5py.Dataset | None = None, offsets: np.ndarray | None = None) -> None:
+    """Check counts of frames ``[f0, f1)`` a few frames at a time; fill the report's stats.
+
+    Pixels that ``mask`` marks invalid are skipped (a per-angle mask is matched to each
+    frame's angle through ``offsets``).
+    """
     m = data.shape[1]
+    invalid = mask[()] != 0 if mask is not None and mask.ndim == 2 else None
     step = max(1, _SCAN_BYTES // (4 * m * m))
     n_nonfinite = n_negative = 0
     first_nonfinite = first_negative = None
@@ -270,6 +319,12 @@ def _scan_counts(data: h5py.Dataset, f0: int, f1: int, problem, report: InputRep
     for a in range(f0, f1, step):
         b = min(a + step, f1)
         block = np.asarray(data[a:b], dtype=np.float32)
+        if mask is not None:
+            if mask.ndim == 3:
+                angle = np.searchsorted(offsets, np.arange(a, b), side="right") - 1
+                first = int(angle[0])
+                invalid = (mask[first : int(angle[-1]) + 1] != 0)[angle - first]
+            block = np.where(invalid, np.float32(0), block)
         finite = np.isfinite(block)
         if not finite.all():
             per_frame = np.flatnonzero(~finite.all(axis=(1, 2)))

@@ -11,7 +11,7 @@ arithmetic it feeds).
   its transpose (sums in a wider dtype, float64 from float32 data without a converted
   copy) and ``P^T W P``, over slabs of slices straight from and to the volume's layout.
 - :func:`window_fwd`, :func:`window_adj`: the probe windows and their scatter-add.
-- :func:`data_split`: the z-step and the update of lam2 in one pass.
+- :func:`data_split`: the z-step and the update of lam2 in one pass (detector mask aware).
 - :func:`tv_step`, :func:`neg_div_sum`, :func:`combine`: the TV split step, the
   divergence in the right-hand side and the rounding of the reduced sums.
 - :func:`neg_laplacian`: ``grad^H grad u = -Lap u`` (Neumann) in one pass.
@@ -242,13 +242,17 @@ if numba is not None:
                     images[af, rf + i, cf + j] += np.conj(probe[i, j]) * psi[f, i, j]
 
     @_jit
-    def _data_split(d, lam2, f, r2, ipm, z):
+    def _data_split(d, lam2, f, valid, r2, ipm, z):
         # z = prox_G(d - lam2) (see ptmpi.solvers.prox), then lam2 += z - d; frame by frame.
+        # valid: (0, m, m) for no mask, (1, m, m) for one mask, else one per frame; z = zt
+        # where it is False, and f is not read there.
         # Plain products and square roots only: abs() and ** go through slow library calls.
         n_frames, m, _ = d.shape
+        n_valid = valid.shape[0]
         eps = np.finfo(f.dtype).eps
         one = f.dtype.type(1)
         for fr in range(n_frames):
+            vf = fr if n_valid > 1 else 0
             peak2 = f.dtype.type(0)
             for i in range(m):
                 for j in range(m):
@@ -259,6 +263,10 @@ if numba is not None:
                 for j in range(m):
                     dij = d[fr, i, j]
                     zt = dij - lam2[fr, i, j]
+                    if n_valid > 0 and not valid[vf, i, j]:
+                        z[fr, i, j] = zt
+                        lam2[fr, i, j] += zt - dij
+                        continue
                     mag = np.sqrt(zt.real * zt.real + zt.imag * zt.imag)
                     fij = f[fr, i, j]
                     rm = r2 * mag
@@ -385,13 +393,26 @@ def window_adj(psi, probe, a, r, c, images):
     _window_adj(np.ascontiguousarray(psi), probe, a, r, c, images)
 
 
-def data_split(d, lam2, f, r2: float, likelihood: str):
-    """``z = prox_G(d - lam2)`` and ``lam2 += z - d`` (in place) in one pass; returns z."""
+def data_split(d, lam2, f, r2: float, likelihood: str, valid=None):
+    """``z = prox_G(d - lam2)`` and ``lam2 += z - d`` (in place) in one pass; returns z.
+
+    ``valid``: optional detector mask, bool ``(M, M)`` or ``(N_FRAMES, M, M)`` (True =
+    measured); at invalid pixels ``z = d - lam2`` and ``f`` is not read.
+    """
     if not lam2.flags.c_contiguous:
         raise ValueError("data_split: lam2 must be C-contiguous (updated in place)")
     z = np.empty_like(d)
     rdtype = f.dtype.type
-    _data_split(np.ascontiguousarray(d), lam2, np.ascontiguousarray(f), rdtype(r2),
+    m = d.shape[-1]
+    if valid is None:
+        valid = np.ones((0, m, m), dtype=np.bool_)
+    else:
+        valid = np.ascontiguousarray(valid, dtype=np.bool_)
+        valid = valid.reshape(-1, m, m)
+        if valid.shape[0] not in (1, d.shape[0]):
+            raise ValueError(f"data_split: valid of shape {valid.shape} for {d.shape[0]} "
+                             "frames")
+    _data_split(np.ascontiguousarray(d), lam2, np.ascontiguousarray(f), valid, rdtype(r2),
                 likelihood == "ipm", z)
     return z
 

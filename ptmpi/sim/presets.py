@@ -15,6 +15,7 @@ from typing import Any
 import numpy as np
 from numpy.typing import NDArray
 
+from ptmpi.sim.mask import max_stripe
 from ptmpi.sim.phantom import DEFAULT_PHASE_SCALE
 
 #: Forward models (SPEC 8): the paper's linear model and the projection approximation.
@@ -59,6 +60,10 @@ class SimulationSettings:
     """Radians of phase per unit phantom value: ``u = exp(i phase_scale phi)``."""
     jitter: float = 0.0
     """Half-width in pixels of the uniform scan-position jitter (rounded to whole pixels)."""
+    mask_stripe: int = 0
+    """Dead detector columns (a stripe right of the central column, counts 0), masked."""
+    hot_pixels: int = 0
+    """Random hot detector pixels (counts 4e9 in every frame), masked."""
     model: str = "linear"
     """Forward model: ``linear`` (the paper's, ``u = exp(i phase_scale phi)`` per voxel) or
     ``exp`` (SPEC 8, ``t = exp(i P u)``, the phantom scaled to ``max_phase``)."""
@@ -74,6 +79,11 @@ class SimulationSettings:
             value = getattr(self, name)
             if not _is_int(value) or value < 1:
                 fail(f"{name} must be a positive integer, got {value!r}")
+            object.__setattr__(self, name, int(value))
+        for name in ("mask_stripe", "hot_pixels"):
+            value = getattr(self, name)
+            if not _is_int(value) or value < 0:
+                fail(f"{name} must be a non-negative integer, got {value!r}")
             object.__setattr__(self, name, int(value))
         if not _is_int(self.seed) or self.seed < 0:
             fail(f"seed must be a non-negative integer, got {self.seed!r}")
@@ -99,6 +109,12 @@ class SimulationSettings:
             object.__setattr__(self, "eta", float(self.eta))
         if self.jitter < 0:
             fail(f"jitter must be >= 0 pixels, got {self.jitter:g}")
+        if self.mask_stripe > max_stripe(self.probe_size):
+            fail(f"mask_stripe must be at most {max_stripe(self.probe_size)} columns for "
+                 f"probe_size {self.probe_size}, got {self.mask_stripe}")
+        if self.hot_pixels > self.probe_size**2 // 4:
+            fail(f"hot_pixels must be at most {self.probe_size**2 // 4} (a quarter of the "
+                 f"detector) for probe_size {self.probe_size}, got {self.hot_pixels}")
         if self.model not in MODELS:
             fail(f"model must be one of {', '.join(MODELS)}, got {self.model!r}")
         if self.max_phase is not None:

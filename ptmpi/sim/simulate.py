@@ -2,9 +2,14 @@
 
 ``f_{j,t} = Poisson(eta |F(omega * S_j P_t u_true)|^2)`` (SPEC section 2), or the clean
 intensities when ``eta`` is None. With ``model="exp"`` (SPEC 8) the far fields are
-``F(omega * S_j exp(i P_t u_true))`` instead, with the volume of :func:`exp_volume`. The probe is built with peak amplitude 1 (one photon per
-pixel and unit exposure at the brightest probe pixel); a file stores it scaled by
-``sqrt(eta)``, so the file's probe and counts are consistent.
+``F(omega * S_j exp(i P_t u_true))`` instead, with the volume of :func:`exp_volume`. The
+probe is built with peak amplitude 1 (one photon per pixel and unit exposure at the
+brightest probe pixel); a file stores it scaled by ``sqrt(eta)``, so the file's probe and
+counts are consistent.
+
+With ``mask_stripe`` or ``hot_pixels`` the data get a detector mask (:mod:`ptmpi.sim.mask`)
+and garbage counts at its pixels; the mask is drawn from its own random stream, so the
+counts at valid pixels are those of the same simulation without a mask, bit for bit.
 """
 
 from __future__ import annotations
@@ -15,9 +20,11 @@ import math
 
 import numpy as np
 
+from ptmpi.mask import valid_only
 from ptmpi.operators.model import JointModel
 from ptmpi.operators.tomo import Projector
 from ptmpi.operators.transmission import ExpModel
+from ptmpi.sim.mask import detector_mask, spoil_masked_counts
 from ptmpi.sim.noise import poisson_counts
 from ptmpi.sim.phantom import pure_phase_volume, shepp_logan_3d
 from ptmpi.sim.presets import DEFAULT_MAX_PHASE, SimulationSettings, angles_deg
@@ -31,6 +38,8 @@ logger = logging.getLogger(__name__)
 EXP_ATTENUATION_RATIO = 0.02
 #: Gaussian smoothing (voxels) of the phantom of ``--model exp`` data at 3 pi (more above).
 EXP_BLUR_VOXELS = 1.5
+# Second seed word of the mask's random stream (independent of the noise draws).
+_MASK_STREAM = 0x6D61736B
 
 # Angles simulated together: bounds the transient far-field memory of dense scans.
 _ANGLE_BLOCK = 4
@@ -40,7 +49,8 @@ _ANGLE_BLOCK = 4
 class SimulatedData:
     """Arrays of a simulated dataset, in the layout of SPEC section 3.
 
-    ``counts`` are centered (zero frequency at ``[M//2, M//2]``), as a detector records them.
+    ``counts`` are centered (zero frequency at ``[M//2, M//2]``), as a detector records them;
+    so is ``mask`` (nonzero = invalid; None without detector defects).
     """
 
     counts: np.ndarray  # (N_FRAMES, M, M) float32
@@ -51,6 +61,7 @@ class SimulatedData:
     volume: np.ndarray  # (nz, n, n) complex64 ground truth u
     snr_intensity_db: float  # SPEC 5; inf for noise-free data
     settings: SimulationSettings
+    mask: np.ndarray | None = None  # (M, M) uint32, centered
 
 
 def exp_volume(phi: np.ndarray, theta: np.ndarray, max_phase: float) -> np.ndarray:
@@ -94,6 +105,11 @@ def simulate(settings: SimulationSettings) -> SimulatedData:
         u_true = exp_volume(shepp_logan_3d(shape), theta, max_phase)
     else:
         u_true = pure_phase_volume(shepp_logan_3d(shape), s.phase_scale, dtype=np.complex64)
+    mask = None
+    if s.mask_stripe or s.hot_pixels:
+        mask_rng = np.random.default_rng([s.seed, _MASK_STREAM])
+        mask = detector_mask(s.probe_size, s.mask_stripe, s.hot_pixels, mask_rng)
+    valid = None if mask is None else np.fft.ifftshift(mask == 0)
     counts = np.empty((int(frame_offset[-1]), s.probe_size, s.probe_size), dtype=np.float32)
     noise_sq = clean_sq = 0.0
     for a0 in range(0, s.n_angles, _ANGLE_BLOCK):
@@ -105,10 +121,12 @@ def simulate(settings: SimulationSettings) -> SimulatedData:
         intensity = np.abs(model.fwd(u_true)) ** 2
         f = poisson_counts(intensity, s.eta, rng)
         if s.eta is not None:
-            clean = s.eta * intensity
-            noise_sq += float(np.sum((f.astype(np.float64) - clean) ** 2))
+            clean = valid_only(s.eta * intensity, valid)
+            noise_sq += float(np.sum((valid_only(f, valid).astype(np.float64) - clean) ** 2))
             clean_sq += float(np.sum(clean.astype(np.float64) ** 2))
         counts[f0:f1] = np.fft.fftshift(f, axes=(-2, -1))
+    if mask is not None:
+        spoil_masked_counts(counts, mask)
     snr_int = math.inf if s.eta is None else -10 * math.log10(noise_sq / clean_sq)
     file_probe = probe if s.eta is None else (np.sqrt(s.eta) * probe).astype(np.complex64)
     return SimulatedData(
@@ -120,4 +138,5 @@ def simulate(settings: SimulationSettings) -> SimulatedData:
         volume=u_true,
         snr_intensity_db=snr_int,
         settings=settings,
+        mask=mask,
     )

@@ -48,6 +48,7 @@ from collections.abc import Callable
 import numpy as np
 
 from ptmpi.backend import get_xp, real_dtype, synchronize, to_device
+from ptmpi.mask import valid_only
 from ptmpi.operators import kernels
 from ptmpi.operators.grad import Gradient
 from ptmpi.operators.model import JointModel
@@ -131,7 +132,9 @@ class SolverSettings:
 class LocalProblem:
     """What a rank needs: the global geometry and its own frames.
 
-    ``f_local`` holds counts with zero frequency at ``[0, 0]``.
+    ``f_local`` holds counts with zero frequency at ``[0, 0]``; ``valid_local`` the
+    detector mask in the same layout (:mod:`ptmpi.mask`): its invalid pixels take no part
+    in the likelihood or the R-factor, and their counts are never read.
     """
 
     volume_shape: tuple[int, int, int]
@@ -141,6 +144,7 @@ class LocalProblem:
     frame_offset_local: np.ndarray  # (N_THETA_LOCAL + 1,)
     probe: object  # (M, M) complex initial probe
     truth_volume: object | None = None  # (nz, n, n), replicated, for SNR only
+    valid_local: object | None = None  # bool (M, M) or (N_FRAMES_LOCAL, M, M); None: all valid
 
 
 @dataclasses.dataclass
@@ -282,7 +286,8 @@ def solve(problem: LocalProblem, settings: SolverSettings, comm: SerialComm,
     probe = to_device(problem.probe, xp).astype(dtype)
     model = JointModel(problem.volume_shape, problem.theta_local, probe,
                        problem.positions_local, problem.frame_offset_local, dtype=dtype)
-    f_local = to_device(problem.f_local, xp).astype(rdtype)
+    valid = None if problem.valid_local is None else to_device(problem.valid_local, xp)
+    f_local = valid_only(to_device(problem.f_local, xp).astype(rdtype), valid)
     sqrt_f = xp.sqrt(f_local)
     truth = None if problem.truth_volume is None else to_device(problem.truth_volume, xp)
     grad = Gradient(problem.volume_shape)
@@ -367,10 +372,11 @@ def solve(problem: LocalProblem, settings: SolverSettings, comm: SerialComm,
         # Over-relaxation (alpha = 1 is the paper's ADMM): mix in the previous split value.
         alpha = settings.relaxation
         if alpha == 1:  # z-step and its multiplier update (step 3) together
-            z = update_data_split(d, state.lam2_local, f_local, r2, settings.likelihood)
+            z = update_data_split(d, state.lam2_local, f_local, r2, settings.likelihood,
+                                  valid)
         else:
             d_hat = alpha * d + (1 - alpha) * state.z_local
-            z = prox_data(d_hat - state.lam2_local, f_local, r2, settings.likelihood)
+            z = prox_data(d_hat - state.lam2_local, f_local, r2, settings.likelihood, valid)
             state.lam2_local += z - d_hat
         if apt and alpha == 1 and r1 > 0:
             # p-step and its multiplier update (step 3) together, one pass over u.
@@ -386,7 +392,8 @@ def solve(problem: LocalProblem, settings: SolverSettings, comm: SerialComm,
         state.iteration += 1
 
         # Metrics of the iterate u_{k+1}: one reduction for the R-factor numerator.
-        num = comm.allreduce_scalar(float(xp.sum(xp.abs(xp.abs(d) - sqrt_f), dtype=xp.float64)))
+        num = comm.allreduce_scalar(float(xp.sum(valid_only(xp.abs(xp.abs(d) - sqrt_f), valid),
+                                                 dtype=xp.float64)))
         du = float(xp.linalg.norm(u - u_old))
         un = float(xp.linalg.norm(u))
         synchronize(xp)

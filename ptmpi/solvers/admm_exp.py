@@ -78,6 +78,7 @@ from collections.abc import Callable
 import numpy as np
 
 from ptmpi.backend import get_xp, real_dtype, synchronize, to_device
+from ptmpi.mask import valid_only
 from ptmpi.operators.grad import Gradient
 from ptmpi.operators.transmission import (
     ExpModel,
@@ -295,7 +296,8 @@ def initial_volume(model: ExpModel, problem: LocalProblem, settings: ExpSolverSe
                                        refine_probe=settings.refine_probe)
     images = solve_ptycho2d(xp.ones(model.projector.data_shape, dtype=dtype), problem.f_local,
                             problem.probe, problem.positions_local,
-                            problem.frame_offset_local, ptycho_settings, comm)
+                            problem.frame_offset_local, ptycho_settings, comm,
+                            valid_local=problem.valid_local)
     u = xp.zeros(problem.volume_shape, dtype=dtype)
     u, _ = gauss_newton(model, u, images.v_local, 1.0, Gradient(problem.volume_shape), None,
                         0.0, comm, settings.init_gn_iterations, settings.cg_iterations,
@@ -318,7 +320,8 @@ def solve_exp(problem: LocalProblem, settings: ExpSolverSettings, comm: SerialCo
     probe = to_device(problem.probe, xp).astype(dtype)
     model = ExpModel(problem.volume_shape, problem.theta_local, probe,
                      problem.positions_local, problem.frame_offset_local, dtype=dtype)
-    f_local = to_device(problem.f_local, xp).astype(rdtype)
+    valid = None if problem.valid_local is None else to_device(problem.valid_local, xp)
+    f_local = valid_only(to_device(problem.f_local, xp).astype(rdtype), valid)
     sqrt_f = xp.sqrt(f_local)
     truth = None if problem.truth_volume is None else to_device(problem.truth_volume, xp)
     grad = Gradient(problem.volume_shape)
@@ -368,7 +371,8 @@ def solve_exp(problem: LocalProblem, settings: ExpSolverSettings, comm: SerialCo
 
     def metrics(u, u_old, t_now, t_start) -> dict:
         d = model.views(t_now)
-        num = comm.allreduce_scalar(float(xp.sum(xp.abs(xp.abs(d) - sqrt_f), dtype=xp.float64)))
+        num = comm.allreduce_scalar(float(xp.sum(valid_only(xp.abs(xp.abs(d) - sqrt_f), valid),
+                                                 dtype=xp.float64)))
         du = float(xp.linalg.norm(u - u_old))
         un = float(xp.linalg.norm(u))
         synchronize(xp)
@@ -416,7 +420,7 @@ def solve_exp(problem: LocalProblem, settings: ExpSolverSettings, comm: SerialCo
             weight = model.illumination(xp)
         # Step 2: z and lam2.
         z = update_data_split(model.views(psi), state.lam2_local, f_local, r2,
-                              settings.likelihood)
+                              settings.likelihood, valid)
         # Step 3: u by Gauss-Newton.
         tv_rhs = grad.adj_sum(state.p, state.lam1) if apt and r1 > 0 else None
         u, t = gauss_newton(model, u_old, psi + state.mu_local, rho, grad, tv_rhs, r1, comm,

@@ -26,6 +26,7 @@ from collections.abc import Callable
 import numpy as np
 
 from ptmpi.backend import get_xp, real_dtype, synchronize, to_device
+from ptmpi.mask import valid_only
 from ptmpi.operators.fft import FarField
 from ptmpi.operators.ptycho import Ptycho
 from ptmpi.operators.tomo import Projector
@@ -78,8 +79,8 @@ class Ptycho2DState:
 
 def solve_ptycho2d(v0_local, f_local, probe, positions_local, frame_offset_local,
                    settings: Ptycho2DSettings, comm: SerialComm, *,
-                   callback: Callable[[Ptycho2DState, dict], None] | None = None
-                   ) -> Ptycho2DState:
+                   callback: Callable[[Ptycho2DState, dict], None] | None = None,
+                   valid_local=None) -> Ptycho2DState:
     """Per-angle ptychography of this rank's angles, started from images ``v0_local``.
 
     Parameters
@@ -90,6 +91,9 @@ def solve_ptycho2d(v0_local, f_local, probe, positions_local, frame_offset_local
         Counts with zero frequency at ``[0, 0]``.
     probe : (M, M) complex
     positions_local, frame_offset_local : this rank's scan (see :class:`Ptycho`).
+    valid_local : bool (M, M) or (N_FRAMES_LOCAL, M, M), optional
+        Detector mask (:mod:`ptmpi.mask`): invalid pixels take no part in the likelihood
+        or the R-factor, and their counts are never read.
     """
     xp = get_xp(v0_local)
     dtype = v0_local.dtype
@@ -97,7 +101,8 @@ def solve_ptycho2d(v0_local, f_local, probe, positions_local, frame_offset_local
     omega = to_device(probe, xp).astype(dtype)
     ptycho = Ptycho(omega, positions_local, frame_offset_local, v0_local.shape[1:])
     farfield = FarField()
-    f_local = to_device(f_local, xp).astype(rdtype)
+    valid = None if valid_local is None else to_device(valid_local, xp)
+    f_local = valid_only(to_device(f_local, xp).astype(rdtype), valid)
     sqrt_f = xp.sqrt(f_local)
     r2 = settings.r2
 
@@ -123,11 +128,12 @@ def solve_ptycho2d(v0_local, f_local, probe, positions_local, frame_offset_local
             ptycho.probe = state.omega
             weight, delta = illumination()
         d = farfield.fwd(ptycho.fwd(v))
-        z = prox_data(d - state.lam2_local, f_local, r2, settings.likelihood)
+        z = prox_data(d - state.lam2_local, f_local, r2, settings.likelihood, valid)
         state.lam2_local += z - d
         state.z_local, state.v_local = z, v
         state.iteration += 1
-        num = comm.allreduce_scalar(float(xp.sum(xp.abs(xp.abs(d) - sqrt_f), dtype=xp.float64)))
+        num = comm.allreduce_scalar(float(xp.sum(valid_only(xp.abs(xp.abs(d) - sqrt_f), valid),
+                                                 dtype=xp.float64)))
         change = comm.allreduce_sum(np.array([float(xp.linalg.norm(v - v_old)) ** 2,
                                               float(xp.linalg.norm(v)) ** 2]))
         synchronize(xp)
