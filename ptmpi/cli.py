@@ -328,7 +328,7 @@ def cmd_reconstruct(args, comm: SerialComm) -> int:
         every = DEFAULT_CHECKPOINT_EVERY if args.checkpoint else 0
     # Stop signals become checkpoints only where they can (apt/apts); elsewhere they keep
     # their default action (end the process).
-    joint = algorithm in ("apt", "apts") and model == "linear"
+    joint = algorithm in ("apt", "apts")
     with (stop_on_signals() if joint else contextlib.nullcontext()) as stop_request:
         try:
             reconstruct(args.input, args.output, settings, comm, algorithm=algorithm,

@@ -181,10 +181,7 @@ def reconstruct(input_path: str, output_path: str, settings, comm: SerialComm, *
     if algorithm not in ALGORITHMS:
         raise RunError(f"unknown algorithm {algorithm!r}; expected one of {ALGORITHMS}")
     exp = isinstance(settings, ExpSolverSettings)
-    if exp and (checkpoint is not None or checkpoint_every or resume):
-        raise RunError("--checkpoint, --checkpoint-every and --resume are not supported with "
-                       "--model exp yet")
-    joint = algorithm in ("apt", "apts") and not exp
+    joint = algorithm in ("apt", "apts")
     if not joint and (checkpoint is not None or checkpoint_every or resume):
         raise RunError(f"--checkpoint, --checkpoint-every and --resume are not supported with "
                        f"--algorithm {algorithm} (apt and apts only)")
@@ -208,13 +205,13 @@ def reconstruct(input_path: str, output_path: str, settings, comm: SerialComm, *
     n_iter = settings.iterations
     progress = Progress(n_iter, enabled=comm.is_root)
     try:
-        if exp:
-            result = _run_joint(data, start, stop, settings, comm, xp, dtype, progress)
-        elif joint:
+        if joint:
             restart = _open_restart(path, header, data, start, stop, settings, comm, xp, dtype,
                                     checksum, checkpoint_every, stop_request)
             result = _run_joint(data, start, stop, settings, comm, xp, dtype, progress,
                                 *restart)
+        elif exp:  # two-step of the exp model
+            result = _run_joint(data, start, stop, settings, comm, xp, dtype, progress)
         else:
             result = _run_ptycho(data, start, stop, algorithm, settings, comm, xp, dtype,
                                  progress)
@@ -302,7 +299,7 @@ def _open_restart(path, header, data, start, stop, settings, comm, xp, dtype, ch
                            f"{data.path}")
         problems = []
         try:
-            state = read_checkpoint(path, f0, f1, xp)
+            state = read_checkpoint(path, f0, f1, xp, start, stop)
         except (OSError, KeyError, ValueError) as exc:
             problems = [f"{path}: cannot read the checkpoint ({exc})"]
         _agree(comm, problems)
@@ -311,7 +308,8 @@ def _open_restart(path, header, data, start, stop, settings, comm, xp, dtype, ch
 
     def write(state_now):
         write_checkpoint(path, state_now, comm, settings=settings.to_dict(), dtype=dtype,
-                         input_checksum=checksum, frame_start=f0, n_frames=data.n_frames)
+                         input_checksum=checksum, frame_start=f0, n_frames=data.n_frames,
+                         angle_start=start, n_angles=data.n_angles)
 
     last = header.iteration if header is not None else None
     return state, Checkpointer(path, every, comm, stop_request, write, last)

@@ -275,17 +275,46 @@ def test_simulate_records_the_model_and_reconstruct_defaults_to_it(exp_file, tmp
         assert json.loads(f["entry_1/process_1/parameters"][()])["model"] == "linear"
 
 
-@pytest.mark.parametrize("flags", [["--checkpoint", "ck.h5"], ["--resume"],
-                                   ["--algorithm", "ptycho2d"]])
-def test_exp_model_refusals_are_one_line(exp_file, tmp_path, capsys, flags):
+@pytest.mark.parametrize("flags,words", [
+    (["--algorithm", "ptycho2d"], "--model exp"),
+    (["--algorithm", "two-step", "--checkpoint", "ck.h5"], "apt and apts only"),
+])
+def test_exp_model_refusals_are_one_line(exp_file, tmp_path, capsys, flags, words):
     flags = [str(tmp_path / f) if f.endswith(".h5") else f for f in flags]
     code = main(["reconstruct", str(exp_file), "-o", str(tmp_path / "r.h5"), "--model", "exp",
                  *flags])
     err = capsys.readouterr().err.strip().splitlines()
     assert code == 1
     assert len(err) == 1 and err[0].startswith("ptmpi reconstruct: error:")
-    assert "exp" in err[0]
+    assert words in err[0]
     assert not (tmp_path / "r.h5").exists()
+
+
+def test_exp_checkpoint_resume_is_bit_for_bit_and_refused_by_the_linear_model(
+        exp_file, tmp_path, capsys):
+    whole, part, ck = tmp_path / "whole.h5", tmp_path / "part.h5", tmp_path / "ck.h5"
+    common = ["--no-figures", "--checkpoint", str(ck)]
+    assert main(["reconstruct", str(exp_file), "-o", str(whole), "--iterations", "5",
+                 "--no-figures"]) == 0
+    assert main(["reconstruct", str(exp_file), "-o", str(part), "--iterations", "2",
+                 "--checkpoint-every", "1", *common]) == 0
+    with h5py.File(ck, "r") as f:
+        assert f.attrs["iteration"] == 2
+        assert f["psi"].shape == (6, 16, 16) and f["mu"].shape == (6, 16, 16)
+        assert json.loads(f.attrs["settings"])["model"] == "exp"
+        assert np.abs(f["mu"][...]).max() > 0  # the multiplier has moved: it must be kept
+    assert main(["reconstruct", str(exp_file), "-o", str(part), "--iterations", "5",
+                 "--resume", "--force", *common]) == 0
+    with h5py.File(whole, "r") as fw, h5py.File(part, "r") as fp:
+        assert np.array_equal(fw["entry_1/image_1/data"][...], fp["entry_1/image_1/data"][...])
+        assert list(fp["entry_1/ptmpi/metrics/iteration"][...]) == [1, 2, 3, 4, 5]
+        assert np.array_equal(fw["entry_1/ptmpi/metrics/r_factor"][...],
+                              fp["entry_1/ptmpi/metrics/r_factor"][...])
+    capsys.readouterr()
+    code = main(["reconstruct", str(exp_file), "-o", str(tmp_path / "lin.h5"), "--model",
+                 "linear", "--iterations", "6", "--resume", *common])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 1 and len(err) == 1 and "model" in err[0]
 
 
 def test_exp_solver_ignores_counts_under_the_detector_mask():
