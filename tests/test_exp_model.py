@@ -339,3 +339,24 @@ def test_exp_solver_ignores_counts_under_the_detector_mask():
     problem.f_local = np.where(valid, problem.f_local, np.float32(1e6))
     unmasked, _ = solve_exp(problem, settings, SerialComm())
     assert not np.allclose(unmasked.u, results[0].u)
+
+
+def test_exp_probe_refinement_fits_a_wrong_starting_probe():
+    """A starting probe with a wrong curvature and scale: refining it brings the R-factor
+    from 0.12 (probe kept) to 0.005 (measured) in 20 iterations."""
+    data = simulate(exp_settings(n=16, nz=16, n_angles=6, step=2, probe_size=8, fwhm=3.0,
+                                 max_phase=6.0))
+    m = data.probe.shape[0]
+    y, x = np.mgrid[:m, :m] - (m - 1) / 2
+    final = {}
+    for refine in (False, True):
+        problem = problem_of(data)
+        problem.probe = (0.9 * data.probe * np.exp(0.3j * (x**2 + y**2) / m)).astype(
+            np.complex64)
+        state, _ = solve_exp(problem, ExpSolverSettings(iterations=20, refine_probe=refine),
+                             SerialComm())
+        final[refine] = state.history["r_factor"][-1]
+        if refine:
+            assert not np.allclose(state.omega, problem.probe)
+    assert final[True] < 0.02
+    assert final[True] < 0.25 * final[False]
