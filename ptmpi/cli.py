@@ -137,6 +137,7 @@ def _settings_from_args(args) -> SimulationSettings:
         "probe_size": args.probe_size, "fwhm": args.fwhm, "eta": args.eta, "seed": args.seed,
         "phase_scale": args.phase_scale, "jitter": args.jitter, "scan": args.scan,
         "mask_stripe": args.mask_stripe, "hot_pixels": args.hot_pixels,
+        "model": args.model, "max_phase": args.max_phase,
     }
     overrides = {k: v for k, v in overrides.items() if v is not None}
     if args.nz is None and args.n is not None and args.preset is None:
@@ -198,6 +199,7 @@ def simulate_to_file(settings, path: Path, force: bool, demo: bool = False,
             attrs={
                 "simulation": json.dumps(settings.to_dict()),
                 "snr_intensity_db": data.snr_intensity_db,
+                "model": settings.model,
             },
             root_attrs={"ptmpi_demo": 1} if demo else None,
         )
@@ -310,11 +312,12 @@ def cmd_reconstruct(args, comm: SerialComm) -> int:
 
     import numpy as np
 
-    from ptmpi.reconstruct import RunError, reconstruct, settings_from_args
+    from ptmpi.reconstruct import RunError, input_model, reconstruct, settings_from_args
     from ptmpi.restart import Interrupted, stop_on_signals
 
+    model = args.model or comm.bcast(input_model(args.input) if comm.is_root else None)
     try:
-        algorithm, settings = settings_from_args(args)
+        algorithm, settings = settings_from_args(args, model)
     except ValueError as exc:
         raise UserError(str(exc)) from exc
     dtype = np.complex128 if args.double else np.complex64
@@ -515,6 +518,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help="W dead detector columns beside the centre (counts 0), masked")
     p.add_argument("--hot-pixels", type=int, metavar="K",
                    help="K random hot detector pixels (counts 4e9), masked")
+    p.add_argument("--model", choices=["linear", "exp"],
+                   help="forward model: linear (the paper's, default) or exp (t = exp(i P u), "
+                        "SPEC 8); recorded in the file")
+    p.add_argument("--max-phase", type=_POSITIVE, metavar="RAD",
+                   help="exp model: largest projected phase in radians (default 3 pi)")
     p.add_argument("--force", action="store_true", help="overwrite an existing output file")
     p.set_defaults(func=cmd_simulate)
 
@@ -546,6 +554,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--algorithm", choices=["apt", "apts", "two-step", "ptycho2d"],
                    help="apt (default), apts, two-step (per-angle ptychography then "
                         "tomography) or ptycho2d (per-angle ptychography only)")
+    p.add_argument("--model", choices=["linear", "exp"],
+                   help="forward model: linear (the paper's) or exp (t = exp(i P u), SPEC 8); "
+                        "default: what the input file records, else linear")
     p.add_argument("--iterations", type=_COUNT,
                    help="ADMM iterations (default 200 for apt/apts, 100 for two-step/ptycho2d)")
     p.add_argument("--tol", type=_NON_NEGATIVE,

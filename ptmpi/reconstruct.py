@@ -36,6 +36,7 @@ from ptmpi.solvers.ptycho2d import (
 logger = logging.getLogger(__name__)
 
 ALGORITHMS = ("apt", "apts", "two-step", "ptycho2d")
+MODELS = ("linear", "exp")
 
 
 class RunError(Exception):
@@ -186,9 +187,12 @@ def reconstruct(input_path: str, output_path: str, settings, comm: SerialComm, *
     from ptmpi.io.cxi import input_checksum
     from ptmpi.io.output import write_output
 
+    from ptmpi.solvers.admm_exp import ExpSolverSettings
+
     algorithm = algorithm or getattr(settings, "algorithm", None)
     if algorithm not in ALGORITHMS:
         raise RunError(f"unknown algorithm {algorithm!r}; expected one of {ALGORITHMS}")
+    exp = isinstance(settings, ExpSolverSettings)
     joint = algorithm in ("apt", "apts")
     if not joint and (checkpoint is not None or checkpoint_every or resume):
         raise RunError(f"--checkpoint, --checkpoint-every and --resume are not supported with "
@@ -218,6 +222,8 @@ def reconstruct(input_path: str, output_path: str, settings, comm: SerialComm, *
                                     checksum, checkpoint_every, stop_request)
             result = _run_joint(data, start, stop, settings, comm, xp, dtype, progress,
                                 *restart)
+        elif exp:  # two-step of the exp model
+            result = _run_joint(data, start, stop, settings, comm, xp, dtype, progress)
         else:
             result = _run_ptycho(data, start, stop, algorithm, settings, comm, xp, dtype,
                                  progress)
@@ -234,7 +240,8 @@ def reconstruct(input_path: str, output_path: str, settings, comm: SerialComm, *
     if comm.is_root:
         write_output(
             output_path, volume=image, probe=to_host(omega), metrics=history,
-            parameters={"algorithm": algorithm, **params}, n_ranks=comm.size,
+            parameters={"algorithm": algorithm, "model": "exp" if exp else "linear", **params},
+            n_ranks=comm.size,
             input_file=str(input_path), input_checksum=checksum,
             command=command, overwrite=force, root_attrs={"ptmpi_demo": 1} if demo else None,
             image_axes="z:y:x" if algorithm != "ptycho2d" else "angle:y:x",
@@ -304,7 +311,7 @@ def _open_restart(path, header, data, start, stop, settings, comm, xp, dtype, ch
                            f"{data.path}")
         problems = []
         try:
-            state = read_checkpoint(path, f0, f1, xp)
+            state = read_checkpoint(path, f0, f1, xp, start, stop)
         except (OSError, KeyError, ValueError) as exc:
             problems = [f"{path}: cannot read the checkpoint ({exc})"]
         _agree(comm, problems)
@@ -313,7 +320,8 @@ def _open_restart(path, header, data, start, stop, settings, comm, xp, dtype, ch
 
     def write(state_now):
         write_checkpoint(path, state_now, comm, settings=settings.to_dict(), dtype=dtype,
-                         input_checksum=checksum, frame_start=f0, n_frames=data.n_frames)
+                         input_checksum=checksum, frame_start=f0, n_frames=data.n_frames,
+                         angle_start=start, n_angles=data.n_angles)
 
     last = header.iteration if header is not None else None
     return state, Checkpointer(path, every, comm, stop_request, write, last)
@@ -339,9 +347,12 @@ def _run_joint(data, start, stop, settings, comm, xp, dtype, progress, state=Non
         if checkpointer is not None:
             checkpointer(state_now, row)
 
+    from ptmpi.solvers.admm_exp import ExpSolverSettings, solve_exp
+
+    run = solve_exp if isinstance(settings, ExpSolverSettings) else solve
     try:
-        state, params = solve(problem, settings, comm, xp=xp, dtype=dtype, state=state,
-                              callback=callback)
+        state, params = run(problem, settings, comm, xp=xp, dtype=dtype, state=state,
+                            callback=callback)
         if checkpointer is not None:
             checkpointer.finish(state)
     except FloatingPointError as exc:
@@ -422,9 +433,41 @@ def _figures(output_path, algorithm, image, omega, data, history, n_iter) -> Non
     save_convergence(convergence, history, label)
 
 
-def settings_from_args(args):
+def input_model(path) -> str:
+    """The forward model an input file records (``/entry_1/ptmpi@model``, written by
+    ``ptmpi simulate``); ``linear`` when absent or unreadable (validation reports the
+    latter)."""
+    import h5py
+
+    try:
+        with h5py.File(path, "r") as f:
+            value = f["entry_1/ptmpi"].attrs.get("model", "linear")
+    except (OSError, KeyError):
+        return "linear"
+    value = value.decode() if isinstance(value, bytes) else str(value)
+    return value if value in MODELS else "linear"
+
+
+def settings_from_args(args, model: str = "linear"):
     """Solver settings from the ``reconstruct`` flags (unset flags keep the defaults)."""
     algorithm = args.algorithm or "apt"
+    if model == "exp":
+        from ptmpi.solvers.admm_exp import ExpSolverSettings
+
+        if algorithm == "ptycho2d":
+            raise ValueError("--algorithm ptycho2d does not use a tomography model: drop "
+                             "--model exp")
+        fields = {
+            "algorithm": algorithm, "iterations": args.iterations, "tol": args.tol,
+            "likelihood": args.likelihood, "tv_weight": args.tv_weight, "r1": args.r1,
+            "r2": args.r2, "cg_iterations": args.cg_iterations,
+            "refine_probe": args.refine_probe,
+        }
+        if algorithm == "two-step":  # the initialisation alone
+            fields.update(iterations=1, init_iterations=args.iterations,
+                          init_gn_iterations=args.tomo_iterations)
+        return algorithm, dataclasses.replace(ExpSolverSettings(), **{
+            k: v for k, v in fields.items() if v is not None})
     if algorithm in ("apt", "apts"):
         fields = {
             "algorithm": algorithm, "iterations": args.iterations, "tol": args.tol,

@@ -16,6 +16,8 @@ Layout (one HDF5 file; frames in the input file's global, angle-major order)::
     p, lam1            (3, nz, n, n) dtype       gradient split variable, multiplier (APT only)
     step               (nz, n, n) dtype          last step u_k - u_{k-1} (period-2 detection)
     z, lam2            (N_FRAMES, M, M) dtype    far-field split variable, multiplier
+    psi, mu            (N_ANGLES, nz, n) dtype   exp model only: transmission split
+                                                 variable and its multiplier, per angle
     metrics/<column>   (iteration,) history so far: iteration int64, others float64
 
 Writing (:func:`write_checkpoint`, collective): rank 0 creates ``.<name>.tmp`` in the
@@ -104,7 +106,8 @@ def temporary_path(path: str | os.PathLike) -> Path:
 
 
 def write_checkpoint(path, state: ADMMState, comm, *, settings: dict, dtype,
-                     input_checksum: str, frame_start: int, n_frames: int) -> None:
+                     input_checksum: str, frame_start: int, n_frames: int,
+                     angle_start: int = 0, n_angles: int = 0) -> None:
     """Write ``state`` to ``path`` (collective: every rank calls it; see the module notes).
 
     Parameters
@@ -124,6 +127,9 @@ def write_checkpoint(path, state: ADMMState, comm, *, settings: dict, dtype,
         Global index of this rank's first frame (``frame_offset[angle_start]``).
     n_frames : int
         Frames in the whole input file.
+    angle_start, n_angles : int
+        Exp model (a state with ``psi_local``): this rank's first angle and the angles of
+        the whole input file.
 
     Raises
     ------
@@ -139,8 +145,9 @@ def write_checkpoint(path, state: ADMMState, comm, *, settings: dict, dtype,
         if comm.rank == writer and error is None:
             try:
                 if writer == 0:
-                    _create(tmp, state, comm.size, settings, dtype, input_checksum, n_frames)
-                _write_frames(tmp, state, frame_start)
+                    _create(tmp, state, comm.size, settings, dtype, input_checksum, n_frames,
+                            n_angles)
+                _write_frames(tmp, state, frame_start, angle_start)
             except Exception as exc:  # noqa: BLE001 - reported on every rank below
                 error = f"{type(exc).__name__}: {exc}"
         error = comm.bcast(error, root=writer)
@@ -158,7 +165,7 @@ def write_checkpoint(path, state: ADMMState, comm, *, settings: dict, dtype,
 
 
 def _create(tmp: Path, state: ADMMState, n_ranks: int, settings: dict, dtype, checksum: str,
-            n_frames: int) -> None:
+            n_frames: int, n_angles: int = 0) -> None:
     """Rank 0: the file with every dataset, the replicated arrays and the metrics."""
     m = state.omega.shape[-1]
     with h5py.File(tmp, "w") as f:
@@ -178,20 +185,29 @@ def _create(tmp: Path, state: ADMMState, n_ranks: int, settings: dict, dtype, ch
                 f.create_dataset(name, data=to_host(value).astype(dtype, copy=False))
         for name in ("z", "lam2"):
             f.create_dataset(name, shape=(n_frames, m, m), dtype=dtype)
+        if getattr(state, "psi_local", None) is not None:
+            nz, _, n = state.u.shape
+            for name in ("psi", "mu"):
+                f.create_dataset(name, shape=(n_angles, nz, n), dtype=dtype)
         metrics = f.create_group("metrics")
         for key, values in state.history.items():
             metrics.create_dataset(key, data=np.asarray(
                 values, dtype=np.int64 if key == "iteration" else np.float64))
 
 
-def _write_frames(tmp: Path, state: ADMMState, frame_start: int) -> None:
-    """This rank's hyperslab of ``z`` and ``lam2``."""
+def _write_frames(tmp: Path, state: ADMMState, frame_start: int, angle_start: int = 0) -> None:
+    """This rank's hyperslab of ``z`` and ``lam2`` (and of ``psi``, ``mu``: exp model)."""
     n_local = state.z_local.shape[0]
-    if n_local == 0:
+    psi = getattr(state, "psi_local", None)
+    n_angles_local = 0 if psi is None else psi.shape[0]
+    if n_local == 0 and n_angles_local == 0:
         return
     with h5py.File(tmp, "r+") as f:
         f["z"][frame_start:frame_start + n_local] = to_host(state.z_local)
         f["lam2"][frame_start:frame_start + n_local] = to_host(state.lam2_local)
+        if n_angles_local:
+            f["psi"][angle_start:angle_start + n_angles_local] = to_host(psi)
+            f["mu"][angle_start:angle_start + n_angles_local] = to_host(state.mu_local)
 
 
 def _fsync(path: Path) -> None:
@@ -248,7 +264,7 @@ def config_differences(header: CheckpointHeader, settings: dict, dtype) -> list[
 
 
 def read_checkpoint(path: str | os.PathLike, frame_start: int, frame_stop: int,
-                    xp=np) -> ADMMState:
+                    xp=np, angle_start: int = 0, angle_stop: int = 0) -> ADMMState:
     """The state of a checkpoint with the frames ``[frame_start, frame_stop)`` of ``z``, ``lam2``.
 
     Parameters
@@ -257,11 +273,14 @@ def read_checkpoint(path: str | os.PathLike, frame_start: int, frame_stop: int,
     frame_start, frame_stop : int
         This rank's frames (``frame_offset[angle_start]``, ``frame_offset[angle_stop]``).
     xp : array module of the returned arrays (numpy or cupy).
+    angle_start, angle_stop : int
+        This rank's angles, for the ``psi`` and ``mu`` of an exp-model checkpoint.
 
     Returns
     -------
     ADMMState
-        Arrays in the checkpoint's dtype, ``history`` as lists, ``params`` set.
+        Arrays in the checkpoint's dtype, ``history`` as lists, ``params`` set; an
+        :class:`~ptmpi.solvers.admm_exp.ExpADMMState` for an exp-model checkpoint.
     """
     with h5py.File(path, "r") as f:
         def get(name, sel=()):
@@ -269,9 +288,16 @@ def read_checkpoint(path: str | os.PathLike, frame_start: int, frame_stop: int,
 
         frames = slice(frame_start, frame_stop)
         history = {key: f["metrics"][key][...].tolist() for key in f["metrics"]}
-        return ADMMState(
+        fields = dict(
             u=get("u"), z_local=get("z", frames), lam2_local=get("lam2", frames),
             p=get("p"), lam1=get("lam1"), omega=get("omega"), step=get("step"),
             iteration=int(f.attrs["iteration"]), history=history,
             params=json.loads(f.attrs["params"]),
         )
+        if "psi" in f:
+            from ptmpi.solvers.admm_exp import ExpADMMState
+
+            angles = slice(angle_start, angle_stop)
+            return ExpADMMState(**fields, psi_local=get("psi", angles),
+                                mu_local=get("mu", angles))
+        return ADMMState(**fields)

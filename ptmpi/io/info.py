@@ -155,6 +155,8 @@ def _input_info(name: str) -> tuple[list[str], list[str]]:
         first = np.asarray(f[POSITIONS][int(off[0]) : int(off[1])], dtype=np.float64) \
             if off.size > 1 else np.zeros((0, 2))
         truth = [p.rsplit("/", 1)[-1] for p in (TRUTH_VOLUME, TRUTH_PROBE) if p in f]
+        model = f["entry_1/ptmpi"].attrs.get("model", "linear") if "entry_1/ptmpi" in f \
+            else "linear"
         positions = np.asarray(f[POSITIONS][()], dtype=np.float64)
     lines.append("scan step: " + _scan_step_text(first))
     subpixel = float(np.abs(positions - np.rint(positions)).max(initial=0.0))
@@ -162,6 +164,7 @@ def _input_info(name: str) -> tuple[list[str], list[str]]:
         lines.append(f"positions: sub-pixel values (up to {subpixel:.2f} px from whole pixels), "
                      "modelled exactly (SPEC 8)")
     lines.append(f"truth: {', '.join(truth) if truth else 'absent'}")
+    lines.append(f"model: {model}" + (" (t = exp(i P u), SPEC 8)" if model == "exp" else ""))
     for label, value, unit in (("energy", data.energy, "J"), ("distance", data.distance, "m"),
                                ("pixel size", data.pixel_size, "m")):
         if value is not None:

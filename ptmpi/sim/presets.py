@@ -18,6 +18,11 @@ from numpy.typing import NDArray
 from ptmpi.sim.mask import max_stripe
 from ptmpi.sim.phantom import DEFAULT_PHASE_SCALE
 
+#: Forward models (SPEC 8): the paper's linear model and the projection approximation.
+MODELS = ("linear", "exp")
+#: Default largest projected phase of ``--model exp`` data (radians): a thick sample.
+DEFAULT_MAX_PHASE = 3 * math.pi
+
 
 def _is_int(value: object) -> bool:
     return isinstance(value, (int, np.integer)) and not isinstance(value, (bool, np.bool_))
@@ -62,6 +67,12 @@ class SimulationSettings:
     """Dead detector columns (a stripe right of the central column, counts 0), masked."""
     hot_pixels: int = 0
     """Random hot detector pixels (counts 4e9 in every frame), masked."""
+    model: str = "linear"
+    """Forward model: ``linear`` (the paper's, ``u = exp(i phase_scale phi)`` per voxel) or
+    ``exp`` (SPEC 8, ``t = exp(i P u)``, the phantom scaled to ``max_phase``)."""
+    max_phase: float | None = None
+    """``exp`` model only: the largest projected phase ``max Re(P u)`` over the simulated
+    angles, in radians (default ``DEFAULT_MAX_PHASE`` = 3 pi)."""
 
     def __post_init__(self) -> None:
         def fail(what: str) -> None:
@@ -109,6 +120,15 @@ class SimulationSettings:
                  f"detector) for probe_size {self.probe_size}, got {self.hot_pixels}")
         if self.scan not in ("grid", "spiral"):
             fail(f"scan must be 'grid' or 'spiral', got {self.scan!r}")
+        if self.model not in MODELS:
+            fail(f"model must be one of {', '.join(MODELS)}, got {self.model!r}")
+        if self.max_phase is not None:
+            if self.model != "exp":
+                fail("max_phase applies to the exp model only (--model exp)")
+            if not _is_real(self.max_phase) or not (math.isfinite(self.max_phase)
+                                                    and self.max_phase > 0):
+                fail(f"max_phase must be a finite number > 0 radians, got {self.max_phase!r}")
+            object.__setattr__(self, "max_phase", float(self.max_phase))
 
     def to_dict(self) -> dict[str, Any]:
         """Plain-Python field values (JSON-serialisable; ``eta`` may be None)."""

@@ -1,9 +1,11 @@
 """Simulated ptycho-tomography datasets made through the solver's own operators.
 
 ``f_{j,t} = Poisson(eta |F(omega * S_j P_t u_true)|^2)`` (SPEC section 2), or the clean
-intensities when ``eta`` is None. The probe is built with peak amplitude 1 (one photon per
-pixel and unit exposure at the brightest probe pixel); a file stores it scaled by
-``sqrt(eta)``, so the file's probe and counts are consistent.
+intensities when ``eta`` is None. With ``model="exp"`` (SPEC 8) the far fields are
+``F(omega * S_j exp(i P_t u_true))`` instead, with the volume of :func:`exp_volume`. The
+probe is built with peak amplitude 1 (one photon per pixel and unit exposure at the
+brightest probe pixel); a file stores it scaled by ``sqrt(eta)``, so the file's probe and
+counts are consistent.
 
 With ``mask_stripe`` or ``hot_pixels`` the data get a detector mask (:mod:`ptmpi.sim.mask`)
 and garbage counts at its pixels; the mask is drawn from its own random stream, so the
@@ -20,15 +22,22 @@ import numpy as np
 
 from ptmpi.mask import valid_only
 from ptmpi.operators.model import JointModel
+from ptmpi.operators.tomo import Projector
+from ptmpi.operators.transmission import ExpModel
 from ptmpi.sim.mask import detector_mask, spoil_masked_counts
 from ptmpi.sim.noise import poisson_counts
 from ptmpi.sim.phantom import pure_phase_volume, shepp_logan_3d
-from ptmpi.sim.presets import SimulationSettings, angles_deg
+from ptmpi.sim.presets import DEFAULT_MAX_PHASE, SimulationSettings, angles_deg
 from ptmpi.sim.probe import focused_probe
 from ptmpi.sim.scan import scan_positions_for_angles
 
 logger = logging.getLogger(__name__)
 
+#: ``Im u / Re u`` of ``--model exp`` data (``beta / delta``): a weak attenuation, as in
+#: hard X-rays, where the phase shift dominates.
+EXP_ATTENUATION_RATIO = 0.02
+#: Gaussian smoothing (voxels) of the phantom of ``--model exp`` data at 3 pi (more above).
+EXP_BLUR_VOXELS = 1.5
 # Second seed word of the mask's random stream (independent of the noise draws).
 _MASK_STREAM = 0x6D61736B
 
@@ -55,18 +64,47 @@ class SimulatedData:
     mask: np.ndarray | None = None  # (M, M) uint32, centered
 
 
+def exp_volume(phi: np.ndarray, theta: np.ndarray, max_phase: float) -> np.ndarray:
+    """Volume ``u = c (1 + i EXP_ATTENUATION_RATIO) blur(phi)`` of the exp model (SPEC 8).
+
+    ``phi`` is smoothed by a Gaussian of ``EXP_BLUR_VOXELS * max(1, max_phase / 3 pi)``
+    voxels, so that neighbouring projection pixels differ by less than pi in phase (the
+    Shepp-Logan skull cap, sharp, would make jumps of nearly ``max_phase`` between two
+    rows, which no measurement samples); ``c`` then makes the largest projected phase
+    ``max Re(P_t u)`` over the angles ``theta`` (radians) equal ``max_phase``; the
+    attenuation is proportional to the phase. Returns ``(nz, n, n)`` complex64; voxels far
+    from the phantom are 0 (empty space).
+    """
+    from scipy.ndimage import gaussian_filter
+
+    sigma = EXP_BLUR_VOXELS * max(1.0, max_phase / (3 * math.pi))
+    phi = gaussian_filter(np.asarray(phi, dtype=np.float64), sigma, mode="constant")
+    phi[np.abs(phi) < 1e-6 * np.abs(phi).max(initial=0)] = 0.0
+    peak = float(Projector(phi.shape, theta, dtype=np.complex128).fwd(
+        phi.astype(np.complex128)).real.max())
+    if peak <= 0:
+        raise ValueError("exp_volume: the phantom has no positive projection")
+    scale = max_phase / peak
+    return (scale * phi * (1 + 1j * EXP_ATTENUATION_RATIO)).astype(np.complex64)
+
+
 def simulate(settings: SimulationSettings) -> SimulatedData:
     """Simulate the dataset described by ``settings`` (see :mod:`ptmpi.sim.presets`)."""
     s = settings
     rng = np.random.default_rng(s.seed)
     shape = (s.nz, s.n, s.n)
-    u_true = pure_phase_volume(shepp_logan_3d(shape), s.phase_scale, dtype=np.complex64)
+    exp = s.model == "exp"
     probe = focused_probe(s.probe_size, s.fwhm).astype(np.complex64)
     positions, frame_offset = scan_positions_for_angles(
         (s.nz, s.n), s.probe_size, s.step, s.n_angles, jitter=s.jitter, rng=rng, scan=s.scan
     )
     theta_deg = angles_deg(s.n_angles)
     theta = np.deg2rad(theta_deg)
+    if exp:
+        max_phase = s.max_phase if s.max_phase is not None else DEFAULT_MAX_PHASE
+        u_true = exp_volume(shepp_logan_3d(shape), theta, max_phase)
+    else:
+        u_true = pure_phase_volume(shepp_logan_3d(shape), s.phase_scale, dtype=np.complex64)
     mask = None
     if s.mask_stripe or s.hot_pixels:
         mask_rng = np.random.default_rng([s.seed, _MASK_STREAM])
@@ -77,8 +115,9 @@ def simulate(settings: SimulationSettings) -> SimulatedData:
     for a0 in range(0, s.n_angles, _ANGLE_BLOCK):
         a1 = min(a0 + _ANGLE_BLOCK, s.n_angles)
         f0, f1 = int(frame_offset[a0]), int(frame_offset[a1])
-        model = JointModel(shape, theta[a0:a1], probe, positions[f0:f1],
-                           frame_offset[a0 : a1 + 1] - f0, dtype=np.complex64)
+        model = (ExpModel if exp else JointModel)(
+            shape, theta[a0:a1], probe, positions[f0:f1], frame_offset[a0 : a1 + 1] - f0,
+            dtype=np.complex64)
         intensity = np.abs(model.fwd(u_true)) ** 2
         f = poisson_counts(intensity, s.eta, rng)
         if s.eta is not None:

@@ -1,0 +1,444 @@
+"""APT / APTs for the exponential model (SPEC 8, ``--model exp``): ``t_t = exp(i P_t u)``.
+
+Problem: ``min_u sum_{j,t} G(F(omega * S_j exp(i P_t u))) + tv_weight * TV(u)``, from
+empty space ``u = 0`` or the initialisation below. Two split variables per angle separate the
+ptychography from the tomography (the design of ptychotomo and of tike's joint ADMM):
+
+``psi`` (``psi_local``)
+    the transmission images ``(N_THETA_LOCAL, nz, n)``, split from ``exp(i P_t u)``;
+``z`` (``z_local``)
+    the far fields ``(N_FRAMES_LOCAL, M, M)``, split from ``Q psi = F(omega * S_j psi)``;
+``p``
+    the gradient ``(3, nz, n, n)`` (APT only), split from ``grad u``;
+
+with scaled multipliers ``mu`` (``mu_local``), ``lam2`` and ``lam1`` and penalties ``rho``,
+``r2``, ``r1``. Augmented Lagrangian::
+
+    sum G(z) + tv_weight ||p||_1 + r2/2 ||z - Q psi + lam2||^2
+        + rho/2 ||psi - exp(i P u) + mu||^2 + r1/2 ||p - grad u + lam1||^2
+
+Initialisation (``init_iterations > 0``, :func:`initial_volume`): per-angle
+ptychography from ``psi = 1`` (:func:`ptmpi.solvers.ptycho2d.solve_ptycho2d`), then a
+tomography of the projected phase *gradient* of those images from ``u = 0``
+(:func:`gauss_newton` with ``fit="gradient"``): it fits, for each pair of neighbouring
+detector pixels, the wrapped difference of their phase increments, so it unwraps
+whenever neighbours differ by less than pi, and it does not see each image's global
+phase (which ptychography cannot recover). Without it the joint iteration started from
+``u = 0`` falls into the wrapped solution as soon as the projected phase passes pi
+(measured: SNR below 0 dB at 3 pi), as any local fit of ``exp(i P u)`` does.
+``algorithm="two-step"`` stops after the initialisation.
+
+One joint iteration:
+
+1. psi-step, closed form per pixel, since ``Q^H Q = W = sum_j S_j^H |omega|^2`` is
+   diagonal: ``psi = (r2 Q^H(z + lam2) + rho (t - mu)) / (r2 W + rho)``, ``t = exp(i P u)``;
+   then the gauge: each angle's ``psi``, ``z``, ``lam2`` are rotated together by the
+   unit factor aligning ``psi`` with ``t - mu`` (far-field data are blind to it, so this
+   minimises the augmented Lagrangian exactly over it); with ``refine_probe`` the probe
+   is then updated by the paper's closed form
+   ``omega = sum_j conj(S_j psi) F^H(z + lam2) / sum_j |S_j psi|^2``;
+2. z-step, the closed-form prox of the linear model (:mod:`ptmpi.solvers.prox`) on
+   ``Q psi - lam2``, and ``lam2 += z - Q psi``;
+3. u-step: ``gn_iterations`` Gauss-Newton steps on
+   ``rho/2 sum_t ||exp(i P_t u) - (psi_t + mu_t)||^2 + r1/2 ||p + lam1 - grad u||^2``,
+   each linearised at the current ``u`` (``exp(i P (u + du)) ~ t (1 + i P du)``,
+   :class:`~ptmpi.operators.transmission.LinearisedTransmission` ``J``) and solved by
+   ``cg_iterations`` CG steps from ``du = 0`` on
+   ``(rho J^H J + r1 grad^H grad) du = rho J^H (psi + mu - t) + r1 grad^H(p + lam1 - grad u)``,
+   then ``Re u, Im u >= 0`` (X-ray phase shift and attenuation are non-negative; without
+   it ``u`` takes up a per-angle phase offset the data cannot see);
+4. ``mu += psi - exp(i P u)``; TV split ``p = shrink(grad u - lam1, tv_weight / r1)`` and
+   ``lam1 += p - grad u`` (APT).
+
+Distribution and precision as in :mod:`ptmpi.solvers.admm`: angles are split over ranks,
+``u``, ``p``, ``lam1`` are replicated; the sums over angles (``J^H`` and ``J^H J``) are
+formed in complex128 and Allreduced once per application, so results depend on the rank
+count only through float rounding.
+
+Default penalties (:func:`resolve_exp`), from the data: ``r2 = 0.1`` (dimensionless, as
+in the linear model); ``rho = rho_factor * r2 * max W`` (2: the psi-step weighs the
+tomography twice the brightest-lit data; 0.5 and 5 converged more slowly or unevenly on
+the 3 pi case); ``L = rho ||sum_t P_t^H P_t||`` is the curvature of the u-subproblem at
+``u = 0``; ``r1 = r1_factor * L`` and ``tv_weight = tv_threshold * r1`` (the shrink
+threshold ``tv_weight / r1`` is in radians per voxel).
+
+Metrics per iteration as the linear solver (SPEC 5): R-factor of ``D(omega, u)``,
+relative change of ``u``, and ``snr_db(u, u_true)`` when the truth is known (the truth
+of exp data is ``u`` itself: phase and attenuation per voxel).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import math
+import time
+from collections.abc import Callable
+
+import numpy as np
+
+from ptmpi.backend import get_xp, real_dtype, synchronize, to_device
+from ptmpi.mask import valid_only
+from ptmpi.operators.grad import Gradient
+from ptmpi.operators.transmission import (
+    ExpModel,
+    LinearisedTransmission,
+    ProjectedGradient,
+    log_ratio_gradient,
+)
+from ptmpi.parallel.comm import SerialComm
+from ptmpi.solvers.admm import ADMMState, LocalProblem, probe_from_views
+from ptmpi.solvers.cg import conjugate_gradient
+from ptmpi.solvers.prox import LIKELIHOODS, update_data_split, update_tv_split
+
+logger = logging.getLogger(__name__)
+
+ALGORITHMS = ("apt", "apts", "two-step")
+
+
+@dataclasses.dataclass(frozen=True)
+class ExpSolverSettings:
+    """Settings of exp-model APT / APTs. ``None``: chosen from the data (:func:`resolve_exp`)."""
+
+    algorithm: str = "apt"
+    """``apt`` (with TV), ``apts`` (``tv_weight = r1 = 0``) or ``two-step`` (only the
+    initialisation: per-angle ptychography, then the phase-gradient tomography)."""
+    iterations: int = 200
+    """Maximum number of outer ADMM iterations."""
+    tol: float = 0.0
+    """Stop when the relative change ``||u_k - u_{k+1}|| / ||u_{k+1}||`` falls below it."""
+    likelihood: str = "ipm"
+    """Data fidelity ``G``: ``agm`` (amplitude Gaussian) or ``ipm`` (Poisson)."""
+    tv_weight: float | None = None
+    """TV weight; default ``tv_threshold * r1``."""
+    r1: float | None = None
+    """Penalty of ``p = grad u``; default ``r1_factor * L``."""
+    r2: float | None = None
+    """Penalty of ``z = Q psi`` (dimensionless); default 0.1."""
+    rho: float | None = None
+    """Penalty of ``psi = exp(i P u)``; default ``rho_factor * r2 * max W``."""
+    cg_iterations: int = 8
+    """CG iterations per Gauss-Newton step."""
+    gn_iterations: int = 1
+    """Gauss-Newton steps per u-step."""
+    refine_probe: bool = False
+    """Update the probe each iteration with the closed form."""
+    probe_start: int = 0
+    """First iteration of probe updates."""
+    rho_factor: float = 2.0
+    """Default ``rho / (r2 max W)``."""
+    r1_factor: float = 1e-3
+    """Default ``r1 / L``."""
+    tv_threshold: float = 0.01
+    """Default ``tv_weight / r1`` (radians per voxel)."""
+    power_iterations: int = 10
+    """Power iterations used to estimate ``||sum_t P_t^H P_t||``."""
+    gauge: bool = True
+    """Fix the global phase of each angle's ``psi`` (with its ``z``, ``lam2``) to the
+    tomography every iteration (:func:`gauge_phases`)."""
+    init_iterations: int = 50
+    """Per-angle ptychography iterations of the initialisation (0: start from ``u = 0``)."""
+    init_gn_iterations: int = 20
+    """Phase-gradient Gauss-Newton steps of the initial tomography (:func:`gauss_newton`)."""
+    u_fit: str = "exp"
+    """u-step objective of the joint iterations (:func:`gauss_newton`): ``exp`` or
+    ``gradient`` (the phase-gradient fit of the initialisation; in the joint iterations it
+    diverged on the 3 pi case, where early ``psi`` are far from a transmission)."""
+    nonnegative: bool = True
+    """Keep ``Re u >= 0`` and ``Im u >= 0`` after each Gauss-Newton step (X-ray phase
+    shift and attenuation are non-negative); this also removes the near-symmetry of a
+    per-angle phase offset, which the far-field intensities cannot see."""
+
+    def __post_init__(self):
+        if self.algorithm not in ALGORITHMS:
+            raise ValueError(f"algorithm must be one of {ALGORITHMS}, got {self.algorithm!r}")
+        if self.likelihood not in LIKELIHOODS:
+            raise ValueError(f"likelihood must be one of {LIKELIHOODS}, got {self.likelihood!r}")
+        if self.u_fit not in ("gradient", "exp"):
+            raise ValueError(f"u_fit must be gradient or exp, got {self.u_fit!r}")
+        if self.init_iterations < 0 or self.init_gn_iterations < 1:
+            raise ValueError("init_iterations must be >= 0 and init_gn_iterations >= 1")
+        if self.iterations < 0 or self.cg_iterations < 1 or self.gn_iterations < 1:
+            raise ValueError("iterations must be >= 0, cg_iterations and gn_iterations >= 1")
+        for name in ("tv_weight", "r1"):
+            value = getattr(self, name)
+            if value is not None and value < 0:
+                raise ValueError(f"{name} must be >= 0, got {value}")
+        for name in ("r2", "rho"):
+            value = getattr(self, name)
+            if value is not None and value <= 0:
+                raise ValueError(f"{name} must be > 0, got {value}")
+
+    def to_dict(self) -> dict:
+        return {"model": "exp", **dataclasses.asdict(self)}
+
+
+@dataclasses.dataclass
+class ExpADMMState(ADMMState):
+    """:class:`~ptmpi.solvers.admm.ADMMState` plus the transmission split: ``psi_local``
+    and its multiplier ``mu_local``, ``(N_THETA_LOCAL, nz, n)`` each (this rank's angles)."""
+
+    psi_local: object = None
+    mu_local: object = None
+
+
+def projector_norm(model: ExpModel, comm: SerialComm, iterations: int, xp, dtype) -> float:
+    """``||sum_t P_t^H P_t||`` over all ranks' angles, by power iteration."""
+    nz, n, _ = model.shape
+    rng = np.random.default_rng(0)  # same start vector on every rank
+    x = to_device(rng.standard_normal((nz, n, n)).astype(dtype), xp)
+    x /= xp.linalg.norm(x)
+    ones = xp.ones(model.projector.data_shape, dtype=real_dtype(dtype))
+    value = 0.0
+    for _ in range(max(1, iterations)):
+        y = comm.allreduce_sum(model.projector.normal(x, ones, np.complex128)).astype(dtype)
+        value = float(xp.linalg.norm(y))
+        if value == 0.0:
+            break
+        x = y / value
+    return value
+
+
+def resolve_exp(settings: ExpSolverSettings, weight_max: float, norm_php: float) -> dict:
+    """The penalties actually used: explicit settings, else the data-scaled defaults
+    (module docstring)."""
+    r2 = settings.r2 if settings.r2 is not None else 0.1
+    rho = settings.rho if settings.rho is not None else settings.rho_factor * r2 * weight_max
+    curvature = rho * norm_php
+    tv_weight = r1 = 0.0
+    if settings.algorithm != "apts":
+        r1 = settings.r1 if settings.r1 is not None else settings.r1_factor * curvature
+        tv_weight = (settings.tv_weight if settings.tv_weight is not None
+                     else settings.tv_threshold * r1)
+        if tv_weight > 0 and r1 == 0:
+            raise ValueError("APT with tv_weight > 0 needs r1 > 0")
+    return {"tv_weight": float(tv_weight), "r1": float(r1), "r2": float(r2),
+            "rho": float(rho), "max_W": float(weight_max), "norm_PhP": float(norm_php),
+            "curvature": float(curvature)}
+
+
+def gauge_phases(psi_local, reference_local):
+    """Per angle, the unit factor ``g_t`` minimising ``||g_t psi_t - reference_t||``:
+    ``g_t = vdot(psi_t, reference_t) / |.|`` (1 where that inner product is 0);
+    ``(N_THETA_LOCAL,)`` complex of ``psi``'s dtype."""
+    xp = get_xp(psi_local)
+    inner = xp.sum(xp.conj(psi_local) * reference_local, axis=(-2, -1), dtype=np.complex128)
+    mag = xp.abs(inner)
+    return xp.where(mag > 0, inner / xp.where(mag > 0, mag, 1), 1).astype(psi_local.dtype)
+
+
+def nonnegative_part(u):
+    """``max(Re u, 0) + i max(Im u, 0)``: X-ray phase shift and attenuation are >= 0."""
+    xp = get_xp(u)
+    return (xp.maximum(u.real, 0) + 1j * xp.maximum(u.imag, 0)).astype(u.dtype, copy=False)
+
+
+def gauss_newton(model: ExpModel, u, target_local, rho: float, grad: Gradient, tv_rhs,
+                 r1: float, comm: SerialComm, gn_iterations: int, cg_iterations: int, *,
+                 fit: str = "exp", nonnegative: bool = False):
+    """Gauss-Newton steps of the u-step; returns the new ``u`` and ``exp(i P u)``.
+
+    Each step solves, by ``cg_iterations`` CG steps from ``du = 0``,
+    ``min rho/2 ||A du - r||^2 + r1/2 ||g - grad(u + du)||^2`` with, for ``fit``:
+
+    - ``exp``: ``A = J = i t P`` (:class:`LinearisedTransmission`) and
+      ``r = target - exp(i P u)``, the linearisation of ``||exp(i P u) - target||^2``;
+    - ``gradient``: ``A = grad_2d P`` (:class:`ProjectedGradient`) and
+      ``r = log_ratio_gradient(target, exp(i P u))``, the projected phase *gradient*
+      (unwraps; blind to each image's global phase).
+
+    ``target_local`` ``(N_THETA_LOCAL, nz, n)`` is ``psi + mu``; ``tv_rhs`` is
+    ``grad^H g = grad^H(p + lam1)`` (None without TV). With ``nonnegative`` each step
+    ends with :func:`nonnegative_part`.
+    """
+    dtype = u.dtype
+    wide = np.complex128
+    t = model.transmission(u)
+    for _ in range(gn_iterations):
+        if fit == "exp":
+            op = LinearisedTransmission(model.projector, t)
+            residual = target_local - t
+        else:
+            op = ProjectedGradient(model.projector)
+            residual = log_ratio_gradient(target_local, t)
+        rhs = comm.allreduce_sum(op.adj(residual, wide)) * rho
+        if tv_rhs is not None:
+            rhs += r1 * (tv_rhs - grad.normal(u))
+        rhs = rhs.astype(dtype)
+
+        def normal_op(x, op=op):
+            out = comm.allreduce_sum(op.normal(x, wide)) * rho
+            if r1 > 0:
+                out += r1 * grad.normal(x)
+            return out.astype(dtype)
+
+        du = conjugate_gradient(normal_op, rhs, get_xp(u).zeros_like(u), cg_iterations)
+        u = u + du
+        if nonnegative:
+            u = nonnegative_part(u)
+        t = model.transmission(u)
+    return u, t
+
+
+def initial_volume(model: ExpModel, problem: LocalProblem, settings: ExpSolverSettings,
+                   comm: SerialComm, xp, dtype):
+    """Per-angle ptychography from the empty sample (``psi = 1``), then the tomography of
+    the projected phase *gradient* of its images from ``u = 0``: returns ``(u, omega)``.
+
+    The phase-gradient fit sees only differences of neighbouring pixels, so it unwraps
+    projected phases far beyond 2 pi, and it is blind to the global phase of each image,
+    which ptychography cannot recover anyway.
+    """
+    from ptmpi.solvers.ptycho2d import Ptycho2DSettings, solve_ptycho2d
+
+    ptycho_settings = Ptycho2DSettings(iterations=settings.init_iterations,
+                                       likelihood=settings.likelihood,
+                                       refine_probe=settings.refine_probe)
+    images = solve_ptycho2d(xp.ones(model.projector.data_shape, dtype=dtype), problem.f_local,
+                            problem.probe, problem.positions_local,
+                            problem.frame_offset_local, ptycho_settings, comm,
+                            valid_local=problem.valid_local)
+    u = xp.zeros(problem.volume_shape, dtype=dtype)
+    u, _ = gauss_newton(model, u, images.v_local, 1.0, Gradient(problem.volume_shape), None,
+                        0.0, comm, settings.init_gn_iterations, settings.cg_iterations,
+                        fit="gradient", nonnegative=settings.nonnegative)
+    r_factor = images.history["r_factor"][-1] if images.history["r_factor"] else math.nan
+    logger.info("exp model initialisation: %d per-angle ptychography iterations (R-factor "
+                "%.4g), phase-gradient tomography by %d Gauss-Newton steps",
+                settings.init_iterations, r_factor, settings.init_gn_iterations)
+    return u, to_device(images.omega, xp).astype(dtype)
+
+
+def solve_exp(problem: LocalProblem, settings: ExpSolverSettings, comm: SerialComm,
+              *, xp=np, dtype=np.complex64, state: ExpADMMState | None = None,
+              callback: Callable[[ExpADMMState, dict], None] | None = None
+              ) -> tuple[ExpADMMState, dict]:
+    """Run exp-model APT / APTs on this rank's frames; returns the final state and the
+    parameters in use. Arguments as :func:`ptmpi.solvers.admm.solve`."""
+    rdtype = real_dtype(dtype)
+    apt = settings.algorithm == "apt"
+    probe = to_device(problem.probe, xp).astype(dtype)
+    model = ExpModel(problem.volume_shape, problem.theta_local, probe,
+                     problem.positions_local, problem.frame_offset_local, dtype=dtype)
+    valid = None if problem.valid_local is None else to_device(problem.valid_local, xp)
+    f_local = valid_only(to_device(problem.f_local, xp).astype(rdtype), valid)
+    sqrt_f = xp.sqrt(f_local)
+    truth = None if problem.truth_volume is None else to_device(problem.truth_volume, xp)
+    grad = Gradient(problem.volume_shape)
+    weight = model.illumination(xp)
+
+    if state is not None and state.params:
+        params = dict(state.params)
+    else:
+        w_max = comm.allreduce_scalar(float(weight.max()) if weight.size else 0.0, "max")
+        norm = projector_norm(model, comm, settings.power_iterations, xp, dtype)
+        params = resolve_exp(settings, w_max, norm)
+    tv_weight, r1, r2, rho = params["tv_weight"], params["r1"], params["r2"], params["rho"]
+    logger.info(
+        "exp model, %s, %s likelihood: max W = %.4g, ||P^H P|| = %.4g; rho = %.4g, "
+        "r2 = %.4g, tv_weight = %.4g, r1 = %.4g, %d GN x %d CG per u-step, up to %d "
+        "iterations", settings.algorithm.upper(), settings.likelihood.upper(),
+        params["max_W"], params["norm_PhP"], rho, r2, tv_weight, r1,
+        settings.gn_iterations, settings.cg_iterations, settings.iterations)
+
+    t_init = time.perf_counter()
+    if state is None:
+        # u from the initialisation (or the empty sample u = 0), psi = exp(i P u),
+        # z = Q psi, multipliers 0.
+        u = xp.zeros(problem.volume_shape, dtype=dtype)
+        if settings.init_iterations > 0:
+            u, probe = initial_volume(model, problem, settings, comm, xp, dtype)
+            model.set_probe(probe)
+            weight = model.illumination(xp)
+        psi = model.transmission(u)
+        z = model.views(psi)
+        state = ExpADMMState(
+            u=u, z_local=z, lam2_local=xp.zeros_like(z),
+            p=xp.zeros((3, *u.shape), dtype=dtype) if apt else None,
+            lam1=xp.zeros((3, *u.shape), dtype=dtype) if apt else None,
+            omega=probe, psi_local=psi, mu_local=xp.zeros_like(psi),
+        )
+    else:
+        model.set_probe(state.omega)
+        weight = model.illumination(xp)
+    state.params = params
+    for key in ("iteration", "r_factor", "rel_change", "wall_s") + (
+            ("snr_db",) if truth is not None else ()):
+        state.history.setdefault(key, [])
+
+    t = model.transmission(state.u)
+    sqrt_f_sum = comm.allreduce_scalar(float(xp.sum(sqrt_f, dtype=xp.float64)))
+
+    def metrics(u, u_old, t_now, t_start) -> dict:
+        d = model.views(t_now)
+        num = comm.allreduce_scalar(float(xp.sum(valid_only(xp.abs(xp.abs(d) - sqrt_f), valid),
+                                                 dtype=xp.float64)))
+        du = float(xp.linalg.norm(u - u_old))
+        un = float(xp.linalg.norm(u))
+        synchronize(xp)
+        row = {
+            "iteration": state.iteration,
+            "r_factor": num / sqrt_f_sum if sqrt_f_sum > 0 else math.nan,
+            "rel_change": du / un if un > 0 else math.inf,
+            "wall_s": time.perf_counter() - t_start,
+        }
+        if truth is not None:
+            from ptmpi.metrics import snr_db
+
+            row["snr_db"] = snr_db(u, truth)
+        for key, value in row.items():
+            state.history[key].append(value)
+        return row
+
+    if settings.algorithm == "two-step":
+        state.iteration = 1
+        row = metrics(state.u, xp.zeros_like(state.u), t, t_init)
+        if callback is not None:
+            callback(state, row)
+        return state, params
+    frame_angle = to_device(model.ptycho.angle, xp)
+    t_start = t_init - (state.history["wall_s"][-1] if state.history["wall_s"] else 0)
+    for _ in range(state.iteration, settings.iterations):
+        u_old = state.u
+        target = state.z_local + state.lam2_local
+        # Step 1: psi, pointwise (Q^H Q = W is diagonal); then the probe.
+        psi = (r2 * model.views_adj(target) + rho * (t - state.mu_local)) / (r2 * weight + rho)
+        psi = psi.astype(dtype, copy=False)
+        if settings.gauge:
+            # Far-field intensities do not see a global phase per angle: rotate psi, z and
+            # lam2 of each angle together by the factor that best aligns psi with the
+            # tomography (an exact minimisation of the augmented Lagrangian over it).
+            g = gauge_phases(psi, t - state.mu_local)
+            psi *= g[:, None, None]
+            g_frames = g[frame_angle][:, None, None]
+            state.z_local *= g_frames
+            state.lam2_local *= g_frames
+            target = state.z_local + state.lam2_local
+        if settings.refine_probe and state.iteration >= settings.probe_start:
+            state.omega = probe_from_views(model.ptycho.extract(psi), target, comm).astype(dtype)
+            model.set_probe(state.omega)
+            weight = model.illumination(xp)
+        # Step 2: z and lam2.
+        z = update_data_split(model.views(psi), state.lam2_local, f_local, r2,
+                              settings.likelihood, valid)
+        # Step 3: u by Gauss-Newton.
+        tv_rhs = grad.adj_sum(state.p, state.lam1) if apt and r1 > 0 else None
+        u, t = gauss_newton(model, u_old, psi + state.mu_local, rho, grad, tv_rhs, r1, comm,
+                            settings.gn_iterations, settings.cg_iterations,
+                            fit=settings.u_fit, nonnegative=settings.nonnegative)
+        # Step 4: multipliers (and the TV split).
+        state.mu_local += psi - t
+        if apt and r1 > 0:
+            state.p = update_tv_split(grad, u, state.lam1, tv_weight / r1, state.p)
+        state.psi_local, state.z_local, state.u = psi, z, u
+        state.iteration += 1
+
+        row = metrics(u, u_old, t, t_start)  # of the iterate u_{k+1}
+        if callback is not None:
+            callback(state, row)
+        if not math.isfinite(row["rel_change"]):
+            raise FloatingPointError(
+                f"the volume u is no longer finite: diverged at iteration {state.iteration}")
+        if settings.tol > 0 and row["rel_change"] < settings.tol:
+            break
+    return state, params
