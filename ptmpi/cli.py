@@ -364,7 +364,7 @@ def cmd_paper(args, comm: SerialComm) -> int:
             raise UserError(f"unknown method in --methods {args.methods!r}; expected some of "
                             "two-step, apts, apt")
         run_paper(Path(args.out), args.size, comm, iterations=args.iterations, cases=chosen,
-                  methods=methods, force=args.force)
+                  methods=methods, force=args.force, gpu=args.gpu)
     except RunError as exc:
         raise UserError(str(exc)) from exc
     if comm.is_root:
@@ -612,6 +612,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--methods", help="comma-separated subset of two-step,apts,apt (default all);"
                                       " earlier results in --out are kept")
     p.add_argument("--iterations", type=_COUNT, help="override every method's iterations")
+    p.add_argument("--gpu", action="store_true",
+                   help="reconstruct on one GPU per rank (CuPy), as reconstruct --gpu")
     p.add_argument("--force", action="store_true",
                    help="re-simulate existing data files; replace files in --out that ptmpi "
                         "did not write")

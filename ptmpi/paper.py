@@ -105,8 +105,10 @@ def _refusal(out: Path, size: int, selected, methods, force: bool) -> str | None
 
 def run_paper(out: Path, size: int, comm: SerialComm, *, iterations: int | None = None,
               cases: list[str] | None = None, methods: list[str] | None = None,
-              force: bool = False) -> dict:
+              force: bool = False, gpu: bool = False) -> dict:
     """Simulate and reconstruct every selected case; rank 0 writes tables and figures.
+
+    ``gpu``: every reconstruction on the rank's GPU (CuPy), as ``reconstruct --gpu``.
 
     Results of an earlier run in ``out`` (same size) are kept for the case/method pairs not
     run again, so a long reproduction can be done in parts.
@@ -153,12 +155,13 @@ def run_paper(out: Path, size: int, comm: SerialComm, *, iterations: int | None 
                     solver = dataclasses.replace(solver, iterations=iterations)
             t0 = time.perf_counter()
             summary = reconstruct(str(data), str(rec), solver, comm, algorithm=method,
-                                  force=True, figures=False)
+                                  force=True, figures=False, gpu=gpu)
             row = {
                 "case": case, "method": METHOD_LABEL[method], "size": size,
                 "snr_db": summary.get("snr_db", math.nan), "r_factor": summary["r_factor"],
                 "iterations": summary["iterations"], "wall_s": time.perf_counter() - t0,
-                "ranks": comm.size, "paper_snr_db": None if paper is None else paper[0],
+                "ranks": comm.size, "gpu": gpu,
+                "paper_snr_db": None if paper is None else paper[0],
                 "paper_r_factor": None if paper is None else paper[1],
             }
             results = [r for r in results
@@ -188,7 +191,9 @@ def _trivial_snr(data_path: Path) -> float:
 
 
 def _write_tables(out: Path, size: int, n_ranks: int, results: list, selected) -> None:
-    machine = f"{platform.machine()}, {platform.processor() or 'cpu'}, {n_ranks} MPI rank(s)"
+    on_gpu = any(r.get("gpu") for r in results)
+    device = "one GPU per rank (CuPy)" if on_gpu else (platform.processor() or "cpu")
+    machine = f"{platform.machine()}, {device}, {n_ranks} MPI rank(s)"
     payload = {"size": size, "ranks": n_ranks, "machine": machine,
                "trivial_snr_db": {c[0]: _trivial_snr(out / f"{c[0]}.h5") for c in selected},
                "results": results}
@@ -259,7 +264,7 @@ def _convergence_figure(out: Path, cases: list[str]) -> None:
     from ptmpi.plots import _pyplot
 
     plt = _pyplot()
-    fig, axes = plt.subplots(1, 2, figsize=(9, 3.4))
+    fig, axes = plt.subplots(1, 3, figsize=(14, 3.6))
     for case in cases:
         for method, style in (("apt", "-"), ("apts", "--")):
             path = out / f"{case}-{method}.h5"
@@ -268,14 +273,21 @@ def _convergence_figure(out: Path, cases: list[str]) -> None:
             with h5py.File(path, "r") as f:
                 m = f["entry_1/ptmpi/metrics"]
                 it, rel, r = m["iteration"][...], m["rel_change"][...], m["r_factor"][...]
+                primal = m["primal_z"][...] if "primal_z" in m else None
             axes[0].semilogy(it, rel, style, label=f"{case} {METHOD_LABEL[method]}")
             axes[1].semilogy(it, r, style, label=f"{case} {METHOD_LABEL[method]}")
+            if primal is not None and method == "apt":
+                # relative to the first iteration's, so that the cases share one axis
+                axes[2].semilogy(it, primal / max(primal[0], 1e-300), style,
+                                 label=f"{case} APT")
     axes[0].set_title("relative change ||u_k - u_k+1|| / ||u_k+1||", fontsize=9)
     axes[1].set_title("R-factor", fontsize=9)
+    axes[2].set_title("APT primal residual ||z - D u|| / its first value", fontsize=9)
     for ax in axes:
         ax.set_xlabel("iteration")
         ax.grid(alpha=0.3)
     axes[1].legend(fontsize=6)
+    axes[2].legend(fontsize=6)
     fig.tight_layout()
     fig.savefig(out / "fig-convergence.png", dpi=70)
     plt.close(fig)

@@ -53,14 +53,19 @@ def save_slices(path: Path, volume: np.ndarray, truth: np.ndarray | None = None,
 
 
 def save_convergence(path: Path, metrics: dict, title: str = "") -> None:
-    """R-factor, relative change and (when known) SNR per iteration."""
+    """R-factor, relative change, ADMM residuals and (when known) SNR per iteration."""
     plt = _pyplot()
-    keys = [k for k in ("r_factor", "rel_change", "snr_db") if k in metrics and len(metrics[k])]
+    keys = [k for k in ("r_factor", "rel_change", "residuals", "snr_db")
+            if (k in metrics and len(metrics[k])) or (k == "residuals" and "primal_z" in metrics)]
     fig, axes = plt.subplots(1, len(keys), figsize=(4 * len(keys), 3), squeeze=False)
     it = np.asarray(metrics["iteration"])
-    labels = {"r_factor": "R-factor", "rel_change": "relative change", "snr_db": "SNR (dB)"}
+    labels = {"r_factor": "R-factor", "rel_change": "relative change", "snr_db": "SNR (dB)",
+              "residuals": "ADMM residuals"}
     for ax, key in zip(axes[0], keys, strict=True):
-        ax.plot(it, metrics[key])
+        if key == "residuals":
+            plot_residuals(ax, it, metrics)
+        else:
+            ax.plot(it, metrics[key])
         if key != "snr_db":
             ax.set_yscale("log")
         ax.set_xlabel("iteration")
@@ -71,6 +76,19 @@ def save_convergence(path: Path, metrics: dict, title: str = "") -> None:
     fig.tight_layout()
     fig.savefig(path, dpi=80)
     plt.close(fig)
+
+
+RESIDUALS = {"primal_z": "primal ||z - Du||", "primal_p": "primal ||p - grad u||",
+             "dual_z": "dual r2 ||dz||", "dual_p": "dual r1 ||dp||"}
+
+
+def plot_residuals(ax, it, metrics: dict, style: str = "-", prefix: str = "") -> None:
+    """The primal and dual residuals of the two splits (those that are not all zero)."""
+    for key, label in RESIDUALS.items():
+        values = np.asarray(metrics.get(key, []), dtype=float)
+        if values.size and np.any(values > 0):
+            ax.plot(it[:values.size], values, style, label=prefix + label, lw=1)
+    ax.legend(fontsize=6)
 
 
 def save_images(path: Path, images: np.ndarray, probe: np.ndarray, title: str = "",
