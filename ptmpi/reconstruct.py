@@ -29,6 +29,7 @@ from ptmpi.solvers.admm import LocalProblem, SolverSettings, solve
 from ptmpi.solvers.ptycho2d import (
     Ptycho2DSettings,
     align_global_factor,
+    normalise_pair,
     solve_ptycho2d,
     tomography_cg,
 )
@@ -237,9 +238,11 @@ def reconstruct(input_path: str, output_path: str, settings, comm: SerialComm, *
     params = result["params"]
     summary = {k: (v[-1] if len(v) else math.nan) for k, v in history.items()}
     summary.update(result.get("final", {}))
+    positions = comm.gather(np.asarray(data.positions_local, dtype=np.float64))
     if comm.is_root:
         write_output(
             output_path, volume=image, probe=to_host(omega), metrics=history,
+            positions_px=np.concatenate(positions), frame_offset=data.frame_offset,
             parameters={"algorithm": algorithm, "model": "exp" if exp else "linear", **params},
             n_ranks=comm.size,
             input_file=str(input_path), input_checksum=checksum,
@@ -379,17 +382,20 @@ def _run_ptycho(data, start, stop, algorithm, settings, comm, xp, dtype, progres
                            callback=lambda _state, row: progress(row),
                            valid_local=data.valid_local)
     history = state.history
-    aligned = align_global_factor(state.v_local, empty)
+    # The stored images and probe reproduce the model (and so the R-factor): the images'
+    # common scale is taken out of the probe (normalise_pair).
+    images_local, omega = normalise_pair(state.v_local, state.omega, empty, comm)
     params = settings.to_dict()
     if algorithm == "ptycho2d":
-        images = comm.gather(to_host(aligned))
+        images = comm.gather(to_host(images_local))
         image = np.concatenate(images) if comm.is_root else None
-        return {"history": history, "image": image, "omega": state.omega, "params": params}
+        return {"history": history, "image": image, "omega": omega, "params": params}
 
-    # two-step: tomography of the aligned projections.
+    # two-step: tomography of the projections, each aligned to its empty-sample projection.
+    aligned = align_global_factor(state.v_local, empty)
     theta_local = projector.theta
     u = tomography_cg(projector, aligned, comm, settings.tomo_iterations)
-    model = JointModel(data.volume_shape, theta_local, to_device(state.omega, xp),
+    model = JointModel(data.volume_shape, theta_local, to_device(omega, xp),
                        data.positions_local, data.frame_offset_local, dtype=dtype)
     f_local = to_device(data.counts_local, xp)
     valid = None if data.valid_local is None else to_device(data.valid_local, xp)
@@ -409,7 +415,7 @@ def _run_ptycho(data, start, stop, algorithm, settings, comm, xp, dtype, progres
     if "final_snr_db" in final:
         history["snr_db"] = [math.nan] * last + [final["final_snr_db"]]
     image = to_host(u) if comm.is_root else None
-    return {"history": history, "image": image, "omega": state.omega, "params": params,
+    return {"history": history, "image": image, "omega": omega, "params": params,
             "final": {"snr_db": final.get("final_snr_db", math.nan)}}
 
 

@@ -54,6 +54,7 @@ from ptmpi.operators.grad import Gradient
 from ptmpi.operators.model import JointModel
 from ptmpi.parallel.comm import SerialComm
 from ptmpi.solvers.cg import conjugate_gradient
+from ptmpi.solvers.penalty import cycling
 from ptmpi.solvers.prox import (
     LIKELIHOODS,
     prox_data,
@@ -522,9 +523,8 @@ def solve(problem: LocalProblem, settings: SolverSettings, comm: SerialComm,
         window = settings.penalty_window
         rel = state.history["rel_change"]
         adapt = settings.adapt_r2 if settings.adapt_r2 is not None else counting
-        if (adapt and window > 0 and len(turns) >= 2 * window and len(rel) >= 2 * window
-                and sum(turns[-window:]) / window < -settings.oscillation_threshold
-                and sum(rel[-window:]) > settings.stagnation * sum(rel[-2 * window:-window])
+        if (adapt and cycling(turns, rel, window, settings.oscillation_threshold,
+                              settings.stagnation)
                 and r2 < settings.r2_max_factor * params["r2"]):
             # Successive steps of u point back and forth: the data split cycles (the
             # likelihood's negative curvature along the phase exceeds r2 somewhere). Double

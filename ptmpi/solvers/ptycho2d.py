@@ -8,7 +8,13 @@
    ``delta`` keeps unilluminated pixels at their previous value instead of dividing by
    ``W ~ 0``, which makes undamped per-angle ptychography collapse on sparse scans);
 2. optional probe update with the paper's formula (one probe shared by all angles);
-3. ``z = prox_G(A v - lam2)``, ``lam2 += z - A v`` (same closed forms as APT).
+3. ``z = prox_G(A v - lam2)``, ``lam2 += z - A v`` (the z-step of APT, with its smoothed
+   likelihood ``B_eps`` when ``epsilon > 0``).
+
+As in APT (:mod:`ptmpi.solvers.penalty`), ``r2`` is doubled (and the scaled ``lam2``
+halved) when successive steps of the images point backwards and the relative change
+stops shrinking: the period-2 cycle of ADMM on the nonconvex likelihood. The test uses
+sums over all angles, so ``r2`` and the iterates do not depend on the rank count.
 
 The 2-step baseline then removes each recovered projection's arbitrary global complex
 factor (aligned to the projection of the empty sample ``u = 1``) and solves the
@@ -33,7 +39,8 @@ from ptmpi.operators.tomo import Projector
 from ptmpi.parallel.comm import SerialComm
 from ptmpi.solvers.admm import probe_from_views
 from ptmpi.solvers.cg import conjugate_gradient
-from ptmpi.solvers.prox import LIKELIHOODS, prox_data
+from ptmpi.solvers.penalty import cycling, step_cosine
+from ptmpi.solvers.prox import LIKELIHOODS, update_data_split
 
 logger = logging.getLogger(__name__)
 
@@ -52,6 +59,21 @@ class Ptycho2DSettings:
     """``delta`` as a fraction of the mean illumination of the illuminated pixels."""
     refine_probe: bool = False
     """Update the (shared) probe every iteration."""
+    probe_start: int = 0
+    """First iteration (0-based) of the probe updates."""
+    epsilon: float = 0.0
+    """Smoothing ``eps`` of the likelihood (``B_eps``, :mod:`ptmpi.solvers.prox`), photons."""
+    adapt_r2: bool = True
+    """Double ``r2`` when the iteration cycles (see ``penalty_window``)."""
+    penalty_window: int = 10
+    """Iterations over which a cycle is detected (:func:`ptmpi.solvers.penalty.cycling`)."""
+    oscillation_threshold: float = 0.3
+    """Mean cosine between successive image steps below minus this: steps alternate."""
+    stagnation: float = 0.8
+    """... and the relative change summed over the window above this fraction of the
+    window before."""
+    r2_max_factor: float = 64.0
+    """``r2`` is raised at most to this multiple of its starting value."""
     tomo_iterations: int = 10
     """CG iterations of the tomography step of the 2-step method (as in the paper)."""
 
@@ -62,6 +84,8 @@ class Ptycho2DSettings:
             raise ValueError("iterations must be >= 0")
         if self.r2 <= 0 or self.damping <= 0:
             raise ValueError("r2 and damping must be > 0")
+        if self.epsilon < 0 or self.probe_start < 0 or self.penalty_window < 0:
+            raise ValueError("epsilon, probe_start and penalty_window must be >= 0")
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -115,33 +139,37 @@ def solve_ptycho2d(v0_local, f_local, probe, positions_local, frame_offset_local
     v = v0_local.copy()
     d = farfield.fwd(ptycho.fwd(v))
     state = Ptycho2DState(v_local=v, z_local=d, lam2_local=xp.zeros_like(d), omega=omega)
-    for key in ("iteration", "r_factor", "rel_change", "wall_s"):
+    for key in ("iteration", "r_factor", "rel_change", "wall_s", "r2"):
         state.history[key] = []
     sqrt_f_sum = comm.allreduce_scalar(float(xp.sum(sqrt_f, dtype=xp.float64)))
+    stats = np.zeros(3)  # local [||z - d||^2, ||z - z_old||^2, sum G(d)]
+    prev_step, prev_norm, turns = None, 0.0, []
     t_start = time.perf_counter()
     for _ in range(settings.iterations):
         target = state.z_local + state.lam2_local
         v_old = state.v_local
         v = (ptycho.adj(farfield.adj(target)) + delta * v_old) / (weight + delta)
-        if settings.refine_probe:
+        if settings.refine_probe and state.iteration >= settings.probe_start:
             state.omega = probe_from_views(ptycho.extract(v), target, comm, ptycho=ptycho)
             ptycho.probe = state.omega
             weight, delta = illumination()
         d = farfield.fwd(ptycho.fwd(v))
-        z = prox_data(d - state.lam2_local, f_local, r2, settings.likelihood, valid)
-        state.lam2_local += z - d
+        z = update_data_split(d, state.lam2_local, f_local, r2, settings.likelihood, valid,
+                              settings.epsilon, None, stats)
         state.z_local, state.v_local = z, v
         state.iteration += 1
-        num = comm.allreduce_scalar(float(xp.sum(valid_only(xp.abs(xp.abs(d) - sqrt_f), valid),
-                                                 dtype=xp.float64)))
-        change = comm.allreduce_sum(np.array([float(xp.linalg.norm(v - v_old)) ** 2,
-                                              float(xp.linalg.norm(v)) ** 2]))
+        step = v - v_old
+        local = [float(xp.sum(valid_only(xp.abs(xp.abs(d) - sqrt_f), valid), dtype=xp.float64)),
+                 float(xp.linalg.norm(step)) ** 2, float(xp.linalg.norm(v)) ** 2,
+                 0.0 if prev_step is None else float(xp.vdot(prev_step, step).real)]
+        num, step2, norm2, dot = comm.allreduce_sum(np.array(local, dtype=np.float64))
         synchronize(xp)
         row = {
             "iteration": state.iteration,
             "r_factor": num / sqrt_f_sum if sqrt_f_sum > 0 else math.nan,
-            "rel_change": math.sqrt(change[0] / change[1]) if change[1] > 0 else math.inf,
+            "rel_change": math.sqrt(step2 / norm2) if norm2 > 0 else math.inf,
             "wall_s": time.perf_counter() - t_start,
+            "r2": r2,
         }
         for key, value in row.items():
             state.history[key].append(value)
@@ -150,6 +178,18 @@ def solve_ptycho2d(v0_local, f_local, probe, positions_local, frame_offset_local
         if not math.isfinite(row["rel_change"]):
             raise FloatingPointError(f"iteration {state.iteration}: the images are no longer "
                                      "finite (diverged)")
+        turn = step_cosine(dot, math.sqrt(step2), prev_norm) if prev_step is not None else None
+        if turn is not None:
+            turns.append(turn)
+        prev_step, prev_norm = step, math.sqrt(step2)
+        if (settings.adapt_r2 and r2 < settings.r2_max_factor * settings.r2
+                and cycling(turns, state.history["rel_change"], settings.penalty_window,
+                            settings.oscillation_threshold, settings.stagnation)):
+            r2 *= 2
+            state.lam2_local *= 0.5
+            turns.clear()
+            logger.info("iteration %d: successive steps alternate; r2 raised to %.4g",
+                        state.iteration, r2)
     return state
 
 
@@ -167,6 +207,31 @@ def align_global_factor(v_local, reference_local):
         zeta = complex(xp.vdot(v, ref)) / norm if norm > 0 else 1.0
         out[t] = zeta * v
     return out
+
+
+def normalise_pair(v_local, omega, reference_local, comm: SerialComm):
+    """Images and probe with ptychography's arbitrary global factor removed, the model kept.
+
+    The far fields ``F(omega * S_j v_t)`` keep their modulus under ``v_t -> c e^{i phi_t} v_t``,
+    ``omega -> omega / c`` (``c > 0`` common to all angles, since the probe is shared; a
+    phase ``phi_t`` per angle, which the measured intensities do not see). ``phi_t`` and
+    ``c`` are the least-squares best match of the images to their references (the
+    empty-sample projections): ``phi_t = arg <v_t, ref_t>``,
+    ``c = sum_t |<v_t, ref_t>| / sum_t ||v_t||^2`` over all angles of all ranks. With one
+    angle ``c e^{i phi}`` is the factor of :func:`align_global_factor`.
+
+    Returns ``(images_local, omega)``: the stored pair that reproduces the R-factor.
+    """
+    xp = get_xp(v_local)
+    dots = [complex(xp.vdot(v_local[t], reference_local[t])) for t in range(v_local.shape[0])]
+    sums = comm.allreduce_sum(np.array([sum(abs(c) for c in dots),
+                                        float(xp.vdot(v_local, v_local).real)]))
+    scale = sums[0] / sums[1] if sums[1] > 0 and sums[0] > 0 else 1.0
+    out = xp.empty_like(v_local)
+    for t, dot in enumerate(dots):
+        phase = dot / abs(dot) if abs(dot) > 0 else 1.0
+        out[t] = v_local[t] * (scale * phase)
+    return out, (omega / scale).astype(omega.dtype)
 
 
 def tomography_cg(projector: Projector, v_local, comm: SerialComm, iterations: int):
