@@ -212,6 +212,33 @@ def test_two_step_on_blocks_matches_serial(mpi_ranks):
     assert np.allclose(state_par.omega, state_ser.omega, rtol=1e-7, atol=1e-10)
 
 
+@pytest.mark.mpi(ranks=[2], timeout=120, unit="s")
+def test_ptycho2d_r2_adaptation_does_not_depend_on_the_ranks(mpi_ranks):
+    from ptmpi.parallel import Comm, block_partition
+
+    comm = Comm()
+    data = simulate(SimulationSettings(n=24, nz=16, n_angles=4, step=4, probe_size=12,
+                                       fwhm=3.0, eta=10.0))
+    theta = np.deg2rad(data.angles_deg)
+    f = np.fft.ifftshift(data.counts, axes=(-2, -1)).astype(np.float64)
+    settings = Ptycho2DSettings(iterations=40, likelihood="agm", refine_probe=True,
+                                penalty_window=3)
+
+    def run(start, stop, comm_):
+        off = data.frame_offset
+        projector = Projector(data.volume.shape, theta[start:stop], np.complex128)
+        empty = projector.fwd(np.ones(data.volume.shape, np.complex128))
+        return solve_ptycho2d(empty, f[off[start]:off[stop]], data.probe,
+                              data.positions_px[off[start]:off[stop]],
+                              off[start:stop + 1] - off[start], settings, comm_).history
+
+    start, stop = block_partition(theta.size, comm.size, comm.rank)
+    par, ser = run(start, stop, comm), run(0, theta.size, SerialComm())
+    assert max(ser["r2"]) > settings.r2  # the adaptation took place ...
+    assert par["r2"] == ser["r2"]  # ... at the same iterations on 1 and 2 ranks
+    assert np.allclose(par["r_factor"], ser["r_factor"], rtol=1e-7)
+
+
 def test_paper_cases_scale_with_the_size():
     from ptmpi.paper import scaled_settings
 
