@@ -568,10 +568,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--r2", type=_POSITIVE, help="penalty of z = D u (default 0.1)")
     p.add_argument("--adapt-r2", choices=["auto", "on", "off"],
                    help="raise r2 when the iterates cycle (default auto: on for photon "
-                        "counts, off for noise-free data)")
+                        "counts, off for noise-free data; two-step/ptycho2d: on)")
     p.add_argument("--epsilon", type=_NON_NEGATIVE,
                    help="smoothing of the likelihood, in counts per pixel (default 10 for "
-                        "photon counts, 0 for noise-free data)")
+                        "photon counts, 0 for noise-free data; two-step/ptycho2d: 0)")
     p.add_argument("--cg-iterations", type=_POSITIVE_INT,
                    help="CG iterations per u-step (default 8)")
     p.add_argument("--refine-probe", action="store_true", default=None,

@@ -487,7 +487,8 @@ def settings_from_args(args, model: str = "linear"):
         fields = {
             "iterations": args.iterations, "likelihood": args.likelihood, "r2": args.r2,
             "refine_probe": args.refine_probe, "tomo_iterations": args.tomo_iterations,
-            "damping": args.damping,
+            "damping": args.damping, "epsilon": getattr(args, "epsilon", None),
+            "adapt_r2": {"on": True, "off": False}.get(getattr(args, "adapt_r2", None)),
         }
         base = Ptycho2DSettings()
     return algorithm, dataclasses.replace(base, **{k: v for k, v in fields.items()
