@@ -151,7 +151,7 @@ def test_ptycho2d_output_reproduces_its_r_factor(tmp_path):
         theta = np.deg2rad(f["entry_1/ptmpi/angles_deg"][...])
     empty = Projector((16, 20, 20), theta).fwd(np.ones((16, 20, 20), np.complex64))
     # each angle's global phase is matched to its empty-sample projection
-    dots = [np.vdot(v, e) for v, e in zip(images, empty)]
+    dots = [np.vdot(v, e) for v, e in zip(images, empty, strict=True)]
     assert all(abs(d.imag) < 1e-4 * abs(d) and d.real > 0 for d in dots)
 
 
