@@ -126,8 +126,8 @@ def r_factor_of_output(output, data_path):
     with h5py.File(output, "r") as f:
         images = f["entry_1/image_1/data"][...]
         probe = f["entry_1/image_2/data"][...]
-        positions = f["entry_1/ptmpi/positions_px"][...]
-        offsets = f["entry_1/ptmpi/frame_offset"][...]
+        positions = f["entry_1/image_1/positions_px"][...]
+        offsets = f["entry_1/image_1/frame_offset"][...]
         stored = float(f["entry_1/ptmpi/metrics/r_factor"][-1])
     data = read_input(data_path, 0, len(offsets) - 1)
     model = FarField().fwd(Ptycho(probe, positions, offsets, images.shape[1:]).fwd(images))

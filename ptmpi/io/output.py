@@ -74,8 +74,8 @@ def write_output(path, *, volume, probe, metrics: dict, parameters: dict, n_rank
 
     ``positions_px`` ``(N_FRAMES, 2)`` float64 and ``frame_offset`` ``(N_ANGLES + 1,)``:
     the scan positions the model used, in the frame of the stored image or of the
-    projections of the stored volume (SPEC 2), stored as ``/entry_1/ptmpi/positions_px``
-    and ``/entry_1/ptmpi/frame_offset``; with the image (or volume) and the probe they
+    projections of the stored volume (SPEC 2), stored as ``/entry_1/image_1/positions_px``
+    and ``/entry_1/image_1/frame_offset``; with the image (or volume) and the probe they
     give back the stored R-factor through the model.
 
     Written to a temporary name in the same folder and renamed, so an interrupted write
@@ -109,14 +109,15 @@ def write_output(path, *, volume, probe, metrics: dict, parameters: dict, n_rank
             proc["n_ranks"] = np.int64(n_ranks)
             proc["input_file"] = str(input_file)
             proc["input_checksum"] = input_checksum
+            # Beside the image, not under /entry_1/ptmpi: there they would make the file
+            # look like an input (SPEC 3 required datasets) to `ptmpi info`.
             if positions_px is not None:
-                pos = entry.require_group("ptmpi").create_dataset(
-                    "positions_px", data=np.asarray(positions_px, dtype=np.float64))
+                pos = img.create_dataset("positions_px",
+                                         data=np.asarray(positions_px, dtype=np.float64))
                 pos.attrs["units"] = "pixel"
                 pos.attrs["axes"] = "translation:coordinate"
             if frame_offset is not None:
-                entry.require_group("ptmpi")["frame_offset"] = np.asarray(frame_offset,
-                                                                         dtype=np.int64)
+                img["frame_offset"] = np.asarray(frame_offset, dtype=np.int64)
             grp = entry.create_group("ptmpi/metrics")
             grp.attrs["NX_class"] = "NXcollection"
             for key, values in metrics.items():
