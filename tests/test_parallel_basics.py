@@ -58,3 +58,23 @@ def test_comm_allreduce_and_partition(mpi_ranks):
     assert abs(dot(a[start:stop], b[start:stop], comm) - np.vdot(a, b)) < 1e-12
     assert comm.allreduce_scalar(comm.rank, "max") == comm.size - 1
     assert comm.bcast(comm.rank) == 0
+
+
+@pytest.mark.mpi(ranks=[2], timeout=60, unit="s")
+def test_device_arrays_are_staged_through_the_host_and_logged_once(mpi_ranks, caplog):
+    import logging
+
+    import strict_xp
+
+    from ptmpi.backend import to_host
+
+    caplog.set_level(logging.INFO, logger="ptmpi.parallel.comm")
+    comm = Comm()
+    x = strict_xp.full((3, 2), comm.rank + 1.0, dtype=np.float32)
+    before = strict_xp.synchronize_calls[0]
+    comm.allreduce_sum(x)
+    comm.allreduce_sum(x)
+    assert strict_xp.synchronize_calls[0] == before + 2  # synchronized before each call
+    assert np.all(to_host(x) == 2 * (1.0 + 2.0))  # (1 + 2), then twice that
+    staged = [r for r in caplog.records if "staged through host memory" in r.getMessage()]
+    assert len(staged) == (1 if comm.rank == 0 else 0)

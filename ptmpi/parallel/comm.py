@@ -78,6 +78,7 @@ class Comm(SerialComm):
         node.Free()
         # Only for reached_by_all: its barrier can never match a collective of the solver.
         self._guard = self.comm.Dup()
+        self._staging_logged = False
 
     def allreduce_sum(self, x):
         """Sum over ranks in place (numpy or CuPy array); returns ``x``.
@@ -89,6 +90,11 @@ class Comm(SerialComm):
         xp = get_xp(x)
         if is_device_array(x):
             synchronize(xp)
+            if not self._staging_logged:
+                self._staging_logged = True
+                if self.rank == 0:
+                    logger.info("MPI buffers of device arrays are staged through host memory "
+                                "(CUDA-aware MPI is not assumed)")
             host = to_host(x)
             self.comm.Allreduce(self._mpi.IN_PLACE, host, op=self._mpi.SUM)
             x[...] = xp.asarray(host)
