@@ -15,7 +15,6 @@ CG tomography), both from :mod:`ptmpi.solvers.ptycho2d`.
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 import math
 from pathlib import Path
@@ -23,11 +22,10 @@ from pathlib import Path
 import numpy as np
 
 from ptmpi.backend import DEFAULT_COMPLEX, get_array_module, select_device, to_device, to_host
-from ptmpi.parallel import SerialComm, block_partition
+from ptmpi.parallel import Comm, block_partition
 from ptmpi.progress import Progress
-from ptmpi.solvers.admm import LocalProblem, SolverSettings, solve
+from ptmpi.solvers.admm import LocalProblem, solve
 from ptmpi.solvers.ptycho2d import (
-    Ptycho2DSettings,
     align_global_factor,
     solve_ptycho2d,
     tomography_cg,
@@ -43,7 +41,7 @@ class RunError(Exception):
     """A problem found collectively: every rank raises it with the same message."""
 
 
-def _agree(comm: SerialComm, problems: list[str]) -> None:
+def _agree(comm: Comm, problems: list[str]) -> None:
     """Raise RunError on every rank if any rank found a problem (one collective)."""
     everyone = comm.allgather(problems)
     merged = list(dict.fromkeys(p for rank_problems in everyone for p in rank_problems))
@@ -166,7 +164,7 @@ def _empty_sample_projections(data, start, stop, xp, dtype):
     return projector.fwd(xp.ones(data.volume_shape, dtype=dtype)), projector
 
 
-def reconstruct(input_path: str, output_path: str, settings, comm: SerialComm, *,
+def reconstruct(input_path: str, output_path: str, settings, comm: Comm, *,
                 algorithm: str | None = None, force: bool = False, gpu: bool = False,
                 dtype=DEFAULT_COMPLEX, figures: bool = True, command: str | None = None,
                 demo: bool = False, checkpoint: str | None = None, checkpoint_every: int = 0,
@@ -446,43 +444,3 @@ def input_model(path) -> str:
         return "linear"
     value = value.decode() if isinstance(value, bytes) else str(value)
     return value if value in MODELS else "linear"
-
-
-def settings_from_args(args, model: str = "linear"):
-    """Solver settings from the ``reconstruct`` flags (unset flags keep the defaults)."""
-    algorithm = args.algorithm or "apt"
-    if model == "exp":
-        from ptmpi.solvers.admm_exp import ExpSolverSettings
-
-        if algorithm == "ptycho2d":
-            raise ValueError("--algorithm ptycho2d does not use a tomography model: drop "
-                             "--model exp")
-        fields = {
-            "algorithm": algorithm, "iterations": args.iterations, "tol": args.tol,
-            "likelihood": args.likelihood, "tv_weight": args.tv_weight, "r1": args.r1,
-            "r2": args.r2, "cg_iterations": args.cg_iterations,
-            "refine_probe": args.refine_probe,
-        }
-        if algorithm == "two-step":  # the initialisation alone
-            fields.update(iterations=1, init_iterations=args.iterations,
-                          init_gn_iterations=args.tomo_iterations)
-        return algorithm, dataclasses.replace(ExpSolverSettings(), **{
-            k: v for k, v in fields.items() if v is not None})
-    if algorithm in ("apt", "apts"):
-        fields = {
-            "algorithm": algorithm, "iterations": args.iterations, "tol": args.tol,
-            "likelihood": args.likelihood, "tv_weight": args.tv_weight, "r1": args.r1,
-            "r2": args.r2, "cg_iterations": args.cg_iterations,
-            "refine_probe": args.refine_probe, "epsilon": getattr(args, "epsilon", None),
-            "adapt_r2": {"on": True, "off": False}.get(getattr(args, "adapt_r2", None)),
-        }
-        base = SolverSettings()
-    else:
-        fields = {
-            "iterations": args.iterations, "likelihood": args.likelihood, "r2": args.r2,
-            "refine_probe": args.refine_probe, "tomo_iterations": args.tomo_iterations,
-            "damping": args.damping,
-        }
-        base = Ptycho2DSettings()
-    return algorithm, dataclasses.replace(base, **{k: v for k, v in fields.items()
-                                                   if v is not None})

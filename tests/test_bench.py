@@ -124,9 +124,9 @@ def test_bench_rejects_bad_sizes(capsys):
 
 @pytest.mark.mpi(ranks=[2], timeout=120, unit="s")
 def test_bench_on_two_ranks_reports_the_slowest_rank(mpi_ranks):
-    from ptmpi.parallel import Comm
+    from ptmpi.parallel import MPIComm
 
-    comm = Comm()
+    comm = MPIComm()
     result = run_bench([32], 4, None, 1, comm, astra=False, iteration_only=True)
     if comm.is_root:
         case = result["cases"][0]

@@ -101,9 +101,9 @@ def test_paper_command_writes_tables_and_figures(tmp_path, capsys):
 
 @pytest.mark.mpi(ranks=[2, 4], timeout=120, unit="s")
 def test_two_step_on_blocks_matches_serial(mpi_ranks):
-    from ptmpi.parallel import Comm, block_partition
+    from ptmpi.parallel import MPIComm, block_partition
 
-    comm = Comm()
+    comm = MPIComm()
     data = simulate(SimulationSettings(n=16, nz=12, n_angles=5, step=4, probe_size=8, fwhm=2.5))
     theta = np.deg2rad(data.angles_deg)
     f = np.fft.ifftshift(data.counts, axes=(-2, -1)).astype(np.float64)

@@ -52,7 +52,7 @@ from ptmpi.mask import valid_only
 from ptmpi.operators import kernels
 from ptmpi.operators.grad import Gradient
 from ptmpi.operators.model import JointModel
-from ptmpi.parallel.comm import SerialComm
+from ptmpi.parallel.comm import Comm
 from ptmpi.solvers.cg import conjugate_gradient
 from ptmpi.solvers.prox import (
     LIKELIHOODS,
@@ -197,7 +197,7 @@ class ADMMState:
     params: dict = dataclasses.field(default_factory=dict)
 
 
-def operator_norm(model: JointModel, weight, comm: SerialComm, iterations: int, xp,
+def operator_norm(model: JointModel, weight, comm: Comm, iterations: int, xp,
                   dtype) -> float:
     """``L = ||D^H D|| = lambda_max(sum_t P_t^H W_t P_t)`` by power iteration (all ranks)."""
     nz, n, _ = model.shape
@@ -271,7 +271,7 @@ def _snr(u, truth) -> float:
     return snr_db(u, truth)
 
 
-def probe_from_views(views_local, target_local, comm: SerialComm, ptycho=None):
+def probe_from_views(views_local, target_local, comm: Comm, ptycho=None):
     """``omega = sum_j v_j^* F^H(target_j) / sum_j |v_j|^2`` over all frames of all ranks.
 
     ``views_local``: ``(N_FRAMES_LOCAL, M, M)`` windows ``S_j P_t u`` (or ``S_j v``);
@@ -298,13 +298,13 @@ def probe_from_views(views_local, target_local, comm: SerialComm, ptycho=None):
     return omega.astype(views_local.dtype)
 
 
-def update_probe(model: JointModel, u, target_local, comm: SerialComm):
+def update_probe(model: JointModel, u, target_local, comm: Comm):
     """The paper's probe update for APT: views ``S_j P_t u`` of the current volume."""
     return probe_from_views(model.ptycho.extract(model.projector.fwd(u)), target_local, comm,
                             ptycho=model.ptycho)
 
 
-def solve(problem: LocalProblem, settings: SolverSettings, comm: SerialComm,
+def solve(problem: LocalProblem, settings: SolverSettings, comm: Comm,
           *, xp=np, dtype=np.complex64, state: ADMMState | None = None,
           callback: Callable[[ADMMState, dict], None] | None = None) -> tuple[ADMMState, dict]:
     """Run APT / APTs on this rank's frames; returns the final state and the parameters.
@@ -314,7 +314,7 @@ def solve(problem: LocalProblem, settings: SolverSettings, comm: SerialComm,
     problem : LocalProblem
         This rank's data (see :class:`LocalProblem`).
     settings : SolverSettings
-    comm : communicator (``SerialComm`` for one process).
+    comm : a :class:`~ptmpi.parallel.Comm` (``SerialComm`` for one process).
     xp : array module (numpy, or cupy for a GPU run).
     dtype : complex dtype of the iterates.
     state : ADMMState, optional
