@@ -125,15 +125,19 @@ def test_ptycho2d_keeps_the_dtype_of_its_images(case, xp):
     assert state.v_local.dtype == np.complex64
 
 
-@pytest.mark.parametrize("algorithm", ["apt", "two-step"])
+@pytest.mark.parametrize("algorithm,model", [("apt", "linear"), ("two-step", "linear"),
+                                             ("apt", "exp")])
 def test_reconstruct_on_the_device_path_matches_numpy(tmp_path, device_xp, monkeypatch,
-                                                      host_reference, algorithm):
+                                                      host_reference, algorithm, model):
     from ptmpi.cli import main
+    from ptmpi.solvers.admm_exp import ExpSolverSettings
 
     path = tmp_path / "in.h5"
     assert main(["simulate", "-o", str(path), "--n", "16", "--nz", "8", "--angles", "4",
-                 "--step", "4", "--probe-size", "8", "--fwhm", "3"]) == 0
-    if algorithm == "apt":
+                 "--step", "4", "--probe-size", "8", "--fwhm", "3", "--model", model]) == 0
+    if model == "exp":
+        settings = ExpSolverSettings(iterations=3, init_iterations=3, init_gn_iterations=2)
+    elif algorithm == "apt":
         settings = SolverSettings(iterations=5)
     else:
         settings = Ptycho2DSettings(iterations=6)
@@ -144,8 +148,11 @@ def test_reconstruct_on_the_device_path_matches_numpy(tmp_path, device_xp, monke
         monkeypatch.setattr(reconstruct_module, "get_array_module",
                             lambda gpu: strict_xp if gpu else np)
         monkeypatch.setattr(reconstruct_module, "select_device", lambda local_rank: 0)
+    synced = strict_xp.synchronize_calls[0]
     reconstruct_module.reconstruct(str(path), str(dev_out), settings, SerialComm(),
                                    algorithm=algorithm, figures=False, gpu=True)
+    if device_xp is strict_xp:  # the solver ran on strict arrays (it synchronized them)
+        assert strict_xp.synchronize_calls[0] > synced
     with h5py.File(host_out, "r") as fh, h5py.File(dev_out, "r") as fd:
         u_host, u_dev = fh["entry_1/image_1/data"][...], fd["entry_1/image_1/data"][...]
         r_host = fh["entry_1/ptmpi/metrics/r_factor"][...]
