@@ -368,7 +368,7 @@ def test_converged_noisy_apt_does_not_depend_on_the_rank_count(mpi_ranks):
     """Default APT on Poisson counts, run to its convergence stop: 1 and 3 ranks agree to
     1e-4 (before the solver converged, rounding grew without bound: 1e-3 after 150
     iterations on a case of the solver issue)."""
-    comm = Comm()
+    comm = MPIComm()
     data = simulate_on_root(comm, tiny_settings(n_angles=6, eta=5.0))
     settings = SolverSettings(iterations=300)
     state_ser, _ = solve(local_problem(data, 0, 6), settings, SerialComm())
