@@ -49,6 +49,7 @@ import numpy as np
 
 from ptmpi.backend import get_xp, real_dtype, synchronize, to_device
 from ptmpi.mask import valid_only
+from ptmpi.metrics import r_factor_sums, r_factor_value
 from ptmpi.operators import kernels
 from ptmpi.operators.grad import Gradient
 from ptmpi.operators.model import JointModel
@@ -455,7 +456,7 @@ def solve(problem: LocalProblem, settings: SolverSettings, comm: Comm,
         state.iteration += 1
 
         # Metrics of the iterate u_{k+1}: one reduction of the local sums of the data term.
-        num = float(xp.sum(valid_only(xp.abs(xp.abs(d) - sqrt_f), valid), dtype=xp.float64))
+        num = r_factor_sums(d, sqrt_f=sqrt_f, valid=valid)[0]
         num, primal_z2, dual_z2, likelihood = comm.allreduce_sum(
             np.array([num, *stats_z], dtype=np.float64))
         step = u - u_old
@@ -468,7 +469,7 @@ def solve(problem: LocalProblem, settings: SolverSettings, comm: Comm,
         synchronize(xp)
         row = {
             "iteration": state.iteration,
-            "r_factor": num / sqrt_f_sum if sqrt_f_sum > 0 else math.nan,
+            "r_factor": r_factor_value(num, sqrt_f_sum),
             "rel_change": du / un if un > 0 else math.inf,
             "wall_s": time.perf_counter() - t_start,
             # ADMM residuals (Boyd et al. 2011, sec. 3.3): primal ||z - D u||, ||p - grad u||;
