@@ -6,8 +6,7 @@
 - ``snr_intensity_db = -10 log10( sum ||f - f_clean||^2 / sum ||f_clean||^2 )``.
 
 Sums are accumulated in float64 (inputs are cast block by block, so a complex64 volume
-is never copied whole to complex128; the R-factor takes the moduli of the model in its
-own precision). The frame-wise metrics take an optional
+is never copied whole to complex128). The frame-wise metrics take an optional
 communicator: each rank passes its own frames and the two partial sums are combined with
 one ``comm.allreduce_sum`` of a float64 buffer of length 2. They also take an optional
 detector mask ``valid`` (SPEC 8, :mod:`ptmpi.mask`): sums then run over the valid pixels
@@ -179,10 +178,14 @@ def r_factor_sums(d_model, f=None, *, sqrt_f=None, valid=None) -> tuple[float, f
     d_model, counts = xp.asarray(d_model), xp.asarray(counts)
     _check_shapes(d_model, counts, "d_model, f")
     num = den = 0.0
-    # |d| in the model's precision, sums in float64: no complex128 copy of the frames, so a
-    # solver can call this every iteration without raising its peak memory.
+    # From counts (r_factor) the moduli are taken in float64; from roots (a solver, every
+    # iteration) in the model's precision, so that no complex128 copy of the frames
+    # raises the solver's peak memory. The sums are float64 either way.
     for d, c, v in _frame_blocks(valid, d_model, counts):
-        amp = xp.sqrt(valid_only(_wide(xp, c), v)) if sqrt_f is None else valid_only(c, v)
+        if sqrt_f is None:
+            d, amp = _wide(xp, d), xp.sqrt(valid_only(_wide(xp, c), v))
+        else:
+            amp = valid_only(c, v)
         num += float(xp.sum(valid_only(xp.abs(xp.abs(d) - amp), v), dtype=xp.float64))
         den += float(xp.sum(amp, dtype=xp.float64))
     return num, den

@@ -175,7 +175,7 @@ def test_r_factor_sums_from_counts_or_their_roots(rng):
     by_roots = r_factor_sums(d, sqrt_f=np.sqrt(f), valid=valid)
     np.testing.assert_allclose(by_roots, by_counts, rtol=1e-6)
     amp = np.sqrt(f.astype(np.float64))
-    expected = np.abs(np.abs(d) - amp)[:, valid].sum() / amp[:, valid].sum()
+    expected = np.abs(np.abs(d.astype(np.complex128)) - amp)[:, valid].sum() / amp[:, valid].sum()
     assert r_factor_value(*by_counts) == pytest.approx(expected, rel=1e-12)
     assert r_factor_value(0.0, 0.0) == 0.0 and r_factor_value(1.0, 0.0) == math.inf
     with pytest.raises(ValueError):
