@@ -186,7 +186,6 @@ def reconstruct(input_path: str, output_path: str, settings, comm: SerialComm, *
     """
     from ptmpi.io.cxi import input_checksum
     from ptmpi.io.output import write_output
-
     from ptmpi.solvers.admm_exp import ExpSolverSettings
 
     algorithm = algorithm or getattr(settings, "algorithm", None)
