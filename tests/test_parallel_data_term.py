@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+from test_parallel_solver import N_ANGLES, SHAPE, local_problem, rel, simulate_on_root
 
 from ptmpi.parallel import Comm, SerialComm, block_partition
 from ptmpi.parallel.data_term import DataTerm
-from test_parallel_solver import N_ANGLES, SHAPE, local_problem, rel, simulate_on_root
 
 
 def _term(problem, comm, dtype=np.complex128):
