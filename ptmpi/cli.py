@@ -138,6 +138,7 @@ def _settings_from_args(args) -> SimulationSettings:
         "phase_scale": args.phase_scale, "jitter": args.jitter, "scan": args.scan,
         "mask_stripe": args.mask_stripe, "hot_pixels": args.hot_pixels,
         "model": args.model, "max_phase": args.max_phase,
+        "drift": args.drift, "probe_defocus": args.probe_defocus,
     }
     overrides = {k: v for k, v in overrides.items() if v is not None}
     if args.nz is None and args.n is not None and args.preset is None:
@@ -193,7 +194,8 @@ def simulate_to_file(settings, path: Path, force: bool, demo: bool = False,
             angles_deg=data.angles_deg,
             volume_shape=data.volume.shape,
             truth_volume=data.volume,
-            truth_probe=data.probe,
+            truth_probe=data.probe if data.true_probe is None else data.true_probe,
+            truth_shifts_px=data.shifts_px,
             mask=data.mask,
             overwrite=force,
             attrs={
@@ -514,6 +516,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--export-cxi", metavar="DIR",
                    help="also write the data as per-angle CXI files DIR/angle-000.cxi, ... "
                         "(SPEC 8; the input of ptmpi import)")
+    p.add_argument("--drift", type=float, metavar="PX",
+                   help="sample drift: a random shift of up to PX pixels (row, col) per angle "
+                        "in the data, not in the recorded positions (truth/shifts_px)")
+    p.add_argument("--probe-defocus", type=float, metavar="RAD",
+                   help="store a wrong probe guess: the true probe defocused by RAD radians "
+                        "of quadratic phase at the edge of its Fourier grid (truth/probe is "
+                        "the true one)")
     p.add_argument("--mask-stripe", type=int, metavar="W",
                    help="W dead detector columns beside the centre (counts 0), masked")
     p.add_argument("--hot-pixels", type=int, metavar="K",
