@@ -461,7 +461,7 @@ def settings_from_args(args, model: str = "linear"):
             "algorithm": algorithm, "iterations": args.iterations, "tol": args.tol,
             "likelihood": args.likelihood, "tv_weight": args.tv_weight, "r1": args.r1,
             "r2": args.r2, "cg_iterations": args.cg_iterations,
-            "refine_probe": args.refine_probe,
+            "refine_probe": args.refine_probe, "epsilon": getattr(args, "epsilon", None),
         }
         if algorithm == "two-step":  # the initialisation alone
             fields.update(iterations=1, init_iterations=args.iterations,

@@ -60,7 +60,16 @@ in the linear model); ``rho = rho_factor * r2 * max W`` (2: the psi-step weighs 
 tomography twice the brightest-lit data; 0.5 and 5 converged more slowly or unevenly on
 the 3 pi case); ``L = rho ||sum_t P_t^H P_t||`` is the curvature of the u-subproblem at
 ``u = 0``; ``r1 = r1_factor * L`` and ``tv_weight = tv_threshold * r1`` (the shrink
-threshold ``tv_weight / r1`` is in radians per voxel).
+threshold ``tv_weight / r1`` is in radians per voxel). On photon counts (every valid count
+a whole number) the defaults follow the linear solver's: ``tv_weight = tv_threshold_counts
+* r1 + tv_noise_factor * sigma^2`` (0.03 and 4; ``sigma = 1/2``, the Poisson noise in
+amplitude), and the likelihood is smoothed by ``epsilon = epsilon_counts`` photons (10; 0
+on noise-free data), which keeps the z-step continuous at pixels with few counts.
+Measured on a 48^3 volume, 12 angles, 3 pi, spiral scans, masked detector: at eta 100
+(R-factor of the truth 0.280) the R-factor was 0.415 before (no noise term, no
+smoothing), 0.393 with the noise term 0.3 alone, 0.313 with smoothing and 0.3, 0.297
+with this default (1.52); at eta 1000 (truth 0.117) 0.134 with 0.3 + 1.73, 0.126 with
+this default (6.2), 0.124 with 12, 0.156 with 0.5.
 
 Metrics per iteration as the linear solver (SPEC 5): R-factor of ``D(omega, u)``,
 relative change of ``u``, and ``snr_db(u, u_true)`` when the truth is known (the truth
@@ -131,10 +140,11 @@ class ExpSolverSettings:
     """Default ``r1 / L``."""
     tv_threshold: float = 0.01
     """Default ``tv_weight / r1`` (radians per voxel)."""
-    tv_noise_factor: float = 1.2
-    """Default extra TV weight per ``sigma^2`` for photon-counting (integer) data, as in
-    the linear model (:class:`ptmpi.solvers.admm.SolverSettings`): ``u`` is a phase in
-    radians, and a unit of phase moves the far field as a unit of the linear ``u`` does."""
+    tv_threshold_counts: float = 0.03
+    """``tv_threshold`` on photon-counting (integer) data."""
+    tv_noise_factor: float = 4.0
+    """Default extra TV weight per ``sigma^2`` on photon-counting data (as the linear
+    model's noise term, :class:`ptmpi.solvers.admm.SolverSettings`)."""
     epsilon: float | None = None
     """Smoothing of the likelihood (photons, :mod:`ptmpi.solvers.prox`); default
     ``epsilon_counts`` for photon-counting data, 0 for noise-free data."""
@@ -212,18 +222,20 @@ def resolve_exp(settings: ExpSolverSettings, weight_max: float, norm_php: float,
                 noise_amplitude: float = 0.0) -> dict:
     """The penalties actually used: explicit settings, else the data-scaled defaults
     (module docstring). ``noise_amplitude`` is the amplitude noise of the data (1/2 for
-    photon counts, 0 for noise-free data): it adds ``tv_noise_factor * sigma^2`` to the
-    default TV weight (``r1`` stays that of the noise-free data, so the shrink threshold
-    grows with the noise) and sets the default likelihood smoothing ``epsilon``."""
+    photon counts, 0 for noise-free data): on counts the default TV weight is
+    ``tv_threshold_counts * r1 + tv_noise_factor * sigma^2`` (``r1`` stays that of
+    noise-free data, so the shrink threshold grows with the noise), and the default
+    likelihood smoothing ``epsilon`` is ``epsilon_counts``."""
     r2 = settings.r2 if settings.r2 is not None else 0.1
     rho = settings.rho if settings.rho is not None else settings.rho_factor * r2 * weight_max
     curvature = rho * norm_php
     tv_weight = r1 = 0.0
     if settings.algorithm != "apts":
         r1 = settings.r1 if settings.r1 is not None else settings.r1_factor * curvature
+        threshold = settings.tv_threshold_counts if noise_amplitude > 0 else (
+            settings.tv_threshold)
         tv_weight = (settings.tv_weight if settings.tv_weight is not None
-                     else settings.tv_threshold * r1
-                     + settings.tv_noise_factor * noise_amplitude**2)
+                     else threshold * r1 + settings.tv_noise_factor * noise_amplitude**2)
         if tv_weight > 0 and r1 == 0:
             raise ValueError("APT with tv_weight > 0 needs r1 > 0")
     epsilon = settings.epsilon
