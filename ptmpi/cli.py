@@ -214,7 +214,7 @@ def simulate_to_file(settings, path: Path, force: bool, demo: bool = False,
             write_per_angle_cxi(export_cxi, counts=data.counts, probe=data.probe,
                                 positions_px=data.positions_px, frame_offset=data.frame_offset,
                                 angles_deg=data.angles_deg, volume_shape=data.volume.shape,
-                                overwrite=force)
+                                mask=data.mask, overwrite=force)
         except (FileExistsError, OSError) as exc:
             raise UserError(f"{export_cxi}: cannot write ({exc})") from exc
         logger.info("wrote %d per-angle CXI files to %s", settings.n_angles, export_cxi)

@@ -247,7 +247,7 @@ def reconstruct(input_path: str, output_path: str, settings, comm: SerialComm, *
         )
         if figures:
             _figures(output_path, algorithm, image, to_host(omega), data, history,
-                     len(history["iteration"]))
+                     len(history["iteration"]), exp=exp)
         snr = summary.get("snr_db", math.nan)
         extra = f", SNR {snr:.2f} dB" if math.isfinite(snr) else ""
         logger.info("wrote %s after %d iterations (%.1f s): R-factor %.4g%s", output_path,
@@ -419,7 +419,8 @@ def figure_paths(output_path, algorithm: str) -> tuple[Path, Path]:
     return Path(f"{stem}-{first}.png"), Path(f"{stem}-convergence.png")
 
 
-def _figures(output_path, algorithm, image, omega, data, history, n_iter) -> None:
+def _figures(output_path, algorithm, image, omega, data, history, n_iter,
+             exp: bool = False) -> None:
     from ptmpi.plots import save_convergence, save_images, save_slices
 
     first, convergence = figure_paths(output_path, algorithm)
@@ -428,7 +429,7 @@ def _figures(output_path, algorithm, image, omega, data, history, n_iter) -> Non
         save_images(first, image, omega, label)
     else:
         truth = None if data.truth_volume is None else to_host(data.truth_volume)
-        save_slices(first, image, truth, label)
+        save_slices(first, image, truth, label, exp=exp)
     save_convergence(convergence, history, label)
 
 
@@ -460,7 +461,7 @@ def settings_from_args(args, model: str = "linear"):
             "algorithm": algorithm, "iterations": args.iterations, "tol": args.tol,
             "likelihood": args.likelihood, "tv_weight": args.tv_weight, "r1": args.r1,
             "r2": args.r2, "cg_iterations": args.cg_iterations,
-            "refine_probe": args.refine_probe,
+            "refine_probe": args.refine_probe, "epsilon": getattr(args, "epsilon", None),
         }
         if algorithm == "two-step":  # the initialisation alone
             fields.update(iterations=1, init_iterations=args.iterations,
