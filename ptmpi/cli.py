@@ -135,6 +135,7 @@ def _settings_from_args(args) -> SimulationSettings:
         "phase_scale": args.phase_scale, "jitter": args.jitter, "scan": args.scan,
         "mask_stripe": args.mask_stripe, "hot_pixels": args.hot_pixels,
         "model": args.model, "max_phase": args.max_phase,
+        "drift": args.drift, "probe_defocus": args.probe_defocus,
     }
     overrides = {k: v for k, v in overrides.items() if v is not None}
     if args.nz is None and args.n is not None and args.preset is None:
@@ -243,7 +244,7 @@ def settings_from_args(args, model: str = "linear"):
             "algorithm": algorithm, "iterations": args.iterations, "tol": args.tol,
             "likelihood": args.likelihood, "tv_weight": args.tv_weight, "r1": args.r1,
             "r2": args.r2, "cg_iterations": args.cg_iterations,
-            "refine_probe": args.refine_probe,
+            "refine_probe": args.refine_probe, "epsilon": getattr(args, "epsilon", None),
         }
         if algorithm == "two-step":  # the initialisation alone
             fields.update(iterations=1, init_iterations=args.iterations,
@@ -477,6 +478,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--export-cxi", metavar="DIR",
                    help="also write the data as per-angle CXI files DIR/angle-000.cxi, ... "
                         "(SPEC 8; the input of ptmpi import)")
+    p.add_argument("--drift", type=float, metavar="PX",
+                   help="sample drift: a random shift of up to PX pixels (row, col) per angle "
+                        "in the data, not in the recorded positions (truth/shifts_px)")
+    p.add_argument("--probe-defocus", type=float, metavar="RAD",
+                   help="store a wrong probe guess: the true probe defocused by RAD radians "
+                        "of quadratic phase at the edge of its Fourier grid (truth/probe is "
+                        "the true one)")
     p.add_argument("--mask-stripe", type=int, metavar="W",
                    help="W dead detector columns beside the centre (counts 0), masked")
     p.add_argument("--hot-pixels", type=int, metavar="K",

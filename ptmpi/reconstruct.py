@@ -184,7 +184,6 @@ def reconstruct(input_path: str, output_path: str, settings, comm: Comm, *,
     """
     from ptmpi.io.cxi import input_checksum
     from ptmpi.io.output import write_output
-
     from ptmpi.solvers.admm_exp import ExpSolverSettings
 
     algorithm = algorithm or getattr(settings, "algorithm", None)
@@ -246,7 +245,7 @@ def reconstruct(input_path: str, output_path: str, settings, comm: Comm, *,
         )
         if figures:
             _figures(output_path, algorithm, image, to_host(omega), data, history,
-                     len(history["iteration"]))
+                     len(history["iteration"]), exp=exp)
         snr = summary.get("snr_db", math.nan)
         extra = f", SNR {snr:.2f} dB" if math.isfinite(snr) else ""
         logger.info("wrote %s after %d iterations (%.1f s): R-factor %.4g%s", output_path,
@@ -418,7 +417,8 @@ def figure_paths(output_path, algorithm: str) -> tuple[Path, Path]:
     return Path(f"{stem}-{first}.png"), Path(f"{stem}-convergence.png")
 
 
-def _figures(output_path, algorithm, image, omega, data, history, n_iter) -> None:
+def _figures(output_path, algorithm, image, omega, data, history, n_iter,
+             exp: bool = False) -> None:
     from ptmpi.plots import save_convergence, save_images, save_slices
 
     first, convergence = figure_paths(output_path, algorithm)
@@ -427,7 +427,7 @@ def _figures(output_path, algorithm, image, omega, data, history, n_iter) -> Non
         save_images(first, image, omega, label)
     else:
         truth = None if data.truth_volume is None else to_host(data.truth_volume)
-        save_slices(first, image, truth, label)
+        save_slices(first, image, truth, label, exp=exp)
     save_convergence(convergence, history, label)
 
 

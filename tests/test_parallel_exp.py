@@ -12,12 +12,12 @@ import math
 
 import numpy as np
 import pytest
+from test_parallel_solver import N_ANGLES, NZ, M, N, local_problem, rel
 
 from ptmpi.parallel import MPIComm, SerialComm, block_partition
 from ptmpi.sim.presets import SimulationSettings
 from ptmpi.sim.simulate import simulate
 from ptmpi.solvers.admm_exp import ExpSolverSettings, solve_exp
-from test_parallel_solver import N, N_ANGLES, NZ, M, local_problem, rel
 
 
 def exp_tiny_settings() -> SimulationSettings:
@@ -67,9 +67,9 @@ def test_exp_resume_on_two_ranks_of_a_serial_checkpoint(mpi_ranks, shared_tmp):
     """A 1-rank exp checkpoint at iteration 3, resumed to 6 on 2 ranks (complex128): the
     volume of an uninterrupted serial run, to float rounding."""
     import h5py
+    from test_parallel_solver import write_case
 
     from ptmpi.reconstruct import reconstruct
-    from test_parallel_solver import write_case
 
     comm = MPIComm()
     path, ck = shared_tmp / "thick.h5", shared_tmp / "ck.h5"

@@ -58,7 +58,8 @@ def simulate_to_file(settings, path: Path, force: bool, demo: bool = False,
             angles_deg=data.angles_deg,
             volume_shape=data.volume.shape,
             truth_volume=data.volume,
-            truth_probe=data.probe,
+            truth_probe=data.probe if data.true_probe is None else data.true_probe,
+            truth_shifts_px=data.shifts_px,
             mask=data.mask,
             overwrite=force,
             attrs={
@@ -77,7 +78,7 @@ def simulate_to_file(settings, path: Path, force: bool, demo: bool = False,
             write_per_angle_cxi(export_cxi, counts=data.counts, probe=data.probe,
                                 positions_px=data.positions_px, frame_offset=data.frame_offset,
                                 angles_deg=data.angles_deg, volume_shape=data.volume.shape,
-                                overwrite=force)
+                                mask=data.mask, overwrite=force)
         except (FileExistsError, OSError) as exc:
             raise UserError(f"{export_cxi}: cannot write ({exc})") from exc
         logger.info("wrote %d per-angle CXI files to %s", settings.n_angles, export_cxi)
