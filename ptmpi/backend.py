@@ -43,16 +43,29 @@ def gpu_available() -> bool:
     return _cupy() is not None
 
 
+def _device_module(x) -> types.ModuleType | None:
+    """The array module of a device array, None for a host array.
+
+    Besides CuPy, an array type may name its module in ``__ptmpi_xp__``: the tests' strict
+    stand-in for CuPy (``tests/strict_xp.py``) does, so the device code path runs without
+    a GPU. Such a module provides ``scipy_fft``, ``scipy_sparse`` and ``ptmpi_synchronize()``.
+    """
+    if type(x).__module__.startswith("cupy"):
+        return _cupy() or np
+    return getattr(type(x), "__ptmpi_xp__", None)
+
+
 def get_xp(*arrays) -> types.ModuleType:
-    """Array module (numpy or cupy) of the given arrays; numpy when none is a CuPy array."""
+    """Array module (numpy or cupy) of the given arrays; numpy when none is a device array."""
     for a in arrays:
-        if type(a).__module__.startswith("cupy"):
-            return _cupy() or np
+        xp = _device_module(a)
+        if xp is not None:
+            return xp
     return np
 
 
 def is_device_array(x) -> bool:
-    return type(x).__module__.startswith("cupy")
+    return _device_module(x) is not None
 
 
 def to_host(x):
@@ -96,6 +109,8 @@ def fft_module(xp: types.ModuleType) -> types.ModuleType:
         import scipy.fft
 
         return scipy.fft
+    if hasattr(xp, "scipy_fft"):
+        return xp.scipy_fft
     import cupyx.scipy.fft
 
     return cupyx.scipy.fft
@@ -107,6 +122,8 @@ def sparse_module(xp: types.ModuleType) -> types.ModuleType:
         import scipy.sparse
 
         return scipy.sparse
+    if hasattr(xp, "scipy_sparse"):
+        return xp.scipy_sparse
     import cupyx.scipy.sparse
 
     return cupyx.scipy.sparse
@@ -124,5 +141,9 @@ def complex_dtype(dtype) -> np.dtype:
 
 def synchronize(xp: types.ModuleType) -> None:
     """Wait for queued device work (before an MPI call or a timer read); no-op on the host."""
-    if xp is not np:
+    if xp is np:
+        return
+    if hasattr(xp, "ptmpi_synchronize"):
+        xp.ptmpi_synchronize()
+    else:
         xp.cuda.get_current_stream().synchronize()

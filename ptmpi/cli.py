@@ -11,18 +11,19 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
 import logging
 import math
 import os
 import sys
-import time
 import warnings
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 from ptmpi import __version__
-from ptmpi.parallel import SerialComm, get_comm
+from ptmpi.errors import UserError
+from ptmpi.parallel import Comm, get_comm
+from ptmpi.sim.files import is_demo_file as _is_demo_file
+from ptmpi.sim.files import simulate_to_file
 
 if TYPE_CHECKING:
     from ptmpi.sim.presets import SimulationSettings
@@ -36,10 +37,6 @@ EXIT_CHECKPOINTED = 75
 _ALIKE_TIMEOUT_S = 5.0
 #: ``--checkpoint-every`` when ``--checkpoint`` is given without it.
 DEFAULT_CHECKPOINT_EVERY = 10
-
-
-class UserError(Exception):
-    """An error the user can fix (bad input, existing output, ...): one line, no traceback."""
 
 
 def _launcher_rank() -> int:
@@ -98,7 +95,7 @@ def _finite(text: str) -> float:
     return value
 
 
-def _setup_logging(comm: SerialComm, verbose: bool) -> None:
+def _setup_logging(comm: Comm, verbose: bool) -> None:
     level = logging.INFO if comm.is_root else logging.WARNING
     if verbose and comm.is_root:
         level = logging.DEBUG
@@ -138,6 +135,7 @@ def _settings_from_args(args) -> SimulationSettings:
         "phase_scale": args.phase_scale, "jitter": args.jitter, "scan": args.scan,
         "mask_stripe": args.mask_stripe, "hot_pixels": args.hot_pixels,
         "model": args.model, "max_phase": args.max_phase,
+        "drift": args.drift, "probe_defocus": args.probe_defocus,
     }
     overrides = {k: v for k, v in overrides.items() if v is not None}
     if args.nz is None and args.n is not None and args.preset is None:
@@ -148,84 +146,7 @@ def _settings_from_args(args) -> SimulationSettings:
         raise UserError(str(exc)) from exc
 
 
-def _is_demo_file(path: Path) -> bool:
-    """True when ``path`` is an HDF5 file an earlier ``ptmpi demo`` wrote."""
-    import h5py
-
-    try:
-        with h5py.File(path, "r") as f:
-            return bool(f.attrs.get("ptmpi_demo", False))
-    except OSError:
-        return False
-
-
-def simulate_to_file(settings, path: Path, force: bool, demo: bool = False,
-                     export_cxi: Path | None = None) -> None:
-    """Simulate ``settings`` and write the SPEC 3 file ``path`` (with ``truth/``).
-
-    An existing ``path`` is replaced only with ``force``, or when ``demo`` is set and the
-    file is one an earlier demo wrote: nothing a user wrote is overwritten silently.
-    ``export_cxi`` also writes the data as per-angle CXI files (SPEC 8) into that folder.
-    """
-    force = force or (demo and path.exists() and _is_demo_file(path))
-    from ptmpi.io.cxi import write_input
-    from ptmpi.sim.simulate import simulate
-
-    if path.exists() and not force:
-        raise UserError(f"{path}: output exists; pass --force to overwrite it")
-    if export_cxi is not None:
-        from ptmpi.io.per_angle import per_angle_names
-
-        if export_cxi.exists() and not export_cxi.is_dir():
-            raise UserError(f"{export_cxi}: --export-cxi expects a folder, found a file")
-        for name in per_angle_names(settings.n_angles):
-            if (export_cxi / name).exists() and not force:
-                raise UserError(f"{export_cxi / name}: exists; pass --force to overwrite it")
-    t0 = time.perf_counter()
-    data = simulate(settings)
-    try:
-        write_input(
-            path,
-            counts=data.counts,
-            probe=data.probe,
-            positions_px=data.positions_px,
-            frame_offset=data.frame_offset,
-            angles_deg=data.angles_deg,
-            volume_shape=data.volume.shape,
-            truth_volume=data.volume,
-            truth_probe=data.probe,
-            mask=data.mask,
-            overwrite=force,
-            attrs={
-                "simulation": json.dumps(settings.to_dict()),
-                "snr_intensity_db": data.snr_intensity_db,
-                "model": settings.model,
-            },
-            root_attrs={"ptmpi_demo": 1} if demo else None,
-        )
-    except (FileExistsError, OSError) as exc:
-        raise UserError(f"{path}: cannot write ({exc})") from exc
-    if export_cxi is not None:
-        from ptmpi.io.per_angle import write_per_angle_cxi
-
-        try:
-            write_per_angle_cxi(export_cxi, counts=data.counts, probe=data.probe,
-                                positions_px=data.positions_px, frame_offset=data.frame_offset,
-                                angles_deg=data.angles_deg, volume_shape=data.volume.shape,
-                                overwrite=force)
-        except (FileExistsError, OSError) as exc:
-            raise UserError(f"{export_cxi}: cannot write ({exc})") from exc
-        logger.info("wrote %d per-angle CXI files to %s", settings.n_angles, export_cxi)
-    snr = "noise-free" if math.isinf(data.snr_intensity_db) else (
-        f"SNR_intensity {data.snr_intensity_db:.1f} dB")
-    logger.info(
-        "simulated %s: volume %s, %d angles, %d frames of %dx%d, %s, %.1f s",
-        path, data.volume.shape, settings.n_angles, data.counts.shape[0],
-        settings.probe_size, settings.probe_size, snr, time.perf_counter() - t0,
-    )
-
-
-def cmd_simulate(args, comm: SerialComm) -> int:
+def cmd_simulate(args, comm: Comm) -> int:
     settings = _settings_from_args(args)
     failure = None
     if comm.is_root:
@@ -244,7 +165,7 @@ def cmd_simulate(args, comm: SerialComm) -> int:
 # ---------------------------------------------------------------------------- import
 
 
-def cmd_import(args, comm: SerialComm) -> int:
+def cmd_import(args, comm: Comm) -> int:
     """Per-angle CXI files (SPEC 8) into one SPEC 3 file; rank 0 works, the others wait."""
     from ptmpi.io.importer import ImportFailure, import_cxi
     from ptmpi.io.per_angle import Conventions
@@ -281,7 +202,7 @@ def cmd_import(args, comm: SerialComm) -> int:
 # ---------------------------------------------------------------------------- reconstruct
 
 
-def _dry_run(args, algorithm, settings, dtype, comm: SerialComm) -> int:
+def _dry_run(args, algorithm, settings, dtype, comm: Comm) -> int:
     """``reconstruct --dry-run``: validate, print the memory plan, solve nothing."""
     import numpy as np
 
@@ -307,12 +228,56 @@ def _dry_run(args, algorithm, settings, dtype, comm: SerialComm) -> int:
     return 0
 
 
-def cmd_reconstruct(args, comm: SerialComm) -> int:
+def settings_from_args(args, model: str = "linear"):
+    """Solver settings from the ``reconstruct`` flags (unset flags keep the defaults)."""
+    from ptmpi.solvers.admm import SolverSettings
+    from ptmpi.solvers.ptycho2d import Ptycho2DSettings
+
+    algorithm = args.algorithm or "apt"
+    if model == "exp":
+        from ptmpi.solvers.admm_exp import ExpSolverSettings
+
+        if algorithm == "ptycho2d":
+            raise ValueError("--algorithm ptycho2d does not use a tomography model: drop "
+                             "--model exp")
+        fields = {
+            "algorithm": algorithm, "iterations": args.iterations, "tol": args.tol,
+            "likelihood": args.likelihood, "tv_weight": args.tv_weight, "r1": args.r1,
+            "r2": args.r2, "cg_iterations": args.cg_iterations,
+            "refine_probe": args.refine_probe, "epsilon": getattr(args, "epsilon", None),
+        }
+        if algorithm == "two-step":  # the initialisation alone
+            fields.update(iterations=1, init_iterations=args.iterations,
+                          init_gn_iterations=args.tomo_iterations)
+        return algorithm, dataclasses.replace(ExpSolverSettings(), **{
+            k: v for k, v in fields.items() if v is not None})
+    if algorithm in ("apt", "apts"):
+        fields = {
+            "algorithm": algorithm, "iterations": args.iterations, "tol": args.tol,
+            "likelihood": args.likelihood, "tv_weight": args.tv_weight, "r1": args.r1,
+            "r2": args.r2, "cg_iterations": args.cg_iterations,
+            "refine_probe": args.refine_probe, "epsilon": getattr(args, "epsilon", None),
+            "adapt_r2": {"on": True, "off": False}.get(getattr(args, "adapt_r2", None)),
+        }
+        base = SolverSettings()
+    else:
+        fields = {
+            "iterations": args.iterations, "likelihood": args.likelihood, "r2": args.r2,
+            "refine_probe": args.refine_probe, "tomo_iterations": args.tomo_iterations,
+            "damping": args.damping, "epsilon": getattr(args, "epsilon", None),
+            "adapt_r2": {"on": True, "off": False}.get(getattr(args, "adapt_r2", None)),
+        }
+        base = Ptycho2DSettings()
+    return algorithm, dataclasses.replace(base, **{k: v for k, v in fields.items()
+                                                   if v is not None})
+
+
+def cmd_reconstruct(args, comm: Comm) -> int:
     import contextlib
 
     import numpy as np
 
-    from ptmpi.reconstruct import RunError, input_model, reconstruct, settings_from_args
+    from ptmpi.reconstruct import RunError, input_model, reconstruct
     from ptmpi.restart import Interrupted, stop_on_signals
 
     model = args.model or comm.bcast(input_model(args.input) if comm.is_root else None)
@@ -348,7 +313,7 @@ def cmd_reconstruct(args, comm: SerialComm) -> int:
 # ---------------------------------------------------------------------------- paper
 
 
-def cmd_paper(args, comm: SerialComm) -> int:
+def cmd_paper(args, comm: Comm) -> int:
     from ptmpi.paper import CASES, run_paper
     from ptmpi.reconstruct import RunError
 
@@ -385,7 +350,7 @@ def _int_list(text: str, flag: str) -> list[int]:
     return values
 
 
-def cmd_bench(args, comm: SerialComm) -> int:
+def cmd_bench(args, comm: Comm) -> int:
     import numpy as np
 
     from ptmpi.backend import get_array_module, select_device
@@ -429,7 +394,7 @@ def cmd_bench(args, comm: SerialComm) -> int:
 # ---------------------------------------------------------------------------- info
 
 
-def cmd_info(args, comm: SerialComm) -> int:
+def cmd_info(args, comm: Comm) -> int:
     from ptmpi.io.info import main_info
 
     code = main_info(args.file) if comm.is_root else 0
@@ -439,7 +404,7 @@ def cmd_info(args, comm: SerialComm) -> int:
 # ---------------------------------------------------------------------------- demo
 
 
-def cmd_demo(args, comm: SerialComm) -> int:
+def cmd_demo(args, comm: Comm) -> int:
     """Simulate the ``demo`` preset, reconstruct it with APT, report SNR and R-factor."""
     import numpy as np
 
@@ -514,6 +479,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--export-cxi", metavar="DIR",
                    help="also write the data as per-angle CXI files DIR/angle-000.cxi, ... "
                         "(SPEC 8; the input of ptmpi import)")
+    p.add_argument("--drift", type=float, metavar="PX",
+                   help="sample drift: a random shift of up to PX pixels (row, col) per angle "
+                        "in the data, not in the recorded positions (truth/shifts_px)")
+    p.add_argument("--probe-defocus", type=float, metavar="RAD",
+                   help="store a wrong probe guess: the true probe defocused by RAD radians "
+                        "of quadratic phase at the edge of its Fourier grid (truth/probe is "
+                        "the true one)")
     p.add_argument("--mask-stripe", type=int, metavar="W",
                    help="W dead detector columns beside the centre (counts 0), masked")
     p.add_argument("--hot-pixels", type=int, metavar="K",

@@ -160,15 +160,39 @@ def r_factor(d_model, f, comm=None, valid=None) -> float:
         ``sum | |d_model| - sqrt(f) | / sum sqrt(f)``, over all (valid) pixels of all
         frames of all ranks.
     """
-    xp = get_xp(d_model, f)
-    d_model, f = xp.asarray(d_model), xp.asarray(f)
-    _check_shapes(d_model, f, "d_model, f")
+    num, den = _reduce(comm, *r_factor_sums(d_model, f, valid=valid))
+    return r_factor_value(num, den)
+
+
+def r_factor_sums(d_model, f=None, *, sqrt_f=None, valid=None) -> tuple[float, float]:
+    """This rank's numerator and denominator of :func:`r_factor`, in float64.
+
+    Give the counts ``f``, or their square roots ``sqrt_f`` (as a solver keeps them, so
+    that it need not take them every iteration). A solver sums these over ranks with its
+    other reductions and calls :func:`r_factor_value`: the R-factor has one definition.
+    """
+    if (f is None) == (sqrt_f is None):
+        raise ValueError("r_factor_sums: give exactly one of f and sqrt_f")
+    counts = f if sqrt_f is None else sqrt_f
+    xp = get_xp(d_model, counts)
+    d_model, counts = xp.asarray(d_model), xp.asarray(counts)
+    _check_shapes(d_model, counts, "d_model, f")
     num = den = 0.0
-    for d, c, v in _frame_blocks(valid, d_model, f):
-        amp = xp.sqrt(valid_only(_wide(xp, c), v))
-        num += float(xp.sum(valid_only(xp.abs(xp.abs(_wide(xp, d)) - amp), v)))
-        den += float(xp.sum(amp))
-    num, den = _reduce(comm, num, den)
+    # From counts (r_factor) the moduli are taken in float64; from roots (a solver, every
+    # iteration) in the model's precision, so that no complex128 copy of the frames
+    # raises the solver's peak memory. The sums are float64 either way.
+    for d, c, v in _frame_blocks(valid, d_model, counts):
+        if sqrt_f is None:
+            d, amp = _wide(xp, d), xp.sqrt(valid_only(_wide(xp, c), v))
+        else:
+            amp = valid_only(c, v)
+        num += float(xp.sum(valid_only(xp.abs(xp.abs(d) - amp), v), dtype=xp.float64))
+        den += float(xp.sum(amp, dtype=xp.float64))
+    return num, den
+
+
+def r_factor_value(num: float, den: float) -> float:
+    """``num / den`` of the global sums, with the limits of the module docstring."""
     if num == 0.0:
         return 0.0
     return math.inf if den == 0.0 else num / den

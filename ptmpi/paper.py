@@ -19,7 +19,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ptmpi.parallel import SerialComm
+from ptmpi.parallel import Comm
 
 logger = logging.getLogger(__name__)
 
@@ -103,7 +103,7 @@ def _refusal(out: Path, size: int, selected, methods, force: bool) -> str | None
     return None
 
 
-def run_paper(out: Path, size: int, comm: SerialComm, *, iterations: int | None = None,
+def run_paper(out: Path, size: int, comm: Comm, *, iterations: int | None = None,
               cases: list[str] | None = None, methods: list[str] | None = None,
               force: bool = False, gpu: bool = False) -> dict:
     """Simulate and reconstruct every selected case; rank 0 writes tables and figures.
@@ -113,8 +113,9 @@ def run_paper(out: Path, size: int, comm: SerialComm, *, iterations: int | None 
     Results of an earlier run in ``out`` (same size) are kept for the case/method pairs not
     run again, so a long reproduction can be done in parts.
     """
-    from ptmpi.cli import UserError, simulate_to_file
+    from ptmpi.errors import UserError
     from ptmpi.reconstruct import RunError, reconstruct
+    from ptmpi.sim.files import simulate_to_file
     from ptmpi.solvers.admm import SolverSettings
     from ptmpi.solvers.ptycho2d import Ptycho2DSettings
 

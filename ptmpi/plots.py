@@ -28,12 +28,21 @@ def aligned_phase(u: np.ndarray, reference: np.ndarray | None) -> np.ndarray:
 
 
 def save_slices(path: Path, volume: np.ndarray, truth: np.ndarray | None = None,
-                title: str = "") -> None:
-    """Central z, y and x slices of the phase (and of the truth beside them, if given)."""
+                title: str = "", exp: bool = False) -> None:
+    """Central z, y and x slices of the phase (and of the truth beside them, if given).
+
+    ``exp``: a volume of the exponential model (SPEC 8), whose real part is the phase
+    shift per voxel: that is shown (its complex angle would be the ratio of attenuation
+    to phase)."""
     plt = _pyplot()
-    rows = [("reconstruction", aligned_phase(volume, truth))]
-    if truth is not None:
-        rows.append(("truth", np.angle(truth)))
+    if exp:
+        rows = [("reconstruction", np.real(volume))]
+        if truth is not None:
+            rows.append(("truth", np.real(truth)))
+    else:
+        rows = [("reconstruction", aligned_phase(volume, truth))]
+        if truth is not None:
+            rows.append(("truth", np.angle(truth)))
     vmin = min(r[1].min() for r in rows)
     vmax = max(r[1].max() for r in rows)
     fig, axes = plt.subplots(len(rows), 3, figsize=(9, 3 * len(rows)), squeeze=False)
@@ -45,7 +54,8 @@ def save_slices(path: Path, volume: np.ndarray, truth: np.ndarray | None = None,
             im = ax.imshow(img, cmap="gray", vmin=vmin, vmax=vmax)
             ax.set_title(f"{label}: central {axis} slice", fontsize=9)
             ax.axis("off")
-    fig.colorbar(im, ax=axes, shrink=0.8, label="phase (rad)")
+    fig.colorbar(im, ax=axes, shrink=0.8,
+                 label="phase shift per voxel (rad)" if exp else "phase (rad)")
     if title:
         fig.suptitle(title, fontsize=10)
     fig.savefig(path, dpi=80)

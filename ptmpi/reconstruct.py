@@ -15,7 +15,6 @@ CG tomography), both from :mod:`ptmpi.solvers.ptycho2d`.
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 import math
 from pathlib import Path
@@ -23,11 +22,10 @@ from pathlib import Path
 import numpy as np
 
 from ptmpi.backend import DEFAULT_COMPLEX, get_array_module, select_device, to_device, to_host
-from ptmpi.parallel import SerialComm, block_partition
+from ptmpi.parallel import Comm, block_partition
 from ptmpi.progress import Progress
-from ptmpi.solvers.admm import LocalProblem, SolverSettings, solve
+from ptmpi.solvers.admm import LocalProblem, solve
 from ptmpi.solvers.ptycho2d import (
-    Ptycho2DSettings,
     align_global_factor,
     normalise_pair,
     solve_ptycho2d,
@@ -44,7 +42,7 @@ class RunError(Exception):
     """A problem found collectively: every rank raises it with the same message."""
 
 
-def _agree(comm: SerialComm, problems: list[str]) -> None:
+def _agree(comm: Comm, problems: list[str]) -> None:
     """Raise RunError on every rank if any rank found a problem (one collective)."""
     everyone = comm.allgather(problems)
     merged = list(dict.fromkeys(p for rank_problems in everyone for p in rank_problems))
@@ -167,7 +165,7 @@ def _empty_sample_projections(data, start, stop, xp, dtype):
     return projector.fwd(xp.ones(data.volume_shape, dtype=dtype)), projector
 
 
-def reconstruct(input_path: str, output_path: str, settings, comm: SerialComm, *,
+def reconstruct(input_path: str, output_path: str, settings, comm: Comm, *,
                 algorithm: str | None = None, force: bool = False, gpu: bool = False,
                 dtype=DEFAULT_COMPLEX, figures: bool = True, command: str | None = None,
                 demo: bool = False, checkpoint: str | None = None, checkpoint_every: int = 0,
@@ -187,7 +185,6 @@ def reconstruct(input_path: str, output_path: str, settings, comm: SerialComm, *
     """
     from ptmpi.io.cxi import input_checksum
     from ptmpi.io.output import write_output
-
     from ptmpi.solvers.admm_exp import ExpSolverSettings
 
     algorithm = algorithm or getattr(settings, "algorithm", None)
@@ -251,7 +248,7 @@ def reconstruct(input_path: str, output_path: str, settings, comm: SerialComm, *
         )
         if figures:
             _figures(output_path, algorithm, image, to_host(omega), data, history,
-                     len(history["iteration"]))
+                     len(history["iteration"]), exp=exp)
         snr = summary.get("snr_db", math.nan)
         extra = f", SNR {snr:.2f} dB" if math.isfinite(snr) else ""
         logger.info("wrote %s after %d iterations (%.1f s): R-factor %.4g%s", output_path,
@@ -426,7 +423,8 @@ def figure_paths(output_path, algorithm: str) -> tuple[Path, Path]:
     return Path(f"{stem}-{first}.png"), Path(f"{stem}-convergence.png")
 
 
-def _figures(output_path, algorithm, image, omega, data, history, n_iter) -> None:
+def _figures(output_path, algorithm, image, omega, data, history, n_iter,
+             exp: bool = False) -> None:
     from ptmpi.plots import save_convergence, save_images, save_slices
 
     first, convergence = figure_paths(output_path, algorithm)
@@ -435,7 +433,7 @@ def _figures(output_path, algorithm, image, omega, data, history, n_iter) -> Non
         save_images(first, image, omega, label)
     else:
         truth = None if data.truth_volume is None else to_host(data.truth_volume)
-        save_slices(first, image, truth, label)
+        save_slices(first, image, truth, label, exp=exp)
     save_convergence(convergence, history, label)
 
 
@@ -452,44 +450,3 @@ def input_model(path) -> str:
         return "linear"
     value = value.decode() if isinstance(value, bytes) else str(value)
     return value if value in MODELS else "linear"
-
-
-def settings_from_args(args, model: str = "linear"):
-    """Solver settings from the ``reconstruct`` flags (unset flags keep the defaults)."""
-    algorithm = args.algorithm or "apt"
-    if model == "exp":
-        from ptmpi.solvers.admm_exp import ExpSolverSettings
-
-        if algorithm == "ptycho2d":
-            raise ValueError("--algorithm ptycho2d does not use a tomography model: drop "
-                             "--model exp")
-        fields = {
-            "algorithm": algorithm, "iterations": args.iterations, "tol": args.tol,
-            "likelihood": args.likelihood, "tv_weight": args.tv_weight, "r1": args.r1,
-            "r2": args.r2, "cg_iterations": args.cg_iterations,
-            "refine_probe": args.refine_probe,
-        }
-        if algorithm == "two-step":  # the initialisation alone
-            fields.update(iterations=1, init_iterations=args.iterations,
-                          init_gn_iterations=args.tomo_iterations)
-        return algorithm, dataclasses.replace(ExpSolverSettings(), **{
-            k: v for k, v in fields.items() if v is not None})
-    if algorithm in ("apt", "apts"):
-        fields = {
-            "algorithm": algorithm, "iterations": args.iterations, "tol": args.tol,
-            "likelihood": args.likelihood, "tv_weight": args.tv_weight, "r1": args.r1,
-            "r2": args.r2, "cg_iterations": args.cg_iterations,
-            "refine_probe": args.refine_probe, "epsilon": getattr(args, "epsilon", None),
-            "adapt_r2": {"on": True, "off": False}.get(getattr(args, "adapt_r2", None)),
-        }
-        base = SolverSettings()
-    else:
-        fields = {
-            "iterations": args.iterations, "likelihood": args.likelihood, "r2": args.r2,
-            "refine_probe": args.refine_probe, "tomo_iterations": args.tomo_iterations,
-            "damping": args.damping, "epsilon": getattr(args, "epsilon", None),
-            "adapt_r2": {"on": True, "off": False}.get(getattr(args, "adapt_r2", None)),
-        }
-        base = Ptycho2DSettings()
-    return algorithm, dataclasses.replace(base, **{k: v for k, v in fields.items()
-                                                   if v is not None})

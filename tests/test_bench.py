@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import time
 import tracemalloc
 
 import numpy as np
@@ -18,17 +17,30 @@ from ptmpi.operators.tomo import Projector
 from ptmpi.parallel import SerialComm
 
 
-def test_stage_timer_charges_nested_time_to_the_inner_stage():
+def test_stage_timer_charges_nested_time_to_the_inner_stage(monkeypatch):
+    import types
+
+    import ptmpi.bench.stages as stages_module
+
+    clock = [100.0]  # a fake clock: the test decides how long each body takes
+    monkeypatch.setattr(stages_module, "time", types.SimpleNamespace(perf_counter=lambda: clock[0]))
+
+    def advance(seconds):
+        clock[0] += seconds
+
     timer = StageTimer(np)
-    inner = timer.wrap("fft", lambda: time.sleep(0.05))
+    inner = timer.wrap("fft", lambda: advance(5.0))
 
     def outer_body():
-        time.sleep(0.02)
+        advance(2.0)
         inner()
+        advance(0.5)
 
     timer.wrap("cg", outer_body)()
-    assert 0.045 < timer.totals["fft"] < 0.2
-    assert 0.015 < timer.totals["cg"] < 0.045  # the inner 50 ms are not counted twice
+    timer.wrap("cg", lambda: advance(1.0))()
+    assert timer.totals["fft"] == 5.0
+    assert timer.totals["cg"] == 3.5  # 2 + 0.5 + 1: the inner 5 s are not counted twice
+    assert sum(timer.totals.values()) == clock[0] - 100.0
 
 
 def test_instrumented_restores_what_it_wrapped():
@@ -66,11 +78,13 @@ def test_bench_case_breakdown_adds_up_and_memory_prediction_holds():
     row = bench_case(BenchCase(n=32, angles=6), SerialComm(), 2, np, np.complex64)
     stages = row["stages_s"]
     assert set(stages) == set(STAGES)
-    assert all(v >= 0 for v in stages.values())
-    assert sum(stages.values()) == pytest.approx(row["iteration_mean_s"], rel=1e-6)
-    assert stages["projector"] > 0 and stages["fft"] > 0 and stages["tv"] > 0
-    assert stages["allreduce"] < 0.1 * row["iteration_mean_s"]  # one rank: nothing to wait for
-    assert row["floors_s"]["iteration"] > 0 and row["bandwidth_gb_s"] > 0.1
+    # every instrumented stage is reached by the solver (a renamed or bypassed function
+    # would leave its stage at 0), and the exclusive times of the measured stages fit in
+    # the iteration ("other" is the remainder, not measured)
+    measured = {k: v for k, v in stages.items() if k != "other"}
+    assert all(v > 0 for v in measured.values()), measured
+    assert sum(measured.values()) <= row["iteration_mean_s"]
+    assert row["floors_s"]["iteration"] > 0
     ratio = row["memory_predicted_bytes"] / row["memory_measured_bytes"]
     assert 0.8 < ratio < 1.25, ratio
 
@@ -124,9 +138,9 @@ def test_bench_rejects_bad_sizes(capsys):
 
 @pytest.mark.mpi(ranks=[2], timeout=120, unit="s")
 def test_bench_on_two_ranks_reports_the_slowest_rank(mpi_ranks):
-    from ptmpi.parallel import Comm
+    from ptmpi.parallel import MPIComm
 
-    comm = Comm()
+    comm = MPIComm()
     result = run_bench([32], 4, None, 1, comm, astra=False, iteration_only=True)
     if comm.is_root:
         case = result["cases"][0]

@@ -39,7 +39,7 @@ from ptmpi.io.checkpoint import (
     write_checkpoint,
 )
 from ptmpi.io.cxi import input_checksum, write_input
-from ptmpi.parallel import Comm, SerialComm, block_partition
+from ptmpi.parallel import MPIComm, SerialComm, block_partition
 from ptmpi.reconstruct import reconstruct
 from ptmpi.sim.presets import SimulationSettings
 from ptmpi.sim.simulate import simulate
@@ -271,7 +271,7 @@ def test_divergence_keeps_the_last_good_checkpoint(case, tmp_path, capsys):
 @pytest.mark.mpi(ranks=[2, 4], timeout=120, unit="s")
 def test_checkpoint_written_by_ranks_holds_every_frame(mpi_ranks, shared_tmp):
     """Each rank writes its own hyperslab; read back whole and with another partition."""
-    comm = Comm()
+    comm = MPIComm()
     path = shared_tmp / "tiny.h5"
     data = comm.bcast(write_case(path) if comm.is_root else None)
     a0, a1 = block_partition(N_ANGLES, comm.size, comm.rank)
@@ -312,10 +312,10 @@ def test_resume_with_another_rank_count(mpi_ranks, shared_tmp):
     """
     from mpi4py import MPI
 
-    world = Comm()
+    world = MPIComm()
     half = world.size // 2
     group = world.rank // half
-    sub = Comm(MPI.COMM_WORLD.Split(group, world.rank))
+    sub = MPIComm(MPI.COMM_WORLD.Split(group, world.rank))
     path, ck = shared_tmp / "tiny.h5", shared_tmp / "ck.h5"
     if world.is_root:
         write_case(path)

@@ -12,6 +12,7 @@ import pytest
 from ptmpi.cli import main
 from ptmpi.metrics import snr_db
 from ptmpi.operators.dottest import DOT_TOL, dottest
+from ptmpi.operators.grad import Gradient
 from ptmpi.operators.tomo import Projector
 from ptmpi.operators.transmission import (
     ExpModel,
@@ -26,7 +27,6 @@ from ptmpi.parallel import SerialComm
 from ptmpi.sim.presets import SimulationSettings
 from ptmpi.sim.simulate import EXP_ATTENUATION_RATIO, simulate
 from ptmpi.solvers.admm import LocalProblem, SolverSettings, solve
-from ptmpi.operators.grad import Gradient
 from ptmpi.solvers.admm_exp import ExpSolverSettings, gauss_newton, solve_exp
 
 SHAPE = (10, 12, 12)

@@ -264,7 +264,7 @@ CASES = [
          inject="ptmpi.io.cxi.read_input:0", early=False),
     Case("user-error-on-rank-1-only", _rec(),
          ["on rank 1", "injected failure in settings_from_args"],
-         inject="ptmpi.reconstruct.settings_from_args:1:UserError", early=False),
+         inject="ptmpi.cli.settings_from_args:1:UserError", early=False),
     Case("output-write-fails-on-rank-0", _rec(),
          ["on rank 0", "RuntimeError", "injected failure in write_output"],
          inject="ptmpi.io.output.write_output:0", early=False),

@@ -163,3 +163,41 @@ def test_metrics_return_python_floats(rng, xp):
     f = xp.abs(u) ** 2
     for value in (snr_db(u, 1.5 * u + 0.1), r_factor(u, f), snr_intensity_db(f + 1, f)):
         assert type(value) is float
+
+
+def test_r_factor_sums_from_counts_or_their_roots(rng):
+    from ptmpi.metrics import r_factor_sums, r_factor_value
+
+    f = rng.poisson(20.0, (3, 4, 4)).astype(np.float32)
+    d = crandn(rng, (3, 4, 4), np.complex64)
+    valid = rng.random((4, 4)) > 0.3
+    by_counts = r_factor_sums(d, f, valid=valid)
+    by_roots = r_factor_sums(d, sqrt_f=np.sqrt(f), valid=valid)
+    np.testing.assert_allclose(by_roots, by_counts, rtol=1e-6)
+    amp = np.sqrt(f.astype(np.float64))
+    expected = np.abs(np.abs(d.astype(np.complex128)) - amp)[:, valid].sum() / amp[:, valid].sum()
+    assert r_factor_value(*by_counts) == pytest.approx(expected, rel=1e-12)
+    assert r_factor_value(0.0, 0.0) == 0.0 and r_factor_value(1.0, 0.0) == math.inf
+    with pytest.raises(ValueError):
+        r_factor_sums(d, f, sqrt_f=np.sqrt(f))
+
+
+def test_the_solver_history_uses_the_same_r_factor():
+    """APT's per-iteration R-factor is metrics.r_factor of the iterate it reports."""
+    from ptmpi.operators.model import JointModel
+    from ptmpi.parallel import SerialComm
+    from ptmpi.sim.presets import SimulationSettings
+    from ptmpi.sim.simulate import simulate
+    from ptmpi.solvers.admm import LocalProblem, SolverSettings, solve
+
+    data = simulate(SimulationSettings(n=16, nz=8, n_angles=4, step=4, probe_size=8, fwhm=3.0,
+                                       eta=5.0))
+    f = np.fft.ifftshift(data.counts, axes=(-2, -1))
+    theta = np.deg2rad(data.angles_deg)
+    problem = LocalProblem(data.volume.shape, theta, f, data.positions_px, data.frame_offset,
+                           data.probe)
+    state, _ = solve(problem, SolverSettings(iterations=4, early_stop=False), SerialComm())
+    model = JointModel(data.volume.shape, theta, state.omega, data.positions_px,
+                       data.frame_offset, dtype=np.complex64)
+    expected = r_factor(model.fwd(state.u), f)
+    assert state.history["r_factor"][-1] == pytest.approx(expected, rel=1e-6)

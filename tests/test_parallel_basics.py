@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from ptmpi.parallel import Comm, SerialComm, block_partition, block_sizes, dot
+from ptmpi.parallel import MPIComm, SerialComm, block_partition, block_sizes, dot
 
 
 @pytest.mark.parametrize("n_items,n_parts", [(12, 1), (12, 5), (7, 7), (3, 4), (48, 3)])
@@ -35,7 +35,7 @@ def test_serial_comm_is_identity():
 
 @pytest.mark.mpi(ranks=[2, 4], timeout=60, unit="s")
 def test_comm_allreduce_and_partition(mpi_ranks):
-    comm = Comm()
+    comm = MPIComm()
     assert comm.size == mpi_ranks
     assert 0 <= comm.local_rank < comm.size
     # in-place complex sum of rank-dependent data equals the serial sum
@@ -58,3 +58,43 @@ def test_comm_allreduce_and_partition(mpi_ranks):
     assert abs(dot(a[start:stop], b[start:stop], comm) - np.vdot(a, b)) < 1e-12
     assert comm.allreduce_scalar(comm.rank, "max") == comm.size - 1
     assert comm.bcast(comm.rank) == 0
+
+
+@pytest.mark.mpi(ranks=[2], timeout=60, unit="s")
+def test_device_arrays_are_staged_through_the_host_and_logged_once(mpi_ranks, caplog):
+    import logging
+
+    import strict_xp
+
+    from ptmpi.backend import to_host
+
+    caplog.set_level(logging.INFO, logger="ptmpi.parallel.comm")
+    comm = MPIComm()
+    x = strict_xp.full((3, 2), comm.rank + 1.0, dtype=np.float32)
+    before = strict_xp.synchronize_calls[0]
+    comm.allreduce_sum(x)
+    comm.allreduce_sum(x)
+    assert strict_xp.synchronize_calls[0] == before + 2  # synchronized before each call
+    assert np.all(to_host(x) == 2 * (1.0 + 2.0))  # (1 + 2), then twice that
+    staged = [r for r in caplog.records if "staged through host memory" in r.getMessage()]
+    assert len(staged) == (1 if comm.rank == 0 else 0)
+
+
+def test_comm_is_a_protocol_both_communicators_implement():
+    from ptmpi.parallel import Comm, MPIComm
+
+    assert isinstance(SerialComm(), Comm)
+    assert not issubclass(MPIComm, SerialComm) and not issubclass(SerialComm, MPIComm)
+    members = [n for n in vars(Comm) if not n.startswith("_")]
+    assert {"allreduce_sum", "bcast", "reached_by_all", "is_root", "abort"} <= set(members)
+    for cls in (SerialComm, MPIComm):
+        missing = [n for n in members if not hasattr(cls, n) and n not in Comm.__annotations__]
+        assert missing == [], cls
+
+
+@pytest.mark.mpi(ranks=[2], timeout=60, unit="s")
+def test_mpi_comm_satisfies_the_protocol(mpi_ranks):
+    from ptmpi.parallel import Comm, MPIComm
+
+    comm = MPIComm()
+    assert isinstance(comm, Comm) and comm.is_root == (comm.rank == 0)

@@ -12,12 +12,12 @@ import math
 
 import numpy as np
 import pytest
+from test_parallel_solver import N_ANGLES, NZ, M, N, local_problem, rel
 
-from ptmpi.parallel import Comm, SerialComm, block_partition
+from ptmpi.parallel import MPIComm, SerialComm, block_partition
 from ptmpi.sim.presets import SimulationSettings
 from ptmpi.sim.simulate import simulate
 from ptmpi.solvers.admm_exp import ExpSolverSettings, solve_exp
-from test_parallel_solver import N, N_ANGLES, NZ, M, local_problem, rel
 
 
 def exp_tiny_settings() -> SimulationSettings:
@@ -29,7 +29,7 @@ def exp_tiny_settings() -> SimulationSettings:
 @pytest.mark.mpi(ranks=[2, 4], timeout=120, unit="s")
 @pytest.mark.parametrize("algorithm", ["apt", "apts"])
 def test_exp_apt_on_blocks_matches_the_serial_run(mpi_ranks, algorithm):
-    comm = Comm()
+    comm = MPIComm()
     assert comm.size == mpi_ranks
     data = comm.bcast(simulate(exp_tiny_settings()) if comm.is_root else None)
     settings = ExpSolverSettings(algorithm=algorithm, iterations=6, init_iterations=10,
@@ -67,11 +67,11 @@ def test_exp_resume_on_two_ranks_of_a_serial_checkpoint(mpi_ranks, shared_tmp):
     """A 1-rank exp checkpoint at iteration 3, resumed to 6 on 2 ranks (complex128): the
     volume of an uninterrupted serial run, to float rounding."""
     import h5py
-
-    from ptmpi.reconstruct import reconstruct
     from test_parallel_solver import write_case
 
-    comm = Comm()
+    from ptmpi.reconstruct import reconstruct
+
+    comm = MPIComm()
     path, ck = shared_tmp / "thick.h5", shared_tmp / "ck.h5"
     out_ser, out_par = shared_tmp / "ser.h5", shared_tmp / "par.h5"
     settings = ExpSolverSettings(iterations=6, init_iterations=10, init_gn_iterations=4)

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from ptmpi.io.cxi import read_input, write_input
-from ptmpi.parallel import Comm, SerialComm, block_partition
+from ptmpi.parallel import MPIComm, SerialComm, block_partition
 from ptmpi.reconstruct import reconstruct
 from ptmpi.sim.presets import SimulationSettings
 from ptmpi.sim.simulate import simulate
@@ -45,7 +45,7 @@ def problem_of(data) -> LocalProblem:
 
 @pytest.mark.mpi(ranks=[2], timeout=60, unit="s")
 def test_per_angle_mask_on_two_ranks_matches_serial(mpi_ranks, shared_tmp):
-    comm = Comm()
+    comm = MPIComm()
     path = shared_tmp / "masked.h5"
     if comm.is_root:
         write_masked_case(path)
@@ -86,7 +86,7 @@ def test_per_angle_mask_on_two_ranks_matches_serial(mpi_ranks, shared_tmp):
 @pytest.mark.mpi(ranks=[2], timeout=60, unit="s")
 @pytest.mark.parametrize("algorithm", ["apt", "two-step"])
 def test_masked_driver_on_two_ranks_matches_serial(mpi_ranks, shared_tmp, algorithm):
-    comm = Comm()
+    comm = MPIComm()
     path = shared_tmp / "masked.h5"
     if comm.is_root:
         write_masked_case(path)

@@ -185,9 +185,9 @@ def test_paper_command_writes_tables_and_figures(tmp_path, capsys):
 
 @pytest.mark.mpi(ranks=[2, 4], timeout=120, unit="s")
 def test_two_step_on_blocks_matches_serial(mpi_ranks):
-    from ptmpi.parallel import Comm, block_partition
+    from ptmpi.parallel import MPIComm, block_partition
 
-    comm = Comm()
+    comm = MPIComm()
     data = simulate(SimulationSettings(n=16, nz=12, n_angles=5, step=4, probe_size=8, fwhm=2.5))
     theta = np.deg2rad(data.angles_deg)
     f = np.fft.ifftshift(data.counts, axes=(-2, -1)).astype(np.float64)
@@ -214,9 +214,9 @@ def test_two_step_on_blocks_matches_serial(mpi_ranks):
 
 @pytest.mark.mpi(ranks=[2], timeout=120, unit="s")
 def test_ptycho2d_r2_adaptation_does_not_depend_on_the_ranks(mpi_ranks):
-    from ptmpi.parallel import Comm, block_partition
+    from ptmpi.parallel import MPIComm, block_partition
 
-    comm = Comm()
+    comm = MPIComm()
     data = simulate(SimulationSettings(n=24, nz=16, n_angles=4, step=4, probe_size=12,
                                        fwhm=3.0, eta=10.0))
     theta = np.deg2rad(data.angles_deg)

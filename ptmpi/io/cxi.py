@@ -165,6 +165,7 @@ def write_input(
     volume_shape: tuple[int, int, int] | None,
     truth_volume: np.ndarray | None = None,
     truth_probe: np.ndarray | None = None,
+    truth_shifts_px: np.ndarray | None = None,
     is_fft_shifted: int = 0,
     energy: float | None = None,
     distance: float | None = None,
@@ -199,6 +200,8 @@ def write_input(
         None writes a 2-D ptychography dataset (no ``volume_shape`` dataset).
     truth_volume : (nz, n, n) complex, optional
     truth_probe : (M, M) complex, optional
+    truth_shifts_px : (N_ANGLES, 2) float, optional
+        Simulated sample drift per angle (true minus recorded positions, SPEC 8).
         Ground truth of simulated data, stored under ``ptmpi/truth``.
     is_fft_shifted : {0, 1}
         0: ``counts`` are centered; 1: zero frequency at ``[0, 0]``.
@@ -297,6 +300,9 @@ def write_input(
             if truth_probe is not None:
                 grp["truth/probe"] = _squeeze_leading(np.asarray(truth_probe)).astype(
                     np.complex64)
+            if truth_shifts_px is not None:
+                grp["truth/shifts_px"] = np.asarray(truth_shifts_px, dtype=np.float64)
+                grp["truth/shifts_px"].attrs["units"] = "pixel"
         os.replace(tmp, path)
     finally:
         if tmp.exists():

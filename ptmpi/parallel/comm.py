@@ -1,6 +1,8 @@
-"""Communicators: ``Comm`` over mpi4py and ``SerialComm`` with the same methods.
+"""Communicators: the ``Comm`` protocol, ``MPIComm`` over mpi4py and ``SerialComm``.
 
-Solvers receive a communicator and never import mpi4py themselves. All reductions of
+Solvers receive a :class:`Comm` and never import mpi4py themselves. ``SerialComm`` (one
+rank, no MPI) and ``MPIComm`` implement the protocol independently: neither derives from
+the other. All reductions of
 arrays go through :meth:`allreduce_sum` (in place, one call per quantity). CuPy arrays
 are synchronized and staged through host memory (no CUDA-aware MPI is assumed).
 """
@@ -10,6 +12,7 @@ from __future__ import annotations
 import logging
 import os
 import sys
+from typing import Protocol, runtime_checkable
 
 import numpy as np
 
@@ -17,12 +20,47 @@ from ptmpi.backend import get_xp, is_device_array, synchronize, to_host
 
 logger = logging.getLogger(__name__)
 
-# Seconds between the last error line and MPI_Abort (see Comm.abort).
+# Seconds between the last error line and MPI_Abort (see MPIComm.abort).
 _ABORT_GRACE_S = 0.5
 
 
+@runtime_checkable
+class Comm(Protocol):
+    """What solvers and drivers need of a communicator (:class:`SerialComm`, :class:`MPIComm`).
+
+    ``rank``/``size`` are in the world; ``local_rank``/``local_size`` among the ranks that
+    share this node's memory.
+    """
+
+    rank: int
+    size: int
+    local_rank: int
+    local_size: int
+
+    @property
+    def is_root(self) -> bool: ...
+
+    def allreduce_sum(self, x):
+        """Sum over ranks, in place for arrays (numpy or device); returns ``x``."""
+
+    def allreduce_scalar(self, value: float, op: str = "sum") -> float: ...
+
+    def bcast(self, obj, root: int = 0): ...
+
+    def gather(self, obj, root: int = 0): ...
+
+    def allgather(self, obj): ...
+
+    def barrier(self) -> None: ...
+
+    def reached_by_all(self, timeout: float) -> bool:
+        """True when every rank calls this within ``timeout`` seconds (error paths)."""
+
+    def abort(self, code: int = 1) -> None: ...
+
+
 class SerialComm:
-    """A one-rank communicator with the methods of :class:`Comm` (no MPI needed)."""
+    """A one-rank :class:`Comm` (no MPI needed)."""
 
     rank = 0
     size = 1
@@ -53,7 +91,7 @@ class SerialComm:
         return None
 
     def reached_by_all(self, timeout: float) -> bool:
-        """True when every rank calls this within ``timeout`` seconds (see :class:`Comm`)."""
+        """True when every rank calls this within ``timeout`` seconds (see :class:`MPIComm`)."""
         return True
 
     def abort(self, code: int = 1) -> None:
@@ -62,8 +100,8 @@ class SerialComm:
         os._exit(code)
 
 
-class Comm(SerialComm):
-    """Thin wrapper over an ``mpi4py.MPI.Comm`` (default: ``COMM_WORLD``)."""
+class MPIComm:
+    """A :class:`Comm` over an ``mpi4py.MPI.Comm`` (default: ``COMM_WORLD``)."""
 
     def __init__(self, mpi_comm=None):
         from mpi4py import MPI
@@ -78,6 +116,11 @@ class Comm(SerialComm):
         node.Free()
         # Only for reached_by_all: its barrier can never match a collective of the solver.
         self._guard = self.comm.Dup()
+        self._staging_logged = False
+
+    @property
+    def is_root(self) -> bool:
+        return self.rank == 0
 
     def allreduce_sum(self, x):
         """Sum over ranks in place (numpy or CuPy array); returns ``x``.
@@ -89,6 +132,11 @@ class Comm(SerialComm):
         xp = get_xp(x)
         if is_device_array(x):
             synchronize(xp)
+            if not self._staging_logged:
+                self._staging_logged = True
+                if self.rank == 0:
+                    logger.info("MPI buffers of device arrays are staged through host memory "
+                                "(CUDA-aware MPI is not assumed)")
             host = to_host(x)
             self.comm.Allreduce(self._mpi.IN_PLACE, host, op=self._mpi.SUM)
             x[...] = xp.asarray(host)
@@ -192,8 +240,8 @@ def check_slurm_step(size: int) -> None:
     )
 
 
-def get_comm(force_serial: bool = False) -> SerialComm:
-    """The world communicator: ``Comm`` under a launcher, otherwise ``SerialComm``.
+def get_comm(force_serial: bool = False) -> Comm:
+    """The world communicator: ``MPIComm`` under a launcher, otherwise ``SerialComm``.
 
     A plain ``ptmpi ...`` with one process needs no MPI at all; under ``mpiexec`` or
     ``srun`` mpi4py is required. A multi-task ``srun`` step whose tasks MPI does not join
@@ -205,7 +253,7 @@ def get_comm(force_serial: bool = False) -> SerialComm:
         check_slurm_step(1)
         return SerialComm()
     try:
-        comm = Comm()
+        comm = MPIComm()
     except ImportError as exc:
         raise RuntimeError(
             "started under an MPI launcher but mpi4py cannot be imported: "
@@ -215,7 +263,7 @@ def get_comm(force_serial: bool = False) -> SerialComm:
     return comm
 
 
-def dot(x, y, comm: SerialComm | None = None) -> complex:
+def dot(x, y, comm: Comm | None = None) -> complex:
     """``vdot(x, y)`` of rank-local arrays, summed over ranks when ``comm`` is given."""
     xp = get_xp(x, y)
     value = complex(xp.vdot(x, y))

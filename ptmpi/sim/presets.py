@@ -63,6 +63,14 @@ class SimulationSettings:
     scan: str = "grid"
     """Scan pattern: ``grid`` (raster) or ``spiral`` (Fermat spiral, ``step`` = mean
     spacing, rotated and offset at random at every angle); see :mod:`ptmpi.sim.scan`."""
+    drift: float = 0.0
+    """Sample drift: half-width in pixels of a uniform random shift ``(row, col)`` per angle
+    of the true scan positions of all its frames; the file records the positions without
+    it and ``ptmpi/truth/shifts_px`` the shifts (true minus recorded, SPEC 8)."""
+    probe_defocus: float = 0.0
+    """Wrong starting probe: the file's probe is the true one defocused, a quadratic phase of
+    this many radians at the edge of its Fourier grid (``ptmpi/truth/probe`` keeps the true
+    probe)."""
     mask_stripe: int = 0
     """Dead detector columns (a stripe right of the central column, counts 0), masked."""
     hot_pixels: int = 0
@@ -118,6 +126,11 @@ class SimulationSettings:
         if self.hot_pixels > self.probe_size**2 // 4:
             fail(f"hot_pixels must be at most {self.probe_size**2 // 4} (a quarter of the "
                  f"detector) for probe_size {self.probe_size}, got {self.hot_pixels}")
+        for name in ("drift", "probe_defocus"):
+            value = getattr(self, name)
+            if not _is_real(value) or not (math.isfinite(value) and value >= 0):
+                fail(f"{name} must be a finite number >= 0, got {value!r}")
+            object.__setattr__(self, name, float(value))
         if self.scan not in ("grid", "spiral"):
             fail(f"scan must be 'grid' or 'spiral', got {self.scan!r}")
         if self.model not in MODELS:

@@ -40,6 +40,8 @@ EXP_ATTENUATION_RATIO = 0.02
 EXP_BLUR_VOXELS = 1.5
 # Second seed word of the mask's random stream (independent of the noise draws).
 _MASK_STREAM = 0x6D61736B
+# ... and of the drift's (the other draws stay those of the drift-free dataset).
+_DRIFT_STREAM = 0x64726966
 
 # Angles simulated together: bounds the transient far-field memory of dense scans.
 _ANGLE_BLOCK = 4
@@ -62,6 +64,8 @@ class SimulatedData:
     snr_intensity_db: float  # SPEC 5; inf for noise-free data
     settings: SimulationSettings
     mask: np.ndarray | None = None  # (M, M) uint32, centered
+    shifts_px: np.ndarray | None = None  # (N_ANGLES, 2) true minus recorded positions
+    true_probe: np.ndarray | None = None  # (M, M) the probe of the data, when probe != it
 
 
 def exp_volume(phi: np.ndarray, theta: np.ndarray, max_phase: float) -> np.ndarray:
@@ -100,6 +104,13 @@ def simulate(settings: SimulationSettings) -> SimulatedData:
     )
     theta_deg = angles_deg(s.n_angles)
     theta = np.deg2rad(theta_deg)
+    shifts = None
+    true_positions = positions
+    if s.drift > 0:
+        drift_rng = np.random.default_rng([s.seed, _DRIFT_STREAM])
+        shifts = drift_rng.uniform(-s.drift, s.drift, size=(s.n_angles, 2))
+        angle_of_frame = np.repeat(np.arange(s.n_angles), np.diff(frame_offset))
+        true_positions = positions + shifts[angle_of_frame]
     if exp:
         max_phase = s.max_phase if s.max_phase is not None else DEFAULT_MAX_PHASE
         u_true = exp_volume(shepp_logan_3d(shape), theta, max_phase)
@@ -116,7 +127,7 @@ def simulate(settings: SimulationSettings) -> SimulatedData:
         a1 = min(a0 + _ANGLE_BLOCK, s.n_angles)
         f0, f1 = int(frame_offset[a0]), int(frame_offset[a1])
         model = (ExpModel if exp else JointModel)(
-            shape, theta[a0:a1], probe, positions[f0:f1], frame_offset[a0 : a1 + 1] - f0,
+            shape, theta[a0:a1], probe, true_positions[f0:f1], frame_offset[a0 : a1 + 1] - f0,
             dtype=np.complex64)
         intensity = np.abs(model.fwd(u_true)) ** 2
         f = poisson_counts(intensity, s.eta, rng)
@@ -128,7 +139,11 @@ def simulate(settings: SimulationSettings) -> SimulatedData:
     if mask is not None:
         spoil_masked_counts(counts, mask)
     snr_int = math.inf if s.eta is None else -10 * math.log10(noise_sq / clean_sq)
-    file_probe = probe if s.eta is None else (np.sqrt(s.eta) * probe).astype(np.complex64)
+    scale = 1.0 if s.eta is None else np.sqrt(s.eta)
+    true_probe = (scale * probe).astype(np.complex64)
+    file_probe = true_probe
+    if s.probe_defocus > 0:
+        file_probe = defocus(true_probe, s.probe_defocus)
     return SimulatedData(
         counts=counts,
         probe=file_probe,
@@ -139,4 +154,17 @@ def simulate(settings: SimulationSettings) -> SimulatedData:
         snr_intensity_db=snr_int,
         settings=settings,
         mask=mask,
+        shifts_px=shifts,
+        true_probe=true_probe if s.probe_defocus > 0 else None,
     )
+
+
+def defocus(probe: np.ndarray, radians: float) -> np.ndarray:
+    """``probe`` propagated by a quadratic phase in its Fourier domain, ``radians`` at the
+    edge of the grid (|k| = 1/2 cycle per pixel along an axis): a defocused probe, same
+    power, same dtype."""
+    m = probe.shape[-1]
+    k = np.fft.fftfreq(m)
+    k2 = (k[:, None] ** 2 + k[None, :] ** 2) / 0.25
+    spectrum = np.fft.fft2(np.fft.ifftshift(probe)) * np.exp(1j * radians * k2)
+    return np.fft.fftshift(np.fft.ifft2(spectrum)).astype(probe.dtype)

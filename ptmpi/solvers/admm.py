@@ -49,19 +49,20 @@ import numpy as np
 
 from ptmpi.backend import get_xp, real_dtype, synchronize, to_device
 from ptmpi.mask import valid_only
+from ptmpi.metrics import r_factor_sums, r_factor_value
 from ptmpi.operators import kernels
 from ptmpi.operators.grad import Gradient
-from ptmpi.operators.model import JointModel
-from ptmpi.parallel.comm import SerialComm
+from ptmpi.parallel.comm import Comm
+from ptmpi.parallel.data_term import DataTerm
 from ptmpi.solvers.cg import conjugate_gradient
 from ptmpi.solvers.penalty import cycling
 from ptmpi.solvers.prox import (
     LIKELIHOODS,
+    data_objective,
     prox_data,
     shrink_isotropic,
     update_data_split,
     update_tv_split,
-    data_objective,
 )
 
 logger = logging.getLogger(__name__)
@@ -198,23 +199,6 @@ class ADMMState:
     params: dict = dataclasses.field(default_factory=dict)
 
 
-def operator_norm(model: JointModel, weight, comm: SerialComm, iterations: int, xp,
-                  dtype) -> float:
-    """``L = ||D^H D|| = lambda_max(sum_t P_t^H W_t P_t)`` by power iteration (all ranks)."""
-    nz, n, _ = model.shape
-    rng = np.random.default_rng(0)  # same start vector on every rank
-    x = to_device(rng.standard_normal((nz, n, n)).astype(dtype), xp)
-    x /= xp.linalg.norm(x)
-    value = 0.0
-    for _ in range(max(1, iterations)):
-        y = comm.allreduce_sum(model.normal(x, weight, np.complex128)).astype(dtype)
-        value = float(xp.linalg.norm(y))
-        if value == 0.0:
-            break
-        x = y / value
-    return value
-
-
 def resolve(settings: SolverSettings, norm: float, noise_amplitude: float = 0.0) -> dict:
     """The penalties actually used: explicit settings, else the data-scaled defaults.
 
@@ -272,7 +256,7 @@ def _snr(u, truth) -> float:
     return snr_db(u, truth)
 
 
-def probe_from_views(views_local, target_local, comm: SerialComm, ptycho=None):
+def probe_from_views(views_local, target_local, comm: Comm, ptycho=None):
     """``omega = sum_j v_j^* F^H(target_j) / sum_j |v_j|^2`` over all frames of all ranks.
 
     ``views_local``: ``(N_FRAMES_LOCAL, M, M)`` windows ``S_j P_t u`` (or ``S_j v``);
@@ -299,13 +283,7 @@ def probe_from_views(views_local, target_local, comm: SerialComm, ptycho=None):
     return omega.astype(views_local.dtype)
 
 
-def update_probe(model: JointModel, u, target_local, comm: SerialComm):
-    """The paper's probe update for APT: views ``S_j P_t u`` of the current volume."""
-    return probe_from_views(model.ptycho.extract(model.projector.fwd(u)), target_local, comm,
-                            ptycho=model.ptycho)
-
-
-def solve(problem: LocalProblem, settings: SolverSettings, comm: SerialComm,
+def solve(problem: LocalProblem, settings: SolverSettings, comm: Comm,
           *, xp=np, dtype=np.complex64, state: ADMMState | None = None,
           callback: Callable[[ADMMState, dict], None] | None = None) -> tuple[ADMMState, dict]:
     """Run APT / APTs on this rank's frames; returns the final state and the parameters.
@@ -315,7 +293,7 @@ def solve(problem: LocalProblem, settings: SolverSettings, comm: SerialComm,
     problem : LocalProblem
         This rank's data (see :class:`LocalProblem`).
     settings : SolverSettings
-    comm : communicator (``SerialComm`` for one process).
+    comm : a :class:`~ptmpi.parallel.Comm` (``SerialComm`` for one process).
     xp : array module (numpy, or cupy for a GPU run).
     dtype : complex dtype of the iterates.
     state : ADMMState, optional
@@ -327,23 +305,21 @@ def solve(problem: LocalProblem, settings: SolverSettings, comm: SerialComm,
     rdtype = real_dtype(dtype)
     apt = settings.algorithm == "apt"
     probe = to_device(problem.probe, xp).astype(dtype)
-    model = JointModel(problem.volume_shape, problem.theta_local, probe,
-                       problem.positions_local, problem.frame_offset_local, dtype=dtype)
+    data = DataTerm(problem.volume_shape, problem.theta_local, probe, problem.positions_local,
+                    problem.frame_offset_local, comm, xp=xp, dtype=dtype)
     valid = None if problem.valid_local is None else to_device(problem.valid_local, xp)
     f_local = valid_only(to_device(problem.f_local, xp).astype(rdtype), valid)
     sqrt_f = xp.sqrt(f_local)
     truth = None if problem.truth_volume is None else to_device(problem.truth_volume, xp)
     grad = Gradient(problem.volume_shape)
 
-    weight = model.illumination(xp)
     if state is not None and state.params:
         params = dict(state.params)
         norm, counting = params["norm_DhD"], params["noise_amplitude"] > 0
     else:
-        norm = operator_norm(model, weight, comm, settings.power_iterations, xp, dtype)
+        norm = data.norm(settings.power_iterations)
         # Photon-counting data (all counts whole numbers): Poisson noise of amplitude ~1/2.
-        counting = float(xp.all(f_local == xp.rint(f_local))) if f_local.size else 1.0
-        counting = comm.allreduce_scalar(counting, "min") > 0
+        counting = data.all(bool(xp.all(f_local == xp.rint(f_local))) if f_local.size else True)
         params = resolve(settings, norm, 0.5 if counting else 0.0)
     logger.info(
         "%s, %s likelihood: ||D^H D|| = %.4g, %s data; tv_weight = %.4g, r1 = %.4g, "
@@ -357,7 +333,7 @@ def solve(problem: LocalProblem, settings: SolverSettings, comm: SerialComm,
     if state is None:
         # Step 0: u = 1, z = D u, p = 0, multipliers 0.
         u = xp.ones(problem.volume_shape, dtype=dtype)
-        z = model.fwd(u)
+        z = data.fwd(u)
         state = ADMMState(
             u=u, z_local=z, lam2_local=xp.zeros_like(z),
             p=xp.zeros((3, *u.shape), dtype=dtype) if apt else None,
@@ -365,17 +341,15 @@ def solve(problem: LocalProblem, settings: SolverSettings, comm: SerialComm,
             omega=probe,
         )
     else:
-        model.set_probe(state.omega)
-        weight = model.illumination(xp)
+        data.set_probe(state.omega)
     state.params = params
     for key in ("iteration", "r_factor", "rel_change", "wall_s") + (
             ("snr_db",) if truth is not None else ()):
         state.history.setdefault(key, [])
 
-    # Sums over angles (local, then across ranks) are formed in double precision and
-    # rounded once: the result then does not depend on how angles are split over ranks,
-    # which matters because the nonconvex iteration amplifies rounding differences.
-    wide = np.complex128
+    # Sums over angles are formed in double precision and rounded once, after the
+    # reduction inside DataTerm: the result then does not depend on how angles are split
+    # over ranks, which matters because the nonconvex iteration amplifies rounding.
     inv_diag = None
 
     def update_preconditioner():
@@ -383,8 +357,7 @@ def solve(problem: LocalProblem, settings: SolverSettings, comm: SerialComm,
         use = settings.precondition if settings.precondition is not None else r1 > 0
         if not use:
             return
-        wide = model.projector.adj_squared_weights(weight.astype(np.float64))
-        diag = comm.allreduce_sum(wide).astype(rdtype) * r2
+        diag = data.diagonal().astype(rdtype) * r2
         if r1 > 0:
             diag += r1 * grad.normal_diagonal(xp, rdtype)
         floor = settings.precondition_floor * float(diag.max())
@@ -393,10 +366,9 @@ def solve(problem: LocalProblem, settings: SolverSettings, comm: SerialComm,
     update_preconditioner()
 
     def normal_op(x):
-        wide_sum = comm.allreduce_sum(model.normal(x, weight, wide))
-        return _scaled_sum(wide_sum, r2, grad.normal(x) if r1 > 0 else None, r1, dtype)
+        return _scaled_sum(data.normal(x), r2, grad.normal(x) if r1 > 0 else None, r1, dtype)
 
-    sqrt_f_sum = comm.allreduce_scalar(float(xp.sum(sqrt_f, dtype=xp.float64)))
+    sqrt_f_sum = data.reduce(float(xp.sum(sqrt_f, dtype=xp.float64)))
     t_start = time.perf_counter() - (state.history["wall_s"][-1] if state.history["wall_s"] else 0)
     stats_z = np.zeros(3)  # local [||z - D u||^2, ||z - z_old||^2, sum G(D u)]
     stats_p = np.zeros(3)  # [||p - grad u||^2, ||p - p_old||^2, TV(u)] (replicated)
@@ -417,17 +389,15 @@ def solve(problem: LocalProblem, settings: SolverSettings, comm: SerialComm,
         z_old = state.z_local
         target = state.z_local + state.lam2_local
         # Step 1: u by CG on the SPD normal equations.
-        rhs = _scaled_sum(comm.allreduce_sum(model.adj(target, wide)), r2,
+        rhs = _scaled_sum(data.adj(target), r2,
                           grad.adj_sum(state.p, state.lam1) if apt and r1 > 0 else None, r1,
                           dtype)
         u = conjugate_gradient(normal_op, rhs, u_old, settings.cg_iterations, inv_diag=inv_diag)
         if settings.refine_probe and state.iteration >= settings.probe_start:
-            state.omega = update_probe(model, u, target, comm).astype(dtype)
-            model.set_probe(state.omega)
-            weight = model.illumination(xp)
+            state.omega = data.update_probe(u, target)
             update_preconditioner()
         # Step 2: z and p; step 3: their multipliers.
-        d = model.fwd(u)
+        d = data.fwd(u)
         # Over-relaxation (alpha = 1 is the paper's ADMM): mix in the previous split value.
         alpha = settings.relaxation
         if alpha == 1:  # z-step and its multiplier update (step 3) together
@@ -438,7 +408,8 @@ def solve(problem: LocalProblem, settings: SolverSettings, comm: SerialComm,
             z = prox_data(d_hat - state.lam2_local, f_local, r2, settings.likelihood, valid,
                           epsilon)
             state.lam2_local += z - d_hat
-            stats_z[:] = (float(xp.linalg.norm(z - d)) ** 2, float(xp.linalg.norm(z - z_old)) ** 2,
+            stats_z[:] = (float(xp.linalg.norm(z - d)) ** 2,
+                          float(xp.linalg.norm(z - z_old)) ** 2,
                           data_objective(d, f_local, settings.likelihood, valid, epsilon))
         if apt and alpha == 1 and r1 > 0:
             # p-step and its multiplier update (step 3) together, one pass over u.
@@ -448,7 +419,8 @@ def solve(problem: LocalProblem, settings: SolverSettings, comm: SerialComm,
             g_hat = g if alpha == 1 else alpha * g + (1 - alpha) * state.p
             p = shrink_isotropic(g_hat - state.lam1, tv_weight / r1) if r1 > 0 else g_hat
             state.lam1 += p - g_hat
-            stats_p[:] = (float(xp.linalg.norm(p - g)) ** 2, float(xp.linalg.norm(p - state.p)) ** 2,
+            stats_p[:] = (float(xp.linalg.norm(p - g)) ** 2,
+                          float(xp.linalg.norm(p - state.p)) ** 2,
                           float(xp.sum(xp.sqrt(xp.sum(g.real**2 + g.imag**2, axis=0)),
                                        dtype=xp.float64)))
             state.p = p
@@ -456,9 +428,8 @@ def solve(problem: LocalProblem, settings: SolverSettings, comm: SerialComm,
         state.iteration += 1
 
         # Metrics of the iterate u_{k+1}: one reduction of the local sums of the data term.
-        num = float(xp.sum(valid_only(xp.abs(xp.abs(d) - sqrt_f), valid), dtype=xp.float64))
-        num, primal_z2, dual_z2, likelihood = comm.allreduce_sum(
-            np.array([num, *stats_z], dtype=np.float64))
+        num = r_factor_sums(d, sqrt_f=sqrt_f, valid=valid)[0]
+        num, primal_z2, dual_z2, likelihood = data.reduce([num, *stats_z])
         step = u - u_old
         du = float(xp.linalg.norm(step))
         un = float(xp.linalg.norm(u))
@@ -469,7 +440,7 @@ def solve(problem: LocalProblem, settings: SolverSettings, comm: SerialComm,
         synchronize(xp)
         row = {
             "iteration": state.iteration,
-            "r_factor": num / sqrt_f_sum if sqrt_f_sum > 0 else math.nan,
+            "r_factor": r_factor_value(num, sqrt_f_sum),
             "rel_change": du / un if un > 0 else math.inf,
             "wall_s": time.perf_counter() - t_start,
             # ADMM residuals (Boyd et al. 2011, sec. 3.3): primal ||z - D u||, ||p - grad u||;

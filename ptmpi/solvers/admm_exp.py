@@ -60,7 +60,16 @@ in the linear model); ``rho = rho_factor * r2 * max W`` (2: the psi-step weighs 
 tomography twice the brightest-lit data; 0.5 and 5 converged more slowly or unevenly on
 the 3 pi case); ``L = rho ||sum_t P_t^H P_t||`` is the curvature of the u-subproblem at
 ``u = 0``; ``r1 = r1_factor * L`` and ``tv_weight = tv_threshold * r1`` (the shrink
-threshold ``tv_weight / r1`` is in radians per voxel).
+threshold ``tv_weight / r1`` is in radians per voxel). On photon counts (every valid count
+a whole number) the defaults follow the linear solver's: ``tv_weight = tv_threshold_counts
+* r1 + tv_noise_factor * sigma^2`` (0.03 and 4; ``sigma = 1/2``, the Poisson noise in
+amplitude), and the likelihood is smoothed by ``epsilon = epsilon_counts`` photons (10; 0
+on noise-free data), which keeps the z-step continuous at pixels with few counts.
+Measured on a 48^3 volume, 12 angles, 3 pi, spiral scans, masked detector: at eta 100
+(R-factor of the truth 0.280) the R-factor was 0.415 before (no noise term, no
+smoothing), 0.393 with the noise term 0.3 alone, 0.313 with smoothing and 0.3, 0.297
+with this default (1.52); at eta 1000 (truth 0.117) 0.134 with 0.3 + 1.73, 0.126 with
+this default (6.2), 0.124 with 12, 0.156 with 0.5.
 
 Metrics per iteration as the linear solver (SPEC 5): R-factor of ``D(omega, u)``,
 relative change of ``u``, and ``snr_db(u, u_true)`` when the truth is known (the truth
@@ -131,6 +140,16 @@ class ExpSolverSettings:
     """Default ``r1 / L``."""
     tv_threshold: float = 0.01
     """Default ``tv_weight / r1`` (radians per voxel)."""
+    tv_threshold_counts: float = 0.03
+    """``tv_threshold`` on photon-counting (integer) data."""
+    tv_noise_factor: float = 4.0
+    """Default extra TV weight per ``sigma^2`` on photon-counting data (as the linear
+    model's noise term, :class:`ptmpi.solvers.admm.SolverSettings`)."""
+    epsilon: float | None = None
+    """Smoothing of the likelihood (photons, :mod:`ptmpi.solvers.prox`); default
+    ``epsilon_counts`` for photon-counting data, 0 for noise-free data."""
+    epsilon_counts: float = 10.0
+    """Default ``epsilon`` for photon-counting data, in photons per pixel."""
     power_iterations: int = 10
     """Power iterations used to estimate ``||sum_t P_t^H P_t||``."""
     gauge: bool = True
@@ -199,22 +218,33 @@ def projector_norm(model: ExpModel, comm: SerialComm, iterations: int, xp, dtype
     return value
 
 
-def resolve_exp(settings: ExpSolverSettings, weight_max: float, norm_php: float) -> dict:
+def resolve_exp(settings: ExpSolverSettings, weight_max: float, norm_php: float,
+                noise_amplitude: float = 0.0) -> dict:
     """The penalties actually used: explicit settings, else the data-scaled defaults
-    (module docstring)."""
+    (module docstring). ``noise_amplitude`` is the amplitude noise of the data (1/2 for
+    photon counts, 0 for noise-free data): on counts the default TV weight is
+    ``tv_threshold_counts * r1 + tv_noise_factor * sigma^2`` (``r1`` stays that of
+    noise-free data, so the shrink threshold grows with the noise), and the default
+    likelihood smoothing ``epsilon`` is ``epsilon_counts``."""
     r2 = settings.r2 if settings.r2 is not None else 0.1
     rho = settings.rho if settings.rho is not None else settings.rho_factor * r2 * weight_max
     curvature = rho * norm_php
     tv_weight = r1 = 0.0
     if settings.algorithm != "apts":
         r1 = settings.r1 if settings.r1 is not None else settings.r1_factor * curvature
+        threshold = settings.tv_threshold_counts if noise_amplitude > 0 else (
+            settings.tv_threshold)
         tv_weight = (settings.tv_weight if settings.tv_weight is not None
-                     else settings.tv_threshold * r1)
+                     else threshold * r1 + settings.tv_noise_factor * noise_amplitude**2)
         if tv_weight > 0 and r1 == 0:
             raise ValueError("APT with tv_weight > 0 needs r1 > 0")
+    epsilon = settings.epsilon
+    if epsilon is None:
+        epsilon = settings.epsilon_counts if noise_amplitude > 0 else 0.0
     return {"tv_weight": float(tv_weight), "r1": float(r1), "r2": float(r2),
             "rho": float(rho), "max_W": float(weight_max), "norm_PhP": float(norm_php),
-            "curvature": float(curvature)}
+            "curvature": float(curvature), "noise_amplitude": float(noise_amplitude),
+            "epsilon": float(epsilon)}
 
 
 def gauge_phases(psi_local, reference_local):
@@ -332,13 +362,18 @@ def solve_exp(problem: LocalProblem, settings: ExpSolverSettings, comm: SerialCo
     else:
         w_max = comm.allreduce_scalar(float(weight.max()) if weight.size else 0.0, "max")
         norm = projector_norm(model, comm, settings.power_iterations, xp, dtype)
-        params = resolve_exp(settings, w_max, norm)
+        # Photon-counting data (all valid counts whole numbers): Poisson noise of
+        # amplitude about 1/2, as in the linear solver.
+        counting = float(xp.all(f_local == xp.rint(f_local))) if f_local.size else 1.0
+        counting = comm.allreduce_scalar(counting, "min") > 0
+        params = resolve_exp(settings, w_max, norm, 0.5 if counting else 0.0)
     tv_weight, r1, r2, rho = params["tv_weight"], params["r1"], params["r2"], params["rho"]
+    epsilon = params.get("epsilon", 0.0)
     logger.info(
         "exp model, %s, %s likelihood: max W = %.4g, ||P^H P|| = %.4g; rho = %.4g, "
-        "r2 = %.4g, tv_weight = %.4g, r1 = %.4g, %d GN x %d CG per u-step, up to %d "
-        "iterations", settings.algorithm.upper(), settings.likelihood.upper(),
-        params["max_W"], params["norm_PhP"], rho, r2, tv_weight, r1,
+        "r2 = %.4g, tv_weight = %.4g, r1 = %.4g, epsilon = %.4g, %d GN x %d CG per u-step, "
+        "up to %d iterations", settings.algorithm.upper(), settings.likelihood.upper(),
+        params["max_W"], params["norm_PhP"], rho, r2, tv_weight, r1, epsilon,
         settings.gn_iterations, settings.cg_iterations, settings.iterations)
 
     t_init = time.perf_counter()
@@ -420,7 +455,7 @@ def solve_exp(problem: LocalProblem, settings: ExpSolverSettings, comm: SerialCo
             weight = model.illumination(xp)
         # Step 2: z and lam2.
         z = update_data_split(model.views(psi), state.lam2_local, f_local, r2,
-                              settings.likelihood, valid)
+                              settings.likelihood, valid, epsilon)
         # Step 3: u by Gauss-Newton.
         tv_rhs = grad.adj_sum(state.p, state.lam1) if apt and r1 > 0 else None
         u, t = gauss_newton(model, u_old, psi + state.mu_local, rho, grad, tv_rhs, r1, comm,

@@ -1,0 +1,121 @@
+"""The data term of APT as one distributed operator: ``D`` over all angles of all ranks.
+
+In the spirit of PyLops-MPI's ``MPIVStack``: ``D = [D_0; D_1; ...]`` stacks the joint
+models of the ranks' angle blocks. Each rank holds its block ``D_r`` (its angles, scan
+positions, probe and illumination ``W``); the forward map is local (``z_local = D_r u``),
+and every map that sums over angles (the adjoint, the normal operator ``D^H D``, its
+diagonal and norm, the probe update, and the reductions of per-frame statistics) forms the
+local sum in double precision and reduces it across the angle group once. A solver built
+on it holds no communicator and calls no collective: it reads like Algorithm 1, and a new
+layout of the ranks changes this class, not the solver.
+
+Sums over angles are rounded once, after the reduction, so the result does not depend on
+how the angles are split over ranks beyond the order of the double-precision sum.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from ptmpi.backend import to_device
+from ptmpi.operators.model import JointModel
+
+WIDE = np.complex128
+"""Accumulation dtype of every sum over angles."""
+
+
+class DataTerm:
+    """``D(omega, u)`` for this rank's angles, with the collectives of the data term.
+
+    Parameters
+    ----------
+    shape : (nz, n, n)
+        Volume shape (replicated volume).
+    theta_local : (N_THETA_LOCAL,) float
+        This rank's angles in radians.
+    probe : (M, M) complex
+        Initial probe ``omega`` (numpy or CuPy).
+    positions_local, frame_offset_local :
+        This rank's window corners and frame offsets (see :class:`JointModel`).
+    comm :
+        Communicator of the angle group (``SerialComm`` for one process).
+    xp : array module of the iterates.
+    dtype : complex dtype of the iterates.
+    """
+
+    def __init__(self, shape, theta_local, probe, positions_local, frame_offset_local, comm,
+                 *, xp=np, dtype=np.complex64):
+        self.comm = comm
+        self.xp = xp
+        self.dtype = np.dtype(dtype)
+        self.model = JointModel(shape, theta_local, probe, positions_local, frame_offset_local,
+                                dtype=dtype)
+        self.weight = self.model.illumination(xp)
+
+    @property
+    def shape(self) -> tuple[int, int, int]:
+        return self.model.shape
+
+    @property
+    def probe(self):
+        return self.model.ptycho.probe
+
+    def set_probe(self, probe) -> None:
+        """Replace ``omega``; the illumination ``W`` follows."""
+        self.model.set_probe(probe)
+        self.weight = self.model.illumination(self.xp)
+
+    # -- maps --------------------------------------------------------------------------
+    def fwd(self, u):
+        """``z_local = D_r u``: this rank's far fields ``(N_FRAMES_LOCAL, M, M)``."""
+        return self.model.fwd(u)
+
+    def adj(self, z_local):
+        """``D^H z = sum_r D_r^H z_r`` over all ranks, complex128 ``(nz, n, n)``."""
+        return self.comm.allreduce_sum(self.model.adj(z_local, WIDE))
+
+    def normal(self, x):
+        """``D^H D x = sum_t P_t^H (W_t P_t x)`` over all angles, complex128."""
+        return self.comm.allreduce_sum(self.model.normal(x, self.weight, WIDE))
+
+    def diagonal(self):
+        """The diagonal of ``D^H D`` (float64 volume), for Jacobi preconditioning."""
+        local = self.model.projector.adj_squared_weights(self.weight.astype(np.float64))
+        return self.comm.allreduce_sum(local)
+
+    def norm(self, iterations: int) -> float:
+        """``||D^H D||`` by power iteration from the same start vector on every rank."""
+        nz, n, _ = self.shape
+        rng = np.random.default_rng(0)
+        x = to_device(rng.standard_normal((nz, n, n)).astype(self.dtype), self.xp)
+        x /= self.xp.linalg.norm(x)
+        value = 0.0
+        for _ in range(max(1, iterations)):
+            y = self.normal(x).astype(self.dtype)
+            value = float(self.xp.linalg.norm(y))
+            if value == 0.0:
+                break
+            x = y / value
+        return value
+
+    def update_probe(self, u, target_local):
+        """The paper's closed-form probe update from the views ``S_j P_t u`` and the far
+        fields ``target_local = z + lam2``; sets and returns the new probe."""
+        from ptmpi.solvers.admm import probe_from_views
+
+        views = self.model.ptycho.extract(self.model.projector.fwd(u))
+        omega = probe_from_views(views, target_local, self.comm,
+                                 ptycho=self.model.ptycho).astype(self.dtype)
+        self.set_probe(omega)
+        return omega
+
+    # -- reductions over the frames of all ranks ---------------------------------------
+    def reduce(self, values):
+        """Sum of per-rank float64 statistics over the angle group (array or float)."""
+        if np.isscalar(values):
+            return self.comm.allreduce_scalar(float(values))
+        return self.comm.allreduce_sum(np.asarray(values, dtype=np.float64))
+
+    def all(self, flag: bool) -> bool:
+        """True when ``flag`` holds on every rank."""
+        return self.comm.allreduce_scalar(1.0 if flag else 0.0, "min") > 0
