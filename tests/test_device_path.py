@@ -112,9 +112,6 @@ def test_ptycho2d_on_the_device_path_matches_numpy(case, device_xp, host_referen
     assert dev.history["r_factor"][-1] < 0.5 * dev.history["r_factor"][0]
 
 
-@pytest.mark.xfail(strict=True, reason="ptycho2d.py, solve_ptycho2d, illumination(): delta is "
-                   "a numpy float64 scalar (damping * lit[0] / ...), which promotes the "
-                   "complex64 images to complex128 (NEP 50); float(...) would keep the dtype")
 @pytest.mark.parametrize("xp", [np, strict_xp], ids=["numpy", "strict"])
 def test_ptycho2d_keeps_the_dtype_of_its_images(case, xp):
     data, _ = case

@@ -133,7 +133,8 @@ def solve_ptycho2d(v0_local, f_local, probe, positions_local, frame_offset_local
     def illumination():
         w = ptycho.illumination(rdtype)
         lit = comm.allreduce_sum(np.array([float(w.sum()), float((w > 0).sum())]))
-        return w, settings.damping * lit[0] / max(lit[1], 1.0)
+        # a Python float: a numpy float64 scalar would promote complex64 images (NEP 50)
+        return w, float(settings.damping * lit[0] / max(lit[1], 1.0))
 
     weight, delta = illumination()
     v = v0_local.copy()
