@@ -83,6 +83,27 @@ def _validate_and_read(input_path, output_path, algorithm, comm, force, dtype=DE
             problems.append(str(exc))
     problems, n_angles, layout = comm.bcast((problems, n_angles, layout))
     _agree(comm, problems)
+    split_frames = n_angles == 1 and comm.size > 1 and layout is not None and (
+        layout["shape"][0] == 1 and algorithm == "ptycho2d")
+    if split_frames:
+        # One 2-D image: its frames are split over the ranks, which share the image.
+        plan = _plan_memory(layout, algorithm, dtype, comm)
+        if dry_run:
+            return plan
+        _agree(comm, validate_input(input_path, 0, 1))
+        data = read_input(input_path, 0, 1, read_truth=True)
+        n_frames = int(data.frame_offset[-1])
+        f0, f1 = block_partition(n_frames, comm.size, comm.rank)
+        data.counts_local = data.counts_local[f0:f1]
+        data.positions_local = data.positions_local[f0:f1]
+        data.frame_offset_local = np.array([0, f1 - f0], dtype=np.int64)
+        if data.valid_local is not None and data.valid_local.ndim == 3:
+            data.valid_local = data.valid_local[f0:f1]
+        data.shared_image = True
+        logger.info("%s: 2-D image %s, %d frames split over %d ranks (%d-%d per rank)",
+                    input_path, tuple(data.image_shape), n_frames, comm.size,
+                    n_frames // comm.size, -(-n_frames // comm.size))
+        return data, 0, 1
     if comm.size > n_angles:
         angles = f"{n_angles} angle" + ("s" if n_angles != 1 else "")
         raise RunError(f"{comm.size} ranks but only {angles} in {input_path}: "
@@ -374,18 +395,22 @@ def _run_ptycho(data, start, stop, algorithm, settings, comm, xp, dtype, progres
     logger.info("%s: per-angle ptychography, %d iterations, %s likelihood, damping %.3g%s",
                 algorithm, settings.iterations, settings.likelihood.upper(), settings.damping,
                 ", probe refined" if settings.refine_probe else "")
+    shared = getattr(data, "shared_image", False)
     state = solve_ptycho2d(empty, data.counts_local, data.probe, data.positions_local,
                            data.frame_offset_local, settings, comm,
                            callback=lambda _state, row: progress(row),
-                           valid_local=data.valid_local)
+                           valid_local=data.valid_local, shared_image=shared)
     history = state.history
     # The stored images and probe reproduce the model (and so the R-factor): the images'
     # common scale is taken out of the probe (normalise_pair).
-    images_local, omega = normalise_pair(state.v_local, state.omega, empty, comm)
+    images_local, omega = normalise_pair(state.v_local, state.omega, empty, comm, shared)
     params = settings.to_dict()
     if algorithm == "ptycho2d":
-        images = comm.gather(to_host(images_local))
-        image = np.concatenate(images) if comm.is_root else None
+        if shared:  # replicated: rank 0's copy
+            image = to_host(images_local) if comm.is_root else None
+        else:
+            images = comm.gather(to_host(images_local))
+            image = np.concatenate(images) if comm.is_root else None
         return {"history": history, "image": image, "omega": omega, "params": params}
 
     # two-step: tomography of the projections, each aligned to its empty-sample projection.

@@ -121,6 +121,9 @@ class InputData:
     distance: float | None = None
     pixel_size: float | None = None
     valid_local: np.ndarray | None = None
+    shared_image: bool = False
+    """True when the ranks split the frames of one 2-D image (set by the reconstruct
+    driver; :func:`read_input` reads whole angles)."""
 
     @property
     def is_2d(self) -> bool:

@@ -104,7 +104,7 @@ class Ptycho2DState:
 def solve_ptycho2d(v0_local, f_local, probe, positions_local, frame_offset_local,
                    settings: Ptycho2DSettings, comm: SerialComm, *,
                    callback: Callable[[Ptycho2DState, dict], None] | None = None,
-                   valid_local=None) -> Ptycho2DState:
+                   valid_local=None, shared_image: bool = False) -> Ptycho2DState:
     """Per-angle ptychography of this rank's angles, started from images ``v0_local``.
 
     Parameters
@@ -118,6 +118,10 @@ def solve_ptycho2d(v0_local, f_local, probe, positions_local, frame_offset_local
     valid_local : bool (M, M) or (N_FRAMES_LOCAL, M, M), optional
         Detector mask (:mod:`ptmpi.mask`): invalid pixels take no part in the likelihood
         or the R-factor, and their counts are never read.
+    shared_image : bool
+        The ranks hold frames of the same image(s) (a 2-D dataset split by frames): the
+        image update's sums over frames (``S^H conj(omega) F^H (z + lam2)`` and ``W``) are
+        reduced over ``comm`` in double precision, and the images are replicated.
     """
     xp = get_xp(v0_local)
     dtype = v0_local.dtype
@@ -132,7 +136,11 @@ def solve_ptycho2d(v0_local, f_local, probe, positions_local, frame_offset_local
 
     def illumination():
         w = ptycho.illumination(rdtype)
-        lit = comm.allreduce_sum(np.array([float(w.sum()), float((w > 0).sum())]))
+        if shared_image:
+            w = comm.allreduce_sum(w.astype(np.float64)).astype(rdtype)
+            lit = np.array([float(w.sum()), float((w > 0).sum())])
+        else:
+            lit = comm.allreduce_sum(np.array([float(w.sum()), float((w > 0).sum())]))
         # a Python float: a numpy float64 scalar would promote complex64 images (NEP 50)
         return w, float(settings.damping * lit[0] / max(lit[1], 1.0))
 
@@ -149,7 +157,10 @@ def solve_ptycho2d(v0_local, f_local, probe, positions_local, frame_offset_local
     for _ in range(settings.iterations):
         target = state.z_local + state.lam2_local
         v_old = state.v_local
-        v = (ptycho.adj(farfield.adj(target)) + delta * v_old) / (weight + delta)
+        back = ptycho.adj(farfield.adj(target))
+        if shared_image:
+            back = comm.allreduce_sum(back.astype(np.complex128)).astype(dtype)
+        v = (back + delta * v_old) / (weight + delta)
         if settings.refine_probe and state.iteration >= settings.probe_start:
             state.omega = probe_from_views(ptycho.extract(v), target, comm, ptycho=ptycho)
             ptycho.probe = state.omega
@@ -163,7 +174,10 @@ def solve_ptycho2d(v0_local, f_local, probe, positions_local, frame_offset_local
         local = [float(xp.sum(valid_only(xp.abs(xp.abs(d) - sqrt_f), valid), dtype=xp.float64)),
                  float(xp.linalg.norm(step)) ** 2, float(xp.linalg.norm(v)) ** 2,
                  0.0 if prev_step is None else float(xp.vdot(prev_step, step).real)]
-        num, step2, norm2, dot = comm.allreduce_sum(np.array(local, dtype=np.float64))
+        if shared_image:  # only the R-factor's sum is over frames; the images are replicated
+            num, (step2, norm2, dot) = comm.allreduce_scalar(local[0]), local[1:]
+        else:
+            num, step2, norm2, dot = comm.allreduce_sum(np.array(local, dtype=np.float64))
         synchronize(xp)
         row = {
             "iteration": state.iteration,
@@ -210,7 +224,8 @@ def align_global_factor(v_local, reference_local):
     return out
 
 
-def normalise_pair(v_local, omega, reference_local, comm: SerialComm):
+def normalise_pair(v_local, omega, reference_local, comm: SerialComm,
+                   shared_image: bool = False):
     """Images and probe with ptychography's arbitrary global factor removed, the model kept.
 
     The far fields ``F(omega * S_j v_t)`` keep their modulus under ``v_t -> c e^{i phi_t} v_t``,
@@ -225,8 +240,9 @@ def normalise_pair(v_local, omega, reference_local, comm: SerialComm):
     """
     xp = get_xp(v_local)
     dots = [complex(xp.vdot(v_local[t], reference_local[t])) for t in range(v_local.shape[0])]
-    sums = comm.allreduce_sum(np.array([sum(abs(c) for c in dots),
-                                        float(xp.vdot(v_local, v_local).real)]))
+    sums = np.array([sum(abs(c) for c in dots), float(xp.vdot(v_local, v_local).real)])
+    if not shared_image:
+        sums = comm.allreduce_sum(sums)
     scale = sums[0] / sums[1] if sums[1] > 0 and sums[0] > 0 else 1.0
     out = xp.empty_like(v_local)
     for t, dot in enumerate(dots):
