@@ -52,7 +52,7 @@ def _agree(comm: Comm, problems: list[str]) -> None:
 
 
 def _validate_and_read(input_path, output_path, algorithm, comm, force, dtype=DEFAULT_COMPLEX,
-                       dry_run=False, figures=False):
+                       dry_run=False, figures=False, split_ok=False):
     """Steps (1) and (2): the collective checks, then this rank's block of the input.
 
     The memory check (:func:`_plan_memory`) runs before any frame is read; with
@@ -83,10 +83,10 @@ def _validate_and_read(input_path, output_path, algorithm, comm, force, dtype=DE
             problems.append(str(exc))
     problems, n_angles, layout = comm.bcast((problems, n_angles, layout))
     _agree(comm, problems)
-    split_frames = n_angles == 1 and comm.size > 1 and layout is not None and (
-        layout["shape"][0] == 1 and algorithm == "ptycho2d")
+    split_frames = n_angles == 1 and comm.size > 1 and split_ok
     if split_frames:
-        # One 2-D image: its frames are split over the ranks, which share the image.
+        # One angle: its frames are split over the ranks, which share the image (ptycho2d)
+        # or whose partial sums over frames DataTerm reduces (apt, apts).
         plan = _plan_memory(layout, algorithm, dtype, comm)
         if dry_run:
             return plan
@@ -100,7 +100,8 @@ def _validate_and_read(input_path, output_path, algorithm, comm, force, dtype=DE
         if data.valid_local is not None and data.valid_local.ndim == 3:
             data.valid_local = data.valid_local[f0:f1]
         data.shared_image = True
-        logger.info("%s: 2-D image %s, %d frames split over %d ranks (%d-%d per rank)",
+        data.frame_start = f0
+        logger.info("%s: one angle, image %s, %d frames split over %d ranks (%d-%d per rank)",
                     input_path, tuple(data.image_shape), n_frames, comm.size,
                     n_frames // comm.size, -(-n_frames // comm.size))
         return data, 0, 1
@@ -218,15 +219,18 @@ def reconstruct(input_path: str, output_path: str, settings, comm: Comm, *,
                        f"--algorithm {algorithm} (apt and apts only)")
     if checkpoint_every < 0:
         raise RunError(f"--checkpoint-every must be >= 0, got {checkpoint_every}")
+    # one angle on several ranks: its frames are split (not for two-step, whose tomography
+    # sums projections over ranks, nor for the exp model's per-angle transmissions)
+    split_ok = not exp and algorithm in ("ptycho2d", "apt", "apts")
     if dry_run:
         plan = _validate_and_read(input_path, output_path, algorithm, comm, force, dtype,
-                                  dry_run=True)
+                                  dry_run=True, split_ok=split_ok)
         return {"dry_run": True, **plan}
     if joint:
         path, header, checksum = _check_restart(input_path, output_path, settings, dtype, comm,
                                                 checkpoint, resume, force)
     data, start, stop = _validate_and_read(input_path, output_path, algorithm, comm, force,
-                                           dtype, figures=figures)
+                                           dtype, figures=figures, split_ok=split_ok)
     if not joint:
         checksum = input_checksum(input_path) if comm.is_root else ""
     xp = get_array_module(gpu)
@@ -322,6 +326,9 @@ def _open_restart(path, header, data, start, stop, settings, comm, xp, dtype, ch
     from ptmpi.restart import Checkpointer
 
     f0, f1 = int(data.frame_offset[start]), int(data.frame_offset[stop])
+    if data.frame_start is not None:  # the frames of one angle split over the ranks
+        f0 = data.frame_start
+        f1 = f0 + int(data.counts_local.shape[0])
     state = None
     if header is not None:
         # The checksum matched, so this guards against a damaged checkpoint only.

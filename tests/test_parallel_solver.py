@@ -421,3 +421,39 @@ def test_a_2d_dataset_splits_its_frames_over_the_ranks(mpi_ranks, shared_tmp):
     assert rel(v_par, v_ser) < 1e-6 and rel(p_par, p_ser) < 1e-6
     np.testing.assert_array_equal(pos_par, pos_ser)
     assert np.max(np.abs(r_par - r_ser) / r_ser) < 1e-6
+
+
+@pytest.mark.mpi(ranks=[2, 3], timeout=120, unit="s")
+def test_apt_with_one_angle_splits_its_frames_and_resumes(mpi_ranks, shared_tmp):
+    """APT on a one-angle tomography file: the frames are split over the ranks and the data
+    term reduces their partial sums; the result is that of one rank (complex128), and a
+    checkpoint written by the split ranks resumes on one."""
+    comm = MPIComm()
+    path = shared_tmp / "one-angle.h5"
+    out_par, out_ser = shared_tmp / "a-par.h5", shared_tmp / "a-ser.h5"
+    ck = shared_tmp / "ck.h5"
+    if comm.is_root:
+        write_case(path, simulate(tiny_settings(n_angles=1)))
+    comm.barrier()
+    settings = SolverSettings(iterations=8, tol=0.0)
+    reconstruct(str(path), str(out_par), settings, comm, figures=False, dtype=np.complex128,
+                checkpoint=str(ck), checkpoint_every=4)
+    comm.barrier()
+    if not comm.is_root:
+        return
+    reconstruct(str(path), str(out_ser), settings, SerialComm(), figures=False,
+                dtype=np.complex128)
+    out_res = shared_tmp / "a-res.h5"
+    ck.rename(shared_tmp / "ck-mid.h5")  # resume from iteration 8 to 12 on one rank
+    longer = SolverSettings(iterations=12, tol=0.0)
+    reconstruct(str(path), str(out_res), longer, SerialComm(), figures=False,
+                dtype=np.complex128, checkpoint=str(shared_tmp / "ck-mid.h5"), resume=True)
+    with h5py.File(out_par, "r") as fp, h5py.File(out_ser, "r") as fs:
+        u_par, u_ser = fp["entry_1/image_1/data"][...], fs["entry_1/image_1/data"][...]
+        r_par = fp["entry_1/ptmpi/metrics/r_factor"][...]
+        r_ser = fs["entry_1/ptmpi/metrics/r_factor"][...]
+    with h5py.File(out_res, "r") as f:
+        assert f["entry_1/ptmpi/metrics/iteration"][...].tolist() == list(range(1, 13))
+    assert rel(u_ser, np.ones(SHAPE)) > 1e-3
+    assert rel(u_par, u_ser) < 1e-6
+    assert np.max(np.abs(r_par - r_ser) / r_ser) < 1e-6

@@ -122,8 +122,10 @@ class InputData:
     pixel_size: float | None = None
     valid_local: np.ndarray | None = None
     shared_image: bool = False
-    """True when the ranks split the frames of one 2-D image (set by the reconstruct
-    driver; :func:`read_input` reads whole angles)."""
+    """True when the ranks split the frames of one angle (set by the reconstruct driver;
+    :func:`read_input` reads whole angles)."""
+    frame_start: int | None = None
+    """With ``shared_image``: the global index of this rank's first frame."""
 
     @property
     def is_2d(self) -> bool:
