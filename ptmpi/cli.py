@@ -148,18 +148,27 @@ def _settings_from_args(args) -> SimulationSettings:
 
 def cmd_simulate(args, comm: Comm) -> int:
     settings = _settings_from_args(args)
+
+    def work():
+        simulate_to_file(settings, Path(args.output), args.force,
+                         export_cxi=Path(args.export_cxi) if args.export_cxi else None)
+
+    _on_root(comm, work, UserError)
+    return 0
+
+
+def _on_root(comm: Comm, work, failures) -> None:
+    """Run ``work()`` on rank 0 alone; a ``failures`` exception there ends every rank alike
+    with one UserError (the others would wait in their next collective otherwise)."""
     failure = None
     if comm.is_root:
         try:
-            simulate_to_file(settings, Path(args.output), args.force,
-                             export_cxi=Path(args.export_cxi) if args.export_cxi else None)
-        except UserError as exc:
+            work()
+        except failures as exc:
             failure = str(exc)
-    # Rank 0's verdict ends every rank alike (the others would wait here otherwise).
     failure = comm.bcast(failure)
     if failure:
         raise UserError(failure)
-    return 0
 
 
 # ---------------------------------------------------------------------------- import
@@ -177,25 +186,21 @@ def cmd_import(args, comm: Comm) -> int:
         except ValueError:
             raise UserError(f"--angles-deg takes comma-separated numbers, got "
                             f"{args.angles_deg!r}") from None
-    failure = None
-    if comm.is_root:
-        try:
-            summary = import_cxi(
-                args.files, args.output, volume_shape=args.volume_shape, probe=args.probe,
-                angles_deg=angles, angle_dataset=args.angle_dataset,
-                conventions=Conventions(args.flip_x, args.flip_y, args.axis_offset),
-                overwrite=args.force, command=" ".join(sys.argv),
-            )
-            mask = "no mask" if summary.mask_shape is None else f"mask {summary.mask_shape}"
-            logger.info("imported %d file(s) into %s: volume %s, %d frames of %dx%d, object "
-                        "pixel %.4g m, %s", summary.n_angles, summary.output,
-                        summary.volume_shape, summary.n_frames, summary.m, summary.m,
-                        summary.object_pixel_size, mask)
-        except ImportFailure as exc:
-            failure = str(exc)
-    failure = comm.bcast(failure)
-    if failure:
-        raise UserError(failure)
+
+    def work():
+        summary = import_cxi(
+            args.files, args.output, volume_shape=args.volume_shape, probe=args.probe,
+            angles_deg=angles, angle_dataset=args.angle_dataset,
+            conventions=Conventions(args.flip_x, args.flip_y, args.axis_offset),
+            overwrite=args.force, command=" ".join(sys.argv),
+        )
+        mask = "no mask" if summary.mask_shape is None else f"mask {summary.mask_shape}"
+        logger.info("imported %d file(s) into %s: volume %s, %d frames of %dx%d, object "
+                    "pixel %.4g m, %s", summary.n_angles, summary.output,
+                    summary.volume_shape, summary.n_frames, summary.m, summary.m,
+                    summary.object_pixel_size, mask)
+
+    _on_root(comm, work, ImportFailure)
     return 0
 
 

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from ptmpi.backend import to_device
+from ptmpi.backend import get_xp, to_device
 from ptmpi.operators.model import JointModel
 
 WIDE = np.complex128
@@ -101,8 +101,6 @@ class DataTerm:
     def update_probe(self, u, target_local):
         """The paper's closed-form probe update from the views ``S_j P_t u`` and the far
         fields ``target_local = z + lam2``; sets and returns the new probe."""
-        from ptmpi.solvers.admm import probe_from_views
-
         views = self.model.ptycho.extract(self.model.projector.fwd(u))
         omega = probe_from_views(views, target_local, self.comm,
                                  ptycho=self.model.ptycho).astype(self.dtype)
@@ -119,3 +117,30 @@ class DataTerm:
     def all(self, flag: bool) -> bool:
         """True when ``flag`` holds on every rank."""
         return self.comm.allreduce_scalar(1.0 if flag else 0.0, "min") > 0
+
+
+def probe_from_views(views_local, target_local, comm, ptycho=None):
+    """``omega = sum_j v_j^* F^H(target_j) / sum_j |v_j|^2`` over all frames of all ranks.
+
+    ``views_local``: ``(N_FRAMES_LOCAL, M, M)`` windows ``S_j P_t u`` (or ``S_j v``);
+    ``target_local``: the far fields ``z + lam2`` of the same frames. With sub-pixel
+    positions pass ``ptycho`` (the frames' :class:`~ptmpi.operators.ptycho.Ptycho`): each
+    frame's terms are mapped back by ``shift_j^H`` (``Ptycho.unshift_sum``), giving
+    ``sum_j shift_j^H(v_j^* y_j) / sum_j shift_j^H(|v_j|^2)``, which is exact where
+    ``|v_j|^2`` is locally constant and an approximation otherwise.
+    """
+    from ptmpi.operators.fft import fft2
+
+    xp = get_xp(views_local)
+    back = fft2(target_local, inverse=True)
+    if ptycho is None:
+        num = xp.sum(xp.conj(views_local) * back, axis=0, dtype=np.complex128)
+        den = xp.sum(xp.abs(views_local) ** 2, axis=0, dtype=np.float64).astype(np.complex128)
+    else:
+        num = ptycho.unshift_sum(xp.conj(views_local) * back)
+        den = ptycho.unshift_sum(xp.abs(views_local) ** 2).astype(np.complex128)
+    comm.allreduce_sum(num)
+    comm.allreduce_sum(den)
+    floor = 1e-8 * float(xp.abs(den).max())
+    omega = xp.where(xp.abs(den) > floor, num / xp.where(xp.abs(den) > floor, den, 1), 0)
+    return omega.astype(views_local.dtype)

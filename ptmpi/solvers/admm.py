@@ -47,15 +47,15 @@ from collections.abc import Callable
 
 import numpy as np
 
-from ptmpi.backend import get_xp, real_dtype, synchronize, to_device
+from ptmpi.backend import real_dtype, synchronize, to_device
 from ptmpi.mask import valid_only
 from ptmpi.metrics import r_factor_sums, r_factor_value
 from ptmpi.operators import kernels
 from ptmpi.operators.grad import Gradient
 from ptmpi.parallel.comm import Comm
-from ptmpi.parallel.data_term import DataTerm
+from ptmpi.parallel.data_term import DataTerm, probe_from_views  # noqa: F401
 from ptmpi.solvers.cg import conjugate_gradient
-from ptmpi.solvers.penalty import cycling
+from ptmpi.solvers.penalty import cycling, step_cosine
 from ptmpi.solvers.prox import (
     LIKELIHOODS,
     data_objective,
@@ -256,33 +256,6 @@ def _snr(u, truth) -> float:
     return snr_db(u, truth)
 
 
-def probe_from_views(views_local, target_local, comm: Comm, ptycho=None):
-    """``omega = sum_j v_j^* F^H(target_j) / sum_j |v_j|^2`` over all frames of all ranks.
-
-    ``views_local``: ``(N_FRAMES_LOCAL, M, M)`` windows ``S_j P_t u`` (or ``S_j v``);
-    ``target_local``: the far fields ``z + lam2`` of the same frames. With sub-pixel
-    positions pass ``ptycho`` (the frames' :class:`~ptmpi.operators.ptycho.Ptycho`): each
-    frame's terms are mapped back by ``shift_j^H`` (``Ptycho.unshift_sum``), giving
-    ``sum_j shift_j^H(v_j^* y_j) / sum_j shift_j^H(|v_j|^2)``, which is exact where
-    ``|v_j|^2`` is locally constant and an approximation otherwise.
-    """
-    from ptmpi.operators.fft import fft2
-
-    xp = get_xp(views_local)
-    back = fft2(target_local, inverse=True)
-    if ptycho is None:
-        num = xp.sum(xp.conj(views_local) * back, axis=0, dtype=np.complex128)
-        den = xp.sum(xp.abs(views_local) ** 2, axis=0, dtype=np.float64).astype(np.complex128)
-    else:
-        num = ptycho.unshift_sum(xp.conj(views_local) * back)
-        den = ptycho.unshift_sum(xp.abs(views_local) ** 2).astype(np.complex128)
-    comm.allreduce_sum(num)
-    comm.allreduce_sum(den)
-    floor = 1e-8 * float(xp.abs(den).max())
-    omega = xp.where(xp.abs(den) > floor, num / xp.where(xp.abs(den) > floor, den, 1), 0)
-    return omega.astype(views_local.dtype)
-
-
 def solve(problem: LocalProblem, settings: SolverSettings, comm: Comm,
           *, xp=np, dtype=np.complex64, state: ADMMState | None = None,
           callback: Callable[[ADMMState, dict], None] | None = None) -> tuple[ADMMState, dict]:
@@ -433,8 +406,10 @@ def solve(problem: LocalProblem, settings: SolverSettings, comm: Comm,
         step = u - u_old
         du = float(xp.linalg.norm(step))
         un = float(xp.linalg.norm(u))
-        if prev_step is not None and du > 0:
-            turns.append(float(xp.vdot(prev_step, step).real) / (du * prev_du))
+        turn = (None if prev_step is None
+                else step_cosine(float(xp.vdot(prev_step, step).real), du, prev_du))
+        if turn is not None:
+            turns.append(turn)
         prev_step, prev_du = step, du
         state.step = step
         synchronize(xp)

@@ -88,6 +88,7 @@ import numpy as np
 
 from ptmpi.backend import get_xp, real_dtype, synchronize, to_device
 from ptmpi.mask import valid_only
+from ptmpi.metrics import r_factor_sums, r_factor_value
 from ptmpi.operators.grad import Gradient
 from ptmpi.operators.transmission import (
     ExpModel,
@@ -96,7 +97,8 @@ from ptmpi.operators.transmission import (
     log_ratio_gradient,
 )
 from ptmpi.parallel.comm import SerialComm
-from ptmpi.solvers.admm import ADMMState, LocalProblem, probe_from_views
+from ptmpi.parallel.data_term import probe_from_views
+from ptmpi.solvers.admm import ADMMState, LocalProblem
 from ptmpi.solvers.cg import conjugate_gradient
 from ptmpi.solvers.prox import LIKELIHOODS, update_data_split, update_tv_split
 
@@ -406,14 +408,13 @@ def solve_exp(problem: LocalProblem, settings: ExpSolverSettings, comm: SerialCo
 
     def metrics(u, u_old, t_now, t_start) -> dict:
         d = model.views(t_now)
-        num = comm.allreduce_scalar(float(xp.sum(valid_only(xp.abs(xp.abs(d) - sqrt_f), valid),
-                                                 dtype=xp.float64)))
+        num = comm.allreduce_scalar(r_factor_sums(d, sqrt_f=sqrt_f, valid=valid)[0])
         du = float(xp.linalg.norm(u - u_old))
         un = float(xp.linalg.norm(u))
         synchronize(xp)
         row = {
             "iteration": state.iteration,
-            "r_factor": num / sqrt_f_sum if sqrt_f_sum > 0 else math.nan,
+            "r_factor": r_factor_value(num, sqrt_f_sum),
             "rel_change": du / un if un > 0 else math.inf,
             "wall_s": time.perf_counter() - t_start,
         }

@@ -33,11 +33,12 @@ import numpy as np
 
 from ptmpi.backend import get_xp, real_dtype, synchronize, to_device
 from ptmpi.mask import valid_only
+from ptmpi.metrics import r_factor_sums, r_factor_value
 from ptmpi.operators.fft import FarField
 from ptmpi.operators.ptycho import Ptycho
 from ptmpi.operators.tomo import Projector
 from ptmpi.parallel.comm import SerialComm
-from ptmpi.solvers.admm import probe_from_views
+from ptmpi.parallel.data_term import probe_from_views
 from ptmpi.solvers.cg import conjugate_gradient
 from ptmpi.solvers.penalty import cycling, step_cosine
 from ptmpi.solvers.prox import LIKELIHOODS, update_data_split
@@ -171,7 +172,7 @@ def solve_ptycho2d(v0_local, f_local, probe, positions_local, frame_offset_local
         state.z_local, state.v_local = z, v
         state.iteration += 1
         step = v - v_old
-        local = [float(xp.sum(valid_only(xp.abs(xp.abs(d) - sqrt_f), valid), dtype=xp.float64)),
+        local = [r_factor_sums(d, sqrt_f=sqrt_f, valid=valid)[0],
                  float(xp.linalg.norm(step)) ** 2, float(xp.linalg.norm(v)) ** 2,
                  0.0 if prev_step is None else float(xp.vdot(prev_step, step).real)]
         if shared_image:  # only the R-factor's sum is over frames; the images are replicated
@@ -181,7 +182,7 @@ def solve_ptycho2d(v0_local, f_local, probe, positions_local, frame_offset_local
         synchronize(xp)
         row = {
             "iteration": state.iteration,
-            "r_factor": num / sqrt_f_sum if sqrt_f_sum > 0 else math.nan,
+            "r_factor": r_factor_value(num, sqrt_f_sum),
             "rel_change": math.sqrt(step2 / norm2) if norm2 > 0 else math.inf,
             "wall_s": time.perf_counter() - t_start,
             "r2": r2,
