@@ -250,6 +250,7 @@ def settings_from_args(args, model: str = "linear"):
             "likelihood": args.likelihood, "tv_weight": args.tv_weight, "r1": args.r1,
             "r2": args.r2, "cg_iterations": args.cg_iterations,
             "refine_probe": args.refine_probe, "epsilon": getattr(args, "epsilon", None),
+            "adapt_penalties": {"on": True, "off": False}.get(getattr(args, "adapt_r2", None)),
         }
         if algorithm == "two-step":  # the initialisation alone
             fields.update(iterations=1, init_iterations=args.iterations,
@@ -545,7 +546,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--r2", type=_POSITIVE, help="penalty of z = D u (default 0.1)")
     p.add_argument("--adapt-r2", choices=["auto", "on", "off"],
                    help="raise r2 when the iterates cycle (default auto: on for photon "
-                        "counts, off for noise-free data; two-step/ptycho2d: on)")
+                        "counts, off for noise-free data; two-step/ptycho2d: on; --model "
+                        "exp: r2, rho and r1 raised together, on unless off)")
     p.add_argument("--epsilon", type=_NON_NEGATIVE,
                    help="smoothing of the likelihood, in counts per pixel (default 10 for "
                         "photon counts, 0 for noise-free data; two-step/ptycho2d: 0)")

@@ -421,3 +421,13 @@ def test_exp_probe_refinement_corrects_a_defocused_probe():
     assert results["refined"][1] > results["kept"][1] + 4.0
     assert results["refined"][1] > results["true"][1] - 5.0
     assert results["refined"][2] < 1.05 * results["true"][2]
+
+
+def test_adapt_r2_flag_switches_the_exp_penalty_continuation(exp_file, tmp_path):
+    out = tmp_path / "rec.h5"
+    assert main(["reconstruct", str(exp_file), "-o", str(out), "--iterations", "2",
+                 "--no-figures", "--adapt-r2", "off"]) == 0
+    with h5py.File(out, "r") as f:
+        params = json.loads(f["entry_1/process_1/parameters"][()])
+    assert params["adapt_penalties"] is False and params["epsilon_power"] == 2.0
+    assert ExpSolverSettings().adapt_penalties is True
