@@ -431,3 +431,22 @@ def test_adapt_r2_flag_switches_the_exp_penalty_continuation(exp_file, tmp_path)
         params = json.loads(f["entry_1/process_1/parameters"][()])
     assert params["adapt_penalties"] is False and params["epsilon_power"] == 2.0
     assert ExpSolverSettings().adapt_penalties is True
+
+
+def test_exp_resume_across_a_penalty_raise_is_bit_for_bit():
+    """The cosines of successive steps, the last step and the penalty scale are state: a
+    run stopped before the penalties are raised and resumed ends exactly as one run."""
+    data = simulate(exp_settings(n=16, nz=16, n_angles=6, step=3, probe_size=8, fwhm=3.0,
+                                 scan="spiral", eta=1000.0))
+    settings = ExpSolverSettings(iterations=60, init_iterations=20, init_gn_iterations=5)
+    whole, params = solve_exp(problem_of(data), settings, SerialComm())
+    raised = [i for i, (a, b) in enumerate(zip(whole.history["r2"], whole.history["r2"][1:]))
+              if b > a]
+    assert raised and 5 < raised[0] < 55
+    stop = raised[0] - 2
+    part, _ = solve_exp(problem_of(data), dataclasses.replace(settings, iterations=stop),
+                        SerialComm())
+    assert part.params["penalty_scale"] == 1.0 and part.params["turns"]
+    resumed, _ = solve_exp(problem_of(data), settings, SerialComm(), state=part)
+    assert np.array_equal(resumed.u, whole.u)
+    assert resumed.history["r2"] == whole.history["r2"]
