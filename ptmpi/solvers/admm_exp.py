@@ -66,8 +66,10 @@ threshold ``tv_weight / r1`` is in radians per voxel). On photon counts (every v
 a whole number) the defaults follow the linear solver's: ``tv_weight = tv_threshold_counts
 * r1 + tv_noise_factor * sigma^2`` (0.03 and 12; ``sigma = 1/2``, the Poisson noise in
 amplitude; the noise factor was 4 before the penalty continuation, whose converged
-iterates it left with a higher R-factor and SNR at both doses of the 32^3 case), and the likelihood is smoothed by ``epsilon = epsilon_counts`` photons (10; 0
-on noise-free data), which keeps the z-step continuous at pixels with few counts.
+iterates it left with a higher R-factor and lower SNR at both doses of the 32^3 case),
+and the likelihood is smoothed by ``epsilon = epsilon_counts`` photons (10; 0 on
+noise-free data, lowered as the penalties rise, below), which keeps the z-step
+continuous at pixels with few counts.
 Measured on a 48^3 volume, 12 angles, 3 pi, spiral scans, masked detector: at eta 100
 (R-factor of the truth 0.280) the R-factor was 0.415 before (no noise term, no
 smoothing), 0.393 with the noise term 0.3 alone, 0.313 with smoothing and 0.3, 0.297
@@ -229,6 +231,9 @@ class ExpSolverSettings:
             raise ValueError("init_iterations must be >= 0 and init_gn_iterations >= 1")
         if self.iterations < 0 or self.cg_iterations < 1 or self.gn_iterations < 1:
             raise ValueError("iterations must be >= 0, cg_iterations and gn_iterations >= 1")
+        if self.penalty_window < 0 or self.epsilon_power < 0 or self.penalty_max_factor < 1:
+            raise ValueError("penalty_window and epsilon_power must be >= 0, "
+                             "penalty_max_factor >= 1")
         for name in ("tv_weight", "r1"):
             value = getattr(self, name)
             if value is not None and value < 0:
