@@ -89,9 +89,9 @@ at 10 photons the converged R-factor rose 15% above its minimum). The small star
 (``r2 = 0.1``, smoothed) makes the first iterations fast; the larger penalties end the
 period-2 cycle of the z-step at low-count pixels. Doubling ``r2`` alone diverged (the
 psi-step weighs it against ``rho``); raising ``r2`` and ``rho`` without ``r1`` left the
-TV split loose. Measured on that case, 200 iterations: eta 1000, SNR 26.4 -> 28.4 dB,
-R 0.1311 -> 0.1237, final relative change 3.4e-3 -> 1.0e-4; eta 100 (masked stripe and
-hot pixels): SNR 17.1 -> 15.3 dB, R 0.3336 -> 0.3254, change 7.1e-3 -> 3.4e-4 (the
+TV split loose. Measured on that case, 200 iterations: eta 1000, SNR 26.4 -> 28.3 dB,
+R 0.1311 -> 0.1237, final relative change 3.4e-3 -> 1.1e-4; eta 100 (masked stripe and
+hot pixels): SNR 17.1 -> 15.9 dB, R 0.3336 -> 0.3234, change 7.1e-3 -> 6.4e-4 (the
 unconverged r2 = 0.1 run had the higher SNR, its R-factor the higher too).
 
 Metrics per iteration as the linear solver (SPEC 5): R-factor of ``D(omega, u)``,
