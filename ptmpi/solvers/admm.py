@@ -138,6 +138,13 @@ class SolverSettings:
     """Default ``r1 / L`` when ``tv_weight`` is 0."""
     power_iterations: int = 10
     """Power iterations used to estimate ``L``."""
+    start: str = "ones"
+    """Starting point: ``ones`` (the paper's ``u = 1``) or ``coarse`` (coarse-to-fine,
+    :mod:`ptmpi.solvers.start`)."""
+    start_iterations: int = 100
+    """``start = coarse``: iterations (at most) of each coarse level."""
+    start_levels: int = 1
+    """``start = coarse``: number of coarse levels (each halves the volume)."""
 
     def __post_init__(self):
         if self.algorithm not in ALGORITHMS:
@@ -152,6 +159,10 @@ class SolverSettings:
                 raise ValueError(f"{name} must be >= 0, got {value}")
         if self.r2 is not None and self.r2 <= 0:
             raise ValueError(f"r2 must be > 0, got {self.r2}")
+        if self.start not in ("ones", "coarse"):
+            raise ValueError(f"start must be 'ones' or 'coarse', got {self.start!r}")
+        if self.start_iterations < 0 or self.start_levels < 1:
+            raise ValueError("start_iterations must be >= 0 and start_levels >= 1")
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
