@@ -64,6 +64,7 @@ from ptmpi.solvers.prox import (
     update_data_split,
     update_tv_split,
 )
+from ptmpi.solvers.regularisation import default_tv_weight
 
 logger = logging.getLogger(__name__)
 
@@ -112,8 +113,9 @@ class SolverSettings:
     """First iteration of probe updates (0: from the start, as in the paper)."""
     tv_factor: float = 5e-6
     """Default ``tv_weight / L`` for noise-free data."""
-    tv_noise_factor: float = 1.2
-    """Default extra TV weight per ``sigma^2`` for Poisson (integer) counts."""
+    tv_noise_factor: float = 0.024
+    """Default extra TV weight per ``sigma sqrt(L)`` for Poisson (integer) counts
+    (:mod:`ptmpi.solvers.regularisation`)."""
     shrink_threshold: float = 0.05
     """Default ``tv_weight / r1``."""
     adapt_r2: bool | None = None
@@ -220,20 +222,22 @@ def resolve(settings: SolverSettings, norm: float, noise_amplitude: float = 0.0)
       of them (noise-free data);
     - photon-counting data (integer counts) carry Poisson noise of standard deviation
       about ``sigma = 1/2`` in amplitude whatever the dose; the default adds
-      ``tv_noise_factor * sigma^2`` (0.3 photons per unit of TV), a value calibrated on
-      simulated 64^3 cases from 25 to 45 dB intensity SNR, where the best weight varied
-      little with the dose;
+      ``tv_noise_factor * sigma * sqrt(L)``: the TV threshold follows the noise level of
+      ``u``, ``sigma / sqrt(L)`` (:mod:`ptmpi.solvers.regularisation`, calibrated at three
+      doses from 24 to 45 dB intensity SNR);
     - ``r1 = tv_weight / shrink_threshold`` (the shrink threshold ``tv_weight / r1`` is a
       fixed fraction of the unit background of ``u``), or ``r1_factor * L`` without TV;
     - ``r2`` is dimensionless (both ``G`` have unit curvature in ``|z|``): 0.1.
     """
     apts = settings.algorithm == "apts"
     tv_weight = r1 = 0.0
+    reason = ""
     if not apts:
         tv_weight = settings.tv_weight
+        reason = "given (--tv-weight)"
         if tv_weight is None:
-            tv_weight = (settings.tv_factor * norm
-                         + settings.tv_noise_factor * noise_amplitude**2)
+            tv_weight, reason = default_tv_weight(settings.tv_factor, settings.tv_noise_factor,
+                                                  norm, noise_amplitude)
         r1 = settings.r1
         if r1 is None:
             r1 = tv_weight / settings.shrink_threshold if tv_weight > 0 else (
@@ -244,7 +248,8 @@ def resolve(settings: SolverSettings, norm: float, noise_amplitude: float = 0.0)
         epsilon = settings.epsilon_counts if noise_amplitude > 0 else 0.0
     if not apts and tv_weight > 0 and r1 == 0:
         raise ValueError("APT with tv_weight > 0 needs r1 > 0")
-    return {"tv_weight": float(tv_weight), "r1": float(r1), "r2": float(r2),
+    return {"tv_weight": float(tv_weight), "tv_weight_rule": reason if not apts else "apts",
+            "r1": float(r1), "r2": float(r2),
             "norm_DhD": norm, "noise_amplitude": noise_amplitude,
             "epsilon": float(epsilon)}
 
@@ -311,6 +316,8 @@ def solve(problem: LocalProblem, settings: SolverSettings, comm: Comm,
         settings.likelihood.upper(), norm, "photon-counting" if counting else "noise-free",
         params["tv_weight"], params["r1"], params["r2"], settings.cg_iterations,
         settings.iterations)
+    if params.get("tv_weight_rule"):
+        logger.info("TV weight: %s", params["tv_weight_rule"])
     tv_weight, r1, r2 = params["tv_weight"], params["r1"], params["r2"]
     epsilon = params.get("epsilon", 0.0)
 
