@@ -180,7 +180,7 @@ def coarse_start(problem, settings, comm, *, xp=np, dtype=np.complex64, level: i
         settings, iterations=settings.start_iterations, start="ones",
         epsilon=settings.epsilon if settings.epsilon is not None else settings.epsilon_counts,
         adapt_r2=True, tv_weight=settings.tv_weight if settings.tv_weight is not None
-        else COARSE_TV_WEIGHT)
+        else COARSE_TV_WEIGHT, r1=None)
     logger.info("coarse-to-fine start, level %d: volume %s, probe %d, up to %d iterations",
                 level, small.volume_shape, m // 2, settings.start_iterations)
     state_c, params_c = solve(small, coarse_settings, comm, xp=xp, dtype=dtype, state=inner)
