@@ -100,3 +100,24 @@ def test_coarse_start_declines_what_does_not_halve(case):
     odd = dataclasses.replace(case, probe=case.probe[:14, :14])
     state, info = start.coarse_start(odd, SolverSettings(start="coarse"), SerialComm())
     assert state is None and info["start"] == "ones"
+
+
+def test_cli_start_coarse_stores_what_it_did(tmp_path):
+    import json
+
+    import h5py
+
+    from ptmpi.cli import main
+
+    data = tmp_path / "in.h5"
+    assert main(["simulate", "-o", str(data), "--n", "32", "--nz", "16", "--angles", "4",
+                 "--step", "8", "--probe-size", "16", "--fwhm", "4", "--eta", "3"]) == 0
+    out = tmp_path / "rec.h5"
+    assert main(["reconstruct", str(data), "-o", str(out), "--iterations", "3",
+                 "--start", "coarse", "--start-iterations", "5", "--no-figures"]) == 0
+    with h5py.File(out, "r") as f:
+        params = json.loads(f["entry_1/process_1/parameters"][()])
+        assert f["entry_1/ptmpi/metrics/iteration"].shape == (3,)
+    assert params["start"] == "coarse" and params["start_iterations_done"] == 5
+    assert params["start_shape"] == [8, 16, 16] and params["start_wall_s"] > 0
+    assert params["tv_weight_rule"].startswith("photon counts")
