@@ -113,9 +113,9 @@ class SolverSettings:
     """First iteration of probe updates (0: from the start, as in the paper)."""
     tv_factor: float = 5e-6
     """Default ``tv_weight / L`` for noise-free data."""
-    tv_noise_factor: float = 0.024
-    """Default extra TV weight per ``sigma sqrt(L)`` for Poisson (integer) counts
-    (:mod:`ptmpi.solvers.regularisation`)."""
+    tv_noise_factor: float = 0.32
+    """Default extra TV weight per ``sigma sqrt(d)`` for Poisson (integer) counts, ``d`` the
+    mean diagonal of ``D^H D`` (:mod:`ptmpi.solvers.regularisation`)."""
     shrink_threshold: float = 0.05
     """Default ``tv_weight / r1``."""
     adapt_r2: bool | None = None
@@ -212,7 +212,8 @@ class ADMMState:
     params: dict = dataclasses.field(default_factory=dict)
 
 
-def resolve(settings: SolverSettings, norm: float, noise_amplitude: float = 0.0) -> dict:
+def resolve(settings: SolverSettings, norm: float, noise_amplitude: float = 0.0,
+            mean_diagonal: float | None = None) -> dict:
     """The penalties actually used: explicit settings, else the data-scaled defaults.
 
     Rule (documented in the README):
@@ -222,9 +223,10 @@ def resolve(settings: SolverSettings, norm: float, noise_amplitude: float = 0.0)
       of them (noise-free data);
     - photon-counting data (integer counts) carry Poisson noise of standard deviation
       about ``sigma = 1/2`` in amplitude whatever the dose; the default adds
-      ``tv_noise_factor * sigma * sqrt(L)``: the TV threshold follows the noise level of
-      ``u``, ``sigma / sqrt(L)`` (:mod:`ptmpi.solvers.regularisation`, calibrated at three
-      doses from 24 to 45 dB intensity SNR);
+      ``tv_noise_factor * sigma * sqrt(d)``, ``d`` the mean diagonal of ``D^H D``: the TV
+      threshold follows the noise level of a voxel of ``u``, ``sigma / sqrt(d)``
+      (:mod:`ptmpi.solvers.regularisation`, calibrated at three doses from 24 to 45 dB
+      intensity SNR);
     - ``r1 = tv_weight / shrink_threshold`` (the shrink threshold ``tv_weight / r1`` is a
       fixed fraction of the unit background of ``u``), or ``r1_factor * L`` without TV;
     - ``r2`` is dimensionless (both ``G`` have unit curvature in ``|z|``): 0.1.
@@ -236,8 +238,9 @@ def resolve(settings: SolverSettings, norm: float, noise_amplitude: float = 0.0)
         tv_weight = settings.tv_weight
         reason = "given (--tv-weight)"
         if tv_weight is None:
-            tv_weight, reason = default_tv_weight(settings.tv_factor, settings.tv_noise_factor,
-                                                  norm, noise_amplitude)
+            tv_weight, reason = default_tv_weight(
+                settings.tv_factor, settings.tv_noise_factor, norm, noise_amplitude,
+                mean_diagonal if mean_diagonal is not None else 0.0)
         r1 = settings.r1
         if r1 is None:
             r1 = tv_weight / settings.shrink_threshold if tv_weight > 0 else (
@@ -250,7 +253,8 @@ def resolve(settings: SolverSettings, norm: float, noise_amplitude: float = 0.0)
         raise ValueError("APT with tv_weight > 0 needs r1 > 0")
     return {"tv_weight": float(tv_weight), "tv_weight_rule": reason if not apts else "apts",
             "r1": float(r1), "r2": float(r2),
-            "norm_DhD": norm, "noise_amplitude": noise_amplitude,
+            "norm_DhD": norm, "mean_diagonal_DhD": mean_diagonal,
+            "noise_amplitude": noise_amplitude,
             "epsilon": float(epsilon)}
 
 
@@ -309,7 +313,8 @@ def solve(problem: LocalProblem, settings: SolverSettings, comm: Comm,
         norm = data.norm(settings.power_iterations)
         # Photon-counting data (all counts whole numbers): Poisson noise of amplitude ~1/2.
         counting = data.all(bool(xp.all(f_local == xp.rint(f_local))) if f_local.size else True)
-        params = resolve(settings, norm, 0.5 if counting else 0.0)
+        params = resolve(settings, norm, 0.5 if counting else 0.0,
+                         float(data.diagonal().mean()) if counting else None)
     logger.info(
         "%s, %s likelihood: ||D^H D|| = %.4g, %s data; tv_weight = %.4g, r1 = %.4g, "
         "r2 = %.4g, %d CG iterations, up to %d iterations", settings.algorithm.upper(),
