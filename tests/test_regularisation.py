@@ -36,7 +36,7 @@ def test_resolve_stores_the_rule():
     assert params["mean_diagonal_DhD"] == 0.8995
     assert params["r1"] == pytest.approx(params["tv_weight"] / 0.05)
     given = resolve(SolverSettings(tv_weight=0.1), 519.3, 0.5, 0.8995)
-    assert given["tv_weight"] == 0.1 and given["tv_weight_rule"] == "given (--tv-weight)"
+    assert given["tv_weight"] == 0.1 and given["tv_weight_rule"] == "set explicitly (--tv-weight)"
     assert resolve(SolverSettings(algorithm="apts"), 519.3, 0.5, 0.9)["tv_weight"] == 0
 
 

@@ -236,7 +236,7 @@ def resolve(settings: SolverSettings, norm: float, noise_amplitude: float = 0.0,
     reason = ""
     if not apts:
         tv_weight = settings.tv_weight
-        reason = "given (--tv-weight)"
+        reason = "set explicitly (--tv-weight)"
         if tv_weight is None:
             tv_weight, reason = default_tv_weight(
                 settings.tv_factor, settings.tv_noise_factor, norm, noise_amplitude,

@@ -18,8 +18,12 @@ consistently with the model ``D(omega, u) = F(omega * S_j P_t u)`` (section 2 of
   quarter of the pixels is half that of the full frame at the same frequency, so
   ``|D_coarse(omega_c, u_c)|^2`` matches the central counts (tests check it).
 
-The coarse solve is ``solve`` itself (same ``DataTerm``, same ranks and frames, its
-penalties resolved from the coarse data), run for ``start_iterations`` iterations or until
+The coarse model is approximate at the edge of the cropped band (a detector pixel at
+frequency ``k`` also sees object frequencies ``k - q`` for every ``q`` in the probe's
+spectrum, beyond the coarse grid): its likelihood uses only the inner frequencies
+(:data:`INNER_FRACTION`), and its misfit is treated as noise (smoothed likelihood, adaptive
+``r2``, TV weight :data:`COARSE_TV_WEIGHT`). The coarse solve is ``solve`` itself (same
+``DataTerm``, same ranks and frames), run for ``start_iterations`` iterations or until
 it converges; a coarse level may itself start from a coarser one (``start_levels``). Its
 ``u`` is interpolated trilinearly to full size; ``z = D u``, ``p = grad u`` and both
 multipliers 0 (the paper's initialisation, at the new ``u``); a refined probe carries its
@@ -181,8 +185,10 @@ def coarse_start(problem, settings, comm, *, xp=np, dtype=np.complex64, level: i
         epsilon=settings.epsilon if settings.epsilon is not None else settings.epsilon_counts,
         adapt_r2=True, tv_weight=settings.tv_weight if settings.tv_weight is not None
         else COARSE_TV_WEIGHT, r1=None)
-    logger.info("coarse-to-fine start, level %d: volume %s, probe %d, up to %d iterations",
-                level, small.volume_shape, m // 2, settings.start_iterations)
+    logger.info("coarse-to-fine start, level %d: volume %s, probe %d, up to %d iterations "
+                "(solved as noisy data: the coarse model is approximate; TV weight %.3g)",
+                level, small.volume_shape, m // 2, settings.start_iterations,
+                coarse_settings.tv_weight)
     state_c, params_c = solve(small, coarse_settings, comm, xp=xp, dtype=dtype, state=inner)
     u = upsample_volume(state_c.u, tuple(problem.volume_shape))
     probe = to_device(problem.probe, xp).astype(dtype)
