@@ -121,3 +121,17 @@ def test_cli_start_coarse_stores_what_it_did(tmp_path):
     assert params["start"] == "coarse" and params["start_iterations_done"] == 5
     assert params["start_shape"] == [8, 16, 16] and params["start_wall_s"] > 0
     assert params["tv_weight_rule"].startswith("photon counts")
+
+
+def test_the_start_settings_do_not_block_a_resume():
+    from ptmpi.io.checkpoint import config_differences
+
+    class Header:
+        settings = {k: v for k, v in SolverSettings().to_dict().items()
+                    if not k.startswith("start")}
+        dtype = "complex64"
+
+    now = SolverSettings(start="coarse", start_iterations=7).to_dict()
+    assert config_differences(Header, now, np.complex64) == []
+    assert config_differences(Header, {**now, "r2": 0.5}, np.complex64) == [
+        "r2: None there, 0.5 now"]
