@@ -264,6 +264,8 @@ def settings_from_args(args, model: str = "linear"):
             "r2": args.r2, "cg_iterations": args.cg_iterations,
             "refine_probe": args.refine_probe, "epsilon": getattr(args, "epsilon", None),
             "adapt_r2": {"on": True, "off": False}.get(getattr(args, "adapt_r2", None)),
+            "start": getattr(args, "start", None),
+            "start_iterations": getattr(args, "start_iterations", None),
         }
         base = SolverSettings()
     else:
@@ -553,6 +555,11 @@ def build_parser() -> argparse.ArgumentParser:
                         "photon counts, 0 for noise-free data; two-step/ptycho2d: 0)")
     p.add_argument("--cg-iterations", type=_POSITIVE_INT,
                    help="CG iterations per u-step (default 8)")
+    p.add_argument("--start", choices=["ones", "coarse"],
+                   help="apt/apts starting point: ones (the paper's u = 1) or coarse "
+                        "(solve at half the size first, then interpolate)")
+    p.add_argument("--start-iterations", type=_COUNT,
+                   help="--start coarse: iterations at half the size (default 100)")
     p.add_argument("--refine-probe", action="store_true", default=None,
                    help="update the probe every iteration")
     p.add_argument("--tomo-iterations", type=_COUNT,

@@ -378,6 +378,11 @@ def _run_joint(data, start, stop, settings, comm, xp, dtype, progress, state=Non
     from ptmpi.solvers.admm_exp import ExpSolverSettings, solve_exp
 
     run = solve_exp if isinstance(settings, ExpSolverSettings) else solve
+    start_info = {}
+    if state is None and getattr(settings, "start", "ones") == "coarse":
+        from ptmpi.solvers.start import coarse_start
+
+        state, start_info = coarse_start(problem, settings, comm, xp=xp, dtype=dtype)
     try:
         state, params = run(problem, settings, comm, xp=xp, dtype=dtype, state=state,
                             callback=callback)
@@ -391,7 +396,7 @@ def _run_joint(data, start, stop, settings, comm, xp, dtype, progress, state=Non
         raise RunError(str(exc)) from exc
     image = to_host(state.u) if comm.is_root else None
     return {"history": state.history, "image": image, "omega": state.omega,
-            "params": {**settings.to_dict(), **params}}
+            "params": {**settings.to_dict(), **params, **start_info}}
 
 
 def _run_ptycho(data, start, stop, algorithm, settings, comm, xp, dtype, progress) -> dict:

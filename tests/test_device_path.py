@@ -157,3 +157,21 @@ def test_reconstruct_on_the_device_path_matches_numpy(tmp_path, device_xp, monke
     assert _rel(u_dev, u_host) < host_reference
     np.testing.assert_allclose(r_dev, r_host, rtol=host_reference)
     assert r_dev[-1] < r_dev[0]
+
+
+def test_coarse_start_on_the_device_path_matches_numpy(device_xp, host_reference):
+    from ptmpi.solvers.start import coarse_start
+
+    data = simulate(SimulationSettings(n=16, nz=16, n_angles=3, step=4, probe_size=16,
+                                       fwhm=4.0))
+    problem = LocalProblem(
+        volume_shape=data.volume.shape, theta_local=np.deg2rad(data.angles_deg),
+        f_local=np.fft.ifftshift(data.counts, axes=(-2, -1)), positions_local=data.positions_px,
+        frame_offset_local=data.frame_offset, probe=data.probe, truth_volume=data.volume)
+    settings = SolverSettings(start="coarse", start_iterations=4, refine_probe=True)
+    host, _ = coarse_start(problem, settings, SerialComm())
+    dev, info = coarse_start(problem, settings, SerialComm(), xp=device_xp)
+    assert get_xp(dev.u) is device_xp and get_xp(dev.z_local) is device_xp
+    assert info["start_iterations_done"] == 4
+    assert _rel(to_host(dev.u), host.u) < 10 * host_reference
+    assert _rel(to_host(dev.omega), host.omega) < 10 * host_reference

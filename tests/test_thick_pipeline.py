@@ -119,11 +119,12 @@ def test_thick_sample_end_to_end(tmp_path):
     truth = read_input(tmp_path / "sim.h5", read_truth=True).truth_volume
     snr = snr_db(u, truth)
     print(f"R true {r_true:.4f}, exp {r_exp:.4f}, linear rounded {r_lin:.4f}, SNR {snr:.2f}")
-    # measured: R true 0.3312, exp 0.3454 (ratio 1.04), linear rounded 0.4752 (1.38 x exp);
-    # SNR 16.7 dB (before the exp noise defaults: exp 0.3622, SNR 15.3 dB); with the
-    # penalty continuation (converged): exp 0.3352 (ratio 1.01), SNR 15.7 dB
+    # measured: R true 0.3312; exp 0.3454 (ratio 1.04) with fixed penalties, 0.3352 (1.01,
+    # SNR 15.7 dB) with the penalty continuation (converged); linear rounded 0.4752 with the
+    # linear model's earlier TV weight (5e-6 L + 0.3 = 0.43 here), 0.4013 with the
+    # noise-level rule (3.8 at this high dose)
     assert r_exp < 1.15 * r_true
-    assert r_lin > 1.25 * r_exp
+    assert r_lin > 1.1 * r_exp
     assert snr > 14.0
 
 

@@ -51,8 +51,9 @@ from ptmpi.solvers.admm import ADMMState
 
 LAYOUT_VERSION = 1
 
-#: Settings a resumed run may change: they decide when to stop, not what is computed.
-RESUMABLE_CHANGES = ("iterations", "tol")
+#: Settings a resumed run may change: they decide when to stop, not what is computed, or
+#: only how a run from iteration 0 starts (a resume starts from the checkpoint).
+RESUMABLE_CHANGES = ("iterations", "tol", "start", "start_iterations", "start_levels")
 
 
 class CheckpointWriteError(OSError):

@@ -64,6 +64,7 @@ from ptmpi.solvers.prox import (
     update_data_split,
     update_tv_split,
 )
+from ptmpi.solvers.regularisation import default_tv_weight
 
 logger = logging.getLogger(__name__)
 
@@ -112,8 +113,9 @@ class SolverSettings:
     """First iteration of probe updates (0: from the start, as in the paper)."""
     tv_factor: float = 5e-6
     """Default ``tv_weight / L`` for noise-free data."""
-    tv_noise_factor: float = 1.2
-    """Default extra TV weight per ``sigma^2`` for Poisson (integer) counts."""
+    tv_noise_factor: float = 0.32
+    """Default extra TV weight per ``sigma sqrt(d)`` for Poisson (integer) counts, ``d`` the
+    mean diagonal of ``D^H D`` (:mod:`ptmpi.solvers.regularisation`)."""
     shrink_threshold: float = 0.05
     """Default ``tv_weight / r1``."""
     adapt_r2: bool | None = None
@@ -138,6 +140,13 @@ class SolverSettings:
     """Default ``r1 / L`` when ``tv_weight`` is 0."""
     power_iterations: int = 10
     """Power iterations used to estimate ``L``."""
+    start: str = "ones"
+    """Starting point: ``ones`` (the paper's ``u = 1``) or ``coarse`` (coarse-to-fine,
+    :mod:`ptmpi.solvers.start`)."""
+    start_iterations: int = 100
+    """``start = coarse``: iterations (at most) of each coarse level."""
+    start_levels: int = 1
+    """``start = coarse``: number of coarse levels (each halves the volume)."""
 
     def __post_init__(self):
         if self.algorithm not in ALGORITHMS:
@@ -152,6 +161,10 @@ class SolverSettings:
                 raise ValueError(f"{name} must be >= 0, got {value}")
         if self.r2 is not None and self.r2 <= 0:
             raise ValueError(f"r2 must be > 0, got {self.r2}")
+        if self.start not in ("ones", "coarse"):
+            raise ValueError(f"start must be 'ones' or 'coarse', got {self.start!r}")
+        if self.start_iterations < 0 or self.start_levels < 1:
+            raise ValueError("start_iterations must be >= 0 and start_levels >= 1")
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -199,7 +212,8 @@ class ADMMState:
     params: dict = dataclasses.field(default_factory=dict)
 
 
-def resolve(settings: SolverSettings, norm: float, noise_amplitude: float = 0.0) -> dict:
+def resolve(settings: SolverSettings, norm: float, noise_amplitude: float = 0.0,
+            mean_diagonal: float | None = None) -> dict:
     """The penalties actually used: explicit settings, else the data-scaled defaults.
 
     Rule (documented in the README):
@@ -209,20 +223,24 @@ def resolve(settings: SolverSettings, norm: float, noise_amplitude: float = 0.0)
       of them (noise-free data);
     - photon-counting data (integer counts) carry Poisson noise of standard deviation
       about ``sigma = 1/2`` in amplitude whatever the dose; the default adds
-      ``tv_noise_factor * sigma^2`` (0.3 photons per unit of TV), a value calibrated on
-      simulated 64^3 cases from 25 to 45 dB intensity SNR, where the best weight varied
-      little with the dose;
+      ``tv_noise_factor * sigma * sqrt(d)``, ``d`` the mean diagonal of ``D^H D``: the TV
+      threshold follows the noise level of a voxel of ``u``, ``sigma / sqrt(d)``
+      (:mod:`ptmpi.solvers.regularisation`, calibrated at three doses from 24 to 45 dB
+      intensity SNR);
     - ``r1 = tv_weight / shrink_threshold`` (the shrink threshold ``tv_weight / r1`` is a
       fixed fraction of the unit background of ``u``), or ``r1_factor * L`` without TV;
     - ``r2`` is dimensionless (both ``G`` have unit curvature in ``|z|``): 0.1.
     """
     apts = settings.algorithm == "apts"
     tv_weight = r1 = 0.0
+    reason = ""
     if not apts:
         tv_weight = settings.tv_weight
+        reason = "set explicitly (--tv-weight)"
         if tv_weight is None:
-            tv_weight = (settings.tv_factor * norm
-                         + settings.tv_noise_factor * noise_amplitude**2)
+            tv_weight, reason = default_tv_weight(
+                settings.tv_factor, settings.tv_noise_factor, norm, noise_amplitude,
+                mean_diagonal if mean_diagonal is not None else 0.0)
         r1 = settings.r1
         if r1 is None:
             r1 = tv_weight / settings.shrink_threshold if tv_weight > 0 else (
@@ -233,8 +251,10 @@ def resolve(settings: SolverSettings, norm: float, noise_amplitude: float = 0.0)
         epsilon = settings.epsilon_counts if noise_amplitude > 0 else 0.0
     if not apts and tv_weight > 0 and r1 == 0:
         raise ValueError("APT with tv_weight > 0 needs r1 > 0")
-    return {"tv_weight": float(tv_weight), "r1": float(r1), "r2": float(r2),
-            "norm_DhD": norm, "noise_amplitude": noise_amplitude,
+    return {"tv_weight": float(tv_weight), "tv_weight_rule": reason if not apts else "apts",
+            "r1": float(r1), "r2": float(r2),
+            "norm_DhD": norm, "mean_diagonal_DhD": mean_diagonal,
+            "noise_amplitude": noise_amplitude,
             "epsilon": float(epsilon)}
 
 
@@ -293,13 +313,16 @@ def solve(problem: LocalProblem, settings: SolverSettings, comm: Comm,
         norm = data.norm(settings.power_iterations)
         # Photon-counting data (all counts whole numbers): Poisson noise of amplitude ~1/2.
         counting = data.all(bool(xp.all(f_local == xp.rint(f_local))) if f_local.size else True)
-        params = resolve(settings, norm, 0.5 if counting else 0.0)
+        params = resolve(settings, norm, 0.5 if counting else 0.0,
+                         float(data.diagonal().mean()) if counting else None)
     logger.info(
         "%s, %s likelihood: ||D^H D|| = %.4g, %s data; tv_weight = %.4g, r1 = %.4g, "
         "r2 = %.4g, %d CG iterations, up to %d iterations", settings.algorithm.upper(),
         settings.likelihood.upper(), norm, "photon-counting" if counting else "noise-free",
         params["tv_weight"], params["r1"], params["r2"], settings.cg_iterations,
         settings.iterations)
+    if params.get("tv_weight_rule"):
+        logger.info("TV weight: %s", params["tv_weight_rule"])
     tv_weight, r1, r2 = params["tv_weight"], params["r1"], params["r2"]
     epsilon = params.get("epsilon", 0.0)
 

@@ -1,0 +1,64 @@
+"""The default TV weight from the data (:mod:`ptmpi.solvers.regularisation`)."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+
+from ptmpi.parallel.comm import SerialComm
+from ptmpi.sim.presets import SimulationSettings
+from ptmpi.sim.simulate import simulate
+from ptmpi.solvers.admm import LocalProblem, SolverSettings, resolve, solve
+from ptmpi.solvers.regularisation import default_tv_weight
+
+
+def test_rule_values():
+    # noise-free: proportional to L, whatever the diagonal
+    weight, reason = default_tv_weight(5e-6, 0.32, 8083.0, 0.0, 45.23)
+    assert weight == pytest.approx(5e-6 * 8083) and "noise-free" in reason
+    # photon counts: + 0.32 * 0.5 * sqrt(d); the three calibration doses (48x48x32)
+    for norm, diag, expected in ((60.62, 0.3392, 0.0935), (606.2, 3.392, 0.2977),
+                                 (8083.0, 45.23, 1.116)):
+        weight, reason = default_tv_weight(5e-6, 0.32, norm, 0.5, diag)
+        assert weight == pytest.approx(expected, rel=2e-3)
+        assert "sqrt(d)" in reason and f"{diag:.4g}" in reason
+    # a 100x dose (L and d x 100) raises the noise term 10x
+    low = default_tv_weight(0.0, 0.32, 50.0, 0.5, 0.1)[0]
+    assert default_tv_weight(0.0, 0.32, 5000.0, 0.5, 10.0)[0] == pytest.approx(10 * low)
+
+
+def test_resolve_stores_the_rule():
+    params = resolve(SolverSettings(), 519.3, 0.5, 0.8995)
+    assert params["tv_weight"] == pytest.approx(5e-6 * 519.3 + 0.16 * math.sqrt(0.8995))
+    assert params["tv_weight_rule"].startswith("photon counts")
+    assert params["mean_diagonal_DhD"] == 0.8995
+    assert params["r1"] == pytest.approx(params["tv_weight"] / 0.05)
+    given = resolve(SolverSettings(tv_weight=0.1), 519.3, 0.5, 0.8995)
+    assert given["tv_weight"] == 0.1 and given["tv_weight_rule"] == "set explicitly (--tv-weight)"
+    assert resolve(SolverSettings(algorithm="apts"), 519.3, 0.5, 0.9)["tv_weight"] == 0
+
+
+def test_solve_applies_the_rule_to_its_data():
+    """``solve`` measures ``L`` and the mean diagonal of ``D^H D`` from the data and uses
+    the rule: on counts 100x brighter both grow 100x and the noise term 10x."""
+    params = {}
+    for eta in (0.5, 50.0):
+        sim = simulate(SimulationSettings(n=16, nz=16, n_angles=3, step=4, probe_size=8,
+                                          fwhm=3.0, eta=eta, seed=2))
+        problem = LocalProblem(
+            volume_shape=sim.volume.shape, theta_local=np.deg2rad(sim.angles_deg),
+            f_local=np.fft.ifftshift(sim.counts, axes=(-2, -1)),
+            positions_local=sim.positions_px, frame_offset_local=sim.frame_offset,
+            probe=sim.probe)
+        _, params[eta] = solve(problem, SolverSettings(iterations=1), SerialComm())
+    for p in params.values():
+        norm, diag = p["norm_DhD"], p["mean_diagonal_DhD"]
+        assert 0 < 10 * diag < norm
+        assert p["tv_weight"] == pytest.approx(5e-6 * norm + 0.16 * math.sqrt(diag), rel=1e-6)
+    low, high = params[0.5], params[50.0]
+    assert high["mean_diagonal_DhD"] == pytest.approx(100 * low["mean_diagonal_DhD"], rel=1e-4)
+    assert high["norm_DhD"] == pytest.approx(100 * low["norm_DhD"], rel=1e-3)
+    noise = [p["tv_weight"] - 5e-6 * p["norm_DhD"] for p in (low, high)]
+    assert noise[1] == pytest.approx(10 * noise[0], rel=1e-3)
