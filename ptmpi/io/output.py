@@ -69,7 +69,7 @@ def write_output(path, *, volume, probe, metrics: dict, parameters: dict, n_rank
                  input_file: str, input_checksum: str, command: str | None = None,
                  overwrite: bool = False, image_axes: str = "z:y:x",
                  root_attrs: dict | None = None, positions_px=None,
-                 frame_offset=None) -> None:
+                 frame_offset=None, shifts_px=None) -> None:
     """Write the SPEC 4 file: volume, probe, provenance and the metrics history.
 
     ``positions_px`` ``(N_FRAMES, 2)`` float64 and ``frame_offset`` ``(N_ANGLES + 1,)``:
@@ -77,6 +77,10 @@ def write_output(path, *, volume, probe, metrics: dict, parameters: dict, n_rank
     projections of the stored volume (SPEC 2), stored as ``/entry_1/image_1/positions_px``
     and ``/entry_1/image_1/frame_offset``; with the image (or volume) and the probe they
     give back the stored R-factor through the model.
+
+    ``shifts_px`` ``(N_ANGLES, 2)`` float64 (``--align``, SPEC 8): per angle the (row, col)
+    shift of the true positions of its frames relative to the recorded ones, stored as
+    ``/entry_1/ptmpi/shifts_px``.
 
     Written to a temporary name in the same folder and renamed, so an interrupted write
     never leaves a half file under ``path`` and never damages an existing one.
@@ -126,6 +130,11 @@ def write_output(path, *, volume, probe, metrics: dict, parameters: dict, n_rank
             for key, unit in (("wall_s", "s"), ("snr_db", "dB")):
                 if key in grp:
                     grp[key].attrs["units"] = unit
+            if shifts_px is not None:
+                shifts = entry["ptmpi"].create_dataset(
+                    "shifts_px", data=np.asarray(shifts_px, dtype=np.float64).reshape(-1, 2))
+                shifts.attrs["units"] = "pixel"
+                shifts.attrs["axes"] = "angle:row_col"
             f.flush()
         os.replace(tmp, path)
     finally:

@@ -54,6 +54,7 @@ from ptmpi.operators import kernels
 from ptmpi.operators.grad import Gradient
 from ptmpi.parallel.comm import Comm
 from ptmpi.parallel.data_term import DataTerm, probe_from_views  # noqa: F401
+from ptmpi.solvers.align import make_aligner
 from ptmpi.solvers.cg import conjugate_gradient
 from ptmpi.solvers.penalty import cycling, step_cosine
 from ptmpi.solvers.prox import (
@@ -138,6 +139,14 @@ class SolverSettings:
     """Default ``r1 / L`` when ``tv_weight`` is 0."""
     power_iterations: int = 10
     """Power iterations used to estimate ``L``."""
+    align: bool = False
+    """Refine a shift per angle inside the loop (:mod:`ptmpi.solvers.align`)."""
+    align_every: int = 5
+    """Iterations between shift updates."""
+    align_start: int = 5
+    """First iteration of a shift update."""
+    align_max: float | None = None
+    """Largest shift per axis in pixels (None: half the probe width)."""
 
     def __post_init__(self):
         if self.algorithm not in ALGORITHMS:
@@ -194,6 +203,9 @@ class ADMMState:
     omega: object
     step: object | None = None
     """``u_k - u_{k-1}`` of the last iteration (detects period-2 cycles across a resume)."""
+    shifts_local: object | None = None
+    """``(N_THETA_LOCAL, 2)`` float64 shifts of this rank's angles (``--align``; None
+    without alignment), :mod:`ptmpi.solvers.align`."""
     iteration: int = 0
     history: dict = dataclasses.field(default_factory=dict)
     params: dict = dataclasses.field(default_factory=dict)
@@ -320,6 +332,10 @@ def solve(problem: LocalProblem, settings: SolverSettings, comm: Comm,
             ("snr_db",) if truth is not None else ()):
         state.history.setdefault(key, [])
 
+    aligner = make_aligner(settings, problem, comm)
+    if aligner is not None:
+        aligner.attach(state, data.set_positions)
+
     # Sums over angles are formed in double precision and rounded once, after the
     # reduction inside DataTerm: the result then does not depend on how angles are split
     # over ranks, which matters because the nonconvex iteration amplifies rounding.
@@ -358,6 +374,19 @@ def solve(problem: LocalProblem, settings: SolverSettings, comm: Comm,
     if r2 != params["r2"]:
         update_preconditioner()
     for _ in range(state.iteration, settings.iterations):
+        if aligner is not None and aligner.due(state.iteration):
+            data.set_positions(aligner.update(state, data.model.projector.fwd(state.u),
+                                              data.model.ptycho, sqrt_f, valid,
+                                              state.iteration))
+            if aligner.restart:  # the volume of misaligned data is dropped (align.py)
+                state.u = xp.ones(problem.volume_shape, dtype=dtype)
+                state.z_local, state.step, prev_step = data.fwd(state.u), None, None
+                for name in ("lam2_local", "p", "lam1"):
+                    if getattr(state, name) is not None:
+                        getattr(state, name)[...] = 0
+                r2 = params["r2"]
+                turns.clear()
+            update_preconditioner()
         u_old = state.u
         z_old = state.z_local
         target = state.z_local + state.lam2_local

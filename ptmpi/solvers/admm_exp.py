@@ -99,6 +99,7 @@ from ptmpi.operators.transmission import (
 from ptmpi.parallel.comm import SerialComm
 from ptmpi.parallel.data_term import probe_from_views
 from ptmpi.solvers.admm import ADMMState, LocalProblem
+from ptmpi.solvers.align import make_aligner
 from ptmpi.solvers.cg import conjugate_gradient
 from ptmpi.solvers.prox import LIKELIHOODS, update_data_split, update_tv_split
 
@@ -169,6 +170,14 @@ class ExpSolverSettings:
     """Keep ``Re u >= 0`` and ``Im u >= 0`` after each Gauss-Newton step (X-ray phase
     shift and attenuation are non-negative); this also removes the near-symmetry of a
     per-angle phase offset, which the far-field intensities cannot see."""
+    align: bool = False
+    """Refine a shift per angle inside the loop (:mod:`ptmpi.solvers.align`)."""
+    align_every: int = 5
+    """Iterations between shift updates."""
+    align_start: int = 5
+    """First iteration of a shift update."""
+    align_max: float | None = None
+    """Largest shift per axis in pixels (None: half the probe width)."""
 
     def __post_init__(self):
         if self.algorithm not in ALGORITHMS:
@@ -403,6 +412,10 @@ def solve_exp(problem: LocalProblem, settings: ExpSolverSettings, comm: SerialCo
             ("snr_db",) if truth is not None else ()):
         state.history.setdefault(key, [])
 
+    aligner = make_aligner(settings, problem, comm, restart=False)
+    if aligner is not None:
+        aligner.attach(state, model.set_positions)
+        weight = model.illumination(xp)
     t = model.transmission(state.u)
     sqrt_f_sum = comm.allreduce_scalar(float(xp.sum(sqrt_f, dtype=xp.float64)))
 
@@ -435,6 +448,10 @@ def solve_exp(problem: LocalProblem, settings: ExpSolverSettings, comm: SerialCo
     frame_angle = to_device(model.ptycho.angle, xp)
     t_start = t_init - (state.history["wall_s"][-1] if state.history["wall_s"] else 0)
     for _ in range(state.iteration, settings.iterations):
+        if aligner is not None and aligner.due(state.iteration):
+            model.set_positions(aligner.update(state, t, model.ptycho, sqrt_f, valid,
+                                               state.iteration))
+            weight = model.illumination(xp)
         u_old = state.u
         target = state.z_local + state.lam2_local
         # Step 1: psi, pointwise (Q^H Q = W is diagonal); then the probe.
