@@ -68,7 +68,7 @@ class AlignSettings:
     """First iteration of an update (the volume has taken shape by then)."""
     max_px: float | None = None
     """Largest shift per axis, in pixels; None: half the probe width."""
-    gn_iterations: int = int(__import__("os").environ.get("PTMPI_ALIGN_GN", "3"))
+    gn_iterations: int = int(__import__("os").environ.get("PTMPI_ALIGN_GN", "8"))
     """Gauss-Newton steps per update."""
     step_px: float = 1.0
     """Largest Gauss-Newton step per axis, in pixels."""
@@ -199,19 +199,38 @@ def amplitude_objective(images_local, ptycho, d_local, sqrt_f_local, valid_local
 
 
 def gauss_newton_shifts(images_local, ptycho, sqrt_f_local, valid_local=None,
-                        iterations: int = 3, step_px: float = 1.0, damping: float = 1e-3):
+                        iterations: int = 3, step_px: float = 1.0, damping: float = 1e-3,
+                        search_px: float = 0.0):
     """Increments ``d`` ``(N_THETA_LOCAL, 2)`` that lower each angle's amplitude misfit
     (:func:`amplitude_objective`).
 
     Each step solves the 2 x 2 Gauss-Newton system (Levenberg-Marquardt ``damping``
     relative to its diagonal), caps the step at ``step_px`` per axis and keeps it only
-    where the misfit decreases, halving it up to 4 times otherwise. Returns ``d`` and the
+    where the misfit decreases, halving it up to 4 times otherwise. Half-way, the 8
+    neighbours of ``d`` at ``+-search_px`` are tried (0: never). Returns ``d`` and the
     final misfit per angle.
     """
     n_theta = images_local.shape[0]
     d = np.zeros((n_theta, 2))
     misfit = None
-    for _ in range(iterations):
+    for it in range(iterations):
+        if search_px > 0 and it == iterations // 2:
+            # The model's fractions wrap at whole pixels (the probe moves by the fraction),
+            # where the misfit jumps: a Gauss-Newton step can stall just before one. Try
+            # the 8 neighbours at +-search_px and keep the best before going on.
+            best = amplitude_objective(images_local, ptycho, d, sqrt_f_local, valid_local,
+                                       gradient=False)
+            start = d.copy()
+            for dr in (-search_px, 0.0, search_px):
+                for dc in (-search_px, 0.0, search_px):
+                    if dr == dc == 0:
+                        continue
+                    trial = start + np.array([dr, dc])
+                    value = amplitude_objective(images_local, ptycho, trial, sqrt_f_local,
+                                                valid_local, gradient=False)
+                    better = value < best
+                    d[better] = trial[better]
+                    best = np.where(better, value, best)
         misfit, grad, hessian = amplitude_objective(images_local, ptycho, d, sqrt_f_local,
                                                     valid_local)
         h = hessian + damping * np.einsum("aii->a", hessian)[:, None, None] / 2 * np.eye(2)
