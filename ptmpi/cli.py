@@ -575,9 +575,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="refine a (row, col) shift per angle inside the joint iterations "
                         "(sample drift); written to /entry_1/ptmpi/shifts_px")
     p.add_argument("--align-every", type=_POSITIVE_INT, metavar="N",
-                   help="--align: iterations between shift updates (default 5)")
+                   help="--align: iterations between shift updates (default 3)")
     p.add_argument("--align-start", type=_COUNT, metavar="K",
-                   help="--align: iteration of the first shift update (default 5)")
+                   help="--align: iteration of the first shift update (default 2)")
     p.add_argument("--align-max", type=_POSITIVE, metavar="PX",
                    help="--align: largest shift per axis; a shift reaching it stops there "
                         "with a warning (default: half the probe width)")

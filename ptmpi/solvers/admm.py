@@ -141,9 +141,9 @@ class SolverSettings:
     """Power iterations used to estimate ``L``."""
     align: bool = False
     """Refine a shift per angle inside the loop (:mod:`ptmpi.solvers.align`)."""
-    align_every: int = 5
+    align_every: int = 3
     """Iterations between shift updates."""
-    align_start: int = 5
+    align_start: int = 2
     """First iteration of a shift update."""
     align_max: float | None = None
     """Largest shift per axis in pixels (None: half the probe width)."""

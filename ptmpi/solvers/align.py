@@ -62,13 +62,13 @@ logger = logging.getLogger(__name__)
 class AlignSettings:
     """When and how the shifts are refined (see the module notes)."""
 
-    every: int = 5
+    every: int = 3
     """Iterations between shift updates."""
-    start: int = 5
-    """First iteration of an update (the volume has taken shape by then)."""
+    start: int = 2
+    """First iteration of an update."""
     max_px: float | None = None
     """Largest shift per axis, in pixels; None: half the probe width."""
-    gn_iterations: int = int(__import__("os").environ.get("PTMPI_ALIGN_GN", "8"))
+    gn_iterations: int = 8
     """Gauss-Newton steps per update."""
     step_px: float = 1.0
     """Largest Gauss-Newton step per axis, in pixels."""
