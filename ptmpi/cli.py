@@ -285,13 +285,15 @@ def _align_fields(args, algorithm: str) -> dict:
     fields = {"align": getattr(args, "align", None),
               "align_every": getattr(args, "align_every", None),
               "align_start": getattr(args, "align_start", None),
-              "align_max": getattr(args, "align_max", None)}
+              "align_max": getattr(args, "align_max", None),
+              "align_gauge": getattr(args, "align_gauge", None)}
     fields = {k: v for k, v in fields.items() if v is not None}
     if fields and algorithm not in ("apt", "apts"):
         raise ValueError(f"--align refines shifts inside the joint iterations: it needs "
                          f"--algorithm apt or apts, not {algorithm}")
     if fields and not fields.get("align"):
-        raise ValueError("--align-every, --align-start and --align-max need --align")
+        raise ValueError("--align-every, --align-start, --align-max and --align-gauge need "
+                         "--align")
     return fields
 
 
@@ -581,6 +583,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--align-max", type=_POSITIVE, metavar="PX",
                    help="--align: largest shift per axis; a shift reaching it stops there "
                         "with a warning (default: half the probe width)")
+    p.add_argument("--align-gauge", choices=["volume", "zero"],
+                   help="--align: the translations of the volume that the data cannot see "
+                        "(a common row shift, a column shift a cos + b sin) stay with the "
+                        "current volume (volume, default) or are removed from the shifts "
+                        "after every update (zero)")
     p.add_argument("--tomo-iterations", type=_COUNT,
                    help="two-step: CG iterations of the tomography (default 10)")
     p.add_argument("--damping", type=_POSITIVE,

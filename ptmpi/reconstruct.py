@@ -287,7 +287,7 @@ def reconstruct(input_path: str, output_path: str, settings, comm: Comm, *,
             input_file=str(input_path), input_checksum=checksum,
             command=command, overwrite=force, root_attrs={"ptmpi_demo": 1} if demo else None,
             image_axes="z:y:x" if algorithm != "ptycho2d" else "angle:y:x",
-            shifts_px=shifts,
+            shifts_px=shifts, angles_deg=data.angles_deg,
         )
         if figures:
             _figures(output_path, algorithm, image, to_host(omega), data, history,

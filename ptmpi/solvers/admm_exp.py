@@ -178,6 +178,9 @@ class ExpSolverSettings:
     """First iteration of a shift update."""
     align_max: float | None = None
     """Largest shift per axis in pixels (None: half the probe width)."""
+    align_gauge: str = "volume"
+    """Unobservable translations of the shifts: ``volume`` (held by the current volume)
+    or ``zero`` (removed after every update), :mod:`ptmpi.solvers.align`."""
 
     def __post_init__(self):
         if self.algorithm not in ALGORITHMS:

@@ -6,31 +6,44 @@ position; row along the rotation axis, column across it). The model then uses th
 positions ``p_j + s_t`` for the frames ``j`` of angle ``t``; sub-pixel positions are exact
 (:mod:`ptmpi.operators.ptycho`), so a shift is nothing but a change of positions.
 
-**Shift step.** Every ``every`` iterations (from iteration ``start``) each rank refines the
+**Shift step.** From iteration ``start``, every ``every`` iterations, each rank refines the
 shifts of its own angles from the current volume: with the reprojection ``v_t`` (``P_t u``
-in the linear model, ``exp(i P_t u)`` in the exp model) and the current far-field targets
-``y = z + lam2`` of the split, it minimises per angle, over an increment ``d_t``,
+in the linear model, ``exp(i P_t u)`` in the exp model) it minimises, per angle, over an
+increment ``d_t`` of the shift, the amplitude misfit
 
-    phi_t(d_t) = sum_{j in t} || F(omega_j * S_j T(v_t, -d_t)) - y_j ||^2
+    A_t(d_t) = sum_{j in t} || |F(omega_j * S_j v_t)| - sqrt(f_j) ||^2     (valid pixels)
 
-the term of the augmented Lagrangian that the positions enter, where ``T(v, d)`` moves the
-image by ``d`` pixels (a Fourier phase ramp over the image padded by its edge values), so
-that ``S_j T(v, -d)`` is the window at ``p_j + d``. The minimisation is Gauss-Newton: the
-derivative of ``T(v, -d)`` is the Fourier derivative of the moved image, so each step is
-one 2 x 2 system per angle (:func:`shift_objective` gives the value, the gradient and the
-Gauss-Newton matrix). Each step is capped at ``step_px`` pixels per axis and taken only
-where it lowers ``phi_t`` (halved up to 4 times otherwise), so a large drift is walked
-down in several capped steps over successive updates (the coarse start). Only the small
-``(A, 2)`` shift arrays are communicated (one ``allgather`` per update).
+with the frames at ``p_j + s_t + d_t`` formed exactly as the model forms them (integer
+window, probe moved by the fraction; :func:`moved_frames`). The derivative of a frame with
+respect to its shift is the Fourier derivative of the moved probe times the window, so a
+Gauss-Newton step is one 2 x 2 system per angle (:func:`amplitude_objective`). Each step
+is capped at ``step_px`` pixels per axis and taken only where it lowers ``A_t`` (halved up
+to 4 times otherwise); a drift of several pixels is walked down over the first updates.
+The measured amplitudes, not the split targets ``z + lam2``, are fitted: the targets
+follow the model and barely see its positions (tried first: the shifts hardly moved).
+Only the small ``(A, 2)`` shift arrays are communicated (``allgather``).
+
+**Restart.** The volume formed in the first iterations from misaligned data is poor and
+ADMM does not forget it (demo, drift 4: the shifts were right to 0.1 px but the SNR stayed
+near 6 dB). So once, at the first update after which no shift changed by more than
+``settle_px`` while the shifts have moved by more than ``restart_px`` RMS, the linear
+solver restarts from its initial state (``u = 1``, ``z = D u``, multipliers 0, ``r2``
+back to its start) with the shifts kept. Drift-free data never restart.
 
 **Unobservable translations.** A translation of the volume by ``(tz, ty, tx)`` moves the
-projection at angle ``theta`` by ``(tz, tx cos theta + ty sin theta)``: the data cannot
-tell it from shifts of that form. Convention: the shifts carry none of it, i.e. after
-every update the mean row shift is removed and the least-squares fit
-``a cos(theta) + b sin(theta)`` is removed from the column shifts
-(:func:`remove_unobservable`). The volume is then where the recorded positions put it on
-average; a dataset whose true drift has such a component is reconstructed translated by
-:func:`volume_translation` of the true shifts (``(tz, ty, tx) = (-mean row, -b, -a)``).
+projection at angle ``theta`` by ``(tz, tx cos theta + ty sin theta)``. With an empty
+border and every window inside the image the data cannot tell it from shifts of that form.
+Convention (``gauge``): ``volume`` (default), each angle is aligned to the current
+volume, which holds these translations where the first iterations, on the recorded
+positions, put them; where the data do see them (windows hanging over the image edge read
+zeros, and a linear-model volume fills its grid with its ``u = 1`` background) they are
+recovered absolutely. ``zero``: after every update the mean row shift and the
+least-squares fit ``a cos(theta) + b sin(theta)`` of the column shifts are removed
+(:func:`remove_unobservable`), and the volume takes them up; a volume that cannot move
+within its grid (the linear model's) then fits worse. The output stores the shifts with
+their unobservable part ``(mean row, a, b)`` as an attribute; compare shifts with
+:func:`remove_unobservable` applied to both, and volumes after undoing
+:func:`volume_translation`.
 
 **Far-field convention.** A window at a fractional corner is modelled with the probe moved
 by the fraction ``f_j``, which moves the exit wave by ``f_j`` as well: the model's far
@@ -446,6 +459,7 @@ def make_aligner(settings, problem, comm, restart: bool = True) -> Aligner | Non
         return None
     align = AlignSettings(every=settings.align_every, start=settings.align_start,
                           max_px=settings.align_max,
+                          remove_translations=settings.align_gauge == "zero",
                           restart_px=AlignSettings.restart_px if restart else 0.0)
     nz, _, n = problem.volume_shape
     return Aligner(align, problem.theta_local, problem.positions_local,
