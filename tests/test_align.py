@@ -172,6 +172,13 @@ def test_alignment_does_not_wander_on_drift_free_data():
     assert snr_db(state.u, data.volume) > snr_db(plain.u, data.volume) - 0.2
 
 
+def test_gauge_zero_removes_the_unobservable_translations(linear_drift):
+    state, _ = run_linear(linear_drift, True, iterations=12, align_gauge="zero")
+    theta = np.deg2rad(linear_drift.angles_deg)
+    assert np.max(np.abs(state.shifts_local)) > 0.3
+    assert np.max(np.abs(unobservable_part(state.shifts_local, theta))) < 1e-10
+
+
 def test_a_shift_past_the_limit_stops_with_a_warning(linear_drift, caplog):
     state, _ = run_linear(linear_drift, True, iterations=12, align_max=0.5)
     assert np.max(np.abs(state.shifts_local)) <= 0.5 + 1e-12
@@ -230,6 +237,7 @@ def test_reconstruct_writes_the_shifts(tmp_path):
     angle = np.repeat(np.arange(N_ANGLES), np.diff(data.frame_offset))
     assert np.allclose(positions, data.positions_px + shifts[angle])
     assert (tmp_path / "rec-shifts.png").stat().st_size > 0
+    assert main(["info", str(out)]) == 0
     # --align is for the joint solvers
     assert main(["reconstruct", str(path), "-o", str(tmp_path / "x.h5"), "--align",
                  "--algorithm", "two-step"]) != 0

@@ -213,18 +213,23 @@ def amplitude_objective(images_local, ptycho, d_local, sqrt_f_local, valid_local
 
 def gauss_newton_shifts(images_local, ptycho, sqrt_f_local, valid_local=None,
                         iterations: int = 3, step_px: float = 1.0, damping: float = 1e-3,
-                        search_px: float = 0.0):
+                        search_px: float = 0.0, bounds=None):
     """Increments ``d`` ``(N_THETA_LOCAL, 2)`` that lower each angle's amplitude misfit
     (:func:`amplitude_objective`).
 
     Each step solves the 2 x 2 Gauss-Newton system (Levenberg-Marquardt ``damping``
     relative to its diagonal), caps the step at ``step_px`` per axis and keeps it only
     where the misfit decreases, halving it up to 4 times otherwise. Half-way, the 8
-    neighbours of ``d`` at ``+-search_px`` are tried (0: never). Returns ``d`` and the
-    final misfit per angle.
+    neighbours of ``d`` at ``+-search_px`` are tried (0: never). ``bounds``: ``(lo, hi)``
+    arrays ``(N_THETA_LOCAL, 2)`` that every trial ``d`` is clipped to (windows must keep
+    a pixel in the image). Returns ``d`` and the final misfit per angle.
     """
     n_theta = images_local.shape[0]
     d = np.zeros((n_theta, 2))
+
+    def clip(trial):
+        return trial if bounds is None else np.clip(trial, bounds[0], bounds[1])
+
     misfit = None
     for it in range(iterations):
         if search_px > 0 and it == iterations // 2:
@@ -238,7 +243,7 @@ def gauss_newton_shifts(images_local, ptycho, sqrt_f_local, valid_local=None,
                 for dc in (-search_px, 0.0, search_px):
                     if dr == dc == 0:
                         continue
-                    trial = start + np.array([dr, dc])
+                    trial = clip(start + np.array([dr, dc]))
                     value = amplitude_objective(images_local, ptycho, trial, sqrt_f_local,
                                                 valid_local, gradient=False)
                     better = value < best
@@ -256,7 +261,7 @@ def gauss_newton_shifts(images_local, ptycho, sqrt_f_local, valid_local=None,
         for _halving in range(5):
             if not pending.any():
                 break
-            trial = d + np.where(pending[:, None], step, 0)
+            trial = clip(d + np.where(pending[:, None], step, 0))
             trial_misfit = amplitude_objective(images_local, ptycho, trial, sqrt_f_local,
                                                valid_local, gradient=False)
             better = pending & (trial_misfit < misfit)
@@ -400,7 +405,8 @@ class Aligner:
         s = self.settings
         old_shifts = np.asarray(state.shifts_local, dtype=np.float64).reshape(-1, 2)
         d, _ = gauss_newton_shifts(images_local, ptycho, sqrt_f_local, valid_local,
-                                   s.gn_iterations, s.step_px)
+                                   s.gn_iterations, s.step_px,
+                                   bounds=(self.lo - old_shifts, self.hi - old_shifts))
         # Gauge (all angles, identically on every rank), then the limits.
         total = self.gather(old_shifts + d)
         if s.remove_translations:
@@ -409,15 +415,16 @@ class Aligner:
         first = int(sum(counts[:self.comm.rank]))
         new = total[first:first + self.n_theta_local]
         clipped = np.clip(new, self.lo, self.hi)
-        for t in np.flatnonzero(np.any(clipped != new, axis=1)):
+        at_limit = (new <= self.lo + 1e-9) | (new >= self.hi - 1e-9)
+        for t in np.flatnonzero(np.any(at_limit, axis=1)):
             if int(t) not in self.warned:
                 self.warned.add(int(t))
                 logger.warning(
                     "rank %d: the shift of angle %d (%.1f deg) reached its limit at "
-                    "iteration %d: (%.2f, %.2f) px stopped at (%.2f, %.2f) px (--align-max "
-                    "%.3g px, or a window leaving the image)", self.comm.rank, first + t,
-                    math.degrees(self.theta_global[first + t]), iteration, *new[t],
-                    *clipped[t], self.max_px)
+                    "iteration %d and is stopped at (%.2f, %.2f) px (--align-max %.3g px, "
+                    "or a window leaving the image)", self.comm.rank, first + t,
+                    math.degrees(self.theta_global[first + t]), iteration, *clipped[t],
+                    self.max_px)
         step = np.abs(clipped - old_shifts)
         rms = math.sqrt(float(np.mean(self.gather(clipped - old_shifts) ** 2)))
         logger.info("iteration %d: shifts updated, RMS change %.3g px, largest %.3g px",
