@@ -55,6 +55,11 @@ LAYOUT_VERSION = 1
 #: Settings a resumed run may change: they decide when to stop, not what is computed.
 RESUMABLE_CHANGES = ("iterations", "tol")
 
+#: Settings added after checkpoints were first written, with the value that a checkpoint
+#: without them ran with (so that those checkpoints still resume).
+ADDED_SETTINGS = {"align": False, "align_every": 3, "align_start": 2, "align_max": None,
+                  "align_gauge": "volume"}
+
 
 class CheckpointWriteError(OSError):
     """A checkpoint could not be written; raised on every rank with the same message."""
@@ -263,8 +268,9 @@ def config_differences(header: CheckpointHeader, settings: dict, dtype) -> list[
     """
     keys = sorted((set(header.settings) | set(settings)) - set(RESUMABLE_CHANGES))
     missing = "(not set)"
-    diffs = [f"{key}: {header.settings.get(key, missing)} there, {settings.get(key, missing)} now"
-             for key in keys if header.settings.get(key, missing) != settings.get(key, missing)]
+    there = {**ADDED_SETTINGS, **header.settings}
+    diffs = [f"{key}: {there.get(key, missing)} there, {settings.get(key, missing)} now"
+             for key in keys if there.get(key, missing) != settings.get(key, missing)]
     if np.dtype(header.dtype) != np.dtype(dtype):
         diffs.append(f"dtype: {header.dtype} there, {np.dtype(dtype).name} now (--double)")
     return diffs
