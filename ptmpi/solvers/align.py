@@ -435,6 +435,8 @@ class Aligner:
         logger.info("iteration %d: shifts updated, RMS change %.3g px, largest %.3g px",
                     iteration, rms, float(self.comm.allreduce_scalar(
                         float(step.max(initial=0)), "max")))
+        logger.debug("iteration %d: shifts (row, col) of rank %d: %s", iteration,
+                     self.comm.rank, np.array2string(clipped, precision=3))
         moved = math.sqrt(float(np.mean(self.gather(clipped) ** 2)))
         largest = float(self.comm.allreduce_scalar(float(step.max(initial=0)), "max"))
         self.restart = bool(s.restart_px > 0 and not self.restarted
