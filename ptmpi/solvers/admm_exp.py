@@ -415,7 +415,7 @@ def solve_exp(problem: LocalProblem, settings: ExpSolverSettings, comm: SerialCo
             ("snr_db",) if truth is not None else ()):
         state.history.setdefault(key, [])
 
-    aligner = make_aligner(settings, problem, comm, restart=False)
+    aligner = make_aligner(settings, problem, comm)
     if aligner is not None:
         aligner.attach(state, model.set_positions)
         weight = model.illumination(xp)
@@ -452,8 +452,21 @@ def solve_exp(problem: LocalProblem, settings: ExpSolverSettings, comm: SerialCo
     t_start = t_init - (state.history["wall_s"][-1] if state.history["wall_s"] else 0)
     for _ in range(state.iteration, settings.iterations):
         if aligner is not None and aligner.due(state.iteration):
-            model.set_positions(aligner.update(state, t, model.ptycho, sqrt_f, valid,
-                                               state.iteration))
+            positions = aligner.update(state, t, model.ptycho, sqrt_f, valid, state.iteration)
+            model.set_positions(positions)
+            if aligner.restart:  # the volume of misaligned data is dropped (align.py)
+                state.u = xp.zeros(problem.volume_shape, dtype=dtype)
+                if settings.init_iterations > 0:
+                    aligned = dataclasses.replace(problem, positions_local=positions,
+                                                  probe=state.omega)
+                    state.u, state.omega = initial_volume(model, aligned, settings, comm, xp,
+                                                          dtype)
+                    model.set_probe(state.omega)
+                t = model.transmission(state.u)
+                state.psi_local, state.z_local = t.copy(), model.views(t)
+                for name in ("lam2_local", "mu_local", "p", "lam1"):
+                    if getattr(state, name) is not None:
+                        getattr(state, name)[...] = 0
             weight = model.illumination(xp)
         u_old = state.u
         target = state.z_local + state.lam2_local
