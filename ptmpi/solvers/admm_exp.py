@@ -415,7 +415,7 @@ def solve_exp(problem: LocalProblem, settings: ExpSolverSettings, comm: SerialCo
             ("snr_db",) if truth is not None else ()):
         state.history.setdefault(key, [])
 
-    aligner = make_aligner(settings, problem, comm)
+    aligner = make_aligner(settings, problem, comm, early_restarts=3)
     if aligner is not None:
         aligner.attach(state, model.set_positions)
         weight = model.illumination(xp)

@@ -26,9 +26,14 @@ Only the small ``(A, 2)`` shift arrays are communicated (``allgather``).
 **Restart.** The volume formed in the first iterations from misaligned data is poor and
 ADMM does not forget it (demo, drift 4: the shifts were right to 0.1 px but the SNR stayed
 near 6 dB). So once, at the first update after which no shift changed by more than
-``settle_px`` while the shifts have moved by more than ``restart_px`` RMS, the linear
-solver restarts from its initial state (``u = 1``, ``z = D u``, multipliers 0, ``r2``
-back to its start) with the shifts kept. Drift-free data never restart.
+``settle_px`` while the shifts have moved by more than ``restart_px`` RMS, the solver
+restarts from its initial state with the shifts kept: the linear one from ``u = 1``,
+``z = D u``, multipliers 0, ``r2`` back to its start; the exp one reruns its
+initialisation (per-angle ptychography and phase-gradient tomography) at the aligned
+positions. The exp solver also restarts at its first ``early_restarts`` (3) updates that
+moved the shifts by more than ``restart_px`` RMS: each gives the next update a fresh
+reference (demo exp, eta 100, drift 2: 6.6 dB without, 7.4 dB with; drift 4: 1.7 and
+5.7 dB). Drift-free data never restart.
 
 **Unobservable translations.** A translation of the volume by ``(tz, ty, tx)`` moves the
 projection at angle ``theta`` by ``(tz, tx cos theta + ty sin theta)``. With an empty
@@ -92,6 +97,11 @@ class AlignSettings:
     data is dropped, the shifts are kept. 0: never restart."""
     settle_px: float = 0.05
     """See ``restart_px``."""
+    early_restarts: int = 0
+    """Before that restart, also restart at up to this many updates that moved the shifts
+    by more than ``restart_px`` RMS since the last restart, settled or not (the exp
+    solver: its restart reruns the initialisation at the aligned positions, a fresh
+    reference for the next update)."""
     search_px: float = 0.0
     """After the restart, each update also tries the 8 neighbours of its Gauss-Newton
     point at this distance (pixels), against an angle caught in a local minimum (0:
@@ -383,6 +393,11 @@ class Aligner:
         self.warned: set[int] = set()
         self.restarted = False
 
+    def _first(self) -> int:
+        """Global index of this rank's first angle (collective)."""
+        counts = self.comm.allgather(self.n_theta_local)
+        return int(sum(counts[:self.comm.rank]))
+
     def zeros(self) -> np.ndarray:
         return np.zeros((self.n_theta_local, 2))
 
@@ -416,8 +431,7 @@ class Aligner:
         total = self.gather(old_shifts + d)
         if s.remove_translations:
             total = remove_unobservable(total, self.theta_global)
-        counts = self.comm.allgather(self.n_theta_local)
-        first = int(sum(counts[:self.comm.rank]))
+        first = self._first()
         new = total[first:first + self.n_theta_local]
         clipped = np.clip(new, self.lo, self.hi)
         at_limit = (new <= self.lo + 1e-9) | (new >= self.hi - 1e-9)
@@ -439,14 +453,23 @@ class Aligner:
                      self.comm.rank, np.array2string(clipped, precision=3))
         moved = math.sqrt(float(np.mean(self.gather(clipped) ** 2)))
         largest = float(self.comm.allreduce_scalar(float(step.max(initial=0)), "max"))
-        self.restart = bool(s.restart_px > 0 and not self.restarted
-                            and moved > s.restart_px and largest < s.settle_px)
+        since = math.sqrt(float(np.mean(self.gather(clipped - self.last_restart) ** 2)))
+        early = state.params.get("align_early_restarts", 0)
+        self.restart = bool(s.restart_px > 0 and not self.restarted and (
+            (moved > s.restart_px and largest < s.settle_px)
+            or (early < s.early_restarts and since > s.restart_px)))
         if self.restart:
-            self.restarted = True
-            state.params["align_restarted"] = True
-            logger.info("iteration %d: the shifts have settled (RMS %.3g px); the "
-                        "reconstruction restarts from its initial state with them",
-                        iteration, moved)
+            if largest < s.settle_px or early >= s.early_restarts:
+                self.restarted = True
+                state.params["align_restarted"] = True
+                why = "the shifts have settled"
+            else:
+                state.params["align_early_restarts"] = early + 1
+                why = f"the shifts moved by {since:.3g} px RMS (early restart {early + 1})"
+            self.last_restart = clipped.copy()
+            state.params["align_last_restart"] = self.gather(clipped).tolist()
+            logger.info("iteration %d: %s (RMS %.3g px); the reconstruction restarts from "
+                        "its initial state with them", iteration, why, moved)
         old_positions = self.positions(old_shifts)
         new_positions = self.positions(clipped)
         rephase_far_fields([state.z_local, state.lam2_local], old_positions, new_positions)
@@ -458,6 +481,10 @@ class Aligner:
         to the shifts it holds with ``set_positions(positions_local)``."""
         self.restarted = bool(state.params.get("align_restarted", False))
         self.restart = False
+        last = state.params.get("align_last_restart")
+        self.last_restart = (self.zeros() if last is None else
+                             np.asarray(last, dtype=np.float64)[self._first():self._first()
+                                                                + self.n_theta_local])
         if getattr(state, "shifts_local", None) is None:
             state.shifts_local = self.zeros()
             return
@@ -466,15 +493,18 @@ class Aligner:
             set_positions(self.positions(state.shifts_local))
 
 
-def make_aligner(settings, problem, comm, restart: bool = True) -> Aligner | None:
+def make_aligner(settings, problem, comm, restart: bool = True,
+                 early_restarts: int = 0) -> Aligner | None:
     """The :class:`Aligner` of a solve when ``settings.align`` is set (None otherwise);
-    ``restart``: whether the solver restarts once the shifts have settled."""
+    ``restart``: whether the solver restarts once the shifts have settled;
+    ``early_restarts``: see :class:`AlignSettings`."""
     if not getattr(settings, "align", False):
         return None
     align = AlignSettings(every=settings.align_every, start=settings.align_start,
                           max_px=settings.align_max,
                           remove_translations=settings.align_gauge == "zero",
-                          restart_px=AlignSettings.restart_px if restart else 0.0)
+                          restart_px=AlignSettings.restart_px if restart else 0.0,
+                          early_restarts=early_restarts)
     nz, _, n = problem.volume_shape
     return Aligner(align, problem.theta_local, problem.positions_local,
                    problem.frame_offset_local, (nz, n), int(problem.probe.shape[-1]), comm)
