@@ -14,7 +14,6 @@ from ptmpi.io.checkpoint import read_checkpoint, write_checkpoint
 from ptmpi.io.cxi import write_input
 from ptmpi.metrics import snr_db
 from ptmpi.operators.model import JointModel
-from ptmpi.operators.transmission import ExpModel
 from ptmpi.parallel import SerialComm
 from ptmpi.sim.presets import SimulationSettings
 from ptmpi.sim.simulate import simulate

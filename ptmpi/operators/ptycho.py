@@ -386,7 +386,7 @@ class Ptycho:
         total += fft2(spectrum, inverse=True)
         return total.real.copy() if real else total
 
-    def moved(self, positions) -> "Ptycho":
+    def moved(self, positions) -> Ptycho:
         """The same frames, probe and image at other ``positions`` (e.g. aligned ones)."""
         return Ptycho(self.probe, positions, self.frame_offset, self.image_shape)
 
