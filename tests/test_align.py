@@ -240,3 +240,22 @@ def test_reconstruct_writes_the_shifts(tmp_path):
     # --align is for the joint solvers
     assert main(["reconstruct", str(path), "-o", str(tmp_path / "x.h5"), "--align",
                  "--algorithm", "two-step"]) != 0
+
+
+def test_align_on_the_device_path_matches_numpy(linear_drift, monkeypatch):
+    """The shift step on the strict stand-in for CuPy (``tests/strict_xp.py``: arrays that
+    refuse implicit host conversion) gives the numpy run's shifts."""
+    import strict_xp
+
+    from ptmpi.backend import get_xp, to_host
+    from ptmpi.operators import kernels
+
+    monkeypatch.setattr(kernels, "ENABLED", False)  # the same array-module path on both
+    settings = SolverSettings(iterations=9, tol=0, align=True, align_start=2, align_every=3)
+    host, _ = solve(local_problem(linear_drift), settings, SerialComm(), dtype=np.complex128)
+    dev, _ = solve(local_problem(linear_drift), settings, SerialComm(), xp=strict_xp,
+                   dtype=np.complex128)
+    assert get_xp(dev.u) is strict_xp and get_xp(dev.z_local) is strict_xp
+    assert np.max(np.abs(host.shifts_local)) > 0.3
+    assert np.max(np.abs(dev.shifts_local - host.shifts_local)) < 1e-8
+    assert np.linalg.norm(to_host(dev.u) - host.u) < 1e-8 * np.linalg.norm(host.u)
