@@ -112,6 +112,33 @@ def test_gauss_newton_recovers_shifts_from_the_true_volume(linear_drift):
     assert np.sqrt(np.mean((shifts - data.shifts_px) ** 2)) < 0.02
 
 
+def test_rephased_far_fields_follow_the_moved_frames():
+    """Frames moved by d (the image left in place) equal, in the far field, the frames at
+    the old positions of the image moved by -d, times the ramp of the change of their
+    sub-pixel fractions (the probe-shift convention of the sub-pixel model)."""
+    from ptmpi.operators.fft import fft2
+    from ptmpi.operators.ptycho import Ptycho
+    from ptmpi.solvers.align import rephase_far_fields
+
+    m, nz, n = 16, 40, 40
+    y, x = np.mgrid[:m, :m]
+    probe = np.exp(-((y - 7.5) ** 2 + (x - 7.5) ** 2) / 8.0).astype(np.complex128)
+
+    def image(shift):  # a smooth blob with a phase ramp, seen from (row, col) + shift
+        rows, cols = np.mgrid[:nz, :n].astype(float)
+        rows, cols = rows + shift[0], cols + shift[1]
+        blob = np.exp(-((rows - 20) ** 2 + (cols - 18) ** 2) / 18.0 + 0.3j * cols)
+        return blob[None].astype(np.complex128)
+
+    p = np.array([[10.3, 9.6], [12.8, 14.1]])
+    d = np.array([0.45, 0.7])
+    moved = fft2(Ptycho(probe, p + d, [0, 2], (nz, n)).fwd(image([0, 0])))
+    old = fft2(Ptycho(probe, p, [0, 2], (nz, n)).fwd(image(d)))
+    assert np.linalg.norm(old - moved) > 0.1 * np.linalg.norm(moved)
+    rephase_far_fields([old], p, p + d)
+    assert np.linalg.norm(old - moved) < 1e-4 * np.linalg.norm(moved)
+
+
 # ---------------------------------------------------------- unobservable translations
 
 

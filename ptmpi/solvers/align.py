@@ -500,6 +500,8 @@ def make_aligner(settings, problem, comm, restart: bool = True,
     ``early_restarts``: see :class:`AlignSettings`."""
     if not getattr(settings, "align", False):
         return None
+    if settings.align_gauge not in ("volume", "zero"):
+        raise ValueError(f"align_gauge must be volume or zero, got {settings.align_gauge!r}")
     align = AlignSettings(every=settings.align_every, start=settings.align_start,
                           max_px=settings.align_max,
                           remove_translations=settings.align_gauge == "zero",
