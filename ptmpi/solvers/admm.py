@@ -387,7 +387,7 @@ def solve(problem: LocalProblem, settings: SolverSettings, comm: Comm,
                 for name in ("lam2_local", "p", "lam1"):
                     if getattr(state, name) is not None:
                         getattr(state, name)[...] = 0
-                r2 = params["r2"]
+                r2, best = params["r2"], None  # (APTs: the best iterate so far is gone)
                 turns.clear()
             update_preconditioner()
         u_old = state.u
