@@ -56,6 +56,38 @@ field is that of the ideal window times the phase ramp of ``f_j``. When position
 ``z`` and ``lam2`` are multiplied by the ramp of the change of fraction
 (:func:`rephase_far_fields`) so that they stay consistent with the model.
 
+**Known limit: whole-pixel barriers (measured, open).** The model's frame at a position
+that crosses a whole pixel jumps (the window moves by a pixel while the probe's shift by
+the fraction drops back; the probe's tails, wrapped over its ``M x M`` grid, move from
+one edge column to the other: 3 % of a frame's exit-wave norm for the demo's Gaussian
+probe). Data simulated through the same operators jump the same way. The shifts converge
+slowly towards the truth (the volume and the shifts are refined alternately and the
+volume follows each shift: steps shrinking by about 0.8 per update), and where the truth
+lies just beyond a whole pixel in the direction of approach, the shift stops before it
+and the volume adapts to the wrong side. Demo, eta 100, ``--drift 4`` (the preset seed):
+angle 22.5 deg creeps -1.90, -1.99, ..., -2.43 (restart), ..., -2.70 px against the true
+-3.11; along that angle's column shift, the misfit of the reconstructed volume is smooth
+with its minimum at -2.70, that of the true volume has its minimum at -3.11 and a jump
+(x 4.8) at -3.0. Result 15.6 dB against 17.8 dB drift-free; with ``--seed 7``, where no
+crossing is in the way, the same run recovers the shifts to 0.003 px and reaches 18.3 dB.
+Tried, not kept: (a) a misfit smooth in the shift (the image moved by Fourier
+interpolation, frames kept): the shift of the linear model's images, which carry the
+``u = 1`` background to their edge, rings with zero padding and is biased at the border
+with edge padding (0.4 px RMS, 1.6 / -0.8 dB); (b) windows kept within an update, the
+probe moved by ``fraction + d``: smooth, but the re-split after the update still jumps
+(0.12 px, 14.0 dB); (c) a heavy ball on the shift steps (0.8 of the previous step where
+it has the same sign): the stuck angle crossed, another overshot past its whole pixel and
+stuck there (16.1 dB; spiral drift 3: 14.3 instead of 10.6 dB), and drift-free data lost
+2 dB; kept to steps over 0.01 px, drift-free data are unharmed but drift 4 gives 13.4 dB,
+spiral 13.5 dB, seed 7 17.5 instead of 18.3 dB: which side an angle ends on is luck; (d)
+projection matching of the exp initialisation's per-angle images against the
+reprojections of their own tomogram: with 8 angles the phase-gradient tomogram reproduces
+every image at its own, misaligned, position (the cross-correlation peaks at 0.0
++- 0.05 px for every angle against drifts of 2-4 px). A fix has to remove the jump from
+the model itself (the window as the band-limited image moved by the fraction, SPEC 8's
+primary form, rather than the probe moved over its periodic grid), or let the volume
+re-form on both sides of a crossing before choosing.
+
 **Limit.** A shift is never larger than ``max_px`` (default half the probe width) per axis
 and never moves a window off the image; a shift that would grow past either is stopped
 there with a warning (once per angle), not an error.
