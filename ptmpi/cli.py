@@ -251,6 +251,7 @@ def settings_from_args(args, model: str = "linear"):
             "r2": args.r2, "cg_iterations": args.cg_iterations,
             "refine_probe": args.refine_probe, "epsilon": getattr(args, "epsilon", None),
             "adapt_penalties": {"on": True, "off": False}.get(getattr(args, "adapt_r2", None)),
+            **_align_fields(args, algorithm),
         }
         if algorithm == "two-step":  # the initialisation alone
             fields.update(iterations=1, init_iterations=args.iterations,
@@ -266,6 +267,7 @@ def settings_from_args(args, model: str = "linear"):
             "adapt_r2": {"on": True, "off": False}.get(getattr(args, "adapt_r2", None)),
             "start": getattr(args, "start", None),
             "start_iterations": getattr(args, "start_iterations", None),
+            **_align_fields(args, algorithm),
         }
         base = SolverSettings()
     else:
@@ -275,9 +277,27 @@ def settings_from_args(args, model: str = "linear"):
             "damping": args.damping, "epsilon": getattr(args, "epsilon", None),
             "adapt_r2": {"on": True, "off": False}.get(getattr(args, "adapt_r2", None)),
         }
+        _align_fields(args, algorithm)
         base = Ptycho2DSettings()
     return algorithm, dataclasses.replace(base, **{k: v for k, v in fields.items()
                                                    if v is not None})
+
+
+def _align_fields(args, algorithm: str) -> dict:
+    """The ``--align*`` flags as solver settings (apt and apts only)."""
+    fields = {"align": getattr(args, "align", None),
+              "align_every": getattr(args, "align_every", None),
+              "align_start": getattr(args, "align_start", None),
+              "align_max": getattr(args, "align_max", None),
+              "align_gauge": getattr(args, "align_gauge", None)}
+    fields = {k: v for k, v in fields.items() if v is not None}
+    if fields and algorithm not in ("apt", "apts"):
+        raise ValueError(f"--align refines shifts inside the joint iterations: it needs "
+                         f"--algorithm apt or apts, not {algorithm}")
+    if fields and not fields.get("align"):
+        raise ValueError("--align-every, --align-start, --align-max and --align-gauge need "
+                         "--align")
+    return fields
 
 
 def cmd_reconstruct(args, comm: Comm) -> int:
@@ -562,6 +582,21 @@ def build_parser() -> argparse.ArgumentParser:
                    help="--start coarse: iterations at half the size (default 100)")
     p.add_argument("--refine-probe", action="store_true", default=None,
                    help="update the probe every iteration")
+    p.add_argument("--align", action="store_true", default=None,
+                   help="refine a (row, col) shift per angle inside the joint iterations "
+                        "(sample drift); written to /entry_1/ptmpi/shifts_px")
+    p.add_argument("--align-every", type=_POSITIVE_INT, metavar="N",
+                   help="--align: iterations between shift updates (default 3)")
+    p.add_argument("--align-start", type=_COUNT, metavar="K",
+                   help="--align: iteration of the first shift update (default 2)")
+    p.add_argument("--align-max", type=_POSITIVE, metavar="PX",
+                   help="--align: largest shift per axis; a shift reaching it stops there "
+                        "with a warning (default: half the probe width)")
+    p.add_argument("--align-gauge", choices=["volume", "zero"],
+                   help="--align: the translations of the volume that the data cannot see "
+                        "(a common row shift, a column shift a cos + b sin) stay with the "
+                        "current volume (volume, default) or are removed from the shifts "
+                        "after every update (zero)")
     p.add_argument("--tomo-iterations", type=_COUNT,
                    help="two-step: CG iterations of the tomography (default 10)")
     p.add_argument("--damping", type=_POSITIVE,

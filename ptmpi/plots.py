@@ -126,3 +126,36 @@ def save_images(path: Path, images: np.ndarray, probe: np.ndarray, title: str = 
     fig.tight_layout()
     fig.savefig(path, dpi=80)
     plt.close(fig)
+
+
+def save_shifts(path: Path, angles_deg, shifts, truth=None) -> None:
+    """Per-angle shifts ``(A, 2)`` (row, col) in pixels against the angle (``--align``).
+
+    With ``truth`` (simulated drift) the true shifts are drawn beside them, with their
+    unobservable part (:func:`ptmpi.solvers.align.unobservable_part`) replaced by that of
+    ``shifts``, so that both follow the same convention.
+    """
+    from ptmpi.solvers.align import remove_unobservable
+
+    plt = _pyplot()
+    angles_deg = np.asarray(angles_deg, dtype=np.float64)
+    shifts = np.asarray(shifts, dtype=np.float64).reshape(-1, 2)
+    order = np.argsort(angles_deg)
+    fig, ax = plt.subplots(figsize=(5, 3))
+    for k, (label, colour) in enumerate((("row", "C0"), ("column", "C1"))):
+        ax.plot(angles_deg[order], shifts[order, k], "o-", color=colour, label=label)
+        if truth is not None:
+            theta = np.deg2rad(angles_deg)
+            ref = remove_unobservable(truth, theta) + shifts - remove_unobservable(shifts,
+                                                                                   theta)
+            ax.plot(angles_deg[order], ref[order, k], "x--", color=colour,
+                    label=f"{label}, truth")
+    ax.set_xlabel("angle (deg)")
+    ax.set_ylabel("shift (px)")
+    ax.set_title("per-angle shifts (true minus recorded position)", fontsize=9)
+    ax.set_xlim(angles_deg.min() - 5, angles_deg.max() + 25)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=80)
+    plt.close(fig)

@@ -134,6 +134,15 @@ def _has_truth(path) -> bool:
         return TRUTH_VOLUME in f
 
 
+def _truth_shifts(path):
+    """``ptmpi/truth/shifts_px`` of a simulated input with drift, else None."""
+    import h5py
+
+    with h5py.File(path, "r") as f:
+        name = "entry_1/ptmpi/truth/shifts_px"
+        return f[name][()] if name in f else None
+
+
 def _has_subpixel(path) -> bool:
     """True when some scan position is not a whole pixel (SPEC 8: a probe per frame)."""
     import h5py
@@ -231,6 +240,9 @@ def reconstruct(input_path: str, output_path: str, settings, comm: Comm, *,
                                                 checkpoint, resume, force)
     data, start, stop = _validate_and_read(input_path, output_path, algorithm, comm, force,
                                            dtype, figures=figures, split_ok=split_ok)
+    if getattr(settings, "align", False) and data.n_angles < 2:
+        raise RunError(f"--align: {input_path} has one angle; shifts of one angle are all "
+                       "translations of the volume, which the data cannot see")
     if not joint:
         checksum = input_checksum(input_path) if comm.is_root else ""
     xp = get_array_module(gpu)
@@ -260,7 +272,12 @@ def reconstruct(input_path: str, output_path: str, settings, comm: Comm, *,
     params = result["params"]
     summary = {k: (v[-1] if len(v) else math.nan) for k, v in history.items()}
     summary.update(result.get("final", {}))
-    positions = comm.gather(np.asarray(data.positions_local, dtype=np.float64))
+    positions = comm.gather(np.asarray(result.get("positions_local", data.positions_local),
+                                       dtype=np.float64))
+    shifts = None
+    if "shifts_local" in result:
+        shifts = comm.gather(result["shifts_local"])
+        shifts = np.concatenate(shifts) if comm.is_root else None
     if comm.is_root:
         write_output(
             output_path, volume=image, probe=to_host(omega), metrics=history,
@@ -270,10 +287,16 @@ def reconstruct(input_path: str, output_path: str, settings, comm: Comm, *,
             input_file=str(input_path), input_checksum=checksum,
             command=command, overwrite=force, root_attrs={"ptmpi_demo": 1} if demo else None,
             image_axes="z:y:x" if algorithm != "ptycho2d" else "angle:y:x",
+            shifts_px=shifts, angles_deg=data.angles_deg,
         )
         if figures:
             _figures(output_path, algorithm, image, to_host(omega), data, history,
                      len(history["iteration"]), exp=exp)
+            if shifts is not None:
+                from ptmpi.plots import save_shifts
+
+                save_shifts(shifts_figure_path(output_path), data.angles_deg, shifts,
+                            _truth_shifts(input_path))
         snr = summary.get("snr_db", math.nan)
         extra = f", SNR {snr:.2f} dB" if math.isfinite(snr) else ""
         logger.info("wrote %s after %d iterations (%.1f s): R-factor %.4g%s", output_path,
@@ -395,8 +418,15 @@ def _run_joint(data, start, stop, settings, comm, xp, dtype, progress, state=Non
     except CheckpointWriteError as exc:  # raised alike on every rank
         raise RunError(str(exc)) from exc
     image = to_host(state.u) if comm.is_root else None
-    return {"history": state.history, "image": image, "omega": state.omega,
-            "params": {**settings.to_dict(), **params, **start_info}}
+    result = {"history": state.history, "image": image, "omega": state.omega,
+              "params": {**settings.to_dict(), **params, **start_info}}
+    if getattr(state, "shifts_local", None) is not None:
+        # --align: the shifts of this rank's angles and the positions the model used
+        shifts = np.asarray(state.shifts_local, dtype=np.float64).reshape(-1, 2)
+        angle = np.repeat(np.arange(shifts.shape[0]), np.diff(data.frame_offset_local))
+        result["shifts_local"] = shifts
+        result["positions_local"] = np.asarray(data.positions_local, np.float64) + shifts[angle]
+    return result
 
 
 def _run_ptycho(data, start, stop, algorithm, settings, comm, xp, dtype, progress) -> dict:
@@ -458,6 +488,11 @@ def figure_paths(output_path, algorithm: str) -> tuple[Path, Path]:
     stem = Path(output_path).with_suffix("")
     first = "images" if algorithm == "ptycho2d" else "slices"
     return Path(f"{stem}-{first}.png"), Path(f"{stem}-convergence.png")
+
+
+def shifts_figure_path(output_path) -> Path:
+    """The PNG of the shifts against the angle (``--align``) beside ``output_path``."""
+    return Path(f"{Path(output_path).with_suffix('')}-shifts.png")
 
 
 def _figures(output_path, algorithm, image, omega, data, history, n_iter,

@@ -18,6 +18,7 @@ Layout (one HDF5 file; frames in the input file's global, angle-major order)::
     z, lam2            (N_FRAMES, M, M) dtype    far-field split variable, multiplier
     psi, mu            (N_ANGLES, nz, n) dtype   exp model only: transmission split
                                                  variable and its multiplier, per angle
+    shifts             (N_ANGLES, 2) float64     --align only: per-angle shifts (row, col)
     metrics/<column>   (iteration,) history so far: iteration int64, others float64
 
 Writing (:func:`write_checkpoint`, collective): rank 0 creates ``.<name>.tmp`` in the
@@ -54,6 +55,11 @@ LAYOUT_VERSION = 1
 #: Settings a resumed run may change: they decide when to stop, not what is computed, or
 #: only how a run from iteration 0 starts (a resume starts from the checkpoint).
 RESUMABLE_CHANGES = ("iterations", "tol", "start", "start_iterations", "start_levels")
+
+#: Settings added after checkpoints were first written, with the value that a checkpoint
+#: without them ran with (so that those checkpoints still resume).
+ADDED_SETTINGS = {"align": False, "align_every": 3, "align_start": 2, "align_max": None,
+                  "align_gauge": "volume"}
 
 
 class CheckpointWriteError(OSError):
@@ -186,6 +192,8 @@ def _create(tmp: Path, state: ADMMState, n_ranks: int, settings: dict, dtype, ch
                 f.create_dataset(name, data=to_host(value).astype(dtype, copy=False))
         for name in ("z", "lam2"):
             f.create_dataset(name, shape=(n_frames, m, m), dtype=dtype)
+        if getattr(state, "shifts_local", None) is not None:
+            f.create_dataset("shifts", shape=(n_angles, 2), dtype=np.float64)
         if getattr(state, "psi_local", None) is not None:
             nz, _, n = state.u.shape
             for name in ("psi", "mu"):
@@ -201,6 +209,10 @@ def _write_frames(tmp: Path, state: ADMMState, frame_start: int, angle_start: in
     n_local = state.z_local.shape[0]
     psi = getattr(state, "psi_local", None)
     n_angles_local = 0 if psi is None else psi.shape[0]
+    shifts = getattr(state, "shifts_local", None)
+    if shifts is not None and len(shifts):
+        with h5py.File(tmp, "r+") as f:
+            f["shifts"][angle_start:angle_start + len(shifts)] = np.asarray(shifts, np.float64)
     if n_local == 0 and n_angles_local == 0:
         return
     with h5py.File(tmp, "r+") as f:
@@ -257,8 +269,9 @@ def config_differences(header: CheckpointHeader, settings: dict, dtype) -> list[
     """
     keys = sorted((set(header.settings) | set(settings)) - set(RESUMABLE_CHANGES))
     missing = "(not set)"
-    diffs = [f"{key}: {header.settings.get(key, missing)} there, {settings.get(key, missing)} now"
-             for key in keys if header.settings.get(key, missing) != settings.get(key, missing)]
+    there = {**ADDED_SETTINGS, **header.settings}
+    diffs = [f"{key}: {there.get(key, missing)} there, {settings.get(key, missing)} now"
+             for key in keys if there.get(key, missing) != settings.get(key, missing)]
     if np.dtype(header.dtype) != np.dtype(dtype):
         diffs.append(f"dtype: {header.dtype} there, {np.dtype(dtype).name} now (--double)")
     return diffs
@@ -294,6 +307,7 @@ def read_checkpoint(path: str | os.PathLike, frame_start: int, frame_stop: int,
             p=get("p"), lam1=get("lam1"), omega=get("omega"), step=get("step"),
             iteration=int(f.attrs["iteration"]), history=history,
             params=json.loads(f.attrs["params"]),
+            shifts_local=f["shifts"][angle_start:angle_stop] if "shifts" in f else None,
         )
         if "psi" in f:
             from ptmpi.solvers.admm_exp import ExpADMMState

@@ -69,7 +69,7 @@ def write_output(path, *, volume, probe, metrics: dict, parameters: dict, n_rank
                  input_file: str, input_checksum: str, command: str | None = None,
                  overwrite: bool = False, image_axes: str = "z:y:x",
                  root_attrs: dict | None = None, positions_px=None,
-                 frame_offset=None) -> None:
+                 frame_offset=None, shifts_px=None, angles_deg=None) -> None:
     """Write the SPEC 4 file: volume, probe, provenance and the metrics history.
 
     ``positions_px`` ``(N_FRAMES, 2)`` float64 and ``frame_offset`` ``(N_ANGLES + 1,)``:
@@ -77,6 +77,12 @@ def write_output(path, *, volume, probe, metrics: dict, parameters: dict, n_rank
     projections of the stored volume (SPEC 2), stored as ``/entry_1/image_1/positions_px``
     and ``/entry_1/image_1/frame_offset``; with the image (or volume) and the probe they
     give back the stored R-factor through the model.
+
+    ``shifts_px`` ``(N_ANGLES, 2)`` float64 (``--align``, SPEC 8): per angle the (row, col)
+    shift of the true positions of its frames relative to the recorded ones, stored as
+    ``/entry_1/ptmpi/shifts_px``; with ``angles_deg`` its attribute
+    ``unobservable_row_a_b`` holds the part of them that a translation of the volume
+    makes (:func:`ptmpi.solvers.align.unobservable_part`).
 
     Written to a temporary name in the same folder and renamed, so an interrupted write
     never leaves a half file under ``path`` and never damages an existing one.
@@ -126,6 +132,17 @@ def write_output(path, *, volume, probe, metrics: dict, parameters: dict, n_rank
             for key, unit in (("wall_s", "s"), ("snr_db", "dB")):
                 if key in grp:
                     grp[key].attrs["units"] = unit
+            if shifts_px is not None:
+                shifts = entry["ptmpi"].create_dataset(
+                    "shifts_px", data=np.asarray(shifts_px, dtype=np.float64).reshape(-1, 2))
+                shifts.attrs["units"] = "pixel"
+                shifts.attrs["axes"] = "angle:row_col"
+                if angles_deg is not None:
+                    # the part no data can see: mean row, and a, b of col ~ a cos + b sin
+                    from ptmpi.solvers.align import unobservable_part
+
+                    shifts.attrs["unobservable_row_a_b"] = unobservable_part(
+                        shifts[()], np.deg2rad(np.asarray(angles_deg, dtype=np.float64)))
             f.flush()
         os.replace(tmp, path)
     finally:

@@ -47,6 +47,10 @@ class JointModel:
         """Replace the probe (e.g. after a probe update); the windows stay."""
         self.ptycho.probe = probe
 
+    def set_positions(self, positions) -> None:
+        """Move the frames to ``positions`` (e.g. aligned ones); the probe stays."""
+        self.ptycho = self.ptycho.moved(positions)
+
     def fwd(self, u):
         """``D u``: ``(nz, n, n) -> (N_FRAMES, M, M)``."""
         return self.farfield.fwd(self.ptycho.fwd(self.projector.fwd(u)))

@@ -386,5 +386,9 @@ class Ptycho:
         total += fft2(spectrum, inverse=True)
         return total.real.copy() if real else total
 
+    def moved(self, positions) -> Ptycho:
+        """The same frames, probe and image at other ``positions`` (e.g. aligned ones)."""
+        return Ptycho(self.probe, positions, self.frame_offset, self.image_shape)
+
 
 _SHIFT_CHUNK = 256  # frames shifted per FFT batch (bounds the complex128 temporaries)

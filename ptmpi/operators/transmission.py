@@ -71,6 +71,10 @@ class ExpModel:
     def set_probe(self, probe) -> None:
         self.ptycho.probe = probe
 
+    def set_positions(self, positions) -> None:
+        """Move the frames to ``positions`` (e.g. aligned ones); the probe stays."""
+        self.ptycho = self.ptycho.moved(positions)
+
     def illumination(self, xp=np):
         """``W_t = sum_j S_j^H |omega|^2`` per local angle: ``(N_THETA, nz, n)`` real;
         ``Q^H Q = W`` (``F`` unitary), a diagonal operator on transmission images."""

@@ -65,6 +65,11 @@ class DataTerm:
         self.model.set_probe(probe)
         self.weight = self.model.illumination(self.xp)
 
+    def set_positions(self, positions_local) -> None:
+        """Move this rank's frames to ``positions_local`` (alignment); ``W`` follows."""
+        self.model.set_positions(positions_local)
+        self.weight = self.model.illumination(self.xp)
+
     # -- maps --------------------------------------------------------------------------
     def fwd(self, u):
         """``z_local = D_r u``: this rank's far fields ``(N_FRAMES_LOCAL, M, M)``."""

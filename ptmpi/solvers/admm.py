@@ -54,6 +54,7 @@ from ptmpi.operators import kernels
 from ptmpi.operators.grad import Gradient
 from ptmpi.parallel.comm import Comm
 from ptmpi.parallel.data_term import DataTerm, probe_from_views  # noqa: F401
+from ptmpi.solvers.align import make_aligner
 from ptmpi.solvers.cg import conjugate_gradient
 from ptmpi.solvers.penalty import cycling, step_cosine
 from ptmpi.solvers.prox import (
@@ -147,6 +148,17 @@ class SolverSettings:
     """``start = coarse``: iterations (at most) of each coarse level."""
     start_levels: int = 1
     """``start = coarse``: number of coarse levels (each halves the volume)."""
+    align: bool = False
+    """Refine a shift per angle inside the loop (:mod:`ptmpi.solvers.align`)."""
+    align_every: int = 3
+    """Iterations between shift updates."""
+    align_start: int = 2
+    """First iteration of a shift update."""
+    align_max: float | None = None
+    """Largest shift per axis in pixels (None: half the probe width)."""
+    align_gauge: str = "volume"
+    """Unobservable translations of the shifts: ``volume`` (held by the current volume)
+    or ``zero`` (removed after every update), :mod:`ptmpi.solvers.align`."""
 
     def __post_init__(self):
         if self.algorithm not in ALGORITHMS:
@@ -207,6 +219,9 @@ class ADMMState:
     omega: object
     step: object | None = None
     """``u_k - u_{k-1}`` of the last iteration (detects period-2 cycles across a resume)."""
+    shifts_local: object | None = None
+    """``(N_THETA_LOCAL, 2)`` float64 shifts of this rank's angles (``--align``; None
+    without alignment), :mod:`ptmpi.solvers.align`."""
     iteration: int = 0
     history: dict = dataclasses.field(default_factory=dict)
     params: dict = dataclasses.field(default_factory=dict)
@@ -343,6 +358,10 @@ def solve(problem: LocalProblem, settings: SolverSettings, comm: Comm,
             ("snr_db",) if truth is not None else ()):
         state.history.setdefault(key, [])
 
+    aligner = make_aligner(settings, problem, comm)
+    if aligner is not None:
+        aligner.attach(state, data.set_positions)
+
     # Sums over angles are formed in double precision and rounded once, after the
     # reduction inside DataTerm: the result then does not depend on how angles are split
     # over ranks, which matters because the nonconvex iteration amplifies rounding.
@@ -381,6 +400,19 @@ def solve(problem: LocalProblem, settings: SolverSettings, comm: Comm,
     if r2 != params["r2"]:
         update_preconditioner()
     for _ in range(state.iteration, settings.iterations):
+        if aligner is not None and aligner.due(state.iteration):
+            data.set_positions(aligner.update(state, data.model.projector.fwd(state.u),
+                                              data.model.ptycho, sqrt_f, valid,
+                                              state.iteration))
+            if aligner.restart:  # the volume of misaligned data is dropped (align.py)
+                state.u = xp.ones(problem.volume_shape, dtype=dtype)
+                state.z_local, state.step, prev_step = data.fwd(state.u), None, None
+                for name in ("lam2_local", "p", "lam1"):
+                    if getattr(state, name) is not None:
+                        getattr(state, name)[...] = 0
+                r2, best = params["r2"], None  # (APTs: the best iterate so far is gone)
+                turns.clear()
+            update_preconditioner()
         u_old = state.u
         z_old = state.z_local
         target = state.z_local + state.lam2_local

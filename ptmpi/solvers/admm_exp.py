@@ -122,6 +122,7 @@ from ptmpi.operators.transmission import (
 from ptmpi.parallel.comm import SerialComm
 from ptmpi.parallel.data_term import probe_from_views
 from ptmpi.solvers.admm import ADMMState, LocalProblem
+from ptmpi.solvers.align import make_aligner
 from ptmpi.solvers.cg import conjugate_gradient
 from ptmpi.solvers.penalty import cycling, step_cosine
 from ptmpi.solvers.prox import LIKELIHOODS, update_data_split, update_tv_split
@@ -222,6 +223,17 @@ class ExpSolverSettings:
     """Keep ``Re u >= 0`` and ``Im u >= 0`` after each Gauss-Newton step (X-ray phase
     shift and attenuation are non-negative); this also removes the near-symmetry of a
     per-angle phase offset, which the far-field intensities cannot see."""
+    align: bool = False
+    """Refine a shift per angle inside the loop (:mod:`ptmpi.solvers.align`)."""
+    align_every: int = 3
+    """Iterations between shift updates."""
+    align_start: int = 2
+    """First iteration of a shift update."""
+    align_max: float | None = None
+    """Largest shift per axis in pixels (None: half the probe width)."""
+    align_gauge: str = "volume"
+    """Unobservable translations of the shifts: ``volume`` (held by the current volume)
+    or ``zero`` (removed after every update), :mod:`ptmpi.solvers.align`."""
 
     def __post_init__(self):
         if self.algorithm not in ALGORITHMS:
@@ -459,6 +471,10 @@ def solve_exp(problem: LocalProblem, settings: ExpSolverSettings, comm: SerialCo
             ("snr_db",) if truth is not None else ()):
         state.history.setdefault(key, [])
 
+    aligner = make_aligner(settings, problem, comm, early_restarts=3)
+    if aligner is not None:
+        aligner.attach(state, model.set_positions)
+        weight = model.illumination(xp)
     t = model.transmission(state.u)
     sqrt_f_sum = comm.allreduce_scalar(float(xp.sum(sqrt_f, dtype=xp.float64)))
 
@@ -498,6 +514,23 @@ def solve_exp(problem: LocalProblem, settings: ExpSolverSettings, comm: SerialCo
     prev_step = state.step
     prev_du = float(xp.linalg.norm(prev_step)) if prev_step is not None else 0.0
     for _ in range(state.iteration, settings.iterations):
+        if aligner is not None and aligner.due(state.iteration):
+            positions = aligner.update(state, t, model.ptycho, sqrt_f, valid, state.iteration)
+            model.set_positions(positions)
+            if aligner.restart:  # the volume of misaligned data is dropped (align.py)
+                state.u = xp.zeros(problem.volume_shape, dtype=dtype)
+                if settings.init_iterations > 0:
+                    aligned = dataclasses.replace(problem, positions_local=positions,
+                                                  probe=state.omega)
+                    state.u, state.omega = initial_volume(model, aligned, settings, comm, xp,
+                                                          dtype)
+                    model.set_probe(state.omega)
+                t = model.transmission(state.u)
+                state.psi_local, state.z_local = t.copy(), model.views(t)
+                for name in ("lam2_local", "mu_local", "p", "lam1"):
+                    if getattr(state, name) is not None:
+                        getattr(state, name)[...] = 0
+            weight = model.illumination(xp)
         u_old = state.u
         target = state.z_local + state.lam2_local
         # Step 1: psi, pointwise (Q^H Q = W is diagonal); then the probe.

@@ -1,0 +1,544 @@
+"""Per-angle projection shifts refined inside the joint iterations (``--align``).
+
+A sample that drifts between angles puts all frames of angle ``t`` at the recorded
+positions plus one shift ``s_t = (row, col)`` in pixels (SPEC 8: true minus recorded
+position; row along the rotation axis, column across it). The model then uses the
+positions ``p_j + s_t`` for the frames ``j`` of angle ``t``; sub-pixel positions are exact
+(:mod:`ptmpi.operators.ptycho`), so a shift is nothing but a change of positions.
+
+**Shift step.** From iteration ``start``, every ``every`` iterations, each rank refines the
+shifts of its own angles from the current volume: with the reprojection ``v_t`` (``P_t u``
+in the linear model, ``exp(i P_t u)`` in the exp model) it minimises, per angle, over an
+increment ``d_t`` of the shift, the amplitude misfit
+
+    A_t(d_t) = sum_{j in t} || |F(omega_j * S_j v_t)| - sqrt(f_j) ||^2     (valid pixels)
+
+with the frames at ``p_j + s_t + d_t`` formed exactly as the model forms them (integer
+window, probe moved by the fraction; :func:`moved_frames`). The derivative of a frame with
+respect to its shift is the Fourier derivative of the moved probe times the window, so a
+Gauss-Newton step is one 2 x 2 system per angle (:func:`amplitude_objective`). Each step
+is capped at ``step_px`` pixels per axis and taken only where it lowers ``A_t`` (halved up
+to 4 times otherwise); a drift of several pixels is walked down over the first updates.
+The measured amplitudes, not the split targets ``z + lam2``, are fitted: the targets
+follow the model and barely see its positions (tried first: the shifts hardly moved).
+Only the small ``(A, 2)`` shift arrays are communicated (``allgather``).
+
+**Restart.** The volume formed in the first iterations from misaligned data is poor and
+ADMM does not forget it (demo, drift 4: the shifts were right to 0.1 px but the SNR stayed
+near 6 dB). So once, at the first update after which no shift changed by more than
+``settle_px`` while the shifts have moved by more than ``restart_px`` RMS, the solver
+restarts from its initial state with the shifts kept: the linear one from ``u = 1``,
+``z = D u``, multipliers 0, ``r2`` back to its start; the exp one reruns its
+initialisation (per-angle ptychography and phase-gradient tomography) at the aligned
+positions. The exp solver also restarts at its first ``early_restarts`` (3) updates that
+moved the shifts by more than ``restart_px`` RMS: each gives the next update a fresh
+reference (demo exp, eta 100, drift 2: 6.6 dB without, 7.4 dB with; drift 4: 1.7 and
+5.7 dB). Drift-free data never restart.
+
+**Unobservable translations.** A translation of the volume by ``(tz, ty, tx)`` moves the
+projection at angle ``theta`` by ``(tz, tx cos theta + ty sin theta)``. With an empty
+border and every window inside the image the data cannot tell it from shifts of that form.
+Convention (``gauge``): ``volume`` (default), each angle is aligned to the current
+volume, which holds these translations where the first iterations, on the recorded
+positions, put them; where the data do see them (windows hanging over the image edge read
+zeros, and a linear-model volume fills its grid with its ``u = 1`` background) they are
+recovered absolutely. ``zero``: after every update the mean row shift and the
+least-squares fit ``a cos(theta) + b sin(theta)`` of the column shifts are removed
+(:func:`remove_unobservable`), and the volume takes them up; a volume that cannot move
+within its grid (the linear model's) then fits worse. The output stores the shifts with
+their unobservable part ``(mean row, a, b)`` as an attribute; compare shifts with
+:func:`remove_unobservable` applied to both, and volumes after undoing
+:func:`volume_translation`.
+
+**Far-field convention.** A window at a fractional corner is modelled with the probe moved
+by the fraction ``f_j``, which moves the exit wave by ``f_j`` as well: the model's far
+field is that of the ideal window times the phase ramp of ``f_j``. When positions change,
+``z`` and ``lam2`` are multiplied by the ramp of the change of fraction
+(:func:`rephase_far_fields`) so that they stay consistent with the model.
+
+**Known limit: whole-pixel barriers (measured, open).** The model's frame at a position
+that crosses a whole pixel jumps (the window moves by a pixel while the probe's shift by
+the fraction drops back; the probe's tails, wrapped over its ``M x M`` grid, move from
+one edge column to the other: 3 % of a frame's exit-wave norm for the demo's Gaussian
+probe). Data simulated through the same operators jump the same way. The shifts converge
+slowly towards the truth (the volume and the shifts are refined alternately and the
+volume follows each shift: steps shrinking by about 0.8 per update), and where the truth
+lies just beyond a whole pixel in the direction of approach, the shift stops before it
+and the volume adapts to the wrong side. Demo, eta 100, ``--drift 4`` (the preset seed):
+angle 22.5 deg creeps -1.90, -1.99, ..., -2.43 (restart), ..., -2.70 px against the true
+-3.11; along that angle's column shift, the misfit of the reconstructed volume is smooth
+with its minimum at -2.70, that of the true volume has its minimum at -3.11 and a jump
+(x 4.8) at -3.0. Result 15.6 dB against 17.8 dB drift-free; with ``--seed 7``, where no
+crossing is in the way, the same run recovers the shifts to 0.003 px and reaches 18.3 dB.
+Tried, not kept: (a) a misfit smooth in the shift (the image moved by Fourier
+interpolation, frames kept): the shift of the linear model's images, which carry the
+``u = 1`` background to their edge, rings with zero padding and is biased at the border
+with edge padding (0.4 px RMS, 1.6 / -0.8 dB); (b) windows kept within an update, the
+probe moved by ``fraction + d``: smooth, but the re-split after the update still jumps
+(0.12 px, 14.0 dB); (c) a heavy ball on the shift steps (0.8 of the previous step where
+it has the same sign): the stuck angle crossed, another overshot past its whole pixel and
+stuck there (16.1 dB; spiral drift 3: 14.3 instead of 10.6 dB), and drift-free data lost
+2 dB; kept to steps over 0.01 px, drift-free data are unharmed but drift 4 gives 13.4 dB,
+spiral 13.5 dB, seed 7 17.5 instead of 18.3 dB: which side an angle ends on is luck; (d)
+projection matching of the exp initialisation's per-angle images against the
+reprojections of their own tomogram: with 8 angles the phase-gradient tomogram reproduces
+every image at its own, misaligned, position (the cross-correlation peaks at 0.0
++- 0.05 px for every angle against drifts of 2-4 px). A fix has to remove the jump from
+the model itself (the window as the band-limited image moved by the fraction, SPEC 8's
+primary form, rather than the probe moved over its periodic grid), or let the volume
+re-form on both sides of a crossing before choosing.
+
+**Limit.** A shift is never larger than ``max_px`` (default half the probe width) per axis
+and never moves a window off the image; a shift that would grow past either is stopped
+there with a warning (once per angle), not an error.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import math
+
+import numpy as np
+
+from ptmpi.backend import get_xp, to_device, to_host
+from ptmpi.operators.fft import fft2
+from ptmpi.operators.ptycho import _ramps, split_positions
+
+logger = logging.getLogger(__name__)
+
+
+@dataclasses.dataclass(frozen=True)
+class AlignSettings:
+    """When and how the shifts are refined (see the module notes)."""
+
+    every: int = 3
+    """Iterations between shift updates."""
+    start: int = 2
+    """First iteration of an update."""
+    max_px: float | None = None
+    """Largest shift per axis, in pixels; None: half the probe width."""
+    gn_iterations: int = 8
+    """Gauss-Newton steps per update."""
+    step_px: float = 1.0
+    """Largest Gauss-Newton step per axis, in pixels."""
+    restart_px: float = 0.5
+    """Restart the reconstruction once, from the solver's initial state, at the first
+    update that changes no shift by more than ``settle_px`` after the shifts have moved
+    by more than this (RMS over the angles, pixels): the volume formed from misaligned
+    data is dropped, the shifts are kept. 0: never restart."""
+    settle_px: float = 0.05
+    """See ``restart_px``."""
+    early_restarts: int = 0
+    """Before that restart, also restart at up to this many updates that moved the shifts
+    by more than ``restart_px`` RMS since the last restart, settled or not (the exp
+    solver: its restart reruns the initialisation at the aligned positions, a fresh
+    reference for the next update)."""
+    search_px: float = 0.0
+    """After the restart, each update also tries the 8 neighbours of its Gauss-Newton
+    point at this distance (pixels), against an angle caught in a local minimum (0:
+    never; 0.5 changed nothing on the drift-4 demo, where one angle stays 0.4 px off)."""
+    remove_translations: bool = False
+    """Remove the unobservable part from the shifts after every update
+    (:func:`remove_unobservable`); off: the current volume holds it (module notes)."""
+
+    def __post_init__(self):
+        if self.every < 1 or self.start < 0 or self.gn_iterations < 1:
+            raise ValueError("align: every and gn_iterations must be >= 1, start >= 0")
+        if self.max_px is not None and not self.max_px > 0:
+            raise ValueError(f"align: max_px must be > 0, got {self.max_px}")
+        if not self.step_px > 0:
+            raise ValueError(f"align: step_px must be > 0, got {self.step_px}")
+
+
+def _per_angle(values, ptycho, n_theta: int) -> np.ndarray:
+    """Sums of per-frame host values over the frames of each angle: ``(n_theta,)``."""
+    return np.bincount(ptycho.angle, weights=values, minlength=n_theta)
+
+
+def moved_frames(images_local, ptycho, d_local, derivatives: bool = False):
+    """Exit waves of the model with every frame of angle ``t`` moved by ``d_local[t]``.
+
+    ``images_local``: ``(N_THETA_LOCAL, nz, n)`` images ``v_t``; ``ptycho``: the frames at
+    their current positions ``p_j``. Returns ``psi`` ``(N_FRAMES_LOCAL, M, M)``, the exit
+    waves ``omega_j * S_j v`` at the positions ``p_j + d_t`` exactly as the model forms
+    them (integer window, probe moved by the fraction), and the :class:`Ptycho` there;
+    with ``derivatives`` also ``[dpsi/dd_row, dpsi/dd_col]``: the window stays, the probe
+    moves, so ``dpsi/dd_k = (d omega_g / d g_k) * S_j v`` (a Fourier derivative).
+    """
+    xp = get_xp(images_local)
+    d_local = np.asarray(d_local, dtype=np.float64).reshape(-1, 2)
+    moved = ptycho.moved(ptycho.positions + d_local[ptycho.angle]) if np.any(d_local) else (
+        ptycho)
+    psi = moved.fwd(images_local)
+    if not derivatives:
+        return psi, moved
+    windows = moved.extract(images_local)
+    m = moved.m
+    dtype = windows.dtype
+    spectrum = fft2(to_device(moved.probe, xp).astype(dtype))
+    ramp_r, ramp_c = _ramps(moved.fractions, m, xp, dtype)
+    k = to_device((-2j * np.pi * np.fft.fftfreq(m)).astype(dtype), xp)
+    dpsi = []
+    for axis in (0, 1):
+        rr = ramp_r * k[None, :] if axis == 0 else ramp_r
+        rc = ramp_c * k[None, :] if axis == 1 else ramp_c
+        dprobe = fft2(spectrum[None] * rr[:, :, None] * rc[:, None, :], inverse=True)
+        dpsi.append(dprobe * windows)
+    return psi, moved, dpsi
+
+
+def shift_objective(images_local, exit_targets_local, ptycho, d_local, gradient: bool = True):
+    """``phi_t(d_t) = sum_{j in t} || omega_j * S_j v_t - y_j ||^2`` at the positions
+    ``p_j + d_t`` (the model's exit waves, :func:`moved_frames`), per local angle.
+
+    ``exit_targets_local``: ``(N_FRAMES_LOCAL, M, M)`` exit-wave targets ``y_j`` (e.g.
+    ``F^H`` of far-field targets: ``phi`` is the same in the far field, ``F`` being
+    unitary). Returns ``phi`` ``(N_THETA_LOCAL,)`` float64 and, with ``gradient``,
+    ``grad`` ``(N_THETA_LOCAL, 2)`` and the Gauss-Newton matrix ``hessian``
+    ``(N_THETA_LOCAL, 2, 2)`` (``2 Re <J_k, J_l>``), all on the host.
+    """
+    xp = get_xp(images_local)
+    n_theta = images_local.shape[0]
+    out = moved_frames(images_local, ptycho, d_local, derivatives=gradient)
+    residual = out[0] - exit_targets_local
+    phi = _per_angle(to_host(xp.sum(xp.abs(residual) ** 2, axis=(1, 2), dtype=xp.float64)),
+                     ptycho, n_theta)
+    if not gradient:
+        return phi
+    jac = out[2]
+
+    def inner(a, b):
+        return _per_angle(to_host(xp.sum((xp.conj(a) * b).real, axis=(1, 2),
+                                         dtype=xp.float64)), ptycho, n_theta)
+
+    grad = np.stack([2 * inner(jac[k], residual) for k in (0, 1)], axis=1)
+    hessian = np.empty((n_theta, 2, 2))
+    for k in (0, 1):
+        for m in (k, 1):
+            hessian[:, k, m] = hessian[:, m, k] = 2 * inner(jac[k], jac[m])
+    return phi, grad, hessian
+
+
+def amplitude_objective(images_local, ptycho, d_local, sqrt_f_local, valid_local=None,
+                        gradient: bool = True):
+    """The amplitude misfit ``A_t(d_t) = sum_{j in t} || |D_j| - sqrt(f_j) ||^2`` over valid
+    pixels, ``D_j = F(psi_j)`` the model with the frames moved by ``d`` (:func:`moved_frames`),
+    per local angle; with ``gradient`` also its gradient ``(N_THETA_LOCAL, 2)`` and
+    Gauss-Newton matrix ``(N_THETA_LOCAL, 2, 2)``, from ``d|D|/dd_k = Re(conj(D) dD_k)/|D|``.
+    All on the host. ``sqrt_f_local``: ``(N_FRAMES_LOCAL, M, M)``, zero frequency at
+    ``[0, 0]``; ``valid_local``: the detector mask (None: all valid).
+    """
+    xp = get_xp(images_local)
+    n_theta = images_local.shape[0]
+    out = moved_frames(images_local, ptycho, d_local, derivatives=gradient)
+    far = fft2(out[0])
+    amplitude = xp.abs(far)
+    residual = amplitude - sqrt_f_local
+    if valid_local is not None:
+        residual = xp.where(valid_local, residual, 0)
+
+    def per_angle(x):
+        return _per_angle(to_host(xp.sum(x, axis=(1, 2), dtype=xp.float64)), ptycho, n_theta)
+
+    misfit = per_angle(residual**2)
+    if not gradient:
+        return misfit
+    nonzero = amplitude > 0
+    unit = xp.where(nonzero, far / xp.where(nonzero, amplitude, 1), 0)
+    jac = [(xp.conj(unit) * fft2(dpsi)).real for dpsi in out[2]]
+    if valid_local is not None:
+        jac = [xp.where(valid_local, j, 0) for j in jac]
+    grad = np.stack([2 * per_angle(jac[k] * residual) for k in (0, 1)], axis=1)
+    hessian = np.empty((n_theta, 2, 2))
+    for k in (0, 1):
+        for m in (k, 1):
+            hessian[:, k, m] = hessian[:, m, k] = 2 * per_angle(jac[k] * jac[m])
+    return misfit, grad, hessian
+
+
+def gauss_newton_shifts(images_local, ptycho, sqrt_f_local, valid_local=None,
+                        iterations: int = 3, step_px: float = 1.0, damping: float = 1e-3,
+                        search_px: float = 0.0, bounds=None):
+    """Increments ``d`` ``(N_THETA_LOCAL, 2)`` that lower each angle's amplitude misfit
+    (:func:`amplitude_objective`).
+
+    Each step solves the 2 x 2 Gauss-Newton system (Levenberg-Marquardt ``damping``
+    relative to its diagonal), caps the step at ``step_px`` per axis and keeps it only
+    where the misfit decreases, halving it up to 4 times otherwise. Half-way, the 8
+    neighbours of ``d`` at ``+-search_px`` are tried (0: never). ``bounds``: ``(lo, hi)``
+    arrays ``(N_THETA_LOCAL, 2)`` that every trial ``d`` is clipped to (windows must keep
+    a pixel in the image). Returns ``d`` and the final misfit per angle.
+    """
+    n_theta = images_local.shape[0]
+    d = np.zeros((n_theta, 2))
+
+    def clip(trial):
+        return trial if bounds is None else np.clip(trial, bounds[0], bounds[1])
+
+    misfit = None
+    for it in range(iterations):
+        if search_px > 0 and it == iterations // 2:
+            # The model's fractions wrap at whole pixels (the probe moves by the fraction),
+            # where the misfit jumps: a Gauss-Newton step can stall just before one. Try
+            # the 8 neighbours at +-search_px and keep the best before going on.
+            best = amplitude_objective(images_local, ptycho, d, sqrt_f_local, valid_local,
+                                       gradient=False)
+            start = d.copy()
+            for dr in (-search_px, 0.0, search_px):
+                for dc in (-search_px, 0.0, search_px):
+                    if dr == dc == 0:
+                        continue
+                    trial = clip(start + np.array([dr, dc]))
+                    value = amplitude_objective(images_local, ptycho, trial, sqrt_f_local,
+                                                valid_local, gradient=False)
+                    better = value < best
+                    d[better] = trial[better]
+                    best = np.where(better, value, best)
+        misfit, grad, hessian = amplitude_objective(images_local, ptycho, d, sqrt_f_local,
+                                                    valid_local)
+        h = hessian + damping * np.einsum("aii->a", hessian)[:, None, None] / 2 * np.eye(2)
+        step = np.zeros_like(d)
+        ok = np.abs(np.linalg.det(h)) > 1e-30 * np.maximum(np.einsum("aii->a", h) ** 2, 1e-300)
+        step[ok] = -np.linalg.solve(h[ok], grad[ok][:, :, None])[:, :, 0]
+        scale = np.max(np.abs(step), axis=1, initial=0) / step_px
+        step /= np.maximum(scale, 1.0)[:, None]
+        pending = np.any(step != 0, axis=1)
+        for _halving in range(5):
+            if not pending.any():
+                break
+            trial = clip(d + np.where(pending[:, None], step, 0))
+            trial_misfit = amplitude_objective(images_local, ptycho, trial, sqrt_f_local,
+                                               valid_local, gradient=False)
+            better = pending & (trial_misfit < misfit)
+            d[better] = trial[better]
+            misfit = np.where(better, trial_misfit, misfit)
+            pending &= ~better
+            step *= 0.5
+    return d, misfit
+
+
+def unobservable_basis(theta) -> np.ndarray:
+    """``(2 A, 3)``: the shifts ``(row, col)`` of all angles (row-major ``(A, 2)``
+    flattened) made by a volume translation ``(tz, tx, ty)``: row ``tz``, column
+    ``tx cos(theta) + ty sin(theta)``."""
+    theta = np.asarray(theta, dtype=np.float64)
+    basis = np.zeros((theta.size, 2, 3))
+    basis[:, 0, 0] = 1.0
+    basis[:, 1, 1] = np.cos(theta)
+    basis[:, 1, 2] = np.sin(theta)
+    return basis.reshape(-1, 3)
+
+
+def unobservable_part(shifts, theta) -> np.ndarray:
+    """Least-squares coefficients ``(mean row, a, b)`` of ``shifts`` ``(A, 2)`` on
+    :func:`unobservable_basis` (``a``, ``b`` of ``col ~ a cos + b sin``)."""
+    basis = unobservable_basis(theta)
+    coef, *_ = np.linalg.lstsq(basis, np.asarray(shifts, dtype=np.float64).ravel(),
+                               rcond=1e-10)
+    return coef
+
+
+def remove_unobservable(shifts, theta) -> np.ndarray:
+    """``shifts`` ``(A, 2)`` less their unobservable part (the convention of the notes)."""
+    shifts = np.asarray(shifts, dtype=np.float64)
+    basis = unobservable_basis(theta)
+    return shifts - (basis @ unobservable_part(shifts, theta)).reshape(shifts.shape)
+
+
+def volume_translation(shifts, theta) -> np.ndarray:
+    """``(tz, ty, tx)``: the translation of the volume that a reconstruction under the
+    convention has relative to a volume whose data drifted by ``shifts`` (true minus
+    recorded): ``(-mean row, -b, -a)``."""
+    row, a, b = unobservable_part(shifts, theta)
+    return -np.array([row, b, a])
+
+
+def translate_volume(u, t):
+    """``u`` moved by ``t = (tz, ty, tx)`` voxels towards higher indices (Fourier, periodic);
+    e.g. to compare a reconstruction with the truth after undoing
+    :func:`volume_translation`."""
+    xp = get_xp(u)
+    out = xp.fft.fftn(u)
+    for axis, shift in enumerate(t):
+        k = np.fft.fftfreq(u.shape[axis])
+        shape = [1, 1, 1]
+        shape[axis] = -1
+        out *= to_device(np.exp(-2j * np.pi * shift * k).reshape(shape).astype(u.dtype), xp)
+    return xp.fft.ifftn(out).astype(u.dtype, copy=False)
+
+
+def rephase_far_fields(arrays, old_positions, new_positions) -> None:
+    """Multiply each ``(N_FRAMES, M, M)`` far-field array in ``arrays`` in place by the
+    phase ramp of the change of its frames' sub-pixel fractions (module notes)."""
+    _, old = split_positions(old_positions)
+    _, new = split_positions(new_positions)
+    change = new - old
+    moved = np.flatnonzero(np.any(change != 0, axis=1))
+    if moved.size == 0:
+        return
+    for x in arrays:
+        xp = get_xp(x)
+        ramp_r, ramp_c = _ramps(change[moved], x.shape[-1], xp, x.dtype)
+        index = to_device(moved, xp)
+        x[index] = x[index] * ramp_r[:, :, None] * ramp_c[:, None, :]
+
+
+class Aligner:
+    """The shifts of this rank's angles and their updates (module notes).
+
+    Parameters
+    ----------
+    settings : AlignSettings
+    theta_local : (N_THETA_LOCAL,) radians
+    positions_local : (N_FRAMES_LOCAL, 2)
+        Recorded positions (the file's).
+    frame_offset_local : (N_THETA_LOCAL + 1,)
+    image_shape : (nz, n)
+    m : probe width
+    comm : communicator of the angle group (``allgather`` of the small shift arrays)
+    """
+
+    def __init__(self, settings: AlignSettings, theta_local, positions_local,
+                 frame_offset_local, image_shape, m: int, comm):
+        self.settings = settings
+        self.comm = comm
+        self.recorded = np.asarray(positions_local, dtype=np.float64).reshape(-1, 2)
+        self.frame_offset = np.asarray(frame_offset_local, dtype=np.int64)
+        self.angle = np.repeat(np.arange(self.frame_offset.size - 1),
+                               np.diff(self.frame_offset))
+        self.theta_global = np.concatenate(comm.allgather(
+            np.asarray(theta_local, dtype=np.float64)))
+        self.n_theta_local = self.frame_offset.size - 1
+        self.max_px = settings.max_px if settings.max_px is not None else m / 2
+        # The shifts that keep every window of an angle touching the image (SPEC 2).
+        nz, n = image_shape
+        lo = np.full((self.n_theta_local, 2), -np.inf)
+        hi = np.full((self.n_theta_local, 2), np.inf)
+        for t in range(self.n_theta_local):
+            p = self.recorded[self.frame_offset[t]:self.frame_offset[t + 1]]
+            if p.size:
+                lo[t] = -(m - 1) - p.min(axis=0) + 1e-3
+                hi[t] = np.array([nz, n]) - 1e-3 - p.max(axis=0)
+        self.lo = np.maximum(lo, -self.max_px)
+        self.hi = np.minimum(hi, self.max_px)
+        self.warned: set[int] = set()
+        self.restarted = False
+
+    def _first(self) -> int:
+        """Global index of this rank's first angle (collective)."""
+        counts = self.comm.allgather(self.n_theta_local)
+        return int(sum(counts[:self.comm.rank]))
+
+    def zeros(self) -> np.ndarray:
+        return np.zeros((self.n_theta_local, 2))
+
+    def positions(self, shifts_local) -> np.ndarray:
+        """Model positions ``recorded + shift`` of this rank's frames."""
+        shifts_local = np.asarray(shifts_local, dtype=np.float64).reshape(-1, 2)
+        return self.recorded + shifts_local[self.angle]
+
+    def due(self, iteration: int) -> bool:
+        s = self.settings
+        return iteration >= s.start and (iteration - s.start) % s.every == 0
+
+    def gather(self, shifts_local) -> np.ndarray:
+        """All ranks' shifts ``(A, 2)``, in angle order, on every rank."""
+        return np.concatenate([np.asarray(s, dtype=np.float64).reshape(-1, 2)
+                               for s in self.comm.allgather(np.asarray(shifts_local))])
+
+    def update(self, state, images_local, ptycho, sqrt_f_local, valid_local=None,
+               iteration: int = 0) -> np.ndarray:
+        """Refine ``state.shifts_local`` from the reprojections ``images_local`` and the
+        measured amplitudes ``sqrt_f_local`` (frames of ``ptycho``, at the current
+        positions; ``valid_local`` the detector mask); rephase ``z`` and ``lam2``.
+        Returns the new model positions."""
+        s = self.settings
+        old_shifts = np.asarray(state.shifts_local, dtype=np.float64).reshape(-1, 2)
+        d, _ = gauss_newton_shifts(images_local, ptycho, sqrt_f_local, valid_local,
+                                   s.gn_iterations, s.step_px,
+                                   search_px=s.search_px if self.restarted else 0.0,
+                                   bounds=(self.lo - old_shifts, self.hi - old_shifts))
+        # Gauge (all angles, identically on every rank), then the limits.
+        total = self.gather(old_shifts + d)
+        if s.remove_translations:
+            total = remove_unobservable(total, self.theta_global)
+        first = self._first()
+        new = total[first:first + self.n_theta_local]
+        clipped = np.clip(new, self.lo, self.hi)
+        at_limit = (new <= self.lo + 1e-9) | (new >= self.hi - 1e-9)
+        for t in np.flatnonzero(np.any(at_limit, axis=1)):
+            if int(t) not in self.warned:
+                self.warned.add(int(t))
+                logger.warning(
+                    "rank %d: the shift of angle %d (%.1f deg) reached its limit at "
+                    "iteration %d and is stopped at (%.2f, %.2f) px (--align-max %.3g px, "
+                    "or a window leaving the image)", self.comm.rank, first + t,
+                    math.degrees(self.theta_global[first + t]), iteration, *clipped[t],
+                    self.max_px)
+        step = np.abs(clipped - old_shifts)
+        rms = math.sqrt(float(np.mean(self.gather(clipped - old_shifts) ** 2)))
+        logger.info("iteration %d: shifts updated, RMS change %.3g px, largest %.3g px",
+                    iteration, rms, float(self.comm.allreduce_scalar(
+                        float(step.max(initial=0)), "max")))
+        logger.debug("iteration %d: shifts (row, col) of rank %d: %s", iteration,
+                     self.comm.rank, np.array2string(clipped, precision=3))
+        moved = math.sqrt(float(np.mean(self.gather(clipped) ** 2)))
+        largest = float(self.comm.allreduce_scalar(float(step.max(initial=0)), "max"))
+        since = math.sqrt(float(np.mean(self.gather(clipped - self.last_restart) ** 2)))
+        early = state.params.get("align_early_restarts", 0)
+        self.restart = bool(s.restart_px > 0 and not self.restarted and (
+            (moved > s.restart_px and largest < s.settle_px)
+            or (early < s.early_restarts and since > s.restart_px)))
+        if self.restart:
+            if largest < s.settle_px or early >= s.early_restarts:
+                self.restarted = True
+                state.params["align_restarted"] = True
+                why = "the shifts have settled"
+            else:
+                state.params["align_early_restarts"] = early + 1
+                why = f"the shifts moved by {since:.3g} px RMS (early restart {early + 1})"
+            self.last_restart = clipped.copy()
+            state.params["align_last_restart"] = self.gather(clipped).tolist()
+            logger.info("iteration %d: %s (RMS %.3g px); the reconstruction restarts from "
+                        "its initial state with them", iteration, why, moved)
+        old_positions = self.positions(old_shifts)
+        new_positions = self.positions(clipped)
+        rephase_far_fields([state.z_local, state.lam2_local], old_positions, new_positions)
+        state.shifts_local = clipped
+        return new_positions
+
+    def attach(self, state, set_positions) -> None:
+        """Start ``state.shifts_local`` at 0, or (a resumed state) move the model's frames
+        to the shifts it holds with ``set_positions(positions_local)``."""
+        self.restarted = bool(state.params.get("align_restarted", False))
+        self.restart = False
+        last = state.params.get("align_last_restart")
+        self.last_restart = (self.zeros() if last is None else
+                             np.asarray(last, dtype=np.float64)[self._first():self._first()
+                                                                + self.n_theta_local])
+        if getattr(state, "shifts_local", None) is None:
+            state.shifts_local = self.zeros()
+            return
+        state.shifts_local = np.asarray(state.shifts_local, dtype=np.float64).reshape(-1, 2)
+        if np.any(state.shifts_local != 0):
+            set_positions(self.positions(state.shifts_local))
+
+
+def make_aligner(settings, problem, comm, restart: bool = True,
+                 early_restarts: int = 0) -> Aligner | None:
+    """The :class:`Aligner` of a solve when ``settings.align`` is set (None otherwise);
+    ``restart``: whether the solver restarts once the shifts have settled;
+    ``early_restarts``: see :class:`AlignSettings`."""
+    if not getattr(settings, "align", False):
+        return None
+    if settings.align_gauge not in ("volume", "zero"):
+        raise ValueError(f"align_gauge must be volume or zero, got {settings.align_gauge!r}")
+    align = AlignSettings(every=settings.align_every, start=settings.align_start,
+                          max_px=settings.align_max,
+                          remove_translations=settings.align_gauge == "zero",
+                          restart_px=AlignSettings.restart_px if restart else 0.0,
+                          early_restarts=early_restarts)
+    nz, _, n = problem.volume_shape
+    return Aligner(align, problem.theta_local, problem.positions_local,
+                   problem.frame_offset_local, (nz, n), int(problem.probe.shape[-1]), comm)

@@ -1,0 +1,37 @@
+"""``--align`` on 2 ranks against the serial run (same process): each rank refines the
+shifts of its own angles, and together they give the serial shifts and volume."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from test_align import N_ANGLES, drift_settings, local_problem
+
+from ptmpi.parallel import MPIComm, SerialComm, block_partition
+from ptmpi.sim.simulate import simulate
+from ptmpi.solvers.admm import SolverSettings, solve
+from ptmpi.solvers.admm_exp import ExpSolverSettings, solve_exp
+
+
+@pytest.mark.mpi(ranks=[2], timeout=300, unit="s")
+@pytest.mark.parametrize("model", ["linear", "exp"])
+def test_align_on_two_ranks_matches_the_serial_run(mpi_ranks, model):
+    comm = MPIComm()
+    data = comm.bcast(simulate(drift_settings(1.5, model=model)) if comm.is_root else None)
+    if model == "linear":
+        settings = SolverSettings(iterations=14, tol=0, align=True, align_start=2,
+                                  align_every=3)
+        run = solve
+    else:
+        settings = ExpSolverSettings(iterations=10, init_iterations=10, init_gn_iterations=4,
+                                     align=True, align_start=2, align_every=3)
+        run = solve_exp
+    serial, _ = run(local_problem(data), settings, SerialComm(), dtype=np.complex128)
+    a0, a1 = block_partition(N_ANGLES, comm.size, comm.rank)
+    state, _ = run(local_problem(data, a0, a1), settings, comm, dtype=np.complex128)
+    shifts = np.concatenate(comm.allgather(state.shifts_local))
+
+    assert np.max(np.abs(serial.shifts_local)) > 0.3  # the shifts moved
+    assert np.max(np.abs(shifts - serial.shifts_local)) < 1e-8
+    assert np.array_equal(state.shifts_local, shifts[a0:a1])
+    assert np.linalg.norm(state.u - serial.u) < 1e-8 * np.linalg.norm(serial.u)
