@@ -239,6 +239,12 @@ def settings_from_args(args, model: str = "linear"):
     from ptmpi.solvers.ptycho2d import Ptycho2DSettings
 
     algorithm = args.algorithm or "apt"
+    modes = getattr(args, "probe_modes", None)
+    if modes is not None and modes > 1 and (algorithm != "ptycho2d" or model == "exp"):
+        raise ValueError(f"--probe-modes {modes}: several probe modes are supported by "
+                         "--algorithm ptycho2d only (linear model); use --probe-modes 1 "
+                         f"with --algorithm {algorithm}" + (" --model exp" if model == "exp"
+                                                            else ""))
     if model == "exp":
         from ptmpi.solvers.admm_exp import ExpSolverSettings
 
@@ -271,6 +277,7 @@ def settings_from_args(args, model: str = "linear"):
             "refine_probe": args.refine_probe, "tomo_iterations": args.tomo_iterations,
             "damping": args.damping, "epsilon": getattr(args, "epsilon", None),
             "adapt_r2": {"on": True, "off": False}.get(getattr(args, "adapt_r2", None)),
+            "probe_modes": modes,
         }
         base = Ptycho2DSettings()
     return algorithm, dataclasses.replace(base, **{k: v for k, v in fields.items()
@@ -558,6 +565,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--damping", type=_POSITIVE,
                    help="two-step/ptycho2d: damping of the image update, as a fraction of "
                         "the mean illumination (default 0.1)")
+    p.add_argument("--probe-modes", type=_POSITIVE_INT, metavar="K",
+                   help="ptycho2d: K incoherent probe modes (mixed-state ptychography; "
+                        "default 1, the coherent probe); the probe update refines them all")
     p.add_argument("--double", action="store_true", help="complex128 instead of complex64")
     p.add_argument("--dry-run", action="store_true",
                    help="validate the input and output, print the memory each rank needs, "

@@ -52,7 +52,7 @@ def _agree(comm: Comm, problems: list[str]) -> None:
 
 
 def _validate_and_read(input_path, output_path, algorithm, comm, force, dtype=DEFAULT_COMPLEX,
-                       dry_run=False, figures=False, split_ok=False):
+                       dry_run=False, figures=False, split_ok=False, modes=1):
     """Steps (1) and (2): the collective checks, then this rank's block of the input.
 
     The memory check (:func:`_plan_memory`) runs before any frame is read; with
@@ -78,7 +78,8 @@ def _validate_and_read(input_path, output_path, algorithm, comm, force, dtype=DE
                                 "ptycho2d)")
         try:
             check_output_path(output_path, force, input_path,
-                              figures=figure_paths(output_path, algorithm) if figures else ())
+                              figures=figure_paths(output_path, algorithm, modes)
+                              if figures else ())
         except ValueError as exc:
             problems.append(str(exc))
     problems, n_angles, layout = comm.bcast((problems, n_angles, layout))
@@ -229,8 +230,10 @@ def reconstruct(input_path: str, output_path: str, settings, comm: Comm, *,
     if joint:
         path, header, checksum = _check_restart(input_path, output_path, settings, dtype, comm,
                                                 checkpoint, resume, force)
+    modes = getattr(settings, "probe_modes", 1)
     data, start, stop = _validate_and_read(input_path, output_path, algorithm, comm, force,
-                                           dtype, figures=figures, split_ok=split_ok)
+                                           dtype, figures=figures, split_ok=split_ok,
+                                           modes=modes)
     if not joint:
         checksum = input_checksum(input_path) if comm.is_root else ""
     xp = get_array_module(gpu)
@@ -448,21 +451,26 @@ def _run_ptycho(data, start, stop, algorithm, settings, comm, xp, dtype, progres
             "final": {"snr_db": final.get("final_snr_db", math.nan)}}
 
 
-def figure_paths(output_path, algorithm: str) -> tuple[Path, Path]:
-    """The two PNG figures written beside ``output_path``: images or slices, convergence."""
+def figure_paths(output_path, algorithm: str, modes: int = 1) -> tuple[Path, ...]:
+    """The PNG figures written beside ``output_path``: images or slices, convergence, and
+    with ``modes > 1`` probe modes the modes' amplitudes (``<stem>-probe-modes.png``)."""
     stem = Path(output_path).with_suffix("")
     first = "images" if algorithm == "ptycho2d" else "slices"
-    return Path(f"{stem}-{first}.png"), Path(f"{stem}-convergence.png")
+    paths = (Path(f"{stem}-{first}.png"), Path(f"{stem}-convergence.png"))
+    return paths + ((Path(f"{stem}-probe-modes.png"),) if modes > 1 else ())
 
 
 def _figures(output_path, algorithm, image, omega, data, history, n_iter,
              exp: bool = False) -> None:
-    from ptmpi.plots import save_convergence, save_images, save_slices
+    from ptmpi.plots import save_convergence, save_images, save_probe_modes, save_slices
 
-    first, convergence = figure_paths(output_path, algorithm)
+    modes = omega.shape[0] if omega.ndim == 3 else 1
+    first, convergence, *rest = figure_paths(output_path, algorithm, modes)
     label = f"{algorithm.upper()}, {n_iter} iterations"
+    if rest:
+        save_probe_modes(rest[0], omega, label)
     if algorithm == "ptycho2d":
-        save_images(first, image, omega, label)
+        save_images(first, image, omega[0] if modes > 1 else omega, label)
     else:
         truth = None if data.truth_volume is None else to_host(data.truth_volume)
         save_slices(first, image, truth, label, exp=exp)
