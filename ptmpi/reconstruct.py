@@ -88,7 +88,7 @@ def _validate_and_read(input_path, output_path, algorithm, comm, force, dtype=DE
     if split_frames:
         # One angle: its frames are split over the ranks, which share the image (ptycho2d)
         # or whose partial sums over frames DataTerm reduces (apt, apts).
-        plan = _plan_memory(layout, algorithm, dtype, comm)
+        plan = _plan_memory(layout, algorithm, dtype, comm, modes)
         if dry_run:
             return plan
         _agree(comm, validate_input(input_path, 0, 1))
@@ -111,7 +111,7 @@ def _validate_and_read(input_path, output_path, algorithm, comm, force, dtype=DE
         raise RunError(f"{comm.size} ranks but only {angles} in {input_path}: "
                        f"use at most {n_angles} rank" + ("s" if n_angles != 1 else ""))
     start, stop = block_partition(n_angles, comm.size, comm.rank)
-    plan = _plan_memory(layout, algorithm, dtype, comm)
+    plan = _plan_memory(layout, algorithm, dtype, comm, modes)
     if dry_run:
         return plan
     _agree(comm, validate_input(input_path, start, stop))
@@ -146,7 +146,7 @@ def _has_subpixel(path) -> bool:
         return bool(np.any(split_positions(f[POSITIONS][()])[1] != 0))
 
 
-def _plan_memory(layout, algorithm, dtype, comm) -> dict:
+def _plan_memory(layout, algorithm, dtype, comm, modes: int = 1) -> dict:
     """Predicted memory per rank (:mod:`ptmpi.memory`), checked against the node's.
 
     Every rank predicts its own need; the ranks on a node together must fit in what the
@@ -158,7 +158,7 @@ def _plan_memory(layout, algorithm, dtype, comm) -> dict:
     offset = layout["frame_offset"]
     arrays = predict_arrays(layout["shape"], int(offset[stop] - offset[start]), layout["m"],
                             stop - start, algorithm, dtype, layout["truth"],
-                            subpixel=layout.get("subpixel", False))
+                            subpixel=layout.get("subpixel", False), modes=modes)
     need = arrays["total"] + resident_bytes()
     needs = comm.allgather(need)
     node_need = sum(needs[comm.rank - comm.local_rank:][:comm.local_size])
@@ -225,7 +225,8 @@ def reconstruct(input_path: str, output_path: str, settings, comm: Comm, *,
     split_ok = not exp and algorithm in ("ptycho2d", "apt", "apts")
     if dry_run:
         plan = _validate_and_read(input_path, output_path, algorithm, comm, force, dtype,
-                                  dry_run=True, split_ok=split_ok)
+                                  dry_run=True, split_ok=split_ok,
+                                  modes=getattr(settings, "probe_modes", 1))
         return {"dry_run": True, **plan}
     if joint:
         path, header, checksum = _check_restart(input_path, output_path, settings, dtype, comm,

@@ -16,6 +16,16 @@ halved) when successive steps of the images point backwards and the relative cha
 stops shrinking: the period-2 cycle of ADMM on the nonconvex likelihood. The test uses
 sums over all angles, so ``r2`` and the iterates do not depend on the rank count.
 
+Incoherent probe modes (``probe_modes = K > 1``, mixed-state ptychography,
+:mod:`ptmpi.operators.modes`): the model intensity is ``sum_k |F(omega_k S_j v)|^2``, and
+the split keeps one far field per mode, ``z`` and ``lam2`` of shape
+``(K, N_FRAMES_LOCAL, M, M)``. Step 1 sums the modes,
+``v = (sum_k S^H conj(omega_k) F^H(z_k + lam2_k) + delta v) / (sum_k W_k + delta)``; step 2
+updates each mode by the closed form and then rotates the modes into their orthogonal
+basis (SVD, strongest first), mixing ``lam2`` by the same unitary matrix (no model
+changes); step 3 is the radial prox of :func:`ptmpi.solvers.prox.prox_data_modes`, which
+scales every mode of a pixel alike. ``K = 1`` is the single-probe code path.
+
 The 2-step baseline then removes each recovered projection's arbitrary global complex
 factor (aligned to the projection of the empty sample ``u = 1``) and solves the
 tomography ``min_u sum_t ||P_t u - v_t||^2`` by CG from ``u = 0``.
