@@ -240,9 +240,9 @@ def settings_from_args(args, model: str = "linear"):
 
     algorithm = args.algorithm or "apt"
     modes = getattr(args, "probe_modes", None)
-    if modes is not None and modes > 1 and (algorithm != "ptycho2d" or model == "exp"):
+    if modes is not None and modes > 1 and (algorithm == "two-step" or model == "exp"):
         raise ValueError(f"--probe-modes {modes}: several probe modes are supported by "
-                         "--algorithm ptycho2d only (linear model); use --probe-modes 1 "
+                         "ptycho2d, apt and apts with the linear model; use --probe-modes 1 "
                          f"with --algorithm {algorithm}" + (" --model exp" if model == "exp"
                                                             else ""))
     if model == "exp":
@@ -269,6 +269,7 @@ def settings_from_args(args, model: str = "linear"):
             "r2": args.r2, "cg_iterations": args.cg_iterations,
             "refine_probe": args.refine_probe, "epsilon": getattr(args, "epsilon", None),
             "adapt_r2": {"on": True, "off": False}.get(getattr(args, "adapt_r2", None)),
+            "probe_modes": modes,
         }
         base = SolverSettings()
     else:
@@ -566,8 +567,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="two-step/ptycho2d: damping of the image update, as a fraction of "
                         "the mean illumination (default 0.1)")
     p.add_argument("--probe-modes", type=_POSITIVE_INT, metavar="K",
-                   help="ptycho2d: K incoherent probe modes (mixed-state ptychography; "
-                        "default 1, the coherent probe); the probe update refines them all")
+                   help="K incoherent probe modes (mixed-state ptychography; ptycho2d, apt, "
+                        "apts with the linear model; default 1, the coherent probe); "
+                        "--refine-probe refines them all")
     p.add_argument("--double", action="store_true", help="complex128 instead of complex64")
     p.add_argument("--dry-run", action="store_true",
                    help="validate the input and output, print the memory each rank needs, "

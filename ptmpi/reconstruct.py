@@ -337,7 +337,7 @@ def _open_restart(path, header, data, start, stop, settings, comm, xp, dtype, ch
     if header is not None:
         # The checksum matched, so this guards against a damaged checkpoint only.
         if (header.volume_shape != tuple(data.volume_shape) or header.n_frames != data.n_frames
-                or header.probe_shape != data.probe.shape):
+                or header.probe_shape[-2:] != data.probe.shape):
             raise RunError(f"{path}: checkpoint shapes (volume {header.volume_shape}, probe "
                            f"{header.probe_shape}, {header.n_frames} frames) do not match "
                            f"{data.path}")

@@ -251,16 +251,18 @@ def test_cli_probe_modes_output_reproduces_its_r_factor(tmp_path, capsys):
     assert not (tmp_path / "one-probe-modes.png").exists()
 
 
-@pytest.mark.parametrize("algorithm", ["apt", "apts", "two-step"])
-def test_cli_refuses_probe_modes_elsewhere(tmp_path, capsys, algorithm):
+@pytest.mark.parametrize("flags", [["--algorithm", "two-step"],
+                                   ["--algorithm", "apt", "--model", "exp"]])
+def test_cli_refuses_probe_modes_elsewhere(tmp_path, capsys, flags):
     data = tmp_path / "d.h5"
     assert main(["simulate", "-o", str(data), "--n", "16", "--nz", "8", "--angles", "2",
                  "--step", "4", "--probe-size", "8", "--fwhm", "3"]) == 0
     capsys.readouterr()
-    assert main(["reconstruct", str(data), "-o", str(tmp_path / "r.h5"), "--algorithm",
-                 algorithm, "--probe-modes", "2"]) == 1
+    assert main(["reconstruct", str(data), "-o", str(tmp_path / "r.h5"), *flags,
+                 "--probe-modes", "2"]) == 1
     err = capsys.readouterr().err
-    assert "--probe-modes 2" in err and "ptycho2d only" in err
+    assert "--probe-modes 2" in err and "apt and apts with the linear model" in err
+    assert len(err.strip().splitlines()) == 1
     assert not (tmp_path / "r.h5").exists()
 
 
@@ -300,4 +302,124 @@ def test_probe_modes_do_not_depend_on_the_ranks(mpi_ranks):
                          settings, SerialComm())
     assert np.allclose(par.history["r_factor"], ser.history["r_factor"], rtol=1e-7)
     assert np.allclose(par.v_local, ser.v_local, rtol=1e-6, atol=1e-9 * abs(ser.v_local).max())
+    assert ser.history["r_factor"][-1] < 0.5 * ser.history["r_factor"][0]
+
+
+# ------------------------------------------------------------------ joint solver (APT)
+
+
+@pytest.mark.parametrize("dtype", [np.complex64, np.complex128])
+def test_data_term_with_modes_dot_test_and_normal(rng, dtype):
+    from ptmpi.parallel.data_term import DataTerm
+
+    data = simulate(SimulationSettings(n=16, nz=8, n_angles=3, step=4, probe_size=8,
+                                       fwhm=3.0, jitter=0.7))
+    theta = np.deg2rad(data.angles_deg)
+    probes = initial_modes(data.probe.astype(dtype), 3, power=0.2)
+    term = DataTerm(data.volume.shape, theta, probes, data.positions_px, data.frame_offset,
+                    SerialComm(), dtype=dtype)
+    assert term.n_modes == 3
+    y_shape = (3, data.positions_px.shape[0], 8, 8)
+    err = dottest(term.fwd, term.adj, data.volume.shape, y_shape, dtype, rng)
+    assert err < DOT_TOL[np.dtype(dtype)]
+    # D^H D = sum_t P_t^H (sum_k W_k) P_t: the normal operator sees every mode
+    x = random_array(data.volume.shape, dtype, rng)
+    direct = term.adj(term.fwd(x))
+    assert np.linalg.norm(term.normal(x) - direct) < 100 * DOT_TOL[np.dtype(dtype)] * (
+        np.linalg.norm(direct))
+    singles = [DataTerm(data.volume.shape, theta, probes[k], data.positions_px,
+                        data.frame_offset, SerialComm(), dtype=dtype) for k in range(3)]
+    assert np.allclose(term.weight, sum(t.weight for t in singles), rtol=1e-5)
+
+
+@pytest.fixture(scope="module")
+def mixed_tomo():
+    """A small tomography series measured with two incoherent modes (as ``mixed``)."""
+    from ptmpi.operators.model import JointModel
+
+    data = simulate(SimulationSettings(n=24, nz=16, n_angles=6, step=3, probe_size=12,
+                                       fwhm=3.0))
+    theta = np.deg2rad(data.angles_deg)
+    probe = data.probe.astype(np.complex128)
+    second = probe * hermite_patterns(probe, 2)[1]
+    second *= np.sqrt(np.vdot(probe, probe).real / 3 / np.vdot(second, second).real)
+    model = JointModel(data.volume.shape, theta, np.stack([probe, second]), data.positions_px,
+                       data.frame_offset, dtype=np.complex128)
+    f = intensity(model.fwd(data.volume.astype(np.complex128)))
+    return data, theta, f
+
+
+def test_apt_with_two_modes_fits_mixed_state_data_better(mixed_tomo):
+    from ptmpi.solvers.admm import LocalProblem, SolverSettings, solve
+
+    data, theta, f = mixed_tomo
+    problem = LocalProblem(data.volume.shape, theta, f, data.positions_px, data.frame_offset,
+                           data.probe, truth_volume=data.volume)
+    out = {}
+    for k in (1, 2):
+        settings = SolverSettings(iterations=30, likelihood="agm", refine_probe=True,
+                                  probe_modes=k, tol=0)
+        state, _ = solve(problem, settings, SerialComm())
+        out[k] = state.history["r_factor"][-1], state.history["snr_db"][-1]
+        assert state.z_local.shape == ((k,) if k > 1 else ()) + f.shape
+    assert out[2][0] < 0.85 * out[1][0]
+    assert out[2][1] > out[1][1] + 2.0  # dB: the volume is better too
+    assert "probe_modes" not in SolverSettings().to_dict()
+
+
+def test_apt_probe_modes_checkpoint_resume(tmp_path, capsys):
+    data = tmp_path / "d.h5"
+    assert main(["simulate", "-o", str(data), "--n", "16", "--nz", "12", "--angles", "5",
+                 "--step", "4", "--probe-size", "8", "--fwhm", "3", "--eta", "50"]) == 0
+    common = [str(data), "--no-figures", "--refine-probe", "--probe-modes", "2",
+              "--checkpoint", str(tmp_path / "ck.h5"), "--tol", "0"]
+    assert main(["reconstruct", *common[:5], "-o", str(tmp_path / "full.h5"),
+                 "--iterations", "6", "--tol", "0"]) == 0
+    assert main(["reconstruct", *common, "-o", str(tmp_path / "part.h5"), "--iterations",
+                 "3"]) == 0
+    from ptmpi.io.checkpoint import read_checkpoint
+
+    state = read_checkpoint(tmp_path / "ck.h5", 0, 10)
+    assert state.iteration == 3
+    assert state.omega.shape == (2, 8, 8) and state.z_local.shape[0] == 2
+    assert main(["reconstruct", *common, "-o", str(tmp_path / "resumed.h5"), "--iterations",
+                 "6", "--resume"]) == 0
+    with h5py.File(tmp_path / "full.h5", "r") as fa, h5py.File(tmp_path / "resumed.h5") as fb:
+        for name in ("entry_1/image_1/data", "entry_1/image_2/data",
+                     "entry_1/ptmpi/metrics/r_factor"):
+            assert np.array_equal(fa[name][...], fb[name][...]), name
+        assert fa["entry_1/image_2/data"].shape == (2, 8, 8)
+    # a resume with another mode count is refused
+    capsys.readouterr()
+    common[4] = "3"
+    assert main(["reconstruct", *common, "-o", str(tmp_path / "other.h5"), "--iterations",
+                 "8", "--resume", "--force"]) == 1
+    assert "probe_modes" in capsys.readouterr().err
+
+
+@pytest.mark.mpi(ranks=[2], timeout=180, unit="s")
+def test_apt_probe_modes_do_not_depend_on_the_ranks(mpi_ranks):
+    from ptmpi.parallel import MPIComm, block_partition
+    from ptmpi.solvers.admm import LocalProblem, SolverSettings, solve
+
+    comm = MPIComm()
+    data = simulate(SimulationSettings(n=16, nz=12, n_angles=4, step=3, probe_size=8,
+                                       fwhm=3.0, eta=50.0))
+    theta = np.deg2rad(data.angles_deg)
+    f = np.fft.ifftshift(data.counts, axes=(-2, -1)).astype(np.float64)
+    off = data.frame_offset
+    settings = SolverSettings(iterations=10, likelihood="agm", refine_probe=True,
+                              probe_modes=2, tol=0)
+
+    def run(a0, a1, comm_):
+        problem = LocalProblem(data.volume.shape, theta[a0:a1], f[off[a0]:off[a1]],
+                               data.positions_px[off[a0]:off[a1]],
+                               off[a0:a1 + 1] - off[a0], data.probe)
+        return solve(problem, settings, comm_, dtype=np.complex128)[0]
+
+    a0, a1 = block_partition(4, comm.size, comm.rank)
+    par, ser = run(a0, a1, comm), run(0, 4, SerialComm())
+    assert np.allclose(par.history["r_factor"], ser.history["r_factor"], rtol=1e-7)
+    assert np.linalg.norm(par.u - ser.u) < 1e-7 * np.linalg.norm(ser.u)
+    assert np.allclose(par.omega, ser.omega, rtol=1e-6, atol=1e-9 * abs(ser.omega).max())
     assert ser.history["r_factor"][-1] < 0.5 * ser.history["r_factor"][0]

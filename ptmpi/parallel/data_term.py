@@ -33,8 +33,10 @@ class DataTerm:
         Volume shape (replicated volume).
     theta_local : (N_THETA_LOCAL,) float
         This rank's angles in radians.
-    probe : (M, M) complex
-        Initial probe ``omega`` (numpy or CuPy).
+    probe : (M, M) complex, or (K, M, M) incoherent probe modes
+        Initial probe ``omega`` (numpy or CuPy). With ``K`` modes the far fields
+        (``fwd``, the adjoint's input) are ``(K, N_FRAMES_LOCAL, M, M)``, the adjoint sums
+        the modes and ``W = sum_k W_k`` (:mod:`ptmpi.operators.modes`).
     positions_local, frame_offset_local :
         This rank's window corners and frame offsets (see :class:`JointModel`).
     comm :
@@ -51,6 +53,12 @@ class DataTerm:
         self.model = JointModel(shape, theta_local, probe, positions_local, frame_offset_local,
                                 dtype=dtype)
         self.weight = self.model.illumination(xp)
+        self.mode_mixing = None
+
+    @property
+    def n_modes(self) -> int:
+        """Incoherent probe modes ``K`` (1: one ``(M, M)`` probe)."""
+        return self.probe.shape[0] if self.probe.ndim == 3 else 1
 
     @property
     def shape(self) -> tuple[int, int, int]:
@@ -67,7 +75,8 @@ class DataTerm:
 
     # -- maps --------------------------------------------------------------------------
     def fwd(self, u):
-        """``z_local = D_r u``: this rank's far fields ``(N_FRAMES_LOCAL, M, M)``."""
+        """``z_local = D_r u``: this rank's far fields ``(N_FRAMES_LOCAL, M, M)`` (with
+        modes ``(K, N_FRAMES_LOCAL, M, M)``)."""
         return self.model.fwd(u)
 
     def adj(self, z_local):
@@ -100,10 +109,24 @@ class DataTerm:
 
     def update_probe(self, u, target_local):
         """The paper's closed-form probe update from the views ``S_j P_t u`` and the far
-        fields ``target_local = z + lam2``; sets and returns the new probe."""
+        fields ``target_local = z + lam2``; sets and returns the new probe.
+
+        With ``K`` modes each mode gets the closed form from its own far fields, then the
+        modes are rotated into their orthogonal basis (:func:`orthogonalise`); the
+        ``K x K`` unitary of that rotation is kept in ``mode_mixing``: the solver mixes its
+        per-mode fields (``lam2``) by it (:func:`~ptmpi.operators.modes.mix_modes`)."""
         views = self.model.ptycho.extract(self.model.projector.fwd(u))
-        omega = probe_from_views(views, target_local, self.comm,
-                                 ptycho=self.model.ptycho).astype(self.dtype)
+        if self.n_modes > 1:
+            from ptmpi.operators.modes import orthogonalise
+
+            geometry = self.model.ptycho.geometry
+            omega = self.xp.stack([probe_from_views(views, target_local[k], self.comm,
+                                                    ptycho=geometry)
+                                   for k in range(self.n_modes)]).astype(self.dtype)
+            omega, self.mode_mixing = orthogonalise(omega)
+        else:
+            omega = probe_from_views(views, target_local, self.comm,
+                                     ptycho=self.model.ptycho).astype(self.dtype)
         self.set_probe(omega)
         return omega
 

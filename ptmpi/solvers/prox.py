@@ -136,11 +136,11 @@ def prox_data_modes(zt, f, r2: float, likelihood: str, valid=None, epsilon: floa
 
 
 def update_data_split_modes(d, lam2, f, r2: float, likelihood: str, valid=None,
-                            epsilon: float = 0.0, stats=None):
+                            epsilon: float = 0.0, z_old=None, stats=None):
     """:func:`update_data_split` for ``K`` probe modes: ``d``, ``lam2`` and the result are
     ``(K, N_FRAMES_LOCAL, M, M)``; ``z = prox`` (:func:`prox_data_modes`) of ``d - lam2``
-    and ``lam2 += z - d`` in place. ``stats`` as there (its second entry 0); ``sum G(d)``
-    is taken at the model modulus ``sqrt(sum_k |d_k|^2)``."""
+    and ``lam2 += z - d`` in place. ``z_old``, ``stats`` as there; ``sum G(d)`` is taken at
+    the model modulus ``sqrt(sum_k |d_k|^2)``."""
     from ptmpi.operators.modes import modulus
 
     if likelihood not in LIKELIHOODS:
@@ -151,7 +151,7 @@ def update_data_split_modes(d, lam2, f, r2: float, likelihood: str, valid=None,
     lam2 += step
     if stats is not None:
         stats[0] = float(xp.vdot(step, step).real)
-        stats[1] = 0.0
+        stats[1] = 0.0 if z_old is None else float(xp.linalg.norm(z - z_old)) ** 2
         stats[2] = data_objective(modulus(d), f, likelihood, valid, epsilon)
     return z
 

@@ -211,7 +211,7 @@ def solve_ptycho2d(v0_local, f_local, probe, positions_local, frame_offset_local
         d = farfield.fwd(ptycho.fwd(v))
         if n_modes > 1:
             z = update_data_split_modes(d, state.lam2_local, f_local, r2, settings.likelihood,
-                                        valid, settings.epsilon, stats)
+                                        valid, settings.epsilon, stats=stats)
         else:
             z = update_data_split(d, state.lam2_local, f_local, r2, settings.likelihood, valid,
                                   settings.epsilon, None, stats)
