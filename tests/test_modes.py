@@ -423,3 +423,55 @@ def test_apt_probe_modes_do_not_depend_on_the_ranks(mpi_ranks):
     assert np.linalg.norm(par.u - ser.u) < 1e-7 * np.linalg.norm(ser.u)
     assert np.allclose(par.omega, ser.omega, rtol=1e-6, atol=1e-9 * abs(ser.omega).max())
     assert ser.history["r_factor"][-1] < 0.5 * ser.history["r_factor"][0]
+
+
+# ------------------------------------------------------------- device (CuPy) code path
+
+
+def _device_params():
+    from ptmpi.backend import gpu_available
+
+    return [pytest.param("strict", id="strict"),
+            pytest.param("cupy", id="cupy", marks=[
+                pytest.mark.gpu, pytest.mark.skipif(not gpu_available(),
+                                                    reason="no usable GPU")])]
+
+
+@pytest.mark.parametrize("device", _device_params())
+def test_probe_modes_on_the_device_path_match_numpy(mixed_tomo, device, monkeypatch):
+    """ptycho2d and APT with 2 modes and probe refinement on the strict array module
+    (arrays that refuse implicit host conversion, as CuPy's) or CuPy, against numpy."""
+    import strict_xp
+
+    from ptmpi.backend import get_array_module, get_xp, to_device, to_host
+    from ptmpi.solvers.admm import LocalProblem, SolverSettings, solve
+
+    if device == "strict":
+        from ptmpi.operators import kernels
+
+        monkeypatch.setattr(kernels, "ENABLED", False)
+        xp, tol = strict_xp, 1e-6
+    else:
+        xp, tol = get_array_module(True), 5e-2
+    data, theta, f = mixed_tomo
+    f = f.astype(np.float32)
+    projector = Projector(data.volume.shape, theta)
+    empty = projector.fwd(np.ones(data.volume.shape, np.complex64))
+    settings = Ptycho2DSettings(iterations=6, likelihood="agm", refine_probe=True,
+                                probe_modes=2)
+    args = (f, data.probe, data.positions_px, data.frame_offset, settings, SerialComm())
+    host = solve_ptycho2d(empty, *args)
+    dev = solve_ptycho2d(to_device(empty, xp), *args)
+    assert get_xp(dev.v_local) is xp and get_xp(dev.omega) is xp
+    assert np.linalg.norm(to_host(dev.v_local) - host.v_local) < tol * np.linalg.norm(
+        host.v_local)
+    np.testing.assert_allclose(dev.history["r_factor"], host.history["r_factor"], rtol=tol)
+    problem = LocalProblem(data.volume.shape, theta, f, data.positions_px, data.frame_offset,
+                           data.probe)
+    apt = SolverSettings(iterations=4, likelihood="agm", refine_probe=True, probe_modes=2,
+                         tol=0)
+    host, _ = solve(problem, apt, SerialComm())
+    dev, _ = solve(problem, apt, SerialComm(), xp=xp)
+    assert get_xp(dev.u) is xp
+    assert np.linalg.norm(to_host(dev.u) - host.u) < tol * np.linalg.norm(host.u)
+    np.testing.assert_allclose(dev.history["r_factor"], host.history["r_factor"], rtol=tol)
