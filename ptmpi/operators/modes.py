@@ -166,8 +166,8 @@ def mix_modes(fields, u):
     out = xp.empty_like(fields)
     for k in range(fields.shape[0]):
         acc = uh[k, 0] * fields[0]
-        for l in range(1, fields.shape[0]):
-            acc += uh[k, l] * fields[l]
+        for j in range(1, fields.shape[0]):
+            acc += uh[k, j] * fields[j]
         out[k] = acc
     return out
 
