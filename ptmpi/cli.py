@@ -240,11 +240,9 @@ def settings_from_args(args, model: str = "linear"):
 
     algorithm = args.algorithm or "apt"
     modes = getattr(args, "probe_modes", None)
-    if modes is not None and modes > 1 and (algorithm == "two-step" or model == "exp"):
-        raise ValueError(f"--probe-modes {modes}: several probe modes are supported by "
-                         "ptycho2d, apt and apts with the linear model; use --probe-modes 1 "
-                         f"with --algorithm {algorithm}" + (" --model exp" if model == "exp"
-                                                            else ""))
+    if modes is not None and modes > 1 and model == "exp":
+        raise ValueError(f"--probe-modes {modes}: several probe modes are supported with the "
+                         "linear model only; use --probe-modes 1 with --model exp")
     if model == "exp":
         from ptmpi.solvers.admm_exp import ExpSolverSettings
 
@@ -567,9 +565,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="two-step/ptycho2d: damping of the image update, as a fraction of "
                         "the mean illumination (default 0.1)")
     p.add_argument("--probe-modes", type=_POSITIVE_INT, metavar="K",
-                   help="K incoherent probe modes (mixed-state ptychography; ptycho2d, apt, "
-                        "apts with the linear model; default 1, the coherent probe); "
-                        "--refine-probe refines them all")
+                   help="K incoherent probe modes (mixed-state ptychography, linear model "
+                        "only; default 1, the coherent probe); --refine-probe refines them "
+                        "all")
     p.add_argument("--double", action="store_true", help="complex128 instead of complex64")
     p.add_argument("--dry-run", action="store_true",
                    help="validate the input and output, print the memory each rank needs, "

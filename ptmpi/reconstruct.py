@@ -432,7 +432,12 @@ def _run_ptycho(data, start, stop, algorithm, settings, comm, xp, dtype, progres
                        data.positions_local, data.frame_offset_local, dtype=dtype)
     f_local = to_device(data.counts_local, xp)
     valid = None if data.valid_local is None else to_device(data.valid_local, xp)
-    final = {"final_r_factor": r_factor(model.fwd(u), f_local, comm=comm, valid=valid)}
+    d = model.fwd(u)
+    if d.ndim == 4:  # probe modes: the model modulus sqrt(sum_k |d_k|^2)
+        from ptmpi.operators.modes import modulus
+
+        d = modulus(d)
+    final = {"final_r_factor": r_factor(d, f_local, comm=comm, valid=valid)}
     if data.truth_volume is not None:
         final["final_snr_db"] = snr_db(u, to_device(data.truth_volume, xp))
     logger.info("two-step: tomography by %d CG iterations: R-factor %.4g%s",

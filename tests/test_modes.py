@@ -251,9 +251,9 @@ def test_cli_probe_modes_output_reproduces_its_r_factor(tmp_path, capsys):
     assert not (tmp_path / "one-probe-modes.png").exists()
 
 
-@pytest.mark.parametrize("flags", [["--algorithm", "two-step"],
-                                   ["--algorithm", "apt", "--model", "exp"]])
-def test_cli_refuses_probe_modes_elsewhere(tmp_path, capsys, flags):
+@pytest.mark.parametrize("flags", [["--algorithm", "apt", "--model", "exp"],
+                                   ["--algorithm", "two-step", "--model", "exp"]])
+def test_cli_refuses_probe_modes_with_the_exp_model(tmp_path, capsys, flags):
     data = tmp_path / "d.h5"
     assert main(["simulate", "-o", str(data), "--n", "16", "--nz", "8", "--angles", "2",
                  "--step", "4", "--probe-size", "8", "--fwhm", "3"]) == 0
@@ -261,7 +261,7 @@ def test_cli_refuses_probe_modes_elsewhere(tmp_path, capsys, flags):
     assert main(["reconstruct", str(data), "-o", str(tmp_path / "r.h5"), *flags,
                  "--probe-modes", "2"]) == 1
     err = capsys.readouterr().err
-    assert "--probe-modes 2" in err and "apt and apts with the linear model" in err
+    assert "--probe-modes 2" in err and "linear model only" in err
     assert len(err.strip().splitlines()) == 1
     assert not (tmp_path / "r.h5").exists()
 
@@ -303,6 +303,22 @@ def test_probe_modes_do_not_depend_on_the_ranks(mpi_ranks):
     assert np.allclose(par.history["r_factor"], ser.history["r_factor"], rtol=1e-7)
     assert np.allclose(par.v_local, ser.v_local, rtol=1e-6, atol=1e-9 * abs(ser.v_local).max())
     assert ser.history["r_factor"][-1] < 0.5 * ser.history["r_factor"][0]
+
+
+def test_two_step_with_probe_modes(tmp_path):
+    data = tmp_path / "d.h5"
+    assert main(["simulate", "-o", str(data), "--n", "20", "--nz", "16", "--angles", "4",
+                 "--step", "3", "--probe-size", "10", "--fwhm", "3"]) == 0
+    out = tmp_path / "two.h5"
+    assert main(["reconstruct", str(data), "-o", str(out), "--algorithm", "two-step",
+                 "--iterations", "20", "--refine-probe", "--probe-modes", "2",
+                 "--no-figures"]) == 0
+    with h5py.File(out, "r") as f:
+        assert f["entry_1/image_1/data"].shape == (16, 20, 20)
+        assert f["entry_1/image_2/data"].shape == (2, 10, 10)
+        r = f["entry_1/ptmpi/metrics/r_factor"][...]
+    # the last row is the tomography's R through the modes' model
+    assert np.isfinite(r[-1]) and r[-1] < 0.5 * r[0]
 
 
 # ------------------------------------------------------------------ joint solver (APT)

@@ -85,8 +85,9 @@ class ModePtycho:
     @probe.setter
     def probe(self, probes) -> None:
         if tuple(probes.shape) != (self.n_modes, self.modes[0].m, self.modes[0].m):
-            raise ValueError(f"ModePtycho: probes must be {(self.n_modes, self.modes[0].m)}"
-                             f" x M, got {probes.shape}")
+            m = self.modes[0].m
+            raise ValueError(f"ModePtycho: probes must be ({self.n_modes}, {m}, {m}), got "
+                             f"{probes.shape}")
         self._probes = probes
         for k, op in enumerate(self.modes):
             op.probe = probes[k]
