@@ -117,13 +117,12 @@ class DataTerm:
         per-mode fields (``lam2``) by it (:func:`~ptmpi.operators.modes.mix_modes`)."""
         views = self.model.ptycho.extract(self.model.projector.fwd(u))
         if self.n_modes > 1:
+            from ptmpi.operators.fft import fft2
             from ptmpi.operators.modes import orthogonalise
 
-            geometry = self.model.ptycho.geometry
-            omega = self.xp.stack([probe_from_views(views, target_local[k], self.comm,
-                                                    ptycho=geometry)
-                                   for k in range(self.n_modes)]).astype(self.dtype)
-            omega, self.mode_mixing = orthogonalise(omega)
+            omega = probe_modes_from_views(views, fft2(target_local, inverse=True), self.comm,
+                                           ptycho=self.model.ptycho.geometry)
+            omega, self.mode_mixing = orthogonalise(omega.astype(self.dtype))
         else:
             omega = probe_from_views(views, target_local, self.comm,
                                      ptycho=self.model.ptycho).astype(self.dtype)
@@ -166,4 +165,30 @@ def probe_from_views(views_local, target_local, comm, ptycho=None):
     comm.allreduce_sum(den)
     floor = 1e-8 * float(xp.abs(den).max())
     omega = xp.where(xp.abs(den) > floor, num / xp.where(xp.abs(den) > floor, den, 1), 0)
+    return omega.astype(views_local.dtype)
+
+
+def probe_modes_from_views(views_local, exit_local, comm, ptycho=None):
+    """:func:`probe_from_views` for ``K`` probe modes at once, from real-space fields.
+
+    ``exit_local``: ``(K, N_FRAMES_LOCAL, M, M)``, the targets already propagated back,
+    ``F^H(z_k + lam2_k)``; ``views_local`` as there (common to all modes). Each mode gets
+    ``omega_k = sum_j v_j^* y_{k,j} / sum_j |v_j|^2``: the denominator is formed once and
+    the ``K`` numerators are reduced in one call. Returns ``(K, M, M)``.
+    """
+    xp = get_xp(views_local)
+    conj_views = xp.conj(views_local)
+    if ptycho is None:
+        num = xp.stack([xp.sum(conj_views * exit_local[k], axis=0, dtype=np.complex128)
+                        for k in range(exit_local.shape[0])])
+        den = xp.sum(xp.abs(views_local) ** 2, axis=0, dtype=np.float64).astype(np.complex128)
+    else:
+        num = xp.stack([ptycho.unshift_sum(conj_views * exit_local[k])
+                        for k in range(exit_local.shape[0])])
+        den = ptycho.unshift_sum(xp.abs(views_local) ** 2).astype(np.complex128)
+    comm.allreduce_sum(num)
+    comm.allreduce_sum(den)
+    floor = 1e-8 * float(xp.abs(den).max())
+    lit = xp.abs(den) > floor
+    omega = xp.where(lit[None], num / xp.where(lit, den, 1)[None], 0)
     return omega.astype(views_local.dtype)

@@ -49,7 +49,7 @@ from ptmpi.operators.modes import ModePtycho, initial_modes, mix_modes, modulus,
 from ptmpi.operators.ptycho import Ptycho
 from ptmpi.operators.tomo import Projector
 from ptmpi.parallel.comm import SerialComm
-from ptmpi.parallel.data_term import probe_from_views
+from ptmpi.parallel.data_term import probe_from_views, probe_modes_from_views
 from ptmpi.solvers.cg import conjugate_gradient
 from ptmpi.solvers.penalty import cycling, step_cosine
 from ptmpi.solvers.prox import LIKELIHOODS, update_data_split, update_data_split_modes
@@ -192,26 +192,27 @@ def solve_ptycho2d(v0_local, f_local, probe, positions_local, frame_offset_local
     for _ in range(settings.iterations):
         target = state.z_local + state.lam2_local
         v_old = state.v_local
-        back = ptycho.adj(farfield.adj(target))
+        # with modes the back-propagated targets are kept for the probe update
+        exit_waves = farfield.adj(target) if n_modes > 1 else None
+        back = ptycho.adj(farfield.adj(target) if exit_waves is None else exit_waves)
         if shared_image:
             back = comm.allreduce_sum(back.astype(np.complex128)).astype(dtype)
         v = (back + delta * v_old) / (weight + delta)
         if settings.refine_probe and state.iteration >= settings.probe_start:
             if n_modes > 1:
-                views = ptycho.extract(v)
-                omega = xp.stack([probe_from_views(views, target[k], comm,
-                                                   ptycho=ptycho.geometry)
-                                  for k in range(n_modes)])
+                omega = probe_modes_from_views(ptycho.extract(v), exit_waves, comm,
+                                               ptycho=ptycho.geometry)
                 state.omega, mixing = orthogonalise(omega)
                 state.lam2_local = mix_modes(state.lam2_local, mixing)
             else:
                 state.omega = probe_from_views(ptycho.extract(v), target, comm, ptycho=ptycho)
             ptycho.probe = state.omega
             weight, delta = illumination()
+        exit_waves = None
         d = farfield.fwd(ptycho.fwd(v))
         if n_modes > 1:
             z = update_data_split_modes(d, state.lam2_local, f_local, r2, settings.likelihood,
-                                        valid, settings.epsilon, stats=stats)
+                                        valid, settings.epsilon)
         else:
             z = update_data_split(d, state.lam2_local, f_local, r2, settings.likelihood, valid,
                                   settings.epsilon, None, stats)
