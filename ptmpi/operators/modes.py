@@ -164,13 +164,8 @@ def mix_modes(fields, u):
     """
     xp = get_xp(fields)
     uh = to_device(np.ascontiguousarray(u.conj().T), xp).astype(fields.dtype)
-    out = xp.empty_like(fields)
-    for k in range(fields.shape[0]):
-        acc = uh[k, 0] * fields[0]
-        for j in range(1, fields.shape[0]):
-            acc += uh[k, j] * fields[j]
-        out[k] = acc
-    return out
+    flat = xp.ascontiguousarray(fields).reshape(fields.shape[0], -1)
+    return xp.matmul(uh, flat).reshape(fields.shape)  # one (K x K) @ (K x rest) product
 
 
 def hermite_patterns(probe, count: int):

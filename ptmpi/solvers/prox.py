@@ -139,12 +139,16 @@ def update_data_split_modes(d, lam2, f, r2: float, likelihood: str, valid=None,
                             epsilon: float = 0.0, z_old=None, stats=None):
     """:func:`update_data_split` for ``K`` probe modes: ``d``, ``lam2`` and the result are
     ``(K, N_FRAMES_LOCAL, M, M)``; ``z = prox`` (:func:`prox_data_modes`) of ``d - lam2``
-    and ``lam2 += z - d`` in place. ``z_old``, ``stats`` as there; ``sum G(d)`` is taken at
-    the model modulus ``sqrt(sum_k |d_k|^2)``."""
+    and ``lam2 += z - d`` in place, in one compiled pass on the host when available
+    (:func:`ptmpi.operators.kernels.data_split_modes`). ``z_old``, ``stats`` as there;
+    ``sum G(d)`` is taken at the model modulus ``sqrt(sum_k |d_k|^2)``."""
     from ptmpi.operators.modes import modulus
 
     if likelihood not in LIKELIHOODS:
         raise ValueError(f"likelihood must be one of {LIKELIHOODS}, got {likelihood!r}")
+    if kernels.available(d, lam2, f) and (valid is None or kernels.available(valid)):
+        return kernels.data_split_modes(d, lam2, f, r2, likelihood, valid, epsilon, z_old,
+                                        stats)
     xp = get_xp(d)
     z = prox_data_modes(d - lam2, f, r2, likelihood, valid, epsilon)
     step = z - d
