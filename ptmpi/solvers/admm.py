@@ -193,8 +193,10 @@ class ADMMState:
 
     ``u`` ``(nz, n, n)``, ``p`` and ``lam1`` ``(3, nz, n, n)`` (None for APTs) and ``omega``
     ``(M, M)`` are replicated; ``z_local`` and ``lam2_local`` ``(N_FRAMES_LOCAL, M, M)`` hold
-    this rank's frames. ``iteration`` counts completed iterations, ``history`` the metrics
-    per iteration (lists), ``params`` the penalties in use (:func:`resolve`).
+    this rank's frames (with ``K`` probe modes: ``omega`` ``(K, M, M)``, ``z_local`` and
+    ``lam2_local`` ``(K, N_FRAMES_LOCAL, M, M)``). ``iteration`` counts completed
+    iterations, ``history`` the metrics per iteration (lists), ``params`` the penalties in
+    use (:func:`resolve`).
     """
 
     u: object
