@@ -89,12 +89,13 @@ def test_initial_modes_keep_the_power_and_are_orthogonal():
     probe = data.probe
     modes = initial_modes(probe, 4, power=0.05)
     assert modes.shape == (4, 12, 12) and modes.dtype == probe.dtype
-    assert np.allclose(power_fractions(modes), [0.85, 0.05, 0.05, 0.05], atol=1e-6)
+    assert np.allclose(power_fractions(modes), [1 - 0.05 * (1 + 1 / 2 + 1 / 3), 0.05,
+                                                0.05 / 2, 0.05 / 3], atol=1e-6)
     total = np.sum(np.abs(probe.astype(np.complex128)) ** 2)
     assert np.sum(np.abs(modes.astype(np.complex128)) ** 2) == pytest.approx(total, rel=1e-5)
     gram = np.einsum("aij,bij->ab", modes.conj(), modes.astype(np.complex128))
     assert np.allclose(gram, np.diag(np.diag(gram)), atol=1e-5 * abs(gram).max())
-    assert np.allclose(modes[0], probe * np.sqrt(0.85), rtol=1e-5, atol=1e-7)
+    assert np.allclose(modes[0], probe * np.sqrt(1 - 0.05 * 11 / 6), rtol=1e-5, atol=1e-7)
     assert np.array_equal(initial_modes(probe, 1), probe[None])
     assert len(hermite_patterns(probe, 5)) == 5
 
@@ -304,7 +305,7 @@ def test_probe_modes_do_not_depend_on_the_ranks(mpi_ranks):
 
     comm = MPIComm()
     settings = Ptycho2DSettings(iterations=15, likelihood="agm", refine_probe=True,
-                                probe_modes=2)
+                                probe_modes=3)
     # angles split over the ranks
     data = simulate(SimulationSettings(n=24, nz=16, n_angles=4, step=3, probe_size=12,
                                        fwhm=3.0, eta=20.0))

@@ -33,7 +33,8 @@ from ptmpi.backend import get_xp, to_device
 from ptmpi.operators.ptycho import Ptycho
 
 DEFAULT_MODE_POWER = 0.05
-"""Power of each added mode, as a fraction of the total (mode 0 keeps the rest)."""
+"""Power of the first added mode, as a fraction of the total: added mode ``k`` carries
+``DEFAULT_MODE_POWER / k``, mode 0 the rest."""
 
 
 class ModePtycho:
@@ -197,14 +198,19 @@ def initial_modes(probe, n_modes: int, power: float = DEFAULT_MODE_POWER):
 
     Mode 0 is ``probe``; mode ``k > 0`` is ``probe`` times the ``k``-th low-order Hermite
     pattern (:func:`hermite_patterns`), Gram-Schmidt orthogonalised against the modes
-    before it. Each added mode carries ``power`` of the total power and mode 0 the rest
-    (``1 - (K - 1) power``), so that ``sum_k |omega_k|^2`` sums to ``sum |probe|^2`` and
-    the intensity scale of the data is kept. ``K = 1`` returns ``probe[None]`` unchanged.
+    before it. Added mode ``k`` carries ``power / k`` of the total power and mode 0 the
+    rest, so that ``sum_k |omega_k|^2`` sums to ``sum |probe|^2`` and the intensity scale
+    of the data is kept. The powers are distinct on purpose: the orthogonalisation
+    (:func:`orthogonalise`) of modes of equal power is ill-conditioned (any rotation
+    among them is an eigenbasis), and rounding would then pick the basis, which could
+    differ with the rank count. ``K = 1`` returns ``probe[None]`` unchanged.
     """
     if n_modes < 1:
         raise ValueError(f"probe modes must be >= 1, got {n_modes}")
-    if not 0 < power * (n_modes - 1) < 1 and n_modes > 1:
-        raise ValueError(f"power per added mode {power} too large for {n_modes} modes")
+    shares = [power / k for k in range(1, n_modes)]
+    if n_modes > 1 and not (power > 0 and sum(shares) < 1):
+        raise ValueError(f"power {power} of the first added mode: not in (0, 1) over the "
+                         f"{n_modes - 1} added modes")
     xp = get_xp(probe)
     if n_modes == 1:
         return probe[None].copy()
@@ -217,10 +223,10 @@ def initial_modes(probe, n_modes: int, power: float = DEFAULT_MODE_POWER):
             mode = mode - other * (np.vdot(other, mode) / np.vdot(other, other).real)
         modes.append(mode)
     out = np.empty((n_modes, *base.shape), dtype=np.complex128)
-    out[0] = base * np.sqrt(1 - (n_modes - 1) * power)
+    out[0] = base * np.sqrt(1 - sum(shares))
     for k in range(1, n_modes):
         norm = float(np.vdot(modes[k], modes[k]).real)
-        out[k] = modes[k] * np.sqrt(power * total / norm) if norm > 0 else 0
+        out[k] = modes[k] * np.sqrt(shares[k - 1] * total / norm) if norm > 0 else 0
     return to_device(out.astype(probe.dtype), xp)
 
 
