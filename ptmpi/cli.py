@@ -239,6 +239,10 @@ def settings_from_args(args, model: str = "linear"):
     from ptmpi.solvers.ptycho2d import Ptycho2DSettings
 
     algorithm = args.algorithm or "apt"
+    modes = getattr(args, "probe_modes", None)
+    if modes is not None and modes > 1 and model == "exp":
+        raise ValueError(f"--probe-modes {modes}: several probe modes are supported with the "
+                         "linear model only; use --probe-modes 1 with --model exp")
     if model == "exp":
         from ptmpi.solvers.admm_exp import ExpSolverSettings
 
@@ -268,6 +272,7 @@ def settings_from_args(args, model: str = "linear"):
             "start": getattr(args, "start", None),
             "start_iterations": getattr(args, "start_iterations", None),
             **_align_fields(args, algorithm),
+            "probe_modes": modes,
         }
         base = SolverSettings()
     else:
@@ -276,6 +281,7 @@ def settings_from_args(args, model: str = "linear"):
             "refine_probe": args.refine_probe, "tomo_iterations": args.tomo_iterations,
             "damping": args.damping, "epsilon": getattr(args, "epsilon", None),
             "adapt_r2": {"on": True, "off": False}.get(getattr(args, "adapt_r2", None)),
+            "probe_modes": modes,
         }
         _align_fields(args, algorithm)
         base = Ptycho2DSettings()
@@ -602,6 +608,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--damping", type=_POSITIVE,
                    help="two-step/ptycho2d: damping of the image update, as a fraction of "
                         "the mean illumination (default 0.1)")
+    p.add_argument("--probe-modes", type=_POSITIVE_INT, metavar="K",
+                   help="K incoherent probe modes (mixed-state ptychography, linear model "
+                        "only; default 1, the coherent probe); --refine-probe refines them "
+                        "all")
     p.add_argument("--double", action="store_true", help="complex128 instead of complex64")
     p.add_argument("--dry-run", action="store_true",
                    help="validate the input and output, print the memory each rank needs, "

@@ -57,12 +57,14 @@ _TWO_STEP = ((16.0, 4.0), (2.0, 16.0), 40)
 
 def predict_arrays(volume_shape, n_frames_local: int, probe_size: int, n_theta_local: int,
                    algorithm: str, dtype=np.complex64, truth: bool = False,
-                   compiled: bool | None = None, subpixel: bool = False) -> dict:
+                   compiled: bool | None = None, subpixel: bool = False,
+                   modes: int = 1) -> dict:
     """Predicted peak bytes of the solver's arrays on one rank, by part (see module doc).
 
     ``compiled`` selects the coefficients of the compiled kernels (default: whether they
     are enabled in this process) or of the numpy fallback; ``subpixel``: the scan has
-    sub-pixel positions (one shifted probe per frame).
+    sub-pixel positions (one shifted probe per frame); ``modes``: incoherent probe modes
+    (ptycho2d), each with its own far fields, multipliers and shifted probes.
     """
     if compiled is None:
         from ptmpi.operators import kernels
@@ -78,8 +80,10 @@ def predict_arrays(volume_shape, n_frames_local: int, probe_size: int, n_theta_l
     nz, ny, nx = (int(s) for s in volume_shape)
     vol = nz * ny * nx * itemsize
     frames = n_frames_local * probe_size * probe_size * itemsize
-    solver = max(volume_phase[0] * vol + volume_phase[1] * frames,
-                 frame_phase[0] * vol + frame_phase[1] * frames) + (frames if subpixel else 0)
+    frames_all = frames * modes
+    solver = max(volume_phase[0] * vol + volume_phase[1] * frames_all,
+                 frame_phase[0] * vol + frame_phase[1] * frames_all) + (
+                     frames_all if subpixel else 0)
     nnz = 0.0 if algorithm == "ptycho2d" and nz == 1 else (
         NNZ_PER_VOXEL_ANGLE * n_theta_local * ny * nx)
     parts = {

@@ -156,6 +156,22 @@ def save_shifts(path: Path, angles_deg, shifts, truth=None) -> None:
     ax.set_xlim(angles_deg.min() - 5, angles_deg.max() + 25)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7)
+def save_probe_modes(path: Path, modes: np.ndarray, title: str = "") -> None:
+    """Amplitude of each incoherent probe mode ``(K, M, M)``, titled with its share of the
+    total power."""
+    from ptmpi.operators.modes import power_fractions
+
+    plt = _pyplot()
+    fractions = power_fractions(modes)
+    k = modes.shape[0]
+    fig, axes = plt.subplots(1, k, figsize=(3.0 * k, 3.3), squeeze=False)
+    for i, ax in enumerate(axes[0]):
+        im = ax.imshow(np.abs(modes[i]), cmap="magma")
+        ax.set_title(f"mode {i}: {100 * fractions[i]:.1f}% of the power", fontsize=9)
+        ax.axis("off")
+        fig.colorbar(im, ax=ax, shrink=0.7)
+    if title:
+        fig.suptitle(f"{title}: probe modes (amplitude)", fontsize=10)
     fig.tight_layout()
     fig.savefig(path, dpi=80)
     plt.close(fig)

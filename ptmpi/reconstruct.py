@@ -52,7 +52,7 @@ def _agree(comm: Comm, problems: list[str]) -> None:
 
 
 def _validate_and_read(input_path, output_path, algorithm, comm, force, dtype=DEFAULT_COMPLEX,
-                       dry_run=False, figures=False, split_ok=False):
+                       dry_run=False, figures=False, split_ok=False, modes=1):
     """Steps (1) and (2): the collective checks, then this rank's block of the input.
 
     The memory check (:func:`_plan_memory`) runs before any frame is read; with
@@ -78,7 +78,8 @@ def _validate_and_read(input_path, output_path, algorithm, comm, force, dtype=DE
                                 "ptycho2d)")
         try:
             check_output_path(output_path, force, input_path,
-                              figures=figure_paths(output_path, algorithm) if figures else ())
+                              figures=figure_paths(output_path, algorithm, modes)
+                              if figures else ())
         except ValueError as exc:
             problems.append(str(exc))
     problems, n_angles, layout = comm.bcast((problems, n_angles, layout))
@@ -87,7 +88,7 @@ def _validate_and_read(input_path, output_path, algorithm, comm, force, dtype=DE
     if split_frames:
         # One angle: its frames are split over the ranks, which share the image (ptycho2d)
         # or whose partial sums over frames DataTerm reduces (apt, apts).
-        plan = _plan_memory(layout, algorithm, dtype, comm)
+        plan = _plan_memory(layout, algorithm, dtype, comm, modes)
         if dry_run:
             return plan
         _agree(comm, validate_input(input_path, 0, 1))
@@ -110,7 +111,7 @@ def _validate_and_read(input_path, output_path, algorithm, comm, force, dtype=DE
         raise RunError(f"{comm.size} ranks but only {angles} in {input_path}: "
                        f"use at most {n_angles} rank" + ("s" if n_angles != 1 else ""))
     start, stop = block_partition(n_angles, comm.size, comm.rank)
-    plan = _plan_memory(layout, algorithm, dtype, comm)
+    plan = _plan_memory(layout, algorithm, dtype, comm, modes)
     if dry_run:
         return plan
     _agree(comm, validate_input(input_path, start, stop))
@@ -154,7 +155,7 @@ def _has_subpixel(path) -> bool:
         return bool(np.any(split_positions(f[POSITIONS][()])[1] != 0))
 
 
-def _plan_memory(layout, algorithm, dtype, comm) -> dict:
+def _plan_memory(layout, algorithm, dtype, comm, modes: int = 1) -> dict:
     """Predicted memory per rank (:mod:`ptmpi.memory`), checked against the node's.
 
     Every rank predicts its own need; the ranks on a node together must fit in what the
@@ -166,7 +167,7 @@ def _plan_memory(layout, algorithm, dtype, comm) -> dict:
     offset = layout["frame_offset"]
     arrays = predict_arrays(layout["shape"], int(offset[stop] - offset[start]), layout["m"],
                             stop - start, algorithm, dtype, layout["truth"],
-                            subpixel=layout.get("subpixel", False))
+                            subpixel=layout.get("subpixel", False), modes=modes)
     need = arrays["total"] + resident_bytes()
     needs = comm.allgather(need)
     node_need = sum(needs[comm.rank - comm.local_rank:][:comm.local_size])
@@ -233,13 +234,19 @@ def reconstruct(input_path: str, output_path: str, settings, comm: Comm, *,
     split_ok = not exp and algorithm in ("ptycho2d", "apt", "apts")
     if dry_run:
         plan = _validate_and_read(input_path, output_path, algorithm, comm, force, dtype,
-                                  dry_run=True, split_ok=split_ok)
+                                  dry_run=True, split_ok=split_ok,
+                                  modes=getattr(settings, "probe_modes", 1))
         return {"dry_run": True, **plan}
     if joint:
         path, header, checksum = _check_restart(input_path, output_path, settings, dtype, comm,
                                                 checkpoint, resume, force)
+    modes = getattr(settings, "probe_modes", 1)
     data, start, stop = _validate_and_read(input_path, output_path, algorithm, comm, force,
-                                           dtype, figures=figures, split_ok=split_ok)
+                                           dtype, figures=figures, split_ok=split_ok,
+                                           modes=modes)
+    if getattr(settings, "align", False) and modes > 1:
+        raise RunError("--align with --probe-modes > 1 is not supported yet: align one "
+                       "mode first, then refine the modes from the aligned positions")
     if getattr(settings, "align", False) and data.n_angles < 2:
         raise RunError(f"--align: {input_path} has one angle; shifts of one angle are all "
                        "translations of the volume, which the data cannot see")
@@ -356,7 +363,7 @@ def _open_restart(path, header, data, start, stop, settings, comm, xp, dtype, ch
     if header is not None:
         # The checksum matched, so this guards against a damaged checkpoint only.
         if (header.volume_shape != tuple(data.volume_shape) or header.n_frames != data.n_frames
-                or header.probe_shape != data.probe.shape):
+                or header.probe_shape[-2:] != data.probe.shape):
             raise RunError(f"{path}: checkpoint shapes (volume {header.volume_shape}, probe "
                            f"{header.probe_shape}, {header.n_frames} frames) do not match "
                            f"{data.path}")
@@ -463,7 +470,12 @@ def _run_ptycho(data, start, stop, algorithm, settings, comm, xp, dtype, progres
                        data.positions_local, data.frame_offset_local, dtype=dtype)
     f_local = to_device(data.counts_local, xp)
     valid = None if data.valid_local is None else to_device(data.valid_local, xp)
-    final = {"final_r_factor": r_factor(model.fwd(u), f_local, comm=comm, valid=valid)}
+    d = model.fwd(u)
+    if d.ndim == 4:  # probe modes: the model modulus sqrt(sum_k |d_k|^2)
+        from ptmpi.operators.modes import modulus
+
+        d = modulus(d)
+    final = {"final_r_factor": r_factor(d, f_local, comm=comm, valid=valid)}
     if data.truth_volume is not None:
         final["final_snr_db"] = snr_db(u, to_device(data.truth_volume, xp))
     logger.info("two-step: tomography by %d CG iterations: R-factor %.4g%s",
@@ -483,11 +495,13 @@ def _run_ptycho(data, start, stop, algorithm, settings, comm, xp, dtype, progres
             "final": {"snr_db": final.get("final_snr_db", math.nan)}}
 
 
-def figure_paths(output_path, algorithm: str) -> tuple[Path, Path]:
-    """The two PNG figures written beside ``output_path``: images or slices, convergence."""
+def figure_paths(output_path, algorithm: str, modes: int = 1) -> tuple[Path, ...]:
+    """The PNG figures written beside ``output_path``: images or slices, convergence, and
+    with ``modes > 1`` probe modes the modes' amplitudes (``<stem>-probe-modes.png``)."""
     stem = Path(output_path).with_suffix("")
     first = "images" if algorithm == "ptycho2d" else "slices"
-    return Path(f"{stem}-{first}.png"), Path(f"{stem}-convergence.png")
+    paths = (Path(f"{stem}-{first}.png"), Path(f"{stem}-convergence.png"))
+    return paths + ((Path(f"{stem}-probe-modes.png"),) if modes > 1 else ())
 
 
 def shifts_figure_path(output_path) -> Path:
@@ -497,12 +511,15 @@ def shifts_figure_path(output_path) -> Path:
 
 def _figures(output_path, algorithm, image, omega, data, history, n_iter,
              exp: bool = False) -> None:
-    from ptmpi.plots import save_convergence, save_images, save_slices
+    from ptmpi.plots import save_convergence, save_images, save_probe_modes, save_slices
 
-    first, convergence = figure_paths(output_path, algorithm)
+    modes = omega.shape[0] if omega.ndim == 3 else 1
+    first, convergence, *rest = figure_paths(output_path, algorithm, modes)
     label = f"{algorithm.upper()}, {n_iter} iterations"
+    if rest:
+        save_probe_modes(rest[0], omega, label)
     if algorithm == "ptycho2d":
-        save_images(first, image, omega, label)
+        save_images(first, image, omega[0] if modes > 1 else omega, label)
     else:
         truth = None if data.truth_volume is None else to_host(data.truth_volume)
         save_slices(first, image, truth, label, exp=exp)

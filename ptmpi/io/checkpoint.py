@@ -16,6 +16,8 @@ Layout (one HDF5 file; frames in the input file's global, angle-major order)::
     p, lam1            (3, nz, n, n) dtype       gradient split variable, multiplier (APT only)
     step               (nz, n, n) dtype          last step u_k - u_{k-1} (period-2 detection)
     z, lam2            (N_FRAMES, M, M) dtype    far-field split variable, multiplier
+                                                 (K probe modes: omega (K, M, M), z and
+                                                 lam2 (K, N_FRAMES, M, M))
     psi, mu            (N_ANGLES, nz, n) dtype   exp model only: transmission split
                                                  variable and its multiplier, per angle
     shifts             (N_ANGLES, 2) float64     --align only: per-angle shifts (row, col)
@@ -190,8 +192,9 @@ def _create(tmp: Path, state: ADMMState, n_ranks: int, settings: dict, dtype, ch
             value = getattr(state, name)
             if value is not None:
                 f.create_dataset(name, data=to_host(value).astype(dtype, copy=False))
+        modes = state.omega.shape[:-2]  # () or (K,): incoherent probe modes
         for name in ("z", "lam2"):
-            f.create_dataset(name, shape=(n_frames, m, m), dtype=dtype)
+            f.create_dataset(name, shape=(*modes, n_frames, m, m), dtype=dtype)
         if getattr(state, "shifts_local", None) is not None:
             f.create_dataset("shifts", shape=(n_angles, 2), dtype=np.float64)
         if getattr(state, "psi_local", None) is not None:
@@ -206,7 +209,7 @@ def _create(tmp: Path, state: ADMMState, n_ranks: int, settings: dict, dtype, ch
 
 def _write_frames(tmp: Path, state: ADMMState, frame_start: int, angle_start: int = 0) -> None:
     """This rank's hyperslab of ``z`` and ``lam2`` (and of ``psi``, ``mu``: exp model)."""
-    n_local = state.z_local.shape[0]
+    n_local = state.z_local.shape[-3]
     psi = getattr(state, "psi_local", None)
     n_angles_local = 0 if psi is None else psi.shape[0]
     shifts = getattr(state, "shifts_local", None)
@@ -216,8 +219,9 @@ def _write_frames(tmp: Path, state: ADMMState, frame_start: int, angle_start: in
     if n_local == 0 and n_angles_local == 0:
         return
     with h5py.File(tmp, "r+") as f:
-        f["z"][frame_start:frame_start + n_local] = to_host(state.z_local)
-        f["lam2"][frame_start:frame_start + n_local] = to_host(state.lam2_local)
+        frames = (Ellipsis, slice(frame_start, frame_start + n_local), slice(None), slice(None))
+        f["z"][frames] = to_host(state.z_local)
+        f["lam2"][frames] = to_host(state.lam2_local)
         if n_angles_local:
             f["psi"][angle_start:angle_start + n_angles_local] = to_host(psi)
             f["mu"][angle_start:angle_start + n_angles_local] = to_host(state.mu_local)
@@ -256,7 +260,7 @@ def read_checkpoint_header(path: str | os.PathLike) -> CheckpointHeader:
                 n_ranks=int(f.attrs["n_ranks"]),
                 volume_shape=tuple(f["u"].shape),
                 probe_shape=tuple(f["omega"].shape),
-                n_frames=int(f["z"].shape[0]),
+                n_frames=int(f["z"].shape[-3]),
             )
     except (OSError, KeyError, json.JSONDecodeError) as exc:
         raise ValueError(f"{path}: not a readable ptmpi checkpoint ({exc})") from exc
@@ -300,7 +304,7 @@ def read_checkpoint(path: str | os.PathLike, frame_start: int, frame_stop: int,
         def get(name, sel=()):
             return to_device(f[name][sel], xp) if name in f else None
 
-        frames = slice(frame_start, frame_stop)
+        frames = (Ellipsis, slice(frame_start, frame_stop), slice(None), slice(None))
         history = {key: f["metrics"][key][...].tolist() for key in f["metrics"]}
         fields = dict(
             u=get("u"), z_local=get("z", frames), lam2_local=get("lam2", frames),

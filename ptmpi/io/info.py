@@ -226,9 +226,9 @@ def _describe_output(f: h5py.File, name: str, lines: list[str], problems: list[s
     probe = f.get(OUT_PROBE)
     if not isinstance(probe, h5py.Dataset):
         problems.append(f"{name}: {OUT_PROBE}: required dataset (final probe) is missing")
-    elif probe.ndim != 2 or probe.shape[0] != probe.shape[1]:
-        problems.append(f"{name}: {OUT_PROBE}: expected a square (m, m) probe, "
-                        f"found {probe.shape}")
+    elif probe.ndim not in (2, 3) or probe.shape[-2] != probe.shape[-1]:
+        problems.append(f"{name}: {OUT_PROBE}: expected a square (m, m) probe (or "
+                        f"(K, m, m) probe modes), found {probe.shape}")
     else:
         lines.append(f"probe: {probe.shape} {probe.dtype}")
 

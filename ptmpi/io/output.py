@@ -72,6 +72,9 @@ def write_output(path, *, volume, probe, metrics: dict, parameters: dict, n_rank
                  frame_offset=None, shifts_px=None, angles_deg=None) -> None:
     """Write the SPEC 4 file: volume, probe, provenance and the metrics history.
 
+    ``probe``: ``(M, M)``, or ``(K, M, M)`` incoherent probe modes (stored with a leading
+    mode axis, ``@axes = "mode:y:x"``).
+
     ``positions_px`` ``(N_FRAMES, 2)`` float64 and ``frame_offset`` ``(N_ANGLES + 1,)``:
     the scan positions the model used, in the frame of the stored image or of the
     projections of the stored volume (SPEC 2), stored as ``/entry_1/image_1/positions_px``
@@ -104,7 +107,9 @@ def write_output(path, *, volume, probe, metrics: dict, parameters: dict, n_rank
             ds.attrs["axes"] = image_axes
             img2 = entry.create_group("image_2")
             img2.attrs["NX_class"] = "NXdata"
-            img2.create_dataset("data", data=np.asarray(probe, dtype=np.complex64))
+            probe_ds = img2.create_dataset("data", data=np.asarray(probe, dtype=np.complex64))
+            if probe_ds.ndim == 3:  # K incoherent probe modes, strongest first
+                probe_ds.attrs["axes"] = "mode:y:x"
             proc = entry.create_group("process_1")
             proc.attrs["NX_class"] = "NXprocess"
             proc["program"] = "ptmpi"

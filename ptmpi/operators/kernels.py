@@ -12,7 +12,8 @@ arithmetic it feeds).
   copy) and ``P^T W P``, over slabs of slices straight from and to the volume's layout.
 - :func:`window_fwd`, :func:`window_adj`: the probe windows and their scatter-add (one
   probe, or a probe per frame for sub-pixel positions).
-- :func:`data_split`: the z-step and the update of lam2 in one pass (detector mask aware).
+- :func:`data_split`: the z-step and the update of lam2 in one pass (detector mask aware);
+  :func:`data_split_modes` the same for incoherent probe modes.
 - :func:`tv_step`, :func:`neg_div_sum`, :func:`combine`: the TV split step, the
   divergence in the right-hand side and the rounding of the reduced sums.
 - :func:`neg_laplacian`: ``grad^H grad u = -Lap u`` (Neumann) in one pass.
@@ -358,6 +359,78 @@ if numba is not None:
                         stats[2] += 0.5 * dr * dr
 
     @_jit
+    def _data_split_modes(d, lam2, f, valid, r2, ipm, z, eps_g, z_old, stats):
+        # _data_split for K incoherent probe modes, d (K, n_frames, m, m): the prox is
+        # radial in the vector of the modes (ptmpi.solvers.prox.prox_data_modes), so each
+        # pixel's modes are scaled alike by rho / sqrt(sum_k |zt_k|^2).
+        n_modes, n_frames, m, _ = d.shape
+        n_valid = valid.shape[0]
+        n_old = z_old.shape[0]
+        eps = np.finfo(f.dtype).eps
+        one = f.dtype.type(1)
+        for fr in range(n_frames):
+            vf = fr if n_valid > 1 else 0
+            peak2 = f.dtype.type(0)
+            for i in range(m):
+                for j in range(m):
+                    a2 = f.dtype.type(0)
+                    for k in range(n_modes):
+                        zt = d[k, fr, i, j] - lam2[k, fr, i, j]
+                        a2 += zt.real * zt.real + zt.imag * zt.imag
+                    peak2 = max(peak2, a2)
+            tiny = 64 * eps * np.sqrt(peak2)
+            for i in range(m):
+                for j in range(m):
+                    if n_valid > 0 and not valid[vf, i, j]:
+                        for k in range(n_modes):
+                            dij = d[k, fr, i, j]
+                            zt = dij - lam2[k, fr, i, j]
+                            z[k, fr, i, j] = zt
+                            r = zt - dij
+                            lam2[k, fr, i, j] += r
+                            stats[0] += r.real * r.real + r.imag * r.imag
+                            if n_old > 0:
+                                r = zt - z_old[k, fr, i, j]
+                                stats[1] += r.real * r.real + r.imag * r.imag
+                        continue
+                    a2 = f.dtype.type(0)
+                    g2 = 0.0
+                    for k in range(n_modes):
+                        dij = d[k, fr, i, j]
+                        zt = dij - lam2[k, fr, i, j]
+                        a2 += zt.real * zt.real + zt.imag * zt.imag
+                        g2 += dij.real * dij.real + dij.imag * dij.imag
+                    mag = np.sqrt(a2)
+                    fij = f[fr, i, j]
+                    rho = f.dtype.type(_prox_modulus(mag, fij, r2, ipm, eps_g, one))
+                    scale = rho / mag if mag > tiny else f.dtype.type(0)
+                    for k in range(n_modes):
+                        dij = d[k, fr, i, j]
+                        zt = dij - lam2[k, fr, i, j]
+                        if mag > tiny:
+                            zij = zt * scale
+                        elif k == 0:
+                            zij = zt * 0 + rho
+                        else:
+                            zij = zt * 0
+                        z[k, fr, i, j] = zij
+                        r = zij - dij
+                        lam2[k, fr, i, j] += r
+                        stats[0] += r.real * r.real + r.imag * r.imag
+                        if n_old > 0:
+                            r = zij - z_old[k, fr, i, j]
+                            stats[1] += r.real * r.real + r.imag * r.imag
+                    # likelihood of the model modulus sqrt(sum_k |d_k|^2)
+                    g2 += eps_g
+                    fe = fij + eps_g
+                    if ipm:
+                        stats[2] += 0.5 * (g2 - (fe * np.log(max(g2, 1e-300)) if fe > 0
+                                                 else 0.0))
+                    else:
+                        dr = np.sqrt(g2) - np.sqrt(fe)
+                        stats[2] += 0.5 * dr * dr
+
+    @_jit
     def _combine(wide, a, extra, b, out):
         for i in range(out.size):
             out[i] = a * wide[i] + b * extra[i]
@@ -520,6 +593,35 @@ def data_split(d, lam2, f, r2: float, likelihood: str, valid=None, epsilon: floa
            else np.ascontiguousarray(z_old, dtype=d.dtype))
     _data_split(np.ascontiguousarray(d), lam2, np.ascontiguousarray(f), valid, rdtype(r2),
                 likelihood == "ipm", z, float(epsilon), old, out)
+    if stats is not None:
+        stats[:] = out
+    return z
+
+
+def data_split_modes(d, lam2, f, r2: float, likelihood: str, valid=None,
+                     epsilon: float = 0.0, z_old=None, stats=None):
+    """:func:`data_split` for ``K`` incoherent probe modes: ``d``, ``lam2`` (updated in
+    place), ``z_old`` and the result ``(K, N_FRAMES, M, M)``; every mode of a pixel is
+    scaled by the same ``rho / sqrt(sum_k |zt_k|^2)`` (see
+    :func:`ptmpi.solvers.prox.prox_data_modes`); ``stats`` as there, the likelihood taken
+    at the model modulus ``sqrt(sum_k |d_k|^2)``."""
+    if not lam2.flags.c_contiguous:
+        raise ValueError("data_split_modes: lam2 must be C-contiguous (updated in place)")
+    z = np.empty_like(d)
+    rdtype = f.dtype.type
+    m = d.shape[-1]
+    if valid is None:
+        valid = np.ones((0, m, m), dtype=np.bool_)
+    else:
+        valid = np.ascontiguousarray(valid, dtype=np.bool_).reshape(-1, m, m)
+        if valid.shape[0] not in (1, d.shape[1]):
+            raise ValueError(f"data_split_modes: valid of shape {valid.shape} for "
+                             f"{d.shape[1]} frames")
+    out = np.zeros(3, dtype=np.float64)
+    old = (np.zeros((0, 0, m, m), dtype=d.dtype) if z_old is None
+           else np.ascontiguousarray(z_old, dtype=d.dtype))
+    _data_split_modes(np.ascontiguousarray(d), lam2, np.ascontiguousarray(f), valid,
+                      rdtype(r2), likelihood == "ipm", z, float(epsilon), old, out)
     if stats is not None:
         stats[:] = out
     return z

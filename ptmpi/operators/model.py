@@ -12,6 +12,7 @@ import numpy as np
 
 from ptmpi.backend import real_dtype, to_device
 from ptmpi.operators.fft import FarField
+from ptmpi.operators.modes import ModePtycho
 from ptmpi.operators.ptycho import Ptycho
 from ptmpi.operators.tomo import Projector
 
@@ -25,7 +26,10 @@ class JointModel:
         Volume shape.
     theta : (N_THETA,) float
         Angles in radians (a rank's local angles).
-    probe : (M, M) complex
+    probe : (M, M) complex, or (K, M, M) incoherent probe modes
+        With modes the far fields are ``(K, N_FRAMES, M, M)`` (one per mode,
+        :class:`~ptmpi.operators.modes.ModePtycho`), the adjoint sums the modes and
+        ``W = sum_k W_k``.
     positions : (N_FRAMES, 2)
         Window corners, angle-major.
     frame_offset : (N_THETA + 1,) int
@@ -36,11 +40,15 @@ class JointModel:
         self.shape = tuple(int(s) for s in shape)
         self.dtype = np.dtype(dtype)
         self.projector = Projector(self.shape, theta, dtype=self.dtype)
-        self.ptycho = Ptycho(probe, positions, frame_offset, (self.shape[0], self.shape[2]))
+        image_shape = (self.shape[0], self.shape[2])
+        if probe.ndim == 3:
+            self.ptycho = ModePtycho(probe, positions, frame_offset, image_shape)
+        else:
+            self.ptycho = Ptycho(probe, positions, frame_offset, image_shape)
         self.farfield = FarField()
 
     @property
-    def data_shape(self) -> tuple[int, int, int]:
+    def data_shape(self) -> tuple[int, ...]:
         return self.ptycho.data_shape
 
     def set_probe(self, probe) -> None:
@@ -52,7 +60,7 @@ class JointModel:
         self.ptycho = self.ptycho.moved(positions)
 
     def fwd(self, u):
-        """``D u``: ``(nz, n, n) -> (N_FRAMES, M, M)``."""
+        """``D u``: ``(nz, n, n) -> (N_FRAMES, M, M)`` (``(K, N_FRAMES, M, M)`` with modes)."""
         return self.farfield.fwd(self.ptycho.fwd(self.projector.fwd(u)))
 
     def adj(self, d, accumulate=None):

@@ -33,8 +33,10 @@ class DataTerm:
         Volume shape (replicated volume).
     theta_local : (N_THETA_LOCAL,) float
         This rank's angles in radians.
-    probe : (M, M) complex
-        Initial probe ``omega`` (numpy or CuPy).
+    probe : (M, M) complex, or (K, M, M) incoherent probe modes
+        Initial probe ``omega`` (numpy or CuPy). With ``K`` modes the far fields
+        (``fwd``, the adjoint's input) are ``(K, N_FRAMES_LOCAL, M, M)``, the adjoint sums
+        the modes and ``W = sum_k W_k`` (:mod:`ptmpi.operators.modes`).
     positions_local, frame_offset_local :
         This rank's window corners and frame offsets (see :class:`JointModel`).
     comm :
@@ -51,6 +53,12 @@ class DataTerm:
         self.model = JointModel(shape, theta_local, probe, positions_local, frame_offset_local,
                                 dtype=dtype)
         self.weight = self.model.illumination(xp)
+        self.mode_mixing = None
+
+    @property
+    def n_modes(self) -> int:
+        """Incoherent probe modes ``K`` (1: one ``(M, M)`` probe)."""
+        return self.probe.shape[0] if self.probe.ndim == 3 else 1
 
     @property
     def shape(self) -> tuple[int, int, int]:
@@ -72,7 +80,8 @@ class DataTerm:
 
     # -- maps --------------------------------------------------------------------------
     def fwd(self, u):
-        """``z_local = D_r u``: this rank's far fields ``(N_FRAMES_LOCAL, M, M)``."""
+        """``z_local = D_r u``: this rank's far fields ``(N_FRAMES_LOCAL, M, M)`` (with
+        modes ``(K, N_FRAMES_LOCAL, M, M)``)."""
         return self.model.fwd(u)
 
     def adj(self, z_local):
@@ -105,10 +114,23 @@ class DataTerm:
 
     def update_probe(self, u, target_local):
         """The paper's closed-form probe update from the views ``S_j P_t u`` and the far
-        fields ``target_local = z + lam2``; sets and returns the new probe."""
+        fields ``target_local = z + lam2``; sets and returns the new probe.
+
+        With ``K`` modes each mode gets the closed form from its own far fields, then the
+        modes are rotated into their orthogonal basis (:func:`orthogonalise`); the
+        ``K x K`` unitary of that rotation is kept in ``mode_mixing``: the solver mixes its
+        per-mode fields (``lam2``) by it (:func:`~ptmpi.operators.modes.mix_modes`)."""
         views = self.model.ptycho.extract(self.model.projector.fwd(u))
-        omega = probe_from_views(views, target_local, self.comm,
-                                 ptycho=self.model.ptycho).astype(self.dtype)
+        if self.n_modes > 1:
+            from ptmpi.operators.fft import fft2
+            from ptmpi.operators.modes import orthogonalise
+
+            omega = probe_modes_from_views(views, fft2(target_local, inverse=True), self.comm,
+                                           ptycho=self.model.ptycho.geometry)
+            omega, self.mode_mixing = orthogonalise(omega.astype(self.dtype))
+        else:
+            omega = probe_from_views(views, target_local, self.comm,
+                                     ptycho=self.model.ptycho).astype(self.dtype)
         self.set_probe(omega)
         return omega
 
@@ -148,4 +170,30 @@ def probe_from_views(views_local, target_local, comm, ptycho=None):
     comm.allreduce_sum(den)
     floor = 1e-8 * float(xp.abs(den).max())
     omega = xp.where(xp.abs(den) > floor, num / xp.where(xp.abs(den) > floor, den, 1), 0)
+    return omega.astype(views_local.dtype)
+
+
+def probe_modes_from_views(views_local, exit_local, comm, ptycho=None):
+    """:func:`probe_from_views` for ``K`` probe modes at once, from real-space fields.
+
+    ``exit_local``: ``(K, N_FRAMES_LOCAL, M, M)``, the targets already propagated back,
+    ``F^H(z_k + lam2_k)``; ``views_local`` as there (common to all modes). Each mode gets
+    ``omega_k = sum_j v_j^* y_{k,j} / sum_j |v_j|^2``: the denominator is formed once and
+    the ``K`` numerators are reduced in one call. Returns ``(K, M, M)``.
+    """
+    xp = get_xp(views_local)
+    conj_views = xp.conj(views_local)
+    if ptycho is None:
+        num = xp.stack([xp.sum(conj_views * exit_local[k], axis=0, dtype=np.complex128)
+                        for k in range(exit_local.shape[0])])
+        den = xp.sum(xp.abs(views_local) ** 2, axis=0, dtype=np.float64).astype(np.complex128)
+    else:
+        num = xp.stack([ptycho.unshift_sum(conj_views * exit_local[k])
+                        for k in range(exit_local.shape[0])])
+        den = ptycho.unshift_sum(xp.abs(views_local) ** 2).astype(np.complex128)
+    comm.allreduce_sum(num)
+    comm.allreduce_sum(den)
+    floor = 1e-8 * float(xp.abs(den).max())
+    lit = xp.abs(den) > floor
+    omega = xp.where(lit[None], num / xp.where(lit, den, 1)[None], 0)
     return omega.astype(views_local.dtype)

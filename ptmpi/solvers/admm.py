@@ -52,6 +52,7 @@ from ptmpi.mask import valid_only
 from ptmpi.metrics import r_factor_sums, r_factor_value
 from ptmpi.operators import kernels
 from ptmpi.operators.grad import Gradient
+from ptmpi.operators.modes import initial_modes, mix_modes, modulus
 from ptmpi.parallel.comm import Comm
 from ptmpi.parallel.data_term import DataTerm, probe_from_views  # noqa: F401
 from ptmpi.solvers.align import make_aligner
@@ -61,8 +62,10 @@ from ptmpi.solvers.prox import (
     LIKELIHOODS,
     data_objective,
     prox_data,
+    prox_data_modes,
     shrink_isotropic,
     update_data_split,
+    update_data_split_modes,
     update_tv_split,
 )
 from ptmpi.solvers.regularisation import default_tv_weight
@@ -159,6 +162,9 @@ class SolverSettings:
     align_gauge: str = "volume"
     """Unobservable translations of the shifts: ``volume`` (held by the current volume)
     or ``zero`` (removed after every update), :mod:`ptmpi.solvers.align`."""
+    probe_modes: int = 1
+    """Incoherent probe modes ``K`` (mixed-state, :mod:`ptmpi.operators.modes`): ``z`` and
+    ``lam2`` then hold one far field per mode, ``(K, N_FRAMES_LOCAL, M, M)``."""
 
     def __post_init__(self):
         if self.algorithm not in ALGORITHMS:
@@ -177,9 +183,14 @@ class SolverSettings:
             raise ValueError(f"start must be 'ones' or 'coarse', got {self.start!r}")
         if self.start_iterations < 0 or self.start_levels < 1:
             raise ValueError("start_iterations must be >= 0 and start_levels >= 1")
+        if self.probe_modes < 1:
+            raise ValueError(f"probe_modes must be >= 1, got {self.probe_modes}")
 
     def to_dict(self) -> dict:
-        return dataclasses.asdict(self)
+        out = dataclasses.asdict(self)
+        if self.probe_modes == 1:  # single-mode settings (and checkpoints) as before modes
+            del out["probe_modes"]
+        return out
 
 
 @dataclasses.dataclass
@@ -207,8 +218,10 @@ class ADMMState:
 
     ``u`` ``(nz, n, n)``, ``p`` and ``lam1`` ``(3, nz, n, n)`` (None for APTs) and ``omega``
     ``(M, M)`` are replicated; ``z_local`` and ``lam2_local`` ``(N_FRAMES_LOCAL, M, M)`` hold
-    this rank's frames. ``iteration`` counts completed iterations, ``history`` the metrics
-    per iteration (lists), ``params`` the penalties in use (:func:`resolve`).
+    this rank's frames (with ``K`` probe modes: ``omega`` ``(K, M, M)``, ``z_local`` and
+    ``lam2_local`` ``(K, N_FRAMES_LOCAL, M, M)``). ``iteration`` counts completed
+    iterations, ``history`` the metrics per iteration (lists), ``params`` the penalties in
+    use (:func:`resolve`).
     """
 
     u: object
@@ -313,6 +326,9 @@ def solve(problem: LocalProblem, settings: SolverSettings, comm: Comm,
     rdtype = real_dtype(dtype)
     apt = settings.algorithm == "apt"
     probe = to_device(problem.probe, xp).astype(dtype)
+    n_modes = settings.probe_modes
+    if n_modes > 1 and probe.ndim == 2:
+        probe = initial_modes(probe, n_modes)
     data = DataTerm(problem.volume_shape, problem.theta_local, probe, problem.positions_local,
                     problem.frame_offset_local, comm, xp=xp, dtype=dtype)
     valid = None if problem.valid_local is None else to_device(problem.valid_local, xp)
@@ -423,22 +439,27 @@ def solve(problem: LocalProblem, settings: SolverSettings, comm: Comm,
         u = conjugate_gradient(normal_op, rhs, u_old, settings.cg_iterations, inv_diag=inv_diag)
         if settings.refine_probe and state.iteration >= settings.probe_start:
             state.omega = data.update_probe(u, target)
+            if n_modes > 1:  # the modes were rotated: their fields follow
+                state.lam2_local = mix_modes(state.lam2_local, data.mode_mixing)
+                z_old = mix_modes(z_old, data.mode_mixing)
             update_preconditioner()
         # Step 2: z and p; step 3: their multipliers.
         d = data.fwd(u)
         # Over-relaxation (alpha = 1 is the paper's ADMM): mix in the previous split value.
         alpha = settings.relaxation
         if alpha == 1:  # z-step and its multiplier update (step 3) together
-            z = update_data_split(d, state.lam2_local, f_local, r2, settings.likelihood,
-                                  valid, epsilon, z_old, stats_z)
+            split = update_data_split_modes if n_modes > 1 else update_data_split
+            z = split(d, state.lam2_local, f_local, r2, settings.likelihood, valid, epsilon,
+                      z_old, stats_z)
         else:
-            d_hat = alpha * d + (1 - alpha) * state.z_local
-            z = prox_data(d_hat - state.lam2_local, f_local, r2, settings.likelihood, valid,
-                          epsilon)
+            d_hat = alpha * d + (1 - alpha) * z_old
+            prox = prox_data_modes if n_modes > 1 else prox_data
+            z = prox(d_hat - state.lam2_local, f_local, r2, settings.likelihood, valid, epsilon)
             state.lam2_local += z - d_hat
             stats_z[:] = (float(xp.linalg.norm(z - d)) ** 2,
                           float(xp.linalg.norm(z - z_old)) ** 2,
-                          data_objective(d, f_local, settings.likelihood, valid, epsilon))
+                          data_objective(modulus(d) if n_modes > 1 else d, f_local,
+                                         settings.likelihood, valid, epsilon))
         if apt and alpha == 1 and r1 > 0:
             # p-step and its multiplier update (step 3) together, one pass over u.
             state.p = update_tv_split(grad, u, state.lam1, tv_weight / r1, state.p, stats_p)
@@ -456,7 +477,7 @@ def solve(problem: LocalProblem, settings: SolverSettings, comm: Comm,
         state.iteration += 1
 
         # Metrics of the iterate u_{k+1}: one reduction of the local sums of the data term.
-        num = r_factor_sums(d, sqrt_f=sqrt_f, valid=valid)[0]
+        num = r_factor_sums(modulus(d) if n_modes > 1 else d, sqrt_f=sqrt_f, valid=valid)[0]
         num, primal_z2, dual_z2, likelihood = data.reduce([num, *stats_z])
         step = u - u_old
         du = float(xp.linalg.norm(step))

@@ -109,6 +109,57 @@ def prox_data(zt, f, r2: float, likelihood: str, valid=None, epsilon: float = 0.
     return z if valid is None else xp.where(valid, z, zt)
 
 
+def prox_data_modes(zt, f, r2: float, likelihood: str, valid=None, epsilon: float = 0.0):
+    """z-step of ``K`` incoherent probe modes (:mod:`ptmpi.operators.modes`).
+
+    ``zt``: ``(K, N_FRAMES_LOCAL, M, M)``, one far field per mode; ``f``, ``valid`` as in
+    :func:`prox_data`. The likelihood sees a pixel only through the modulus
+    ``a = sqrt(sum_k |z_k|^2)``, so ``min_z G(|z|) + r2/2 sum_k |z_k - zt_k|^2`` is radial:
+    for a given ``|z| = rho`` the nearest ``z`` is ``rho zt / |zt|`` (all modes scaled
+    alike), and ``rho`` solves the scalar problem of :func:`prox_modulus` at ``|zt|``.
+    (Thibault and Menzel's mixed-state modulus projection is the limit ``r2 -> 0``.)
+    Where ``zt = 0`` (to rounding, as in :func:`prox_data`) every direction is optimal:
+    mode 0 takes ``rho`` on the real axis, the other modes 0.
+    """
+    from ptmpi.operators.modes import modulus
+
+    xp = get_xp(zt)
+    f = valid_only(f, valid)
+    mag = modulus(zt)
+    rho = prox_modulus(mag, f, r2, likelihood, epsilon)
+    tiny = 64 * np.finfo(mag.dtype).eps * mag.max(axis=(-2, -1), keepdims=True)
+    significant = mag > tiny
+    scale = xp.where(significant, rho / xp.where(significant, mag, 1), 0).astype(mag.dtype)
+    z = zt * scale[None]
+    z[0] = xp.where(significant, z[0], rho)
+    return z if valid is None else xp.where(valid, z, zt)
+
+
+def update_data_split_modes(d, lam2, f, r2: float, likelihood: str, valid=None,
+                            epsilon: float = 0.0, z_old=None, stats=None):
+    """:func:`update_data_split` for ``K`` probe modes: ``d``, ``lam2`` and the result are
+    ``(K, N_FRAMES_LOCAL, M, M)``; ``z = prox`` (:func:`prox_data_modes`) of ``d - lam2``
+    and ``lam2 += z - d`` in place, in one compiled pass on the host when available
+    (:func:`ptmpi.operators.kernels.data_split_modes`). ``z_old``, ``stats`` as there;
+    ``sum G(d)`` is taken at the model modulus ``sqrt(sum_k |d_k|^2)``."""
+    from ptmpi.operators.modes import modulus
+
+    if likelihood not in LIKELIHOODS:
+        raise ValueError(f"likelihood must be one of {LIKELIHOODS}, got {likelihood!r}")
+    if kernels.available(d, lam2, f) and (valid is None or kernels.available(valid)):
+        return kernels.data_split_modes(d, lam2, f, r2, likelihood, valid, epsilon, z_old,
+                                        stats)
+    xp = get_xp(d)
+    z = prox_data_modes(d - lam2, f, r2, likelihood, valid, epsilon)
+    step = z - d
+    lam2 += step
+    if stats is not None:
+        stats[0] = float(xp.vdot(step, step).real)
+        stats[1] = 0.0 if z_old is None else float(xp.linalg.norm(z - z_old)) ** 2
+        stats[2] = data_objective(modulus(d), f, likelihood, valid, epsilon)
+    return z
+
+
 def shrink_isotropic(pt, threshold: float):
     """``max(0, |pt| - threshold) * pt / |pt|`` with ``|pt|`` the 3-component magnitude.
 

@@ -16,6 +16,16 @@ halved) when successive steps of the images point backwards and the relative cha
 stops shrinking: the period-2 cycle of ADMM on the nonconvex likelihood. The test uses
 sums over all angles, so ``r2`` and the iterates do not depend on the rank count.
 
+Incoherent probe modes (``probe_modes = K > 1``, mixed-state ptychography,
+:mod:`ptmpi.operators.modes`): the model intensity is ``sum_k |F(omega_k S_j v)|^2``, and
+the split keeps one far field per mode, ``z`` and ``lam2`` of shape
+``(K, N_FRAMES_LOCAL, M, M)``. Step 1 sums the modes,
+``v = (sum_k S^H conj(omega_k) F^H(z_k + lam2_k) + delta v) / (sum_k W_k + delta)``; step 2
+updates each mode by the closed form and then rotates the modes into their orthogonal
+basis (SVD, strongest first), mixing ``lam2`` by the same unitary matrix (no model
+changes); step 3 is the radial prox of :func:`ptmpi.solvers.prox.prox_data_modes`, which
+scales every mode of a pixel alike. ``K = 1`` is the single-probe code path.
+
 The 2-step baseline then removes each recovered projection's arbitrary global complex
 factor (aligned to the projection of the empty sample ``u = 1``) and solves the
 tomography ``min_u sum_t ||P_t u - v_t||^2`` by CG from ``u = 0``.
@@ -35,13 +45,14 @@ from ptmpi.backend import get_xp, real_dtype, synchronize, to_device
 from ptmpi.mask import valid_only
 from ptmpi.metrics import r_factor_sums, r_factor_value
 from ptmpi.operators.fft import FarField
+from ptmpi.operators.modes import ModePtycho, initial_modes, mix_modes, modulus, orthogonalise
 from ptmpi.operators.ptycho import Ptycho
 from ptmpi.operators.tomo import Projector
 from ptmpi.parallel.comm import SerialComm
-from ptmpi.parallel.data_term import probe_from_views
+from ptmpi.parallel.data_term import probe_from_views, probe_modes_from_views
 from ptmpi.solvers.cg import conjugate_gradient
 from ptmpi.solvers.penalty import cycling, step_cosine
-from ptmpi.solvers.prox import LIKELIHOODS, update_data_split
+from ptmpi.solvers.prox import LIKELIHOODS, update_data_split, update_data_split_modes
 
 logger = logging.getLogger(__name__)
 
@@ -77,6 +88,9 @@ class Ptycho2DSettings:
     """``r2`` is raised at most to this multiple of its starting value."""
     tomo_iterations: int = 10
     """CG iterations of the tomography step of the 2-step method (as in the paper)."""
+    probe_modes: int = 1
+    """Incoherent probe modes ``K`` (mixed-state ptychography, :mod:`ptmpi.operators.modes`);
+    1: the single coherent probe."""
 
     def __post_init__(self):
         if self.likelihood not in LIKELIHOODS:
@@ -87,17 +101,22 @@ class Ptycho2DSettings:
             raise ValueError("r2 and damping must be > 0")
         if self.epsilon < 0 or self.probe_start < 0 or self.penalty_window < 0:
             raise ValueError("epsilon, probe_start and penalty_window must be >= 0")
+        if self.probe_modes < 1:
+            raise ValueError(f"probe_modes must be >= 1, got {self.probe_modes}")
 
     def to_dict(self) -> dict:
-        return dataclasses.asdict(self)
+        out = dataclasses.asdict(self)
+        if self.probe_modes == 1:  # single-mode parameters are written as before modes
+            del out["probe_modes"]
+        return out
 
 
 @dataclasses.dataclass
 class Ptycho2DState:
     v_local: object  # (N_THETA_LOCAL, H, W) complex images
-    z_local: object
-    lam2_local: object
-    omega: object
+    z_local: object  # (N_FRAMES_LOCAL, M, M); with K > 1 modes (K, N_FRAMES_LOCAL, M, M)
+    lam2_local: object  # as z_local
+    omega: object  # (M, M) probe; with K > 1 modes (K, M, M)
     iteration: int = 0
     history: dict = dataclasses.field(default_factory=dict)
 
@@ -114,7 +133,14 @@ def solve_ptycho2d(v0_local, f_local, probe, positions_local, frame_offset_local
         Starting images (e.g. projections of the empty sample); sets device and dtype.
     f_local : (N_FRAMES_LOCAL, M, M) real
         Counts with zero frequency at ``[0, 0]``.
-    probe : (M, M) complex
+    probe : (M, M) complex, or (K, M, M) probe modes
+        With ``settings.probe_modes = K > 1`` an ``(M, M)`` probe is expanded into ``K``
+        modes (:func:`~ptmpi.operators.modes.initial_modes`); a ``(K, M, M)`` one is used
+        as given. The far fields and multipliers are then ``(K, N_FRAMES_LOCAL, M, M)``,
+        the image update sums the modes, the probe update (the closed form, mode by mode)
+        is followed by an orthogonalisation of the modes (:func:`orthogonalise`, with the
+        multipliers mixed alike so the iteration is unchanged), and the R-factor uses the
+        modulus ``sqrt(sum_k |d_k|^2)``.
     positions_local, frame_offset_local : this rank's scan (see :class:`Ptycho`).
     valid_local : bool (M, M) or (N_FRAMES_LOCAL, M, M), optional
         Detector mask (:mod:`ptmpi.mask`): invalid pixels take no part in the likelihood
@@ -128,7 +154,15 @@ def solve_ptycho2d(v0_local, f_local, probe, positions_local, frame_offset_local
     dtype = v0_local.dtype
     rdtype = real_dtype(dtype)
     omega = to_device(probe, xp).astype(dtype)
-    ptycho = Ptycho(omega, positions_local, frame_offset_local, v0_local.shape[1:])
+    n_modes = settings.probe_modes
+    if n_modes > 1:
+        if omega.ndim == 2:
+            omega = initial_modes(omega, n_modes)
+        if omega.shape[0] != n_modes:
+            raise ValueError(f"{omega.shape[0]} probe modes given, settings ask for {n_modes}")
+        ptycho = ModePtycho(omega, positions_local, frame_offset_local, v0_local.shape[1:])
+    else:
+        ptycho = Ptycho(omega, positions_local, frame_offset_local, v0_local.shape[1:])
     farfield = FarField()
     valid = None if valid_local is None else to_device(valid_local, xp)
     f_local = valid_only(to_device(f_local, xp).astype(rdtype), valid)
@@ -158,21 +192,35 @@ def solve_ptycho2d(v0_local, f_local, probe, positions_local, frame_offset_local
     for _ in range(settings.iterations):
         target = state.z_local + state.lam2_local
         v_old = state.v_local
-        back = ptycho.adj(farfield.adj(target))
+        # with modes the back-propagated targets are kept for the probe update
+        exit_waves = farfield.adj(target) if n_modes > 1 else None
+        back = ptycho.adj(farfield.adj(target) if exit_waves is None else exit_waves)
         if shared_image:
             back = comm.allreduce_sum(back.astype(np.complex128)).astype(dtype)
         v = (back + delta * v_old) / (weight + delta)
         if settings.refine_probe and state.iteration >= settings.probe_start:
-            state.omega = probe_from_views(ptycho.extract(v), target, comm, ptycho=ptycho)
+            if n_modes > 1:
+                omega = probe_modes_from_views(ptycho.extract(v), exit_waves, comm,
+                                               ptycho=ptycho.geometry)
+                state.omega, mixing = orthogonalise(omega)
+                state.lam2_local = mix_modes(state.lam2_local, mixing)
+            else:
+                state.omega = probe_from_views(ptycho.extract(v), target, comm, ptycho=ptycho)
             ptycho.probe = state.omega
             weight, delta = illumination()
+        exit_waves = None
         d = farfield.fwd(ptycho.fwd(v))
-        z = update_data_split(d, state.lam2_local, f_local, r2, settings.likelihood, valid,
-                              settings.epsilon, None, stats)
+        if n_modes > 1:
+            z = update_data_split_modes(d, state.lam2_local, f_local, r2, settings.likelihood,
+                                        valid, settings.epsilon)
+        else:
+            z = update_data_split(d, state.lam2_local, f_local, r2, settings.likelihood, valid,
+                                  settings.epsilon, None, stats)
         state.z_local, state.v_local = z, v
         state.iteration += 1
         step = v - v_old
-        local = [r_factor_sums(d, sqrt_f=sqrt_f, valid=valid)[0],
+        model = modulus(d) if n_modes > 1 else d  # the modulus sqrt(sum_k |d_k|^2)
+        local = [r_factor_sums(model, sqrt_f=sqrt_f, valid=valid)[0],
                  float(xp.linalg.norm(step)) ** 2, float(xp.linalg.norm(v)) ** 2,
                  0.0 if prev_step is None else float(xp.vdot(prev_step, step).real)]
         if shared_image:  # only the R-factor's sum is over frames; the images are replicated
