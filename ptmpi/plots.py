@@ -156,6 +156,11 @@ def save_shifts(path: Path, angles_deg, shifts, truth=None) -> None:
     ax.set_xlim(angles_deg.min() - 5, angles_deg.max() + 25)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=80)
+    plt.close(fig)
+
+
 def save_probe_modes(path: Path, modes: np.ndarray, title: str = "") -> None:
     """Amplitude of each incoherent probe mode ``(K, M, M)``, titled with its share of the
     total power."""
