@@ -216,17 +216,28 @@ def _dry_run(args, algorithm, settings, dtype, comm: Comm) -> int:
 
     try:
         plan = reconstruct(args.input, args.output, settings, comm, algorithm=algorithm,
-                           force=args.force, dtype=dtype, dry_run=True)
+                           force=args.force, gpu=args.gpu, dtype=dtype, dry_run=True)
     except RunError as exc:
         raise UserError(str(exc)) from exc
     if comm.is_root:
         arrays = plan["arrays"]
         print(f"dry run: {algorithm} on {comm.size} rank(s), {np.dtype(dtype).name}: the input and "
               "output are valid")
-        print(f"dry run: memory per rank up to {format_bytes(plan['bytes_per_rank_max'])} "
-              f"(solver arrays {format_bytes(arrays['solver'])}, projector "
-              f"{format_bytes(arrays['projector'])}, input {format_bytes(arrays['input'])}, "
-              "plus the process itself)")
+        if plan.get("gpu"):
+            print(f"dry run: GPU memory per rank up to "
+                  f"{format_bytes(plan['device_bytes_per_rank_max'])} (solver arrays "
+                  f"{format_bytes(arrays['solver'])}, projector "
+                  f"{format_bytes(arrays['projector'])}; not checked against the GPU's)")
+            print(f"dry run: host memory per rank up to "
+                  f"{format_bytes(plan['bytes_per_rank_max'])} (input "
+                  f"{format_bytes(arrays['input'])}, plus the process itself: "
+                  f"{format_bytes(plan['runtime'])} for the first solve and its size now)")
+        else:
+            print(f"dry run: memory per rank up to {format_bytes(plan['bytes_per_rank_max'])} "
+                  f"(solver arrays {format_bytes(arrays['solver'])}, projector "
+                  f"{format_bytes(arrays['projector'])}, input {format_bytes(arrays['input'])}, "
+                  f"plus the process itself: {format_bytes(plan['runtime'])} for the first "
+                  "solve and its size now)")
         available = plan["bytes_available"]
         print(f"dry run: {format_bytes(plan['bytes_node'])} for the ranks on this node, "
               f"{format_bytes(available) if available else 'unknown'} available: it fits")

@@ -27,12 +27,50 @@ temporaries are alive: APT ``19.4 V + 6.0 Fb`` / ``9.3 V + 9.1 Fb`` / ``69 B``, 
 ground truth, one volume. Sub-pixel scan positions add ``1 Fb`` to both phases: the cached
 probe of every frame (measured +0.84 to +1.00 Fb for APT and APTs, kernels and numpy).
 
+The exponential model (``--model exp``, :mod:`ptmpi.solvers.admm_exp`) also holds the
+per-angle transmissions psi and mu and the Gauss-Newton CG vectors on them, so its figures
+have a third unit, the projection stack ``Pb = N_THETA_LOCAL nz n`` (complex), and its
+initialisation (per-angle ptychography, then the phase-gradient tomography) is one of the
+phases that may peak:
+
+=================  =================================  =================================  ======
+exp model          volume phase                       frame phase                        per nnz
+=================  =================================  =================================  ======
+APT                ``18.8 V + 5.1 Fb + 9.6 Pb``       ``0.1 V + 8.1 Fb + 7.5 Pb``        ``41 B``
+APTs               ``11.8 V + 4.6 Fb + 8.3 Pb``       ``0.7 V + 8.1 Fb + 6.7 Pb``        ``42 B``
+two-step           ``12.4 V + 3.1 Fb + 7.3 Pb``       ``0.7 V + 8.1 Fb + 6.4 Pb``        ``42 B``
+=================  =================================  =================================  ======
+
+and with the numpy fallback (or GPU arrays): APT ``20.7 V + 5.3 Fb + 11.8 Pb`` /
+``0.8 V + 12.2 Fb + 7.2 Pb`` / ``40 B``, APTs ``13.4 V + 3.4 Fb + 13.0 Pb`` /
+``1.0 V + 12.2 Fb + 6.8 Pb`` / ``41 B``, two-step ``13.7 V + 2.9 Fb + 11.9 Pb`` /
+``0.8 V + 12.2 Fb + 7.3 Pb`` / ``40 B``. They are non-negative least-squares fits of the
+relative misfit (alternating with the phase each run peaks in;
+:mod:`ptmpi.bench.memory_fit`) to ``tracemalloc`` peaks of exp solves with two
+initialisation ptychography iterations and Gauss-Newton steps and two joint iterations
+(the peaks do not depend on these counts), after the kernels were compiled, on 24
+geometries: 24^3-64^3 (nz 16-64), 4-24 angles, far-field stacks from 0.1 to 75 volumes
+(the peaks: ``docs/results/memory/exp-peaks.jsonl``).
+Largest misfit of the rounded coefficients: APT 2.3% (kernels) / 4.5% (numpy), APTs 4.5% /
+2.4%, two-step 2.0% / 1.4%; a test checks APT and APTs on a geometry outside the fit. The
+sub-pixel ``1 Fb`` is carried over from the linear model, not measured for exp.
+
 The APT and APTs coefficients are least-squares fits to ``tracemalloc`` peaks of two-iteration
 runs at 32^3-96^3 with 4-48 angles and far-field stacks from 0.1 to 14 volumes (largest
 misfit 3.5%); a test checks them on a geometry outside the fit, and ``ptmpi bench`` prints
 the prediction beside the measured peak.
 To the arrays add the process baseline (interpreter, numpy, scipy, MPI), measured at run
-time as the resident size before the data are read.
+time as the resident size before the data are read, and what the first solve loads beyond
+it (:data:`FIRST_SOLVE_BYTES`: the Numba-compiled kernels, FFT plans, modules imported on
+first use): measured as the resident growth of a one-angle, eight-frame solve (arrays
+negligible) right after reading the input, 80 MiB with the kernels and 21-22 MiB without
+(linear and exp model alike; Numba 0.68, numpy 2.4, one rank). With it the plan of exp
+runs (48 x 56^2, 10 angles, 990 frames of 16^2, two iterations after the default
+initialisation) was, against the measured peak resident size, APT 229 / 222 MiB and APTs
+220 / 215 MiB (numpy fallback: 174 / 178 MiB and 164 / 168 MiB); without it, 149 MiB for
+APT. On 56 x 64^2, 20 angles, 8800 frames (exp APT, solver arrays 143 MiB on one rank) the
+plan was 352 MiB against 382 MiB measured on one rank, 296 against 305 MiB (the larger
+rank) on two.
 """
 
 from __future__ import annotations
@@ -45,6 +83,10 @@ import numpy as np
 
 NNZ_PER_VOXEL_ANGLE = 2.2
 
+# resident growth of the first solve beyond the baseline, by whether the compiled kernels
+# are in use (see the module doc)
+FIRST_SOLVE_BYTES = {True: 80 * 2**20, False: 22 * 2**20}
+
 # (volume phase: V, Fb), (frame phase: V, Fb), bytes per projector non-zero
 _COEFFICIENTS = {
     (True, "apt"): ((17.7, 4.9), (9.3, 7.0), 68),
@@ -54,30 +96,60 @@ _COEFFICIENTS = {
 }
 _TWO_STEP = ((16.0, 4.0), (2.0, 16.0), 40)
 
+# exp model (--model exp): (volume phase: V, Fb, Pb), (frame phase: V, Fb, Pb), bytes per
+# projector non-zero (see the module doc)
+_EXP_COEFFICIENTS = {
+    (True, "apt"): ((18.8, 5.1, 9.6), (0.1, 8.1, 7.5), 41),
+    (True, "apts"): ((11.8, 4.6, 8.3), (0.7, 8.1, 6.7), 42),
+    (True, "two-step"): ((12.4, 3.1, 7.3), (0.7, 8.1, 6.4), 42),
+    (False, "apt"): ((20.7, 5.3, 11.8), (0.8, 12.2, 7.2), 40),
+    (False, "apts"): ((13.4, 3.4, 13.0), (1.0, 12.2, 6.8), 41),
+    (False, "two-step"): ((13.7, 2.9, 11.9), (0.8, 12.2, 7.3), 40),
+}
+
 
 def predict_arrays(volume_shape, n_frames_local: int, probe_size: int, n_theta_local: int,
                    algorithm: str, dtype=np.complex64, truth: bool = False,
                    compiled: bool | None = None, subpixel: bool = False,
-                   modes: int = 1) -> dict:
+                   modes: int = 1, model: str = "linear") -> dict:
     """Predicted peak bytes of the solver's arrays on one rank, by part (see module doc).
 
     ``compiled`` selects the coefficients of the compiled kernels (default: whether they
-    are enabled in this process) or of the numpy fallback; ``subpixel``: the scan has
-    sub-pixel positions (one shifted probe per frame); ``modes``: incoherent probe modes
-    (ptycho2d), each with its own far fields, multipliers and shifted probes.
+    are enabled in this process) or of the numpy fallback (also GPU arrays); ``subpixel``:
+    the scan has sub-pixel positions (one shifted probe per frame); ``modes``: incoherent
+    probe modes (linear model), each with its own far fields, multipliers and shifted
+    probes; ``model``: the forward model, ``linear`` or ``exp`` (apt, apts and two-step).
     """
     if compiled is None:
         from ptmpi.operators import kernels
 
         compiled = kernels.ENABLED
+    itemsize = np.dtype(dtype).itemsize
+    nz, ny, nx = (int(s) for s in volume_shape)
+    if model == "exp":
+        if algorithm not in ("apt", "apts", "two-step"):
+            raise ValueError(f"unknown algorithm {algorithm!r} for the exp model")
+        volume_phase, frame_phase, per_nnz = _EXP_COEFFICIENTS[bool(compiled), algorithm]
+        units = np.array([nz * ny * nx, n_frames_local * probe_size * probe_size,
+                          n_theta_local * nz * nx], dtype=float) * itemsize
+        frames = units[1]
+        solver = max(float(np.dot(volume_phase, units)), float(np.dot(frame_phase, units))) + (
+            frames if subpixel else 0)
+        parts = {
+            "solver": solver,
+            "projector": per_nnz * NNZ_PER_VOXEL_ANGLE * n_theta_local * ny * nx,
+            "input": n_frames_local * probe_size * probe_size * 4 + (units[0] if truth else 0),
+        }
+        parts["total"] = sum(parts.values())
+        return {k: int(v) for k, v in parts.items()}
+    if model != "linear":
+        raise ValueError(f"unknown model {model!r}")
     if algorithm in ("two-step", "ptycho2d"):
         volume_phase, frame_phase, per_nnz = _TWO_STEP
     elif algorithm in ("apt", "apts"):
         volume_phase, frame_phase, per_nnz = _COEFFICIENTS[bool(compiled), algorithm]
     else:
         raise ValueError(f"unknown algorithm {algorithm!r}")
-    itemsize = np.dtype(dtype).itemsize
-    nz, ny, nx = (int(s) for s in volume_shape)
     vol = nz * ny * nx * itemsize
     frames = n_frames_local * probe_size * probe_size * itemsize
     frames_all = frames * modes

@@ -52,7 +52,8 @@ def _agree(comm: Comm, problems: list[str]) -> None:
 
 
 def _validate_and_read(input_path, output_path, algorithm, comm, force, dtype=DEFAULT_COMPLEX,
-                       dry_run=False, figures=False, split_ok=False, modes=1):
+                       dry_run=False, figures=False, split_ok=False, modes=1, model="linear",
+                       gpu=False):
     """Steps (1) and (2): the collective checks, then this rank's block of the input.
 
     The memory check (:func:`_plan_memory`) runs before any frame is read; with
@@ -88,7 +89,7 @@ def _validate_and_read(input_path, output_path, algorithm, comm, force, dtype=DE
     if split_frames:
         # One angle: its frames are split over the ranks, which share the image (ptycho2d)
         # or whose partial sums over frames DataTerm reduces (apt, apts).
-        plan = _plan_memory(layout, algorithm, dtype, comm, modes)
+        plan = _plan_memory(layout, algorithm, dtype, comm, modes, model, gpu)
         if dry_run:
             return plan
         _agree(comm, validate_input(input_path, 0, 1))
@@ -111,7 +112,7 @@ def _validate_and_read(input_path, output_path, algorithm, comm, force, dtype=DE
         raise RunError(f"{comm.size} ranks but only {angles} in {input_path}: "
                        f"use at most {n_angles} rank" + ("s" if n_angles != 1 else ""))
     start, stop = block_partition(n_angles, comm.size, comm.rank)
-    plan = _plan_memory(layout, algorithm, dtype, comm, modes)
+    plan = _plan_memory(layout, algorithm, dtype, comm, modes, model, gpu)
     if dry_run:
         return plan
     _agree(comm, validate_input(input_path, start, stop))
@@ -155,25 +156,46 @@ def _has_subpixel(path) -> bool:
         return bool(np.any(split_positions(f[POSITIONS][()])[1] != 0))
 
 
-def _plan_memory(layout, algorithm, dtype, comm, modes: int = 1) -> dict:
+def _plan_memory(layout, algorithm, dtype, comm, modes: int = 1, model="linear",
+                 gpu=False) -> dict:
     """Predicted memory per rank (:mod:`ptmpi.memory`), checked against the node's.
 
     Every rank predicts its own need; the ranks on a node together must fit in what the
-    node has available, or every rank raises the same :class:`RunError`.
+    node has available, or every rank raises the same :class:`RunError`. ``model``: the
+    forward model (``linear`` or ``exp``), whose coefficients are used. With ``gpu`` the
+    solver's arrays and the projector are on the rank's GPU (numpy-fallback coefficients,
+    which CuPy arrays follow): the plan reports them as ``device_bytes_per_rank`` and the
+    host need is the input block and the process only (device memory is not checked).
+    The process counts its resident size now and what the first solve loads
+    (``FIRST_SOLVE_BYTES``; for CuPy the numpy-fallback figure, not measured).
     """
-    from ptmpi.memory import available_bytes, format_bytes, predict_arrays, resident_bytes
+    from ptmpi.memory import (
+        FIRST_SOLVE_BYTES,
+        available_bytes,
+        format_bytes,
+        predict_arrays,
+        resident_bytes,
+    )
+    from ptmpi.operators import kernels
 
     start, stop = block_partition(len(layout["frame_offset"]) - 1, comm.size, comm.rank)
     offset = layout["frame_offset"]
     arrays = predict_arrays(layout["shape"], int(offset[stop] - offset[start]), layout["m"],
                             stop - start, algorithm, dtype, layout["truth"],
-                            subpixel=layout.get("subpixel", False), modes=modes)
-    need = arrays["total"] + resident_bytes()
+                            compiled=False if gpu else None,
+                            subpixel=layout.get("subpixel", False), modes=modes, model=model)
+    device = arrays["solver"] + arrays["projector"] if gpu else 0
+    runtime = FIRST_SOLVE_BYTES[bool(kernels.ENABLED and not gpu)]
+    need = arrays["total"] - device + runtime + resident_bytes()
     needs = comm.allgather(need)
     node_need = sum(needs[comm.rank - comm.local_rank:][:comm.local_size])
     available = comm.allreduce_scalar(float(available_bytes()), "min")
     plan = {"bytes_per_rank_max": max(needs), "bytes_per_rank": needs,
-            "bytes_node": node_need, "bytes_available": int(available), "arrays": arrays}
+            "bytes_node": node_need, "bytes_available": int(available), "arrays": arrays,
+            "runtime": runtime, "model": model, "gpu": bool(gpu)}
+    if gpu:
+        devices = comm.allgather(device)
+        plan.update(device_bytes_per_rank=devices, device_bytes_per_rank_max=max(devices))
     logger.debug("memory: %s per rank (largest), %s on this node, %s available", format_bytes(
         max(needs)), format_bytes(node_need), format_bytes(available) if available else "?")
     too_big = comm.allreduce_scalar(float(available > 0 and node_need > available), "max")
@@ -235,7 +257,8 @@ def reconstruct(input_path: str, output_path: str, settings, comm: Comm, *,
     if dry_run:
         plan = _validate_and_read(input_path, output_path, algorithm, comm, force, dtype,
                                   dry_run=True, split_ok=split_ok,
-                                  modes=getattr(settings, "probe_modes", 1))
+                                  modes=getattr(settings, "probe_modes", 1),
+                                  model="exp" if exp else "linear", gpu=gpu)
         return {"dry_run": True, **plan}
     if joint:
         path, header, checksum = _check_restart(input_path, output_path, settings, dtype, comm,
@@ -243,7 +266,8 @@ def reconstruct(input_path: str, output_path: str, settings, comm: Comm, *,
     modes = getattr(settings, "probe_modes", 1)
     data, start, stop = _validate_and_read(input_path, output_path, algorithm, comm, force,
                                            dtype, figures=figures, split_ok=split_ok,
-                                           modes=modes)
+                                           modes=modes, model="exp" if exp else "linear",
+                                           gpu=gpu)
     if getattr(settings, "start", "ones") == "coarse" and modes > 1:
         raise RunError("--start coarse with --probe-modes > 1 is not supported yet: "
                        "use the default start")

@@ -194,3 +194,66 @@ def test_scaling_runs_each_rank_count_and_reports_efficiencies(tmp_path, capsys)
         assert r["efficiency"] == pytest.approx(
             strong[0]["iteration_s"] / (r["ranks"] * r["iteration_s"]))
     assert all(r["iteration_s"] > 0 for r in strong + weak)
+
+
+@pytest.fixture(scope="module")
+def exp_case_off_the_fit():
+    """An exp-model series on a geometry the exp coefficients were not fitted on:
+    36 x 44^2, 9 angles, probe 22, step 6 (about 2.4 volumes of far field)."""
+    from ptmpi.bench.memory_fit import GEOMETRIES, exp_problem
+
+    geometry = (44, 36, 9, 6, 22)
+    assert geometry not in GEOMETRIES
+    return exp_problem(*geometry)
+
+
+@pytest.mark.parametrize("compiled", [True, False], ids=["kernels", "numpy"])
+@pytest.mark.parametrize("algorithm", ["apt", "apts"])
+def test_exp_memory_prediction_within_25_percent_off_the_calibration_sizes(
+        exp_case_off_the_fit, algorithm, compiled, monkeypatch):
+    from ptmpi.bench.memory_fit import exp_problem, measure_exp
+    from ptmpi.operators import kernels
+
+    if compiled and not kernels.ENABLED:
+        pytest.skip("Numba kernels are not enabled here")
+    monkeypatch.setattr(kernels, "ENABLED", compiled)
+    if compiled:  # compile first: Numba's compiler allocates through Python too
+        measure_exp(exp_problem(16, 8, 2, 4, 8), algorithm)
+    problem = exp_case_off_the_fit
+    measured = measure_exp(problem, algorithm)
+    parts = predict_arrays(problem.volume_shape, problem.f_local.shape[0], 22, 9, algorithm,
+                           compiled=compiled, model="exp")
+    predicted = parts["solver"] + parts["projector"]
+    assert abs(predicted / measured - 1) < 0.25, (format_bytes(predicted), format_bytes(measured))
+
+
+def test_exp_and_gpu_dry_run_plans(tmp_path, capsys):
+    """--model exp plans with the exp coefficients; --gpu reports the solver's arrays as
+    GPU memory per rank (numpy-fallback coefficients) and only the input on the host."""
+    path = tmp_path / "in.h5"
+    assert main(["simulate", "--n", "16", "--nz", "12", "--angles", "4", "--step", "4",
+                 "--probe-size", "8", "--fwhm", "3", "--model", "exp", "--max-phase", "6",
+                 "-o", str(path)]) == 0
+    out = tmp_path / "rec.h5"
+    import h5py
+
+    from ptmpi.io.cxi import DATA
+
+    with h5py.File(path, "r") as f:
+        frames = int(f[DATA].shape[0])
+    shape = (12, 16, 16)
+    assert main(["reconstruct", str(path), "-o", str(out), "--model", "exp", "--dry-run"]) == 0
+    text = capsys.readouterr().out
+    exp = predict_arrays(shape, frames, 8, 4, "apt", model="exp")
+    assert f"solver arrays {format_bytes(exp['solver'])}" in text
+    assert exp["solver"] > predict_arrays(shape, frames, 8, 4, "apt")["solver"]
+    assert main(["reconstruct", str(path), "-o", str(out), "--model", "exp", "--dry-run",
+                 "--gpu"]) == 0
+    text = capsys.readouterr().out
+    device = predict_arrays(shape, frames, 8, 4, "apt", truth=True, compiled=False,
+                            model="exp")
+    assert (f"GPU memory per rank up to "
+            f"{format_bytes(device['solver'] + device['projector'])}") in text
+    assert f"input {format_bytes(device['input'])}, plus the process itself" in text
+    assert "22 MiB for the first solve" in text  # no compiled kernels on the GPU
+    assert not out.exists()
