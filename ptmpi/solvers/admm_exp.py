@@ -141,8 +141,11 @@ class ExpSolverSettings:
     initialisation: per-angle ptychography, then the phase-gradient tomography)."""
     iterations: int = 200
     """Maximum number of outer ADMM iterations."""
-    tol: float = 0.0
-    """Stop when the relative change ``||u_k - u_{k+1}|| / ||u_{k+1}||`` falls below it."""
+    tol: float = 1e-4
+    """Stop when the relative change ``||u_k - u_{k+1}|| / ||u_{k+1}||`` has stayed below
+    it for ``tol_window`` iterations (0: run all ``iterations``), as the linear solver."""
+    tol_window: int = 5
+    """See ``tol``."""
     likelihood: str = "ipm"
     """Data fidelity ``G``: ``agm`` (amplitude Gaussian) or ``ipm`` (Poisson)."""
     tv_weight: float | None = None
@@ -586,7 +589,11 @@ def solve_exp(problem: LocalProblem, settings: ExpSolverSettings, comm: SerialCo
         if not math.isfinite(row["rel_change"]):
             raise FloatingPointError(
                 f"the volume u is no longer finite: diverged at iteration {state.iteration}")
-        if settings.tol > 0 and row["rel_change"] < settings.tol:
+        recent = state.history["rel_change"][-max(settings.tol_window, 1):]
+        if (settings.tol > 0 and len(recent) >= settings.tol_window
+                and max(recent) < settings.tol):
+            logger.info("converged: relative change below %.3g for %d iterations",
+                        settings.tol, len(recent))
             break
         if (settings.adapt_penalties and scale < settings.penalty_max_factor
                 and state.iteration >= settings.penalty_start
