@@ -264,16 +264,16 @@ def reconstruct(input_path: str, output_path: str, settings, comm: Comm, *,
         path, header, checksum = _check_restart(input_path, output_path, settings, dtype, comm,
                                                 checkpoint, resume, force)
     modes = getattr(settings, "probe_modes", 1)
-    data, start, stop = _validate_and_read(input_path, output_path, algorithm, comm, force,
-                                           dtype, figures=figures, split_ok=split_ok,
-                                           modes=modes, model="exp" if exp else "linear",
-                                           gpu=gpu)
     if getattr(settings, "start", "ones") == "coarse" and modes > 1:
         raise RunError("--start coarse with --probe-modes > 1 is not supported yet: "
                        "use the default start")
     if getattr(settings, "align", False) and modes > 1:
         raise RunError("--align with --probe-modes > 1 is not supported yet: align one "
                        "mode first, then refine the modes from the aligned positions")
+    data, start, stop = _validate_and_read(input_path, output_path, algorithm, comm, force,
+                                           dtype, figures=figures, split_ok=split_ok,
+                                           modes=modes, model="exp" if exp else "linear",
+                                           gpu=gpu)
     if getattr(settings, "align", False) and data.n_angles < 2:
         raise RunError(f"--align: {input_path} has one angle; shifts of one angle are all "
                        "translations of the volume, which the data cannot see")

@@ -299,6 +299,22 @@ def test_cli_refuses_probe_modes_with_the_exp_model(tmp_path, capsys, flags):
     assert not (tmp_path / "r.h5").exists()
 
 
+@pytest.mark.parametrize("flags, words", [(["--align"], "--align with --probe-modes"),
+                                          (["--start", "coarse"], "--start coarse with")])
+def test_cli_refuses_modes_with_align_or_coarse_start(tmp_path, capsys, flags, words):
+    """Combinations not built yet end with one line before any frame is read."""
+    data = tmp_path / "d.h5"
+    assert main(["simulate", "-o", str(data), "--n", "16", "--nz", "8", "--angles", "2",
+                 "--step", "4", "--probe-size", "8", "--fwhm", "3"]) == 0
+    capsys.readouterr()
+    assert main(["reconstruct", str(data), "-o", str(tmp_path / "r.h5"), *flags,
+                 "--probe-modes", "2"]) == 1
+    err = capsys.readouterr().err
+    assert words in err
+    assert len(err.strip().splitlines()) == 1
+    assert not (tmp_path / "r.h5").exists()
+
+
 @pytest.mark.mpi(ranks=[2], timeout=180, unit="s")
 def test_probe_modes_do_not_depend_on_the_ranks(mpi_ranks):
     from ptmpi.parallel import MPIComm, block_partition
