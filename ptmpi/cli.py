@@ -404,6 +404,13 @@ def cmd_bench(args, comm: Comm) -> int:
 
     if args.repeat < 1:
         raise UserError(f"--repeat must be >= 1, got {args.repeat}")
+    if args.model:
+        from ptmpi.bench.model import GIB, evaluate, format_model
+
+        if comm.is_root:
+            for limit in (80 * GIB, 256 * GIB):
+                print(format_model(evaluate(limit_bytes=limit), limit))
+        return 0
     if args.scaling:
         from ptmpi.bench.scaling import run_scaling
 
@@ -674,6 +681,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="time only the iteration (used by --scaling)")
     p.add_argument("--scaling", action="store_true",
                    help="strong and weak scaling over --ranks (run as one process)")
+    p.add_argument("--model", action="store_true",
+                   help="print the per-rank memory and communication model of the angle and "
+                        "angle x z-slab layouts (1024^3 and 2048^3, 1500 angles, 64-4096 "
+                        "ranks; arithmetic only)")
     p.add_argument("--ranks", default="1,2,4", help="rank counts of --scaling (default 1,2,4)")
     p.add_argument("--scaling-size", type=int, default=64, help="--scaling size (default 64)")
     p.add_argument("--scaling-angles", type=int, default=48,
