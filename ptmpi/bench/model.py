@@ -217,6 +217,10 @@ def _gib(x: float) -> str:
     return f"{x / GIB:.1f}"
 
 
+def _s(x: float) -> str:
+    return f"{x:.0f}" if x >= 10 else f"{x:.2f}"
+
+
 def _mb(x: float) -> str:
     return f"{x / 1e6:,.0f}" if x >= 1e6 else f"{x / 1e6:.2f}"
 
@@ -247,13 +251,13 @@ def format_model(rows: list[dict], limit_bytes: float = 80 * GIB) -> str:
             one, lm, b = r["s1"], r["least_memory"], r["best"]
             s1 = (f"{_gib(one['memory']['total'])}"
                   f"{'' if one['memory']['total'] <= limit_bytes else ' (too big)'}",
-                  f"{_mb(one['comm']['total'])} ({one['seconds']:.2g})") if one else (
+                  f"{_mb(one['comm']['total'])} ({_s(one['seconds'])})") if one else (
                       "- (P > angles)", "-")
             best = ("none fits", "-", "-", "-", "-") if b is None else (
                 f"{b['slabs']} (A = {b['angle_groups']})", _gib(b["memory"]["total"]),
                 f"{_mb(b['comm']['total'])} ({_mb(b['comm']['allreduce'])} / "
                 f"{_mb(b['comm']['volume_halo'] + b['comm']['projection_halo'])})",
-                str(b["messages"]["total"]), f"{b['seconds']:.2g}")
+                str(b["messages"]["total"]), _s(b["seconds"]))
             out.append(f"| {r['ranks']} | {s1[0]} | {s1[1]} | {lm['slabs']}, "
                        f"{_gib(lm['memory']['total'])} | " + " | ".join(best) + " |")
         c = crossover(rows, n)
