@@ -441,8 +441,8 @@ def test_exp_resume_across_a_penalty_raise_is_bit_for_bit():
                                  scan="spiral", eta=1000.0))
     settings = ExpSolverSettings(iterations=60, init_iterations=20, init_gn_iterations=5)
     whole, params = solve_exp(problem_of(data), settings, SerialComm())
-    raised = [i for i, (a, b) in enumerate(zip(whole.history["r2"], whole.history["r2"][1:]))
-              if b > a]
+    r2 = whole.history["r2"]
+    raised = [i for i, (a, b) in enumerate(zip(r2[:-1], r2[1:], strict=True)) if b > a]
     assert raised and 5 < raised[0] < 55
     stop = raised[0] - 2
     part, _ = solve_exp(problem_of(data), dataclasses.replace(settings, iterations=stop),
