@@ -155,7 +155,7 @@ def test_radial_prox_with_one_mode_is_the_scalar_prox(rng):
 def test_compiled_modes_split_equals_the_numpy_one(rng, monkeypatch, likelihood, epsilon,
                                                    dtype):
     from ptmpi.operators import kernels
-    from ptmpi.solvers.prox import update_data_split_modes
+    from ptmpi.solvers.prox import update_data_split
 
     if not kernels.ENABLED:
         pytest.skip("Numba is not available")
@@ -171,7 +171,7 @@ def test_compiled_modes_split_equals_the_numpy_one(rng, monkeypatch, likelihood,
         monkeypatch.setattr(kernels, "ENABLED", compiled)
         lam = lam2.copy()
         stats = np.zeros(3)
-        z = update_data_split_modes(d, lam, f, 0.3, likelihood, valid, epsilon, z_old, stats)
+        z = update_data_split(d, lam, f, 0.3, likelihood, valid, epsilon, z_old, stats)
         runs.append((z, lam, stats))
     (z_c, lam_c, st_c), (z_r, lam_r, st_r) = runs
     tol = 1e-5 if dtype == np.complex64 else 1e-12

@@ -65,7 +65,6 @@ from ptmpi.solvers.prox import (
     prox_data_modes,
     shrink_isotropic,
     update_data_split,
-    update_data_split_modes,
     update_tv_split,
 )
 from ptmpi.solvers.regularisation import default_tv_weight
@@ -448,9 +447,8 @@ def solve(problem: LocalProblem, settings: SolverSettings, comm: Comm,
         # Over-relaxation (alpha = 1 is the paper's ADMM): mix in the previous split value.
         alpha = settings.relaxation
         if alpha == 1:  # z-step and its multiplier update (step 3) together
-            split = update_data_split_modes if n_modes > 1 else update_data_split
-            z = split(d, state.lam2_local, f_local, r2, settings.likelihood, valid, epsilon,
-                      z_old, stats_z)
+            z = update_data_split(d, state.lam2_local, f_local, r2, settings.likelihood,
+                                  valid, epsilon, z_old, stats_z)
         else:
             d_hat = alpha * d + (1 - alpha) * z_old
             prox = prox_data_modes if n_modes > 1 else prox_data

@@ -135,31 +135,6 @@ def prox_data_modes(zt, f, r2: float, likelihood: str, valid=None, epsilon: floa
     return z if valid is None else xp.where(valid, z, zt)
 
 
-def update_data_split_modes(d, lam2, f, r2: float, likelihood: str, valid=None,
-                            epsilon: float = 0.0, z_old=None, stats=None):
-    """:func:`update_data_split` for ``K`` probe modes: ``d``, ``lam2`` and the result are
-    ``(K, N_FRAMES_LOCAL, M, M)``; ``z = prox`` (:func:`prox_data_modes`) of ``d - lam2``
-    and ``lam2 += z - d`` in place, in one compiled pass on the host when available
-    (:func:`ptmpi.operators.kernels.data_split_modes`). ``z_old``, ``stats`` as there;
-    ``sum G(d)`` is taken at the model modulus ``sqrt(sum_k |d_k|^2)``."""
-    from ptmpi.operators.modes import modulus
-
-    if likelihood not in LIKELIHOODS:
-        raise ValueError(f"likelihood must be one of {LIKELIHOODS}, got {likelihood!r}")
-    if kernels.available(d, lam2, f) and (valid is None or kernels.available(valid)):
-        return kernels.data_split_modes(d, lam2, f, r2, likelihood, valid, epsilon, z_old,
-                                        stats)
-    xp = get_xp(d)
-    z = prox_data_modes(d - lam2, f, r2, likelihood, valid, epsilon)
-    step = z - d
-    lam2 += step
-    if stats is not None:
-        stats[0] = float(xp.vdot(step, step).real)
-        stats[1] = 0.0 if z_old is None else float(xp.linalg.norm(z - z_old)) ** 2
-        stats[2] = data_objective(modulus(d), f, likelihood, valid, epsilon)
-    return z
-
-
 def shrink_isotropic(pt, threshold: float):
     """``max(0, |pt| - threshold) * pt / |pt|`` with ``|pt|`` the 3-component magnitude.
 
@@ -179,19 +154,28 @@ def update_data_split(d, lam2, f, r2: float, likelihood: str, valid=None,
     ``valid``: the detector mask, as in :func:`prox_data`. ``stats``: optional float64
     array of 3 that receives the local ``[||z - d||^2, ||z - z_old||^2, sum G(d)]`` (the
     second 0 without ``z_old``).
+
+    With ``K`` incoherent probe modes ``d``, ``lam2`` and ``z`` are
+    ``(K, N_FRAMES_LOCAL, M, M)``: the prox is :func:`prox_data_modes` (compiled:
+    :func:`ptmpi.operators.kernels.data_split_modes`) and ``sum G`` is taken at the
+    model modulus ``sqrt(sum_k |d_k|^2)``.
     """
+    from ptmpi.operators.modes import modulus
+
     if likelihood not in LIKELIHOODS:
         raise ValueError(f"likelihood must be one of {LIKELIHOODS}, got {likelihood!r}")
+    modes = d.ndim == 4
     if kernels.available(d, lam2, f) and (valid is None or kernels.available(valid)):
-        return kernels.data_split(d, lam2, f, r2, likelihood, valid, epsilon, z_old, stats)
+        split = kernels.data_split_modes if modes else kernels.data_split
+        return split(d, lam2, f, r2, likelihood, valid, epsilon, z_old, stats)
     xp = get_xp(d)
-    z = prox_data(d - lam2, f, r2, likelihood, valid, epsilon)
+    z = (prox_data_modes if modes else prox_data)(d - lam2, f, r2, likelihood, valid, epsilon)
     step = z - d
     lam2 += step
     if stats is not None:
         stats[0] = float(xp.vdot(step, step).real)
         stats[1] = 0.0 if z_old is None else float(xp.linalg.norm(z - z_old)) ** 2
-        stats[2] = data_objective(d, f, likelihood, valid, epsilon)
+        stats[2] = data_objective(modulus(d) if modes else d, f, likelihood, valid, epsilon)
     return z
 
 

@@ -52,7 +52,7 @@ from ptmpi.parallel.comm import SerialComm
 from ptmpi.parallel.data_term import probe_from_views, probe_modes_from_views
 from ptmpi.solvers.cg import conjugate_gradient
 from ptmpi.solvers.penalty import cycling, step_cosine
-from ptmpi.solvers.prox import LIKELIHOODS, update_data_split, update_data_split_modes
+from ptmpi.solvers.prox import LIKELIHOODS, update_data_split
 
 logger = logging.getLogger(__name__)
 
@@ -210,12 +210,9 @@ def solve_ptycho2d(v0_local, f_local, probe, positions_local, frame_offset_local
             weight, delta = illumination()
         exit_waves = None
         d = farfield.fwd(ptycho.fwd(v))
-        if n_modes > 1:
-            z = update_data_split_modes(d, state.lam2_local, f_local, r2, settings.likelihood,
-                                        valid, settings.epsilon)
-        else:
-            z = update_data_split(d, state.lam2_local, f_local, r2, settings.likelihood, valid,
-                                  settings.epsilon, None, stats)
+        # (with modes the split statistics are not used: skipped)
+        z = update_data_split(d, state.lam2_local, f_local, r2, settings.likelihood, valid,
+                              settings.epsilon, None, stats if n_modes == 1 else None)
         state.z_local, state.v_local = z, v
         state.iteration += 1
         step = v - v_old
