@@ -55,7 +55,7 @@ from ptmpi.operators.grad import Gradient
 from ptmpi.operators.modes import initial_modes, mix_modes, modulus
 from ptmpi.parallel.comm import Comm
 from ptmpi.parallel.data_term import DataTerm, probe_from_views  # noqa: F401
-from ptmpi.solvers.align import make_aligner
+from ptmpi.solvers.align import AlignOptions, make_aligner
 from ptmpi.solvers.cg import conjugate_gradient
 from ptmpi.solvers.penalty import cycling, step_cosine
 from ptmpi.solvers.prox import (
@@ -75,7 +75,7 @@ ALGORITHMS = ("apt", "apts")
 
 
 @dataclasses.dataclass(frozen=True)
-class SolverSettings:
+class SolverSettings(AlignOptions):
     """Settings of APT / APTs. ``None`` means "choose from the data" (see :func:`resolve`)."""
 
     algorithm: str = "apt"
@@ -150,17 +150,6 @@ class SolverSettings:
     """``start = coarse``: iterations (at most) of each coarse level."""
     start_levels: int = 1
     """``start = coarse``: number of coarse levels (each halves the volume)."""
-    align: bool = False
-    """Refine a shift per angle inside the loop (:mod:`ptmpi.solvers.align`)."""
-    align_every: int = 3
-    """Iterations between shift updates."""
-    align_start: int = 2
-    """First iteration of a shift update."""
-    align_max: float | None = None
-    """Largest shift per axis in pixels (None: half the probe width)."""
-    align_gauge: str = "volume"
-    """Unobservable translations of the shifts: ``volume`` (held by the current volume)
-    or ``zero`` (removed after every update), :mod:`ptmpi.solvers.align`."""
     probe_modes: int = 1
     """Incoherent probe modes ``K`` (mixed-state, :mod:`ptmpi.operators.modes`): ``z`` and
     ``lam2`` then hold one far field per mode, ``(K, N_FRAMES_LOCAL, M, M)``."""

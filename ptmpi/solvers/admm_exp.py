@@ -122,7 +122,7 @@ from ptmpi.operators.transmission import (
 from ptmpi.parallel.comm import SerialComm
 from ptmpi.parallel.data_term import probe_from_views
 from ptmpi.solvers.admm import ADMMState, LocalProblem
-from ptmpi.solvers.align import make_aligner
+from ptmpi.solvers.align import AlignOptions, make_aligner
 from ptmpi.solvers.cg import conjugate_gradient
 from ptmpi.solvers.penalty import cycling, step_cosine
 from ptmpi.solvers.prox import LIKELIHOODS, update_data_split, update_tv_split
@@ -133,7 +133,7 @@ ALGORITHMS = ("apt", "apts", "two-step")
 
 
 @dataclasses.dataclass(frozen=True)
-class ExpSolverSettings:
+class ExpSolverSettings(AlignOptions):
     """Settings of exp-model APT / APTs. ``None``: chosen from the data (:func:`resolve_exp`)."""
 
     algorithm: str = "apt"
@@ -226,17 +226,6 @@ class ExpSolverSettings:
     """Keep ``Re u >= 0`` and ``Im u >= 0`` after each Gauss-Newton step (X-ray phase
     shift and attenuation are non-negative); this also removes the near-symmetry of a
     per-angle phase offset, which the far-field intensities cannot see."""
-    align: bool = False
-    """Refine a shift per angle inside the loop (:mod:`ptmpi.solvers.align`)."""
-    align_every: int = 3
-    """Iterations between shift updates."""
-    align_start: int = 2
-    """First iteration of a shift update."""
-    align_max: float | None = None
-    """Largest shift per axis in pixels (None: half the probe width)."""
-    align_gauge: str = "volume"
-    """Unobservable translations of the shifts: ``volume`` (held by the current volume)
-    or ``zero`` (removed after every update), :mod:`ptmpi.solvers.align`."""
 
     def __post_init__(self):
         if self.algorithm not in ALGORITHMS:

@@ -109,6 +109,24 @@ logger = logging.getLogger(__name__)
 
 
 @dataclasses.dataclass(frozen=True)
+class AlignOptions:
+    """The ``--align`` fields shared by the solvers' settings (linear and exp model);
+    :func:`make_aligner` turns them into :class:`AlignSettings`."""
+
+    align: bool = False
+    """Refine a shift per angle inside the loop (:mod:`ptmpi.solvers.align`)."""
+    align_every: int = 3
+    """Iterations between shift updates."""
+    align_start: int = 2
+    """First iteration of a shift update."""
+    align_max: float | None = None
+    """Largest shift per axis in pixels (None: half the probe width)."""
+    align_gauge: str = "volume"
+    """Unobservable translations of the shifts: ``volume`` (held by the current volume)
+    or ``zero`` (removed after every update), :mod:`ptmpi.solvers.align`."""
+
+
+@dataclasses.dataclass(frozen=True)
 class AlignSettings:
     """When and how the shifts are refined (see the module notes)."""
 
