@@ -38,8 +38,15 @@ def residual(zeta, u, t) -> float:
 
 def test_snr_of_a_scaled_copy(rng, xp):
     u = crandn(rng, (3, 5, 5))
-    # Real scaling by 2 is exact in floating point: the residual is exactly zero.
-    assert snr_db(xp.asarray(u), xp.asarray(2 * u)) == math.inf
+    # Real scaling by 2 is exact in floating point: on the host the residual is exactly
+    # zero. CuPy's vdot contracts products into fused multiply-adds, so Im <u, u> is the
+    # rounding error of a product rather than 0 and zeta = 2 + O(1e-16) i (370 dB, seen on
+    # an H200): still far above the general complex scaling's bound below.
+    value = snr_db(xp.asarray(u), xp.asarray(2 * u))
+    if xp is np:
+        assert value == math.inf
+    else:
+        assert value > 300
     # A general complex scaling leaves only rounding: far above any reconstruction's SNR.
     assert snr_db(xp.asarray(u), xp.asarray((0.3 - 1.2j) * u)) > 250
     u64 = u.astype(np.complex64)

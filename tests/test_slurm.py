@@ -25,7 +25,7 @@ from slurm_cluster import FINAL_STATES, SlurmCluster, missing_reason
 from ptmpi import backend
 from ptmpi.cli import main
 from ptmpi.parallel import SerialComm, get_comm
-from ptmpi.parallel.comm import check_slurm_step
+from ptmpi.parallel.comm import check_launcher, check_slurm_step
 
 JOBS = Path(__file__).resolve().parents[1] / "jobs"
 PTMPI = f"{sys.executable} -m ptmpi"
@@ -309,6 +309,21 @@ def test_step_check_trusts_a_launcher_that_announces_one_process(no_launcher):
     with pytest.raises(RuntimeError, match="MPI sees a single process"):
         check_slurm_step(1)
     check_slurm_step(2)
+
+
+def test_singletons_under_a_launcher_of_several_processes_are_refused(no_launcher):
+    # mpiexec -n 2 of one MPI, mpi4py loading another libmpi: two worlds of one process.
+    check_launcher(1)  # no launcher: a plain serial run
+    no_launcher.setenv("PMI_SIZE", "1")
+    check_launcher(1)
+    no_launcher.setenv("PMI_SIZE", "2")
+    with pytest.raises(RuntimeError, match="started 2 processes but MPI sees a single"):
+        check_launcher(1)
+    check_launcher(2)
+    no_launcher.delenv("PMI_SIZE")
+    no_launcher.setenv("OMPI_COMM_WORLD_SIZE", "4")
+    with pytest.raises(RuntimeError, match="started 4 processes"):
+        check_launcher(1)
 
 
 # ---------------------------------------------------------------------------- GPU choice

@@ -240,6 +240,28 @@ def check_slurm_step(size: int) -> None:
     )
 
 
+def check_launcher(size: int) -> None:
+    """Refuse a one-process MPI world under a launcher that started several processes.
+
+    ``mpiexec -n N`` from one MPI with mpi4py built against another (or loading another
+    ``libmpi`` at run time) gives N singletons: each would run the whole job alone on the
+    whole data and race the others to the same output file.
+
+    Raises
+    ------
+    RuntimeError
+        When the launcher announces more than one process but MPI sees ``size == 1``.
+    """
+    announced = _launcher_size()
+    if size == 1 and announced is not None and announced > 1:
+        raise RuntimeError(
+            f"the launcher started {announced} processes but MPI sees a single process in "
+            "each, so every process would run the whole job alone: mpi4py uses another MPI "
+            "library than this mpiexec (check `python -c \"from mpi4py import MPI; "
+            "print(MPI.Get_library_version())\"` under it, and the library path)"
+        )
+
+
 def get_comm(force_serial: bool = False) -> Comm:
     """The world communicator: ``MPIComm`` under a launcher, otherwise ``SerialComm``.
 
@@ -260,6 +282,7 @@ def get_comm(force_serial: bool = False) -> Comm:
             f"{exc}; install mpi4py built against your MPI"
         ) from exc
     check_slurm_step(comm.size)
+    check_launcher(comm.size)
     return comm
 
 
