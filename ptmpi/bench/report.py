@@ -50,6 +50,8 @@ def format_result(result: dict) -> str:
             ratio = f"{t / f:.1f}x" if f > 0 else "-"
             lines.append(f"  {stage:<10} {_ms(t):>8} {t / row['iteration_mean_s']:>6.0%} "
                          f"{_ms(f):>9} {ratio:>6}")
+        if "memory_note" in row:
+            lines.append(f"memory per rank: {row['memory_note']}")
         if "memory_predicted_bytes" in row:
             pred, meas = row["memory_predicted_bytes"], row["memory_measured_bytes"]
             lines.append(f"memory per rank (solver arrays): predicted {format_bytes(pred)}, "
