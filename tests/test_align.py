@@ -198,27 +198,40 @@ def test_alignment_does_not_wander_on_drift_free_data():
     assert snr_db(state.u, data.volume) > snr_db(plain.u, data.volume) - 0.2
 
 
-def test_the_probe_keeps_its_guard_band_through_probe_updates(linear_drift):
-    """``--align`` guards the probe it starts from (the file's need not be) and every probe
-    update: linear model, exp model (its initialisation's per-angle ptychography and the
-    joint updates); without ``--align`` the probe is left as it is."""
+def test_a_guarded_probe_stays_guarded_through_probe_updates(linear_drift, monkeypatch):
+    """``--align`` with a guarded probe (the drift data's) keeps it guarded through every
+    probe update: linear model, exp model (its initialisation's per-angle ptychography and
+    the joint updates). An unguarded probe is left as it is (its edge is data), and the
+    shift step searches on the guarded frames (``align.guarded``) at every update."""
     from ptmpi.operators.ptycho import is_guarded
     from ptmpi.sim.probe import focused_probe
+    from ptmpi.solvers import align
 
+    searched = []
+    real_gauss_newton = align.gauss_newton_shifts
+
+    def spy(images, ptycho, *args, **kwargs):
+        searched.append(is_guarded(ptycho.probe))
+        return real_gauss_newton(images, ptycho, *args, **kwargs)
+
+    monkeypatch.setattr(align, "gauss_newton_shifts", spy)
     data = linear_drift
     s = data.settings
-    problem = dataclasses.replace(local_problem(data), probe=(
-        np.sqrt(s.eta) if s.eta else 1.0) * focused_probe(M, s.fwhm))
-    assert not is_guarded(problem.probe)
-    for align in (True, False):
-        settings = SolverSettings(iterations=6, tol=0, align=align, align_start=2,
+    guarded_problem = local_problem(data)
+    unguarded = (np.sqrt(s.eta) if s.eta else 1.0) * focused_probe(M, s.fwhm)
+    assert is_guarded(guarded_problem.probe) and not is_guarded(unguarded)
+    for probe in (guarded_problem.probe, unguarded):
+        problem = dataclasses.replace(guarded_problem, probe=probe)
+        settings = SolverSettings(iterations=6, tol=0, align=True, align_start=2,
                                   align_every=2, refine_probe=True)
+        searched.clear()
         state, _ = solve(problem, settings, SerialComm(), dtype=np.complex128)
-        assert is_guarded(state.omega) == align
-        assert np.linalg.norm(state.omega - problem.probe) > 1e-3 * np.linalg.norm(
-            problem.probe)  # the probe was updated
+        assert is_guarded(state.omega) == is_guarded(probe)
+        assert np.linalg.norm(state.omega - probe) > 1e-3 * np.linalg.norm(probe)  # updated
+        assert len(searched) == 2 and all(searched)
     exp = simulate(drift_settings(1.5, model="exp"))
-    problem = dataclasses.replace(local_problem(exp), probe=problem.probe)
+    problem = local_problem(exp)
+    assert is_guarded(problem.probe)
     settings = ExpSolverSettings(iterations=4, init_iterations=4, init_gn_iterations=2,
                                  align=True, align_start=2, align_every=2,
                                  refine_probe=True, probe_joint=True)

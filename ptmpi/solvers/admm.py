@@ -53,7 +53,7 @@ from ptmpi.metrics import r_factor_sums, r_factor_value
 from ptmpi.operators import kernels
 from ptmpi.operators.grad import Gradient
 from ptmpi.operators.modes import initial_modes, mix_modes, modulus
-from ptmpi.operators.ptycho import guard_probe
+from ptmpi.operators.ptycho import guard_probe, is_guarded
 from ptmpi.parallel.comm import Comm
 from ptmpi.parallel.data_term import DataTerm, probe_from_views  # noqa: F401
 from ptmpi.solvers.align import AlignOptions, make_aligner
@@ -318,9 +318,8 @@ def solve(problem: LocalProblem, settings: SolverSettings, comm: Comm,
     n_modes = settings.probe_modes
     if n_modes > 1 and probe.ndim == 2:
         probe = initial_modes(probe, n_modes)
-    guard = settings.align  # moving positions: the probe keeps a guard band (align.py)
-    if guard:
-        probe = guard_probe(probe)
+    # --align with a guarded probe: every probe update keeps the guard (align.py notes)
+    guard = settings.align and is_guarded(problem.probe)
     data = DataTerm(problem.volume_shape, problem.theta_local, probe, problem.positions_local,
                     problem.frame_offset_local, comm, xp=xp, dtype=dtype)
     valid = None if problem.valid_local is None else to_device(problem.valid_local, xp)

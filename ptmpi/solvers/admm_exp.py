@@ -113,7 +113,7 @@ from ptmpi.backend import get_xp, real_dtype, synchronize, to_device
 from ptmpi.mask import valid_only
 from ptmpi.metrics import r_factor_sums, r_factor_value
 from ptmpi.operators.grad import Gradient
-from ptmpi.operators.ptycho import guard_probe
+from ptmpi.operators.ptycho import guard_probe, is_guarded
 from ptmpi.operators.transmission import (
     ExpModel,
     LinearisedTransmission,
@@ -387,7 +387,8 @@ def initial_volume(model: ExpModel, problem: LocalProblem, settings: ExpSolverSe
     ptycho_settings = Ptycho2DSettings(iterations=settings.init_iterations,
                                        likelihood=settings.likelihood,
                                        refine_probe=settings.refine_probe,
-                                       probe_guard=settings.align)
+                                       probe_guard=settings.align
+                                       and is_guarded(problem.probe))
     images = solve_ptycho2d(xp.ones(model.projector.data_shape, dtype=dtype), problem.f_local,
                             problem.probe, problem.positions_local,
                             problem.frame_offset_local, ptycho_settings, comm,
@@ -412,8 +413,8 @@ def solve_exp(problem: LocalProblem, settings: ExpSolverSettings, comm: SerialCo
     rdtype = real_dtype(dtype)
     apt = settings.algorithm == "apt"
     probe = to_device(problem.probe, xp).astype(dtype)
-    if settings.align:  # moving positions: the probe keeps a guard band (align.py)
-        probe = guard_probe(probe)
+    # --align with a guarded probe: every probe update keeps the guard (align.py notes)
+    guard = settings.align and is_guarded(problem.probe)
     model = ExpModel(problem.volume_shape, problem.theta_local, probe,
                      problem.positions_local, problem.frame_offset_local, dtype=dtype)
     valid = None if problem.valid_local is None else to_device(problem.valid_local, xp)
@@ -460,7 +461,7 @@ def solve_exp(problem: LocalProblem, settings: ExpSolverSettings, comm: SerialCo
             omega=probe, psi_local=psi, mu_local=xp.zeros_like(psi),
         )
     else:
-        if settings.align:
+        if guard:
             state.omega = guard_probe(state.omega)
         model.set_probe(state.omega)
         weight = model.illumination(xp)
@@ -550,7 +551,7 @@ def solve_exp(problem: LocalProblem, settings: ExpSolverSettings, comm: SerialCo
             # without it the update mixes misregistered frames and diverges (measured).
             state.omega = probe_from_views(model.ptycho.extract(psi), target, comm,
                                            ptycho=model.ptycho).astype(dtype)
-            if settings.align:
+            if guard:
                 state.omega = guard_probe(state.omega)
             model.set_probe(state.omega)
             weight = model.illumination(xp)

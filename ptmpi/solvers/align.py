@@ -103,7 +103,7 @@ import numpy as np
 
 from ptmpi.backend import get_xp, to_device, to_host
 from ptmpi.operators.fft import fft2
-from ptmpi.operators.ptycho import _ramps, split_positions
+from ptmpi.operators.ptycho import _ramps, guard_probe, is_guarded, split_positions
 
 logger = logging.getLogger(__name__)
 
@@ -336,6 +336,17 @@ def gauss_newton_shifts(images_local, ptycho, sqrt_f_local, valid_local=None,
     return d, misfit
 
 
+def guarded(ptycho):
+    """``ptycho`` itself when its probe is guarded (zero on its last row and column,
+    :func:`~ptmpi.operators.ptycho.guard_probe`), else the same frames with the guarded
+    probe: the frames the shift step searches on, continuous across whole pixels."""
+    if is_guarded(ptycho.probe):
+        return ptycho
+    out = ptycho.moved(ptycho.positions)
+    out.probe = guard_probe(ptycho.probe)
+    return out
+
+
 def unobservable_basis(theta) -> np.ndarray:
     """``(2 A, 3)``: the shifts ``(row, col)`` of all angles (row-major ``(A, 2)``
     flattened) made by a volume translation ``(tz, tx, ty)``: row ``tz``, column
@@ -473,10 +484,17 @@ class Aligner:
         Returns the new model positions."""
         s = self.settings
         old_shifts = np.asarray(state.shifts_local, dtype=np.float64).reshape(-1, 2)
-        d, _ = gauss_newton_shifts(images_local, ptycho, sqrt_f_local, valid_local,
+        search = guarded(ptycho)
+        d, _ = gauss_newton_shifts(images_local, search, sqrt_f_local, valid_local,
                                    s.gn_iterations, s.step_px,
                                    search_px=s.search_px if self.restarted else 0.0,
                                    bounds=(self.lo - old_shifts, self.hi - old_shifts))
+        if search is not ptycho:  # an unguarded probe: the model's own misfit decides
+            before = amplitude_objective(images_local, ptycho, np.zeros_like(d),
+                                         sqrt_f_local, valid_local, gradient=False)
+            after = amplitude_objective(images_local, ptycho, d, sqrt_f_local, valid_local,
+                                        gradient=False)
+            d[~(after < before)] = 0
         # Gauge (all angles, identically on every rank), then the limits.
         total = self.gather(old_shifts + d)
         if s.remove_translations:
