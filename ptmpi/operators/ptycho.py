@@ -22,9 +22,9 @@ Frames with zero fraction use ``omega`` itself, bit for bit. Fractions within
 conversion would otherwise turn ``11.99999999`` into a corner of 11 and a probe moved by
 almost a whole pixel, which wraps around the probe grid).
 
-Whole pixels and the guard band. The model is exactly continuous in the frame's
-intensities where a position crosses a whole pixel only for a *guarded* probe, one that is
-zero on its last row and last column (index ``M - 1``; :func:`guard_probe`). At the
+Whole pixels and the guard band. For any image, a frame's intensities are continuous where
+its position crosses a whole pixel if the probe is *guarded*: zero on its last row and
+last column (index ``M - 1``; :func:`guard_probe`). At the
 fraction ``f -> 1`` the moved probe is the probe rolled by one pixel,
 ``omega((x - 1) mod M)``, so the frame at corner ``n`` is ``omega((x - 1) mod M) v(n + x)``
 and the frame at corner ``n + 1``, fraction 0, is ``omega(x) v(n + 1 + x)``: the same
@@ -33,9 +33,11 @@ values one pixel apart, except the wrapped pixel ``x = 0`` (``omega(M - 1) v(n)`
 circular shifts of each other, their far fields differ by a phase ramp, and their
 intensities are equal. An unguarded probe makes the frame jump there by its edge values
 (for the demo's probe 0.2 % of its energy on that row and column), which traps a shift
-refined by ``--align`` before a crossing (:mod:`ptmpi.solvers.align`). The derivative in
-the position stays discontinuous by the moved probe's values at its edge, which the guard
-makes small, not zero.
+refined by ``--align`` before a crossing (:mod:`ptmpi.solvers.align`). The derivative
+with respect to the position still jumps there, by the (Fourier) derivative of the probe
+on its edge row or column times ``v(n) - v(n + M)``: small for a probe that is small near
+its edges, not zero. Only moving positions need the guard; the solvers impose it on no
+probe (the drift simulator's probe is guarded, :mod:`ptmpi.sim.simulate`).
 
 Implementation: the image stack is zero-padded by the largest overhang and viewed as all
 of its ``(M, M)`` windows (a strided view, no copy). The forward map gathers every

@@ -117,7 +117,7 @@ class DataTerm:
         """The paper's closed-form probe update from the views ``S_j P_t u`` and the far
         fields ``target_local = z + lam2``; sets and returns the new probe. ``guard``:
         the new probe (every mode) keeps its last row and column at zero
-        (:func:`~ptmpi.operators.ptycho.guard_probe`, for ``--align``).
+        (:func:`~ptmpi.operators.ptycho.guard_probe`; ``--align`` with a guarded probe).
 
         With ``K`` modes each mode gets the closed form from its own far fields, then the
         modes are rotated into their orthogonal basis (:func:`orthogonalise`); the

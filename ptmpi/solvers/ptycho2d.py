@@ -94,7 +94,7 @@ class Ptycho2DSettings:
     probe_guard: bool = False
     """Keep the probe's last row and column at zero, from the start and after every probe
     update (:func:`~ptmpi.operators.ptycho.guard_probe`): the exp model's initialisation
-    under ``--align``, whose positions move."""
+    under ``--align`` when its probe is guarded (:mod:`ptmpi.solvers.align`, notes)."""
 
     def __post_init__(self):
         if self.likelihood not in LIKELIHOODS:
