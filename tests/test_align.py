@@ -238,6 +238,18 @@ def test_a_guarded_probe_stays_guarded_through_probe_updates(linear_drift, monke
     state, _ = solve_exp(problem, settings, SerialComm(), dtype=np.complex128)
     assert is_guarded(state.omega)
     assert np.linalg.norm(state.omega - problem.probe) > 1e-3 * np.linalg.norm(problem.probe)
+    # the per-angle ptychography's guard, with one probe and with probe modes
+    from ptmpi.solvers.ptycho2d import Ptycho2DSettings, solve_ptycho2d
+
+    p = local_problem(data)
+    images = np.ones((N_ANGLES, NZ, N), dtype=np.complex128)
+    for modes in (1, 2):
+        settings = Ptycho2DSettings(iterations=3, refine_probe=True, probe_guard=True,
+                                    probe_modes=modes)
+        out = solve_ptycho2d(images, p.f_local, unguarded, p.positions_local,
+                             p.frame_offset_local, settings, SerialComm())
+        assert out.omega.shape[-2:] == (M, M) and is_guarded(out.omega)
+        assert np.all(np.abs(out.omega[..., :-1, :-1]) > 0)  # the rest is updated
 
 
 def test_gauge_zero_removes_the_unobservable_translations(linear_drift):
