@@ -323,19 +323,27 @@ def test_reconstruct_writes_the_shifts(tmp_path):
                  "--algorithm", "two-step"]) != 0
 
 
-def test_align_on_the_device_path_matches_numpy(linear_drift, monkeypatch):
+@pytest.mark.parametrize("probe", ["guarded", "unguarded"])
+def test_align_on_the_device_path_matches_numpy(linear_drift, monkeypatch, probe):
     """The shift step on the strict stand-in for CuPy (``tests/strict_xp.py``: arrays that
-    refuse implicit host conversion) gives the numpy run's shifts."""
+    refuse implicit host conversion) gives the numpy run's shifts, with the drift data's
+    guarded probe and with an unguarded one (the search on guarded frames, the check on
+    the model's own)."""
     import strict_xp
 
     from ptmpi.backend import get_xp, to_host
     from ptmpi.operators import kernels
+    from ptmpi.sim.probe import focused_probe
 
     monkeypatch.setattr(kernels, "ENABLED", False)  # the same array-module path on both
     settings = SolverSettings(iterations=9, tol=0, align=True, align_start=2, align_every=3)
-    host, _ = solve(local_problem(linear_drift), settings, SerialComm(), dtype=np.complex128)
-    dev, _ = solve(local_problem(linear_drift), settings, SerialComm(), xp=strict_xp,
-                   dtype=np.complex128)
+    problem = local_problem(linear_drift)
+    if probe == "unguarded":
+        s = linear_drift.settings
+        problem = dataclasses.replace(problem, probe=np.sqrt(s.eta or 1.0) * focused_probe(
+            M, s.fwhm))
+    host, _ = solve(problem, settings, SerialComm(), dtype=np.complex128)
+    dev, _ = solve(problem, settings, SerialComm(), xp=strict_xp, dtype=np.complex128)
     assert get_xp(dev.u) is strict_xp and get_xp(dev.z_local) is strict_xp
     assert np.max(np.abs(host.shifts_local)) > 0.3
     assert np.max(np.abs(dev.shifts_local - host.shifts_local)) < 1e-8
