@@ -533,7 +533,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "(SPEC 8; the input of ptmpi import)")
     p.add_argument("--drift", type=float, metavar="PX",
                    help="sample drift: a random shift of up to PX pixels (row, col) per angle "
-                        "in the data, not in the recorded positions (truth/shifts_px)")
+                        "in the data, not in the recorded positions (truth/shifts_px); the "
+                        "probe is then zero on its last row and column (the guard band of "
+                        "--align)")
     p.add_argument("--probe-defocus", type=float, metavar="RAD",
                    help="store a wrong probe guess: the true probe defocused by RAD radians "
                         "of quadratic phase at the edge of its Fourier grid (truth/probe is "

@@ -11,6 +11,7 @@ import pytest
 from ptmpi.cli import main
 from ptmpi.metrics import r_factor
 from ptmpi.operators.model import JointModel
+from ptmpi.operators.ptycho import is_guarded
 from ptmpi.sim.presets import PRESETS
 from ptmpi.sim.simulate import simulate
 
@@ -32,6 +33,10 @@ def test_drift_moves_the_data_not_the_recorded_positions():
     assert shifts.shape == (4, 2) and np.abs(shifts).max() <= 2.5
     assert np.abs(shifts).max() > 1.0 and np.any(shifts != np.round(shifts))  # sub-pixel
     assert clean.shifts_px is None
+    # the drift data's probe is guarded (zero on its last row and column), as --align
+    # models it; elsewhere it is the drift-free data's probe
+    assert is_guarded(drifted.probe) and not is_guarded(clean.probe)
+    np.testing.assert_array_equal(drifted.probe[:-1, :-1], clean.probe[:-1, :-1])
     angle = np.repeat(np.arange(4), np.diff(drifted.frame_offset))
     true = drifted.positions_px + shifts[angle]
     # the data are those of the shifted positions (noise-free: R ~ 0 there) ...

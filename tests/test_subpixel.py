@@ -397,3 +397,33 @@ def test_subpixel_illumination_does_not_depend_on_the_angle_split(rng):
         f0, f1 = offset[a0], offset[a1]
         part = Ptycho(probe, positions[f0:f1], offset[a0 : a1 + 1] - f0, image)
         np.testing.assert_array_equal(part.illumination(np.float32), full[a0:a1])
+
+
+def test_a_guarded_probe_makes_the_frames_continuous_across_a_whole_pixel():
+    """A probe zero on its last row and column (``guard_probe``): the frame at a corner
+    with the fraction 1 - 1e-5 and the frame at the next corner with fraction 0 have the
+    same far-field intensities up to the 1e-5 step; an unguarded probe jumps by its edge.
+    Along rows, columns and both; probe modes ``(K, M, M)`` are guarded mode by mode."""
+    from ptmpi.operators.fft import fft2
+    from ptmpi.operators.ptycho import guard_probe, is_guarded
+
+    m, rng = 8, np.random.default_rng(4)
+    raw = (rng.standard_normal((m, m)) + 1j * rng.standard_normal((m, m))).astype(np.complex128)
+    image = rng.standard_normal((1, 20, 20)) + 1j * rng.standard_normal((1, 20, 20))
+    guarded = guard_probe(raw)
+    assert is_guarded(guarded) and not is_guarded(raw)
+    assert np.array_equal(guarded[:-1, :-1], raw[:-1, :-1])
+    assert np.array_equal(guard_probe(guarded), guarded)
+    modes = guard_probe(np.stack([raw, 2 * raw]))
+    assert modes.shape == (2, m, m) and is_guarded(modes) and is_guarded(modes[1])
+    # the fraction 1 is the probe rolled by one pixel (the periodic Fourier shift)
+    assert np.allclose(fourier_shift(raw, [[1.0, 0.0]])[0], np.roll(raw, 1, axis=0))
+    for step in ([1, 0], [0, 1], [1, 1]):
+        before = np.array([[5.0, 6.0]]) + np.array(step) * (1 - 1e-5)
+        after = np.array([[5.0, 6.0]]) + np.array(step)
+        jumps = []
+        for probe in (guarded, raw):
+            far = [np.abs(fft2(Ptycho(probe, p, [0, 1], (20, 20)).fwd(image)))
+                   for p in (before, after)]
+            jumps.append(np.linalg.norm(far[1] - far[0]) / np.linalg.norm(far[1]))
+        assert jumps[0] < 1e-4 and jumps[1] > 1e-2, (step, jumps)

@@ -22,6 +22,23 @@ Frames with zero fraction use ``omega`` itself, bit for bit. Fractions within
 conversion would otherwise turn ``11.99999999`` into a corner of 11 and a probe moved by
 almost a whole pixel, which wraps around the probe grid).
 
+Whole pixels and the guard band. For any image, a frame's intensities are continuous where
+its position crosses a whole pixel if the probe is *guarded*: zero on its last row and
+last column (index ``M - 1``; :func:`guard_probe`). At the
+fraction ``f -> 1`` the moved probe is the probe rolled by one pixel,
+``omega((x - 1) mod M)``, so the frame at corner ``n`` is ``omega((x - 1) mod M) v(n + x)``
+and the frame at corner ``n + 1``, fraction 0, is ``omega(x) v(n + 1 + x)``: the same
+values one pixel apart, except the wrapped pixel ``x = 0`` (``omega(M - 1) v(n)`` against
+``omega(M - 1) v(n + M)``). With ``omega(M - 1) = 0`` on both axes the two frames are
+circular shifts of each other, their far fields differ by a phase ramp, and their
+intensities are equal. An unguarded probe makes the frame jump there by its edge values
+(for the demo's probe 0.2 % of its energy on that row and column), which traps a shift
+refined by ``--align`` before a crossing (:mod:`ptmpi.solvers.align`). The derivative
+with respect to the position still jumps there, by the (Fourier) derivative of the probe
+on its edge row or column times ``v(n) - v(n + M)``: small for a probe that is small near
+its edges, not zero. Only moving positions need the guard; the solvers impose it on no
+probe (the drift simulator's probe is guarded, :mod:`ptmpi.sim.simulate`).
+
 Implementation: the image stack is zero-padded by the largest overhang and viewed as all
 of its ``(M, M)`` windows (a strided view, no copy). The forward map gathers every
 frame's window one window row at a time (M vectorized gathers, no loop over frames). The
@@ -37,7 +54,7 @@ import logging
 
 import numpy as np
 
-from ptmpi.backend import complex_dtype, get_xp, real_dtype, to_device
+from ptmpi.backend import complex_dtype, get_xp, real_dtype, to_device, to_host
 from ptmpi.operators import kernels
 
 logger = logging.getLogger(__name__)
@@ -62,6 +79,26 @@ def split_positions(positions: np.ndarray, name: str = "positions"):
     snapped = np.where(np.abs(positions - nearest) <= SNAP_PX, nearest, positions)
     corners = np.floor(snapped)
     return corners.astype(np.int64), snapped - corners
+
+
+def guard_probe(probe):
+    """``probe`` with its last row and last column (index ``M - 1``) set to zero: the guard
+    band that makes the sub-pixel model continuous across whole pixels (module notes).
+
+    ``probe``: ``(M, M)`` or ``(K, M, M)`` probe modes (numpy or CuPy); returns a copy of
+    the same type, dtype and shape. Idempotent; a linear combination of guarded modes
+    (their orthogonalisation) stays guarded.
+    """
+    out = probe.copy()
+    out[..., -1, :] = 0
+    out[..., :, -1] = 0
+    return out
+
+
+def is_guarded(probe) -> bool:
+    """True when ``probe`` (``(M, M)`` or ``(K, M, M)``) is zero on its last row and column."""
+    edges = to_host(probe[..., -1, :]), to_host(probe[..., :, -1])
+    return not any(np.any(e != 0) for e in edges)
 
 
 def _ramps(shifts, m: int, xp, dtype):

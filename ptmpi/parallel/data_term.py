@@ -19,6 +19,7 @@ import numpy as np
 
 from ptmpi.backend import get_xp, to_device
 from ptmpi.operators.model import JointModel
+from ptmpi.operators.ptycho import guard_probe
 
 WIDE = np.complex128
 """Accumulation dtype of every sum over angles."""
@@ -112,9 +113,11 @@ class DataTerm:
             x = y / value
         return value
 
-    def update_probe(self, u, target_local):
+    def update_probe(self, u, target_local, guard: bool = False):
         """The paper's closed-form probe update from the views ``S_j P_t u`` and the far
-        fields ``target_local = z + lam2``; sets and returns the new probe.
+        fields ``target_local = z + lam2``; sets and returns the new probe. ``guard``:
+        the new probe (every mode) keeps its last row and column at zero
+        (:func:`~ptmpi.operators.ptycho.guard_probe`; ``--align`` with a guarded probe).
 
         With ``K`` modes each mode gets the closed form from its own far fields, then the
         modes are rotated into their orthogonal basis (:func:`orthogonalise`); the
@@ -131,6 +134,8 @@ class DataTerm:
         else:
             omega = probe_from_views(views, target_local, self.comm,
                                      ptycho=self.model.ptycho).astype(self.dtype)
+        if guard:
+            omega = guard_probe(omega)
         self.set_probe(omega)
         return omega
 

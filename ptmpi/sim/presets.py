@@ -66,7 +66,8 @@ class SimulationSettings:
     drift: float = 0.0
     """Sample drift: half-width in pixels of a uniform random shift ``(row, col)`` per angle
     of the true scan positions of all its frames; the file records the positions without
-    it and ``ptmpi/truth/shifts_px`` the shifts (true minus recorded, SPEC 8)."""
+    it and ``ptmpi/truth/shifts_px`` the shifts (true minus recorded, SPEC 8). The probe of
+    drift data is guarded (zero on its last row and column, :mod:`ptmpi.sim.simulate`)."""
     probe_defocus: float = 0.0
     """Wrong starting probe: the file's probe is the true one defocused, a quadratic phase of
     this many radians at the edge of its Fourier grid (``ptmpi/truth/probe`` keeps the true

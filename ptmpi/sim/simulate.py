@@ -7,6 +7,12 @@ probe is built with peak amplitude 1 (one photon per pixel and unit exposure at 
 brightest probe pixel); a file stores it scaled by ``sqrt(eta)``, so the file's probe and
 counts are consistent.
 
+With ``drift`` the probe is guarded (:func:`~ptmpi.operators.ptycho.guard_probe`: zero
+on its last row and column), as ``reconstruct --align`` models it: frames at drifted
+positions are then continuous across whole pixels, as real data are (an unguarded probe,
+Fourier-shifted over its periodic grid, makes them jump there). Drift-free data keep the
+probe as designed.
+
 With ``mask_stripe`` or ``hot_pixels`` the data get a detector mask (:mod:`ptmpi.sim.mask`)
 and garbage counts at its pixels; the mask is drawn from its own random stream, so the
 counts at valid pixels are those of the same simulation without a mask, bit for bit.
@@ -22,6 +28,7 @@ import numpy as np
 
 from ptmpi.mask import valid_only
 from ptmpi.operators.model import JointModel
+from ptmpi.operators.ptycho import guard_probe
 from ptmpi.operators.tomo import Projector
 from ptmpi.operators.transmission import ExpModel
 from ptmpi.sim.mask import detector_mask, spoil_masked_counts
@@ -99,6 +106,8 @@ def simulate(settings: SimulationSettings) -> SimulatedData:
     shape = (s.nz, s.n, s.n)
     exp = s.model == "exp"
     probe = focused_probe(s.probe_size, s.fwhm).astype(np.complex64)
+    if s.drift > 0:
+        probe = guard_probe(probe)
     positions, frame_offset = scan_positions_for_angles(
         (s.nz, s.n), s.probe_size, s.step, s.n_angles, jitter=s.jitter, rng=rng, scan=s.scan
     )

@@ -53,6 +53,7 @@ from ptmpi.metrics import r_factor_sums, r_factor_value
 from ptmpi.operators import kernels
 from ptmpi.operators.grad import Gradient
 from ptmpi.operators.modes import initial_modes, mix_modes, modulus
+from ptmpi.operators.ptycho import guard_probe, is_guarded
 from ptmpi.parallel.comm import Comm
 from ptmpi.parallel.data_term import DataTerm, probe_from_views  # noqa: F401
 from ptmpi.solvers.align import AlignOptions, make_aligner
@@ -317,6 +318,8 @@ def solve(problem: LocalProblem, settings: SolverSettings, comm: Comm,
     n_modes = settings.probe_modes
     if n_modes > 1 and probe.ndim == 2:
         probe = initial_modes(probe, n_modes)
+    # --align with a guarded probe: every probe update keeps the guard (align.py notes)
+    guard = settings.align and is_guarded(problem.probe)
     data = DataTerm(problem.volume_shape, problem.theta_local, probe, problem.positions_local,
                     problem.frame_offset_local, comm, xp=xp, dtype=dtype)
     valid = None if problem.valid_local is None else to_device(problem.valid_local, xp)
@@ -356,6 +359,8 @@ def solve(problem: LocalProblem, settings: SolverSettings, comm: Comm,
             omega=probe,
         )
     else:
+        if guard:
+            state.omega = guard_probe(state.omega)
         data.set_probe(state.omega)
     state.params = params
     for key in ("iteration", "r_factor", "rel_change", "wall_s") + (
@@ -426,7 +431,7 @@ def solve(problem: LocalProblem, settings: SolverSettings, comm: Comm,
                           dtype)
         u = conjugate_gradient(normal_op, rhs, u_old, settings.cg_iterations, inv_diag=inv_diag)
         if settings.refine_probe and state.iteration >= settings.probe_start:
-            state.omega = data.update_probe(u, target)
+            state.omega = data.update_probe(u, target, guard=guard)
             if n_modes > 1:  # the modes were rotated: their fields follow
                 state.lam2_local = mix_modes(state.lam2_local, data.mode_mixing)
                 z_old = mix_modes(z_old, data.mode_mixing)

@@ -113,6 +113,7 @@ from ptmpi.backend import get_xp, real_dtype, synchronize, to_device
 from ptmpi.mask import valid_only
 from ptmpi.metrics import r_factor_sums, r_factor_value
 from ptmpi.operators.grad import Gradient
+from ptmpi.operators.ptycho import guard_probe, is_guarded
 from ptmpi.operators.transmission import (
     ExpModel,
     LinearisedTransmission,
@@ -385,7 +386,9 @@ def initial_volume(model: ExpModel, problem: LocalProblem, settings: ExpSolverSe
 
     ptycho_settings = Ptycho2DSettings(iterations=settings.init_iterations,
                                        likelihood=settings.likelihood,
-                                       refine_probe=settings.refine_probe)
+                                       refine_probe=settings.refine_probe,
+                                       probe_guard=settings.align
+                                       and is_guarded(problem.probe))
     images = solve_ptycho2d(xp.ones(model.projector.data_shape, dtype=dtype), problem.f_local,
                             problem.probe, problem.positions_local,
                             problem.frame_offset_local, ptycho_settings, comm,
@@ -410,6 +413,8 @@ def solve_exp(problem: LocalProblem, settings: ExpSolverSettings, comm: SerialCo
     rdtype = real_dtype(dtype)
     apt = settings.algorithm == "apt"
     probe = to_device(problem.probe, xp).astype(dtype)
+    # --align with a guarded probe: every probe update keeps the guard (align.py notes)
+    guard = settings.align and is_guarded(problem.probe)
     model = ExpModel(problem.volume_shape, problem.theta_local, probe,
                      problem.positions_local, problem.frame_offset_local, dtype=dtype)
     valid = None if problem.valid_local is None else to_device(problem.valid_local, xp)
@@ -456,6 +461,8 @@ def solve_exp(problem: LocalProblem, settings: ExpSolverSettings, comm: SerialCo
             omega=probe, psi_local=psi, mu_local=xp.zeros_like(psi),
         )
     else:
+        if guard:
+            state.omega = guard_probe(state.omega)
         model.set_probe(state.omega)
         weight = model.illumination(xp)
     state.params = params
@@ -544,6 +551,8 @@ def solve_exp(problem: LocalProblem, settings: ExpSolverSettings, comm: SerialCo
             # without it the update mixes misregistered frames and diverges (measured).
             state.omega = probe_from_views(model.ptycho.extract(psi), target, comm,
                                            ptycho=model.ptycho).astype(dtype)
+            if guard:
+                state.omega = guard_probe(state.omega)
             model.set_probe(state.omega)
             weight = model.illumination(xp)
         # Step 2: z and lam2.

@@ -46,7 +46,7 @@ from ptmpi.mask import valid_only
 from ptmpi.metrics import r_factor_sums, r_factor_value
 from ptmpi.operators.fft import FarField
 from ptmpi.operators.modes import ModePtycho, initial_modes, mix_modes, modulus, orthogonalise
-from ptmpi.operators.ptycho import Ptycho
+from ptmpi.operators.ptycho import Ptycho, guard_probe
 from ptmpi.operators.tomo import Projector
 from ptmpi.parallel.comm import SerialComm
 from ptmpi.parallel.data_term import probe_from_views, probe_modes_from_views
@@ -91,6 +91,10 @@ class Ptycho2DSettings:
     probe_modes: int = 1
     """Incoherent probe modes ``K`` (mixed-state ptychography, :mod:`ptmpi.operators.modes`);
     1: the single coherent probe."""
+    probe_guard: bool = False
+    """Keep the probe's last row and column at zero, from the start and after every probe
+    update (:func:`~ptmpi.operators.ptycho.guard_probe`): the exp model's initialisation
+    under ``--align`` when its probe is guarded (:mod:`ptmpi.solvers.align`, notes)."""
 
     def __post_init__(self):
         if self.likelihood not in LIKELIHOODS:
@@ -108,6 +112,8 @@ class Ptycho2DSettings:
         out = dataclasses.asdict(self)
         if self.probe_modes == 1:  # single-mode parameters are written as before modes
             del out["probe_modes"]
+        if not self.probe_guard:  # (likewise without the guard)
+            del out["probe_guard"]
         return out
 
 
@@ -160,6 +166,9 @@ def solve_ptycho2d(v0_local, f_local, probe, positions_local, frame_offset_local
             omega = initial_modes(omega, n_modes)
         if omega.shape[0] != n_modes:
             raise ValueError(f"{omega.shape[0]} probe modes given, settings ask for {n_modes}")
+    if settings.probe_guard:
+        omega = guard_probe(omega)
+    if n_modes > 1:
         ptycho = ModePtycho(omega, positions_local, frame_offset_local, v0_local.shape[1:])
     else:
         ptycho = Ptycho(omega, positions_local, frame_offset_local, v0_local.shape[1:])
@@ -206,6 +215,8 @@ def solve_ptycho2d(v0_local, f_local, probe, positions_local, frame_offset_local
                 state.lam2_local = mix_modes(state.lam2_local, mixing)
             else:
                 state.omega = probe_from_views(ptycho.extract(v), target, comm, ptycho=ptycho)
+            if settings.probe_guard:  # (orthogonalised modes of guarded modes are guarded)
+                state.omega = guard_probe(state.omega)
             ptycho.probe = state.omega
             weight, delta = illumination()
         exit_waves = None
