@@ -224,10 +224,9 @@ def _dry_run(args, algorithm, settings, dtype, comm: Comm) -> int:
         arrays = plan["arrays"]
         print(f"dry run: {algorithm} on {comm.size} rank(s), {np.dtype(dtype).name}: the input and "
               "output are valid")
-        slabs = plan.get("slabs", 1)
-        print(f"dry run: layout {comm.size // slabs} angle group(s) x {slabs} z-slab(s)"
-              + (" (replicated volume)" if slabs == 1 else
-                 f" (projection transposes {format_bytes(arrays['transposes'])} per rank)"))
+        print(f"dry run: {plan['layout']}" + (
+            f", projection transposes {format_bytes(arrays['transposes'])} per rank"
+            if plan.get("slabs", 1) > 1 else ""))
         if plan.get("gpu"):
             print(f"dry run: GPU memory per rank up to "
                   f"{format_bytes(plan['device_bytes_per_rank_max'])} (solver arrays "

@@ -120,14 +120,20 @@ def _validate_and_read(input_path, output_path, algorithm, comm, force, dtype=DE
         raise RunError(f"{comm.size} ranks but only {angles} in {input_path}: "
                        f"use at most {n_angles} rank" + ("s" if n_angles != 1 else ""))
     start, stop = block_partition(n_angles, comm.size, comm.rank)
+    slabs_asked = slabs
     slabs = _choose_slabs(slabs, slab_refusal, layout, algorithm, dtype, comm, modes, model,
                           gpu)
     plan = _plan_memory(layout, algorithm, dtype, comm, modes, model, gpu, slabs)
+    plan["layout"] = _describe_layout(comm.size, slabs, int(layout["shape"][0]),
+                                      auto=slabs_asked == "auto")
     if dry_run:
         return plan
     _agree(comm, validate_input(input_path, start, stop))
     data = read_input(input_path, start, stop, read_truth=True)
     data.slabs = slabs
+    if comm.is_root:
+        logger.info("%s", _describe_layout(comm.size, slabs, int(layout["shape"][0]),
+                                           auto=slabs_asked == "auto"))
     frames = comm.allgather(int(data.counts_local.shape[0]))
     shape = data.volume_shape if data.volume_shape is not None else data.image_shape
     logger.info("%s: %s %s, %d angles, %d frames on %d rank(s) (frames per rank %d-%d, "
@@ -232,13 +238,15 @@ def _choose_slabs(slabs, refusal, layout, algorithm, dtype, comm, modes, model, 
                 best = (candidate, plan["bytes_per_rank_max"])
         else:
             chosen = best[0] if best else 1
-    if comm.is_root:
-        groups = comm.size // chosen
-        logger.info("layout: %d angle group(s) x %d z-slab(s)%s%s", groups, chosen,
-                    " (replicated volume)" if chosen == 1 else
-                    f" ({nz // chosen}-{-(-nz // chosen)} slices per slab)",
-                    " (chosen by --slabs auto)" if slabs == "auto" else "")
     return chosen
+
+
+def _describe_layout(size: int, slabs: int, nz: int, auto: bool) -> str:
+    """``layout: 2 angle group(s) x 2 z-slab(s) (...)`` for the log and the dry run."""
+    return (f"layout: {size // slabs} angle group(s) x {slabs} z-slab(s) "
+            + ("(replicated volume)" if slabs == 1 else
+               f"({nz // slabs}-{-(-nz // slabs)} slices per slab)")
+            + (", chosen by --slabs auto" if auto else ""))
 
 
 def _plan_memory(layout, algorithm, dtype, comm, modes: int = 1, model="linear",
@@ -282,7 +290,8 @@ def _plan_memory(layout, algorithm, dtype, comm, modes: int = 1, model="linear",
     available = comm.allreduce_scalar(float(available_bytes()), "min")
     plan = {"bytes_per_rank_max": max(needs), "bytes_per_rank": needs,
             "bytes_node": node_need, "bytes_available": int(available), "arrays": arrays,
-            "runtime": runtime, "model": model, "gpu": bool(gpu), "slabs": int(slabs)}
+            "runtime": runtime, "model": model, "gpu": bool(gpu), "slabs": int(slabs),
+            "layout": _describe_layout(comm.size, slabs, int(layout["shape"][0]), False)}
     if gpu:
         devices = comm.allgather(device)
         plan.update(device_bytes_per_rank=devices, device_bytes_per_rank_max=max(devices))

@@ -494,10 +494,12 @@ if numba is not None:
             re = 0.0
             im = 0.0
             for i in range(k * m, (k + 1) * m):
-                a = x[i]
-                b = y[i]
-                re += float(a.real) * float(b.real) + float(a.imag) * float(b.imag)
-                im += float(a.real) * float(b.imag) - float(a.imag) * float(b.real)
+                ar = np.float64(x[i].real)
+                ai = np.float64(x[i].imag)
+                br = np.float64(y[i].real)
+                bi = np.float64(y[i].imag)
+                re += ar * br + ai * bi
+                im += ar * bi - ai * br
             out[k, 0] = re
             out[k, 1] = im
 
