@@ -203,7 +203,7 @@ class LocalProblem:
     positions_local: np.ndarray  # (N_FRAMES_LOCAL, 2)
     frame_offset_local: np.ndarray  # (N_THETA_LOCAL + 1,)
     probe: object  # (M, M) complex initial probe
-    truth_volume: object | None = None  # (nz, n, n), replicated, for SNR only
+    truth_volume: object | None = None  # (nz, n, n) or this rank's z-slab, for SNR only
     valid_local: object | None = None  # bool (M, M) or (N_FRAMES_LOCAL, M, M); None: all valid
 
 
@@ -212,7 +212,8 @@ class ADMMState:
     """Full solver state (what a checkpoint holds, :mod:`ptmpi.io.checkpoint`).
 
     ``u`` ``(nz, n, n)``, ``p`` and ``lam1`` ``(3, nz, n, n)`` (None for APTs) and ``omega``
-    ``(M, M)`` are replicated; ``z_local`` and ``lam2_local`` ``(N_FRAMES_LOCAL, M, M)`` hold
+    ``(M, M)`` are replicated (on the slab grid ``u``, ``p``, ``lam1`` and ``step`` hold
+    this rank's z-slab, ``nz_slab`` slices); ``z_local`` and ``lam2_local`` ``(N_FRAMES_LOCAL, M, M)`` hold
     this rank's frames (with ``K`` probe modes: ``omega`` ``(K, M, M)``, ``z_local`` and
     ``lam2_local`` ``(K, N_FRAMES_LOCAL, M, M)``). ``iteration`` counts completed
     iterations, ``history`` the metrics per iteration (lists), ``params`` the penalties in
