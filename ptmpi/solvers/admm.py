@@ -213,9 +213,10 @@ class ADMMState:
 
     ``u`` ``(nz, n, n)``, ``p`` and ``lam1`` ``(3, nz, n, n)`` (None for APTs) and ``omega``
     ``(M, M)`` are replicated (on the slab grid ``u``, ``p``, ``lam1`` and ``step`` hold
-    this rank's z-slab, ``nz_slab`` slices); ``z_local`` and ``lam2_local`` ``(N_FRAMES_LOCAL, M, M)`` hold
-    this rank's frames (with ``K`` probe modes: ``omega`` ``(K, M, M)``, ``z_local`` and
-    ``lam2_local`` ``(K, N_FRAMES_LOCAL, M, M)``). ``iteration`` counts completed
+    this rank's z-slab, ``nz_slab`` slices); ``z_local`` and ``lam2_local``
+    ``(N_FRAMES_LOCAL, M, M)`` hold this rank's frames (with ``K`` probe modes: ``omega``
+    ``(K, M, M)``, ``z_local`` and ``lam2_local`` ``(K, N_FRAMES_LOCAL, M, M)``).
+    ``iteration`` counts completed
     iterations, ``history`` the metrics per iteration (lists), ``params`` the penalties in
     use (:func:`resolve`).
     """
