@@ -389,8 +389,8 @@ def reconstruct(input_path: str, output_path: str, settings, comm: Comm, *,
 
         grid = SlabGrid(comm, data.slabs)
         if data.truth_volume is not None:  # the slab only (root re-reads it for figures)
-            data.truth_volume = np.ascontiguousarray(
-                grid.volume(data.volume_shape).local(data.truth_volume))
+            data.truth_volume = grid.volume(data.volume_shape).local(
+                data.truth_volume).copy()  # a copy: the whole volume is freed
     if getattr(settings, "align", False) and data.n_angles < 2:
         raise RunError(f"--align: {input_path} has one angle; shifts of one angle are all "
                        "translations of the volume, which the data cannot see")
