@@ -291,3 +291,26 @@ def test_checkpoint_resumes_on_another_grid(mpi_ranks, shared_tmp):
         for first, second in [(2, 1), (1, 4)]:
             with h5py.File(shared_tmp / f"resumed-{first}-{second}.h5") as f:
                 assert rel(f[VOLUME][()], ref) <= 1e-5, (first, second)
+
+
+@pytest.mark.mpi(ranks=[4], timeout=120, unit="s")
+def test_auto_chooses_the_fewest_slabs_that_fit(mpi_ranks, monkeypatch):
+    """--slabs auto: 1 when the replicated plan fits the node; with less memory than that
+    (but enough for two slabs) 2; with less than any plan needs, the smallest plan."""
+    import ptmpi.memory
+    from ptmpi.reconstruct import _choose_slabs, _plan_memory
+
+    comm = MPIComm()
+    layout = {"shape": (256, 256, 256), "frame_offset": np.arange(0, 13 * 12, 12), "m": 16,
+              "truth": True, "subpixel": False}
+    args = ("apt", np.complex64, comm, 1, "linear", False)
+    needs = {s: _plan_memory(layout, *args, s, check=False)["bytes_node"] for s in (1, 2, 4)}
+    assert needs[1] > needs[2] > needs[4]
+    assert _choose_slabs("auto", None, layout, *args) == 1 or needs[1] > ptmpi.memory \
+        .available_bytes()
+    between = (needs[1] + needs[2]) // 2
+    monkeypatch.setattr(ptmpi.memory, "available_bytes", lambda: between)
+    assert _choose_slabs("auto", None, layout, *args) == 2
+    assert _choose_slabs("auto", "--gpu (host arrays only)", layout, *args) == 1
+    monkeypatch.setattr(ptmpi.memory, "available_bytes", lambda: needs[4] // 2)
+    assert _choose_slabs("auto", None, layout, *args) == 4
