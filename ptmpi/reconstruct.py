@@ -129,7 +129,10 @@ def _validate_and_read(input_path, output_path, algorithm, comm, force, dtype=DE
     if dry_run:
         return plan
     _agree(comm, validate_input(input_path, start, stop))
-    data = read_input(input_path, start, stop, read_truth=True)
+    # with slabs, each rank reads its slab of the truth only (z-slab s = rank % slabs)
+    truth_slices = (block_partition(int(layout["shape"][0]), slabs, comm.rank % slabs)
+                    if slabs > 1 else None)
+    data = read_input(input_path, start, stop, read_truth=True, truth_slices=truth_slices)
     data.slabs = slabs
     if comm.is_root:
         logger.info("%s", _describe_layout(comm.size, slabs, int(layout["shape"][0]),
@@ -387,10 +390,7 @@ def reconstruct(input_path: str, output_path: str, settings, comm: Comm, *,
     if getattr(data, "slabs", 1) > 1:
         from ptmpi.parallel.slab_data_term import SlabGrid
 
-        grid = SlabGrid(comm, data.slabs)
-        if data.truth_volume is not None:  # the slab only (root re-reads it for figures)
-            data.truth_volume = grid.volume(data.volume_shape).local(
-                data.truth_volume).copy()  # a copy: the whole volume is freed
+        grid = SlabGrid(comm, data.slabs)  # data.truth_volume: this rank's slab
     if getattr(settings, "align", False) and data.n_angles < 2:
         raise RunError(f"--align: {input_path} has one angle; shifts of one angle are all "
                        "translations of the volume, which the data cannot see")
