@@ -112,26 +112,31 @@ class VolumeSpace:
         return math.sqrt(max(self.vdot(x, x).real, 0.0))
 
     # -- halos and the global volume --------------------------------------------------
-    def extend(self, x, before: int, after: int):
-        """``x`` (``(..., nz_slab, n, n)``) with ``before`` slices of the previous slab and
-        ``after`` of the next one (fewer at the ends of the volume, where there are none);
-        returns ``(x_ext, offset)``, ``x_ext[..., offset:offset + nz_slab]`` being ``x``."""
-        if not self.split or (before == 0 and after == 0):
-            return x, 0
-        xp = get_xp(x)
+    def halos(self, x, before: int, after: int):
+        """The ``before`` last slices of the previous slab and the ``after`` first slices of
+        the next one (``(..., k, n, n)`` arrays; None at the ends of the volume, where there
+        are none, and when not asked for). Every slab holds at least one slice (S <= nz),
+        so one-slice halos come from the neighbours themselves."""
+        if not self.split:
+            return None, None
         s, last = self.slab, self.n_slabs - 1
-        # every slab holds at least one slice (S <= nz), so one-slice halos come from
-        # the neighbour itself
         prev = s - 1 if s > 0 else None
         nxt = s + 1 if s < last else None
         head = tail = None
-        if after:  # my first slices go to the previous slab, its ... from the next one
+        if after:  # my first slices go to the previous slab, the next slab's come to me
             tail = self.group.sendrecv(np.ascontiguousarray(x[..., :after, :, :]), prev, nxt)
         if before:
             head = self.group.sendrecv(np.ascontiguousarray(x[..., -before:, :, :]), nxt, prev)
-        parts = ([head] if head is not None else []) + [x] + ([tail] if tail is not None else [])
-        if len(parts) == 1:
+        return head, tail
+
+    def extend(self, x, before: int, after: int):
+        """``x`` (``(..., nz_slab, n, n)``) with its :meth:`halos` attached; returns
+        ``(x_ext, offset)``, ``x_ext[..., offset:offset + nz_slab]`` being ``x``."""
+        head, tail = self.halos(x, before, after)
+        if head is None and tail is None:
             return x, 0
+        xp = get_xp(x)
+        parts = ([head] if head is not None else []) + [x] + ([tail] if tail is not None else [])
         return xp.concatenate(parts, axis=-3), 0 if head is None else head.shape[-3]
 
     def gather(self, x):
@@ -146,50 +151,65 @@ class VolumeSpace:
 class SlabGradient:
     """:class:`~ptmpi.operators.grad.Gradient` of the global volume applied to z-slabs.
 
-    Each map extends its input by the one-slice halo it reads (:meth:`VolumeSpace.extend`),
-    applies the serial operator (compiled kernels where available) to the extended slab
-    and keeps the slab's own slices, so each voxel's value is computed by the same
-    arithmetic as in the serial operator and the boundary conditions at the ends of the
-    volume are the serial ones.
+    Each map applies the serial operator (compiled kernels where available) to the slab,
+    which gives every slice but the slab's first and last their global value, then
+    recomputes those two slices from windows of at most three slices with the one-slice
+    halos of the neighbouring slabs (:meth:`VolumeSpace.halos`). Each voxel is computed by
+    the same arithmetic as in the serial operator (bit for bit), the boundary conditions at
+    the ends of the volume are the serial ones, and no slab-sized copy is made.
     """
 
     def __init__(self, volume: VolumeSpace):
         self.volume = volume
         self.shape = volume.local_shape
 
-    def _apply(self, fn, x, before, after):
-        x_ext, offset = self.volume.extend(x, before, after)
-        out = fn(Gradient(x_ext.shape[-3:]), x_ext)
-        return out[..., offset:offset + self.shape[0], :, :]
+    def _apply(self, fn, arrays, before, after):
+        """``fn(Gradient, *arrays)`` on the slab, its first and last slices recomputed."""
+        out = fn(Gradient(arrays[0].shape[-3:]), *arrays)
+        if not self.volume.split:
+            return out
+        xp = get_xp(out)
+        halos = [self.volume.halos(a, before, after) for a in arrays]
+        nzl = self.shape[0]
+        for k in sorted({0, nzl - 1}):
+            lo, hi = max(0, k - 1), min(nzl, k + 2)
+            windows, offset = [], k - lo
+            for a, (head, tail) in zip(arrays, halos, strict=True):
+                parts = [a[..., lo:hi, :, :]]
+                if k == 0 and head is not None:
+                    parts.insert(0, head)
+                if k == nzl - 1 and tail is not None:
+                    parts.append(tail)
+                windows.append(xp.ascontiguousarray(xp.concatenate(parts, axis=-3)))
+            if k == 0 and halos[0][0] is not None:
+                offset += 1
+            value = fn(Gradient(windows[0].shape[-3:]), *windows)
+            out[..., k, :, :] = value[..., offset, :, :]
+        return out
 
     def with_next(self, u):
         """``u`` and the next slab's first slice (for the fused TV split)."""
         return self.volume.extend(u, 0, 1)[0]
 
     def fwd(self, u, out=None):
-        g = self._apply(lambda op, x: op.fwd(x), u, 0, 1)
+        g = self._apply(lambda op, x: op.fwd(x), [u], 0, 1)
         if out is None:
             return g
         out[...] = g
         return out
 
     def adj(self, g):
-        return self._apply(lambda op, x: op.adj(x), g, 1, 1)
+        return self._apply(lambda op, x: op.adj(x), [g], 1, 1)
 
     def normal(self, u):
-        return self._apply(lambda op, x: op.normal(x), u, 1, 1)
+        return self._apply(lambda op, x: op.normal(x), [u], 1, 1)
 
     def adj_sum(self, a, b):
-        v = self.volume
-        a_ext, offset = v.extend(a, 1, 1)
-        b_ext, _ = v.extend(b, 1, 1)
-        out = Gradient(a_ext.shape[-3:]).adj_sum(a_ext, b_ext)
-        return out[offset:offset + self.shape[0]]
+        return self._apply(lambda op, x, y: op.adj_sum(x, y), [a, b], 1, 1)
 
     def normal_diagonal(self, xp, dtype):
-        diag = Gradient(self.volume.shape).normal_diagonal_slab(xp, dtype, self.volume.z0,
+        return Gradient(self.volume.shape).normal_diagonal_slab(xp, dtype, self.volume.z0,
                                                                 self.volume.z1)
-        return diag
 
     def laplacian(self, u):
         return -self.adj(self.fwd(u))
