@@ -581,7 +581,9 @@ def _run_joint(data, start, stop, settings, comm, xp, dtype, progress, state=Non
         raise RunError(str(exc)) from exc
     if grid is None:
         image = to_host(state.u) if comm.is_root else None
-    else:  # the first angle group gathers its slabs on rank 0
+    else:  # the first angle group gathers its slabs on rank 0 (the rest of the state
+        # is dropped first: the root then holds the volume beside its slab only)
+        state.p = state.lam1 = state.step = state.z_local = state.lam2_local = None
         image = (grid.volume(data.volume_shape).gather(state.u) if grid.group_index == 0
                  else None)
     result = {"history": state.history, "image": image, "omega": state.omega,

@@ -102,6 +102,10 @@ class SerialComm:
         """The sub-communicator of the ranks with the same ``colour`` (one rank: itself)."""
         return self
 
+    def gatherv(self, send, recv, counts, root: int = 0) -> None:
+        """Gather flat blocks into ``recv`` on ``root`` (one rank: a copy)."""
+        recv[...] = send
+
     def reached_by_all(self, timeout: float) -> bool:
         """True when every rank calls this within ``timeout`` seconds (see :class:`MPIComm`)."""
         return True
@@ -198,6 +202,18 @@ class MPIComm:
                            dest=mpi.PROC_NULL if dest is None else dest,
                            recvbuf=recv, source=mpi.PROC_NULL if source is None else source)
         return recv
+
+    def gatherv(self, send, recv, counts, root: int = 0) -> None:
+        """Gatherv of flat contiguous host arrays: ``counts[j]`` elements from rank ``j``
+        land in rank order in ``recv`` on ``root`` (None elsewhere), without a list of
+        blocks beside it. Complex arrays travel as their real view."""
+        if np.iscomplexobj(send):
+            send = send.view(send.real.dtype)
+            recv = None if recv is None else recv.view(recv.real.dtype)
+            counts = [2 * c for c in counts]
+        displs = np.concatenate([[0], np.cumsum(counts)[:-1]]).astype(int).tolist()
+        target = [recv, ([int(c) for c in counts], displs)] if self.rank == root else None
+        self.comm.Gatherv(send, target, root=root)
 
     def split(self, colour: int, key: int) -> MPIComm:
         """The :class:`MPIComm` of the ranks with the same ``colour``, ordered by ``key``."""

@@ -141,11 +141,17 @@ class VolumeSpace:
 
     def gather(self, x):
         """The global array on this group's first rank (None elsewhere): ``x`` as it is
-        when the volume is not split."""
+        when the volume is not split. The root holds the global array and its own slab,
+        nothing more."""
         if not self.split:
             return x
-        parts = self.group.gather(to_host(x))
-        return np.concatenate(parts, axis=-3) if self.group.rank == 0 else None
+        x = np.ascontiguousarray(to_host(x))  # (nz_slab, n, n): slabs are contiguous
+        plane = int(np.prod(x.shape[1:]))
+        counts = [(z1 - z0) * plane for z0, z1 in self.bounds]
+        out = np.empty((self.shape[0], *x.shape[1:]), dtype=x.dtype) \
+            if self.group.rank == 0 else None
+        self.group.gatherv(x.reshape(-1), None if out is None else out.reshape(-1), counts)
+        return out
 
 
 class SlabGradient:
