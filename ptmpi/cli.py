@@ -216,13 +216,17 @@ def _dry_run(args, algorithm, settings, dtype, comm: Comm) -> int:
 
     try:
         plan = reconstruct(args.input, args.output, settings, comm, algorithm=algorithm,
-                           force=args.force, gpu=args.gpu, dtype=dtype, dry_run=True)
+                           force=args.force, gpu=args.gpu, dtype=dtype, dry_run=True,
+                           slabs=getattr(args, "slabs", 1))
     except RunError as exc:
         raise UserError(str(exc)) from exc
     if comm.is_root:
         arrays = plan["arrays"]
         print(f"dry run: {algorithm} on {comm.size} rank(s), {np.dtype(dtype).name}: the input and "
               "output are valid")
+        print(f"dry run: {plan['layout']}" + (
+            f", projection transposes {format_bytes(arrays['transposes'])} per rank"
+            if plan.get("slabs", 1) > 1 else ""))
         if plan.get("gpu"):
             print(f"dry run: GPU memory per rank up to "
                   f"{format_bytes(plan['device_bytes_per_rank_max'])} (solver arrays "
@@ -317,6 +321,19 @@ def _align_fields(args, algorithm: str) -> dict:
     return fields
 
 
+def _slabs_arg(text: str):
+    """``--slabs``: a positive integer or ``auto``."""
+    if text == "auto":
+        return text
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer or auto, got {text!r}")
+    return value
+
+
 def cmd_reconstruct(args, comm: Comm) -> int:
     import contextlib
 
@@ -345,7 +362,8 @@ def cmd_reconstruct(args, comm: Comm) -> int:
                         force=args.force, gpu=args.gpu, dtype=dtype,
                         figures=not args.no_figures, command=" ".join(sys.argv),
                         checkpoint=args.checkpoint, checkpoint_every=every,
-                        resume=args.resume, stop_request=stop_request)
+                        resume=args.resume, stop_request=stop_request,
+                        slabs=getattr(args, "slabs", 1))
         except RunError as exc:
             raise UserError(str(exc)) from exc
         except Interrupted as exc:  # raised alike on every rank
@@ -637,6 +655,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help="validate the input and output, print the memory each rank needs, "
                         "and stop (also refused there when it would not fit the node)")
     p.add_argument("--gpu", action="store_true", help="one GPU per rank (CuPy)")
+    p.add_argument("--slabs", type=_slabs_arg, default="auto", metavar="S|auto",
+                   help="apt/apts: split the ranks into ranks/S angle groups and S z-slabs of "
+                        "the volume (S divides the rank count; 1: every rank holds the whole "
+                        "volume). auto (default): 1 when that fits the node's memory, else "
+                        "the fewest slabs that fit; the layout is printed")
     p.add_argument("--no-figures", action="store_true", help="do not write PNG figures")
     p.add_argument("--checkpoint", metavar="FILE",
                    help="apt/apts only: the checkpoint file, the full solver state (default "

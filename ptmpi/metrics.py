@@ -72,12 +72,15 @@ def _check_shapes(a, b, names: str) -> None:
         raise ValueError(f"{names}: shapes differ, {a.shape} and {b.shape}")
 
 
-def optimal_scale(u, u_true) -> complex:
+def optimal_scale(u, u_true, comm=None) -> complex:
     """The complex scalar ``zeta`` minimizing ``sum|zeta u - u_true|^2``.
 
     Parameters
     ----------
     u, u_true : (...) complex or real arrays of the same shape (numpy or CuPy)
+    comm : communicator, optional
+        When ``u`` and ``u_true`` are this rank's part of split volumes (z-slabs), the
+        communicator of the parts: the sums run over the whole volume.
 
     Returns
     -------
@@ -100,10 +103,13 @@ def optimal_scale(u, u_true) -> complex:
         a = _wide(xp, a)
         cross += complex(xp.vdot(a, _wide(xp, t)))
         norm += float(xp.vdot(a, a).real)
+    if comm is not None:  # parts of one volume (z-slabs): sum the parts
+        parts = comm.allreduce_sum(np.array([cross.real, cross.imag, norm]))
+        cross, norm = complex(parts[0], parts[1]), float(parts[2])
     return 0j if norm == 0.0 else cross / norm
 
 
-def snr_db(u, u_true) -> float:
+def snr_db(u, u_true, comm=None) -> float:
     """SNR in dB of ``u`` against ``u_true`` after the optimal complex scaling.
 
     Parameters
@@ -112,6 +118,8 @@ def snr_db(u, u_true) -> float:
         Reconstruction.
     u_true : same shape
         Ground truth.
+    comm : communicator, optional
+        As for :func:`optimal_scale`: the parts of split volumes.
 
     Returns
     -------
@@ -129,12 +137,13 @@ def snr_db(u, u_true) -> float:
     """
     xp = get_xp(u, u_true)
     u, u_true = xp.asarray(u), xp.asarray(u_true)
-    zeta = optimal_scale(u, u_true)
+    zeta = optimal_scale(u, u_true, comm)
     residual = signal = 0.0
     for a, t in _blocks(u, u_true):
         za = zeta * _wide(xp, a)
         residual += float(xp.sum(xp.abs(za - _wide(xp, t)) ** 2))
         signal += float(xp.sum(xp.abs(za) ** 2))
+    residual, signal = _reduce(comm, residual, signal)
     return _ratio_db(residual, signal)
 
 

@@ -53,11 +53,14 @@ def _agree(comm: Comm, problems: list[str]) -> None:
 
 def _validate_and_read(input_path, output_path, algorithm, comm, force, dtype=DEFAULT_COMPLEX,
                        dry_run=False, figures=False, split_ok=False, modes=1, model="linear",
-                       gpu=False):
+                       gpu=False, slabs=1, slab_refusal=None):
     """Steps (1) and (2): the collective checks, then this rank's block of the input.
 
     The memory check (:func:`_plan_memory`) runs before any frame is read; with
-    ``dry_run`` the plan is returned instead of the data.
+    ``dry_run`` the plan is returned instead of the data. ``slabs``: the number of z-slabs
+    asked for (``"auto"``: chosen by :func:`_choose_slabs`); ``slab_refusal``: why this run
+    cannot use more than one (None: it can). The slabs in use are ``data.slabs`` (and
+    ``plan["slabs"]``).
     """
     from ptmpi.io.cxi import read_input
     from ptmpi.io.output import check_output_path
@@ -86,7 +89,11 @@ def _validate_and_read(input_path, output_path, algorithm, comm, force, dtype=DE
     problems, n_angles, layout = comm.bcast((problems, n_angles, layout))
     _agree(comm, problems)
     split_frames = n_angles == 1 and comm.size > 1 and split_ok
+    if split_frames and slabs not in (1, "auto"):
+        raise RunError(f"--slabs {slabs}: {input_path} has one angle, whose frames are split "
+                       "over the ranks; use --slabs 1")
     if split_frames:
+        slabs = 1
         # One angle: its frames are split over the ranks, which share the image (ptycho2d)
         # or whose partial sums over frames DataTerm reduces (apt, apts).
         plan = _plan_memory(layout, algorithm, dtype, comm, modes, model, gpu)
@@ -103,6 +110,7 @@ def _validate_and_read(input_path, output_path, algorithm, comm, force, dtype=DE
             data.valid_local = data.valid_local[f0:f1]
         data.shared_image = True
         data.frame_start = f0
+        data.slabs = 1
         logger.info("%s: one angle, image %s, %d frames split over %d ranks (%d-%d per rank)",
                     input_path, tuple(data.image_shape), n_frames, comm.size,
                     n_frames // comm.size, -(-n_frames // comm.size))
@@ -112,11 +120,23 @@ def _validate_and_read(input_path, output_path, algorithm, comm, force, dtype=DE
         raise RunError(f"{comm.size} ranks but only {angles} in {input_path}: "
                        f"use at most {n_angles} rank" + ("s" if n_angles != 1 else ""))
     start, stop = block_partition(n_angles, comm.size, comm.rank)
-    plan = _plan_memory(layout, algorithm, dtype, comm, modes, model, gpu)
+    slabs_asked = slabs
+    slabs = _choose_slabs(slabs, slab_refusal, layout, algorithm, dtype, comm, modes, model,
+                          gpu)
+    plan = _plan_memory(layout, algorithm, dtype, comm, modes, model, gpu, slabs)
+    plan["layout"] = _describe_layout(comm.size, slabs, int(layout["shape"][0]),
+                                      auto=slabs_asked == "auto")
     if dry_run:
         return plan
     _agree(comm, validate_input(input_path, start, stop))
-    data = read_input(input_path, start, stop, read_truth=True)
+    # with slabs, each rank reads its slab of the truth only (z-slab s = rank % slabs)
+    truth_slices = (block_partition(int(layout["shape"][0]), slabs, comm.rank % slabs)
+                    if slabs > 1 else None)
+    data = read_input(input_path, start, stop, read_truth=True, truth_slices=truth_slices)
+    data.slabs = slabs
+    if comm.is_root:
+        logger.info("%s", _describe_layout(comm.size, slabs, int(layout["shape"][0]),
+                                           auto=slabs_asked == "auto"))
     frames = comm.allgather(int(data.counts_local.shape[0]))
     shape = data.volume_shape if data.volume_shape is not None else data.image_shape
     logger.info("%s: %s %s, %d angles, %d frames on %d rank(s) (frames per rank %d-%d, "
@@ -125,6 +145,16 @@ def _validate_and_read(input_path, output_path, algorithm, comm, force, dtype=DE
                 n_angles, sum(frames), comm.size, min(frames), max(frames),
                 format_bytes(plan["bytes_per_rank_max"]))
     return data, start, stop
+
+
+def _read_truth(path):
+    """The ground-truth volume of a simulated input."""
+    import h5py
+
+    from ptmpi.io.cxi import TRUTH_VOLUME
+
+    with h5py.File(path, "r") as f:
+        return f[TRUTH_VOLUME][()]
 
 
 def _has_truth(path) -> bool:
@@ -156,8 +186,74 @@ def _has_subpixel(path) -> bool:
         return bool(np.any(split_positions(f[POSITIONS][()])[1] != 0))
 
 
+def _slab_refusal(algorithm, settings, exp: bool, gpu: bool) -> str | None:
+    """Why this run cannot use the angle x slab layout (None: it can)."""
+    if algorithm not in ("apt", "apts"):
+        return f"--algorithm {algorithm} (apt and apts only)"
+    if exp:
+        return "--model exp (the linear model only)"
+    if getattr(settings, "align", False):
+        return "--align"
+    if getattr(settings, "probe_modes", 1) > 1:
+        return "--probe-modes > 1"
+    if getattr(settings, "start", "ones") == "coarse":
+        return "--start coarse"
+    if gpu:
+        return "--gpu (host arrays only)"
+    return None
+
+
+def _check_slabs(slabs, comm: Comm, refusal: str | None) -> None:
+    """Refuse ``--slabs S`` that does not fit the ranks or the run (every rank alike)."""
+    if slabs == "auto" or slabs == 1:
+        return
+    if not isinstance(slabs, int) or slabs < 1:
+        raise RunError(f"--slabs must be a positive integer or auto, got {slabs!r}")
+    if comm.size % slabs:
+        raise RunError(f"--slabs {slabs} must divide the rank count, {comm.size}")
+    if refusal is not None:
+        raise RunError(f"--slabs {slabs} is not supported with {refusal}: use --slabs 1")
+
+
+def _choose_slabs(slabs, refusal, layout, algorithm, dtype, comm, modes, model, gpu) -> int:
+    """The slabs of the run: ``slabs`` as asked (checked against the volume), or for
+    ``auto`` 1 (replicated: no halos, no transposes) when its memory plan fits the node,
+    else the smallest divisor of the rank count whose plan fits (the smallest plan when
+    none does: the memory check then reports it)."""
+    nz = int(layout["shape"][0])
+    if slabs != "auto":
+        if slabs > nz:
+            raise RunError(f"--slabs {slabs}: the volume has only {nz} slices (z); use at "
+                           f"most {nz} slabs")
+        chosen = slabs
+    elif refusal is not None:
+        chosen = 1
+    else:
+        chosen, best = 1, None
+        for candidate in [s for s in range(1, comm.size + 1) if comm.size % s == 0 and s <= nz]:
+            plan = _plan_memory(layout, algorithm, dtype, comm, modes, model, gpu, candidate,
+                                check=False)
+            fits = not plan["bytes_available"] or plan["bytes_node"] <= plan["bytes_available"]
+            if fits:
+                chosen = candidate
+                break
+            if best is None or plan["bytes_per_rank_max"] < best[1]:
+                best = (candidate, plan["bytes_per_rank_max"])
+        else:
+            chosen = best[0] if best else 1
+    return chosen
+
+
+def _describe_layout(size: int, slabs: int, nz: int, auto: bool) -> str:
+    """``layout: 2 angle group(s) x 2 z-slab(s) (...)`` for the log and the dry run."""
+    return (f"layout: {size // slabs} angle group(s) x {slabs} z-slab(s) "
+            + ("(replicated volume)" if slabs == 1 else
+               f"({nz // slabs}-{-(-nz // slabs)} slices per slab)")
+            + (", chosen by --slabs auto" if auto else ""))
+
+
 def _plan_memory(layout, algorithm, dtype, comm, modes: int = 1, model="linear",
-                 gpu=False) -> dict:
+                 gpu=False, slabs: int = 1, check: bool = True) -> dict:
     """Predicted memory per rank (:mod:`ptmpi.memory`), checked against the node's.
 
     Every rank predicts its own need; the ranks on a node together must fit in what the
@@ -178,12 +274,17 @@ def _plan_memory(layout, algorithm, dtype, comm, modes: int = 1, model="linear",
     )
     from ptmpi.operators import kernels
 
-    start, stop = block_partition(len(layout["frame_offset"]) - 1, comm.size, comm.rank)
+    n_angles = len(layout["frame_offset"]) - 1
+    start, stop = block_partition(n_angles, comm.size, comm.rank)
+    group = comm.rank - comm.rank % slabs  # first rank of this rank's angle group
+    n_theta_group = (block_partition(n_angles, comm.size, group + slabs - 1)[1]
+                     - block_partition(n_angles, comm.size, group)[0])
     offset = layout["frame_offset"]
     arrays = predict_arrays(layout["shape"], int(offset[stop] - offset[start]), layout["m"],
                             stop - start, algorithm, dtype, layout["truth"],
                             compiled=False if gpu else None,
-                            subpixel=layout.get("subpixel", False), modes=modes, model=model)
+                            subpixel=layout.get("subpixel", False), modes=modes, model=model,
+                            slabs=slabs, n_theta_group=n_theta_group)
     device = arrays["solver"] + arrays["projector"] if gpu else 0
     runtime = FIRST_SOLVE_BYTES[bool(kernels.ENABLED and not gpu)]
     need = arrays["total"] - device + runtime + resident_bytes()
@@ -192,14 +293,15 @@ def _plan_memory(layout, algorithm, dtype, comm, modes: int = 1, model="linear",
     available = comm.allreduce_scalar(float(available_bytes()), "min")
     plan = {"bytes_per_rank_max": max(needs), "bytes_per_rank": needs,
             "bytes_node": node_need, "bytes_available": int(available), "arrays": arrays,
-            "runtime": runtime, "model": model, "gpu": bool(gpu)}
+            "runtime": runtime, "model": model, "gpu": bool(gpu), "slabs": int(slabs),
+            "layout": _describe_layout(comm.size, slabs, int(layout["shape"][0]), False)}
     if gpu:
         devices = comm.allgather(device)
         plan.update(device_bytes_per_rank=devices, device_bytes_per_rank_max=max(devices))
     logger.debug("memory: %s per rank (largest), %s on this node, %s available", format_bytes(
         max(needs)), format_bytes(node_need), format_bytes(available) if available else "?")
     too_big = comm.allreduce_scalar(float(available > 0 and node_need > available), "max")
-    if too_big:
+    if too_big and check:
         raise RunError(f"not enough memory: the run needs about {format_bytes(max(needs))} "
                        f"per rank ({format_bytes(node_need)} for the ranks on one node) but "
                        f"only {format_bytes(available)} is available; use more nodes or "
@@ -223,7 +325,8 @@ def reconstruct(input_path: str, output_path: str, settings, comm: Comm, *,
                 algorithm: str | None = None, force: bool = False, gpu: bool = False,
                 dtype=DEFAULT_COMPLEX, figures: bool = True, command: str | None = None,
                 demo: bool = False, checkpoint: str | None = None, checkpoint_every: int = 0,
-                resume: bool = False, stop_request=None, dry_run: bool = False) -> dict:
+                resume: bool = False, stop_request=None, dry_run: bool = False,
+                slabs: int | str = 1) -> dict:
     """Reconstruct ``input_path`` into ``output_path`` (SPEC 4); returns a summary dict.
 
     ``settings`` is a :class:`SolverSettings` (apt/apts; ``algorithm`` taken from it) or a
@@ -235,7 +338,13 @@ def reconstruct(input_path: str, output_path: str, settings, comm: Comm, *,
     ``checkpoint_every`` iterations and after the last (0: only on a stop request);
     ``resume`` continues from it when it exists (from iteration 0 otherwise);
     ``stop_request`` (a :class:`ptmpi.restart.StopRequest`, set by signal handlers) makes
-    every rank checkpoint and raise :class:`ptmpi.restart.Interrupted`.
+    every rank checkpoint and raise :class:`ptmpi.restart.Interrupted`. A checkpoint holds
+    the whole volume, so it resumes on any rank count and any ``slabs``.
+
+    ``slabs``: z-slabs of the angle x slab grid (:mod:`ptmpi.parallel.volume`; apt/apts with
+    the linear model, one probe mode, no ``--align``, ``--start ones``, host arrays), a
+    divisor of the rank count; 1 is the replicated volume; ``"auto"`` chooses from the
+    memory plan (:func:`_choose_slabs`).
     """
     from ptmpi.io.cxi import input_checksum
     from ptmpi.io.output import write_output
@@ -254,11 +363,14 @@ def reconstruct(input_path: str, output_path: str, settings, comm: Comm, *,
     # one angle on several ranks: its frames are split (not for two-step, whose tomography
     # sums projections over ranks, nor for the exp model's per-angle transmissions)
     split_ok = not exp and algorithm in ("ptycho2d", "apt", "apts")
+    refusal = _slab_refusal(algorithm, settings, exp, gpu)
+    _check_slabs(slabs, comm, refusal)
     if dry_run:
         plan = _validate_and_read(input_path, output_path, algorithm, comm, force, dtype,
                                   dry_run=True, split_ok=split_ok,
                                   modes=getattr(settings, "probe_modes", 1),
-                                  model="exp" if exp else "linear", gpu=gpu)
+                                  model="exp" if exp else "linear", gpu=gpu, slabs=slabs,
+                                  slab_refusal=refusal)
         return {"dry_run": True, **plan}
     if joint:
         path, header, checksum = _check_restart(input_path, output_path, settings, dtype, comm,
@@ -273,7 +385,12 @@ def reconstruct(input_path: str, output_path: str, settings, comm: Comm, *,
     data, start, stop = _validate_and_read(input_path, output_path, algorithm, comm, force,
                                            dtype, figures=figures, split_ok=split_ok,
                                            modes=modes, model="exp" if exp else "linear",
-                                           gpu=gpu)
+                                           gpu=gpu, slabs=slabs, slab_refusal=refusal)
+    grid = None
+    if getattr(data, "slabs", 1) > 1:
+        from ptmpi.parallel.slab_data_term import SlabGrid
+
+        grid = SlabGrid(comm, data.slabs)  # data.truth_volume: this rank's slab
     if getattr(settings, "align", False) and data.n_angles < 2:
         raise RunError(f"--align: {input_path} has one angle; shifts of one angle are all "
                        "translations of the volume, which the data cannot see")
@@ -288,9 +405,9 @@ def reconstruct(input_path: str, output_path: str, settings, comm: Comm, *,
     try:
         if joint:
             restart = _open_restart(path, header, data, start, stop, settings, comm, xp, dtype,
-                                    checksum, checkpoint_every, stop_request)
+                                    checksum, checkpoint_every, stop_request, grid)
             result = _run_joint(data, start, stop, settings, comm, xp, dtype, progress,
-                                *restart)
+                                *restart, grid=grid)
         elif exp:  # two-step of the exp model
             result = _run_joint(data, start, stop, settings, comm, xp, dtype, progress)
         else:
@@ -304,6 +421,8 @@ def reconstruct(input_path: str, output_path: str, settings, comm: Comm, *,
 
     history, image, omega = result["history"], result["image"], result["omega"]
     params = result["params"]
+    if grid is not None:
+        params["slabs"] = grid.n_slabs
     summary = {k: (v[-1] if len(v) else math.nan) for k, v in history.items()}
     summary.update(result.get("final", {}))
     positions = comm.gather(np.asarray(result.get("positions_local", data.positions_local),
@@ -324,6 +443,8 @@ def reconstruct(input_path: str, output_path: str, settings, comm: Comm, *,
             shifts_px=shifts, angles_deg=data.angles_deg,
         )
         if figures:
+            if grid is not None and data.truth_volume is not None:
+                data.truth_volume = _read_truth(input_path)
             _figures(output_path, algorithm, image, to_host(omega), data, history,
                      len(history["iteration"]), exp=exp)
             if shifts is not None:
@@ -376,9 +497,10 @@ def _check_restart(input_path, output_path, settings, dtype, comm, checkpoint, r
 
 
 def _open_restart(path, header, data, start, stop, settings, comm, xp, dtype, checksum, every,
-                  stop_request):
+                  stop_request, grid=None):
     """This rank's part of the checkpoint to resume from (``header``; None: none), and the
-    :class:`ptmpi.restart.Checkpointer` of the run; returns ``(state, checkpointer)``."""
+    :class:`ptmpi.restart.Checkpointer` of the run; returns ``(state, checkpointer)``.
+    With the slab grid (``grid``) the volume arrays are read and written by slab."""
     from ptmpi.io.checkpoint import read_checkpoint, write_checkpoint
     from ptmpi.restart import Checkpointer
 
@@ -386,6 +508,11 @@ def _open_restart(path, header, data, start, stop, settings, comm, xp, dtype, ch
     if data.frame_start is not None:  # the frames of one angle split over the ranks
         f0 = data.frame_start
         f1 = f0 + int(data.counts_local.shape[0])
+    slab = None
+    if grid is not None:
+        volume = grid.volume(data.volume_shape)
+        # every rank reads its slab; the first angle group's ranks write theirs
+        slab = (volume.z0, volume.z1, grid.group_index == 0, volume.shape[0])
     state = None
     if header is not None:
         # The checksum matched, so this guards against a damaged checkpoint only.
@@ -396,7 +523,8 @@ def _open_restart(path, header, data, start, stop, settings, comm, xp, dtype, ch
                            f"{data.path}")
         problems = []
         try:
-            state = read_checkpoint(path, f0, f1, xp, start, stop)
+            state = read_checkpoint(path, f0, f1, xp, start, stop,
+                                    z_range=None if slab is None else slab[:2])
         except (OSError, KeyError, ValueError) as exc:
             problems = [f"{path}: cannot read the checkpoint ({exc})"]
         _agree(comm, problems)
@@ -406,14 +534,14 @@ def _open_restart(path, header, data, start, stop, settings, comm, xp, dtype, ch
     def write(state_now):
         write_checkpoint(path, state_now, comm, settings=settings.to_dict(), dtype=dtype,
                          input_checksum=checksum, frame_start=f0, n_frames=data.n_frames,
-                         angle_start=start, n_angles=data.n_angles)
+                         angle_start=start, n_angles=data.n_angles, slab=slab)
 
     last = header.iteration if header is not None else None
     return state, Checkpointer(path, every, comm, stop_request, write, last)
 
 
 def _run_joint(data, start, stop, settings, comm, xp, dtype, progress, state=None,
-               checkpointer=None) -> dict:
+               checkpointer=None, grid=None) -> dict:
     from ptmpi.io.checkpoint import CheckpointWriteError
 
     problem = LocalProblem(
@@ -442,7 +570,7 @@ def _run_joint(data, start, stop, settings, comm, xp, dtype, progress, state=Non
         state, start_info = coarse_start(problem, settings, comm, xp=xp, dtype=dtype)
     try:
         state, params = run(problem, settings, comm, xp=xp, dtype=dtype, state=state,
-                            callback=callback)
+                            callback=callback, **({"layout": grid} if grid else {}))
         if checkpointer is not None:
             checkpointer.finish(state)
     except FloatingPointError as exc:
@@ -451,7 +579,13 @@ def _run_joint(data, start, stop, settings, comm, xp, dtype, progress, state=Non
         raise RunError(f"{exc}; lower --r1/--tv-weight or raise --r2{kept}") from exc
     except CheckpointWriteError as exc:  # raised alike on every rank
         raise RunError(str(exc)) from exc
-    image = to_host(state.u) if comm.is_root else None
+    if grid is None:
+        image = to_host(state.u) if comm.is_root else None
+    else:  # the first angle group gathers its slabs on rank 0 (the rest of the state
+        # is dropped first: the root then holds the volume beside its slab only)
+        state.p = state.lam1 = state.step = state.z_local = state.lam2_local = None
+        image = (grid.volume(data.volume_shape).gather(state.u) if grid.group_index == 0
+                 else None)
     result = {"history": state.history, "image": image, "omega": state.omega,
               "params": {**settings.to_dict(), **params, **start_info}}
     if getattr(state, "shifts_local", None) is not None:

@@ -268,7 +268,16 @@ CASES = [
     Case("output-write-fails-on-rank-0", _rec(),
          ["on rank 0", "RuntimeError", "injected failure in write_output"],
          inject="ptmpi.io.output.write_output:0", early=False),
+    # --- the angle x slab grid (--slabs)
+    Case("slabs-not-dividing-the-ranks", _rec("--slabs", "3"),
+         ["--slabs 3", "must divide the rank count, 2"]),
+    Case("slabs-with-two-step", _rec("--slabs", "2", "--algorithm", "two-step"),
+         ["--slabs 2", "--algorithm two-step", "--slabs 1"]),
+    Case("slabs-with-the-exp-model", _rec("--slabs", "2", "--model", "exp"),
+         ["--slabs 2", "--model exp", "--slabs 1"]),
     # --- bad flag values: usage errors
+    Case("slabs-zero", _rec("--slabs", "0"), ["--slabs", "positive integer or auto", "'0'"],
+         code=2),
     Case("negative-iterations", _rec("--iterations", "-3"),
          ["--iterations", "expected an integer >= 0", "found '-3'"], code=2),
     Case("r2-zero", _rec("--r2", "0"), ["--r2", "expected a number > 0", "found '0'"],

@@ -4,9 +4,15 @@ Pure arithmetic (no MPI, no arrays). Two layouts of ``P = A * S`` ranks (SPEC 8)
 
 - ``S = 1``, **implemented**: angles block-partitioned over ``P = A`` ranks, every
   volume-space array replicated; the sums over angles are Allreduced in complex128.
-- ``S > 1``, **designed, not built**: ``A`` angle groups times ``S`` z-slabs. Rank
+- ``S > 1``, **modelled as first designed**: ``A`` angle groups times ``S`` z-slabs. Rank
   ``(a, s)`` holds slices ``[s nz/S, (s+1) nz/S)`` of every volume-space array, the angles of
   group ``a``, and the frames of those angles whose window's *top row* lies in its slab.
+  The built layout (``reconstruct --slabs``, :mod:`ptmpi.parallel.slab_data_term`) differs
+  in the data term: frames stay with the rank that reads them (its own angles) and the
+  forward map and the adjoint move whole projections by an Alltoallv transpose within the
+  angle group instead of projection-row halos (more bytes at large ``S``: each rank sends
+  its slab's rows of all the group's angles, ``n_angles S / P`` angles x ``nz / S`` rows,
+  where the halos send about ``M`` rows per local angle); this model still counts halos.
 
 What the designed layout communicates per iteration (each counted below):
 

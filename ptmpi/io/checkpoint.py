@@ -32,9 +32,14 @@ file to disk and renames it over ``<name>`` (``os.replace``, atomic on POSIX): a
 any instant leaves either the previous checkpoint or the new one, both complete. A stale
 ``.<name>.tmp`` of a killed run is overwritten by the next checkpoint.
 
+With the angle x slab grid (``--slabs S > 1``) the volume arrays ``u``, ``step``, ``p``
+and ``lam1`` are split in z-slabs: rank 0 creates them at full size and the ranks of the
+first angle group write their slab's hyperslab in their turn, so the file is the same
+whatever the grid.
+
 Reading: :func:`read_checkpoint_header` (metadata only, for the checks of a resume) and
-:func:`read_checkpoint` (the replicated arrays and one rank's frames ``[f0, f1)``), so a
-run may resume with another rank count.
+:func:`read_checkpoint` (the replicated arrays, or one slab of them, and one rank's frames
+``[f0, f1)``), so a run may resume with another rank count and another slab grid.
 """
 
 from __future__ import annotations
@@ -116,7 +121,7 @@ def temporary_path(path: str | os.PathLike) -> Path:
 
 def write_checkpoint(path, state: ADMMState, comm, *, settings: dict, dtype,
                      input_checksum: str, frame_start: int, n_frames: int,
-                     angle_start: int = 0, n_angles: int = 0) -> None:
+                     angle_start: int = 0, n_angles: int = 0, slab=None) -> None:
     """Write ``state`` to ``path`` (collective: every rank calls it; see the module notes).
 
     Parameters
@@ -139,6 +144,9 @@ def write_checkpoint(path, state: ADMMState, comm, *, settings: dict, dtype,
     angle_start, n_angles : int
         Exp model (a state with ``psi_local``): this rank's first angle and the angles of
         the whole input file.
+    slab : (z0, z1, writes, nz), optional
+        The volume arrays of ``state`` are the slices ``[z0, z1)`` of a volume of ``nz``
+        slices; this rank writes them when ``writes`` (one rank per slab). None: replicated.
 
     Raises
     ------
@@ -155,8 +163,10 @@ def write_checkpoint(path, state: ADMMState, comm, *, settings: dict, dtype,
             try:
                 if writer == 0:
                     _create(tmp, state, comm.size, settings, dtype, input_checksum, n_frames,
-                            n_angles)
+                            n_angles, slab)
                 _write_frames(tmp, state, frame_start, angle_start)
+                if slab is not None and slab[2]:
+                    _write_slab(tmp, state, slab[0], slab[1], dtype)
             except Exception as exc:  # noqa: BLE001 - reported on every rank below
                 error = f"{type(exc).__name__}: {exc}"
         error = comm.bcast(error, root=writer)
@@ -173,9 +183,14 @@ def write_checkpoint(path, state: ADMMState, comm, *, settings: dict, dtype,
         raise CheckpointWriteError(f"{path}: cannot write the checkpoint ({error})")
 
 
+VOLUME_ARRAYS = ("u", "p", "lam1", "step")
+"""The state's volume-space arrays (split in z-slabs on the slab grid)."""
+
+
 def _create(tmp: Path, state: ADMMState, n_ranks: int, settings: dict, dtype, checksum: str,
-            n_frames: int, n_angles: int = 0) -> None:
-    """Rank 0: the file with every dataset, the replicated arrays and the metrics."""
+            n_frames: int, n_angles: int = 0, slab=None) -> None:
+    """Rank 0: the file with every dataset, the replicated arrays and the metrics (the
+    volume arrays empty when they are split in slabs)."""
     m = state.omega.shape[-1]
     with h5py.File(tmp, "w") as f:
         f.attrs["ptmpi_checkpoint"] = np.int64(LAYOUT_VERSION)
@@ -190,7 +205,12 @@ def _create(tmp: Path, state: ADMMState, n_ranks: int, settings: dict, dtype, ch
         f.attrs["date"] = datetime.datetime.now(datetime.timezone.utc).isoformat()
         for name in ("u", "omega", "p", "lam1", "step"):
             value = getattr(state, name)
-            if value is not None:
+            if value is None:
+                continue
+            if slab is not None and name in VOLUME_ARRAYS:
+                shape = (*value.shape[:-3], slab[3], *value.shape[-2:])
+                f.create_dataset(name, shape=shape, dtype=dtype)
+            else:
                 f.create_dataset(name, data=to_host(value).astype(dtype, copy=False))
         modes = state.omega.shape[:-2]  # () or (K,): incoherent probe modes
         for name in ("z", "lam2"):
@@ -205,6 +225,15 @@ def _create(tmp: Path, state: ADMMState, n_ranks: int, settings: dict, dtype, ch
         for key, values in state.history.items():
             metrics.create_dataset(key, data=np.asarray(
                 values, dtype=np.int64 if key == "iteration" else np.float64))
+
+
+def _write_slab(tmp: Path, state: ADMMState, z0: int, z1: int, dtype) -> None:
+    """This rank's z-slab of the volume arrays."""
+    with h5py.File(tmp, "r+") as f:
+        for name in VOLUME_ARRAYS:
+            value = getattr(state, name)
+            if value is not None:
+                f[name][..., z0:z1, :, :] = to_host(value).astype(dtype, copy=False)
 
 
 def _write_frames(tmp: Path, state: ADMMState, frame_start: int, angle_start: int = 0) -> None:
@@ -282,7 +311,8 @@ def config_differences(header: CheckpointHeader, settings: dict, dtype) -> list[
 
 
 def read_checkpoint(path: str | os.PathLike, frame_start: int, frame_stop: int,
-                    xp=np, angle_start: int = 0, angle_stop: int = 0) -> ADMMState:
+                    xp=np, angle_start: int = 0, angle_stop: int = 0,
+                    z_range=None) -> ADMMState:
     """The state of a checkpoint with the frames ``[frame_start, frame_stop)`` of ``z``, ``lam2``.
 
     Parameters
@@ -293,6 +323,8 @@ def read_checkpoint(path: str | os.PathLike, frame_start: int, frame_stop: int,
     xp : array module of the returned arrays (numpy or cupy).
     angle_start, angle_stop : int
         This rank's angles, for the ``psi`` and ``mu`` of an exp-model checkpoint.
+    z_range : (z0, z1), optional
+        Read only these slices of the volume arrays (this rank's z-slab).
 
     Returns
     -------
@@ -305,10 +337,13 @@ def read_checkpoint(path: str | os.PathLike, frame_start: int, frame_stop: int,
             return to_device(f[name][sel], xp) if name in f else None
 
         frames = (Ellipsis, slice(frame_start, frame_stop), slice(None), slice(None))
+        slices = () if z_range is None else (Ellipsis, slice(*z_range), slice(None),
+                                             slice(None))
         history = {key: f["metrics"][key][...].tolist() for key in f["metrics"]}
         fields = dict(
-            u=get("u"), z_local=get("z", frames), lam2_local=get("lam2", frames),
-            p=get("p"), lam1=get("lam1"), omega=get("omega"), step=get("step"),
+            u=get("u", slices), z_local=get("z", frames), lam2_local=get("lam2", frames),
+            p=get("p", slices), lam1=get("lam1", slices), omega=get("omega"),
+            step=get("step", slices),
             iteration=int(f.attrs["iteration"]), history=history,
             params=json.loads(f.attrs["params"]),
             shifts_local=f["shifts"][angle_start:angle_stop] if "shifts" in f else None,

@@ -366,6 +366,7 @@ def read_input(
     *,
     margin: int = 16,
     read_truth: bool = False,
+    truth_slices: tuple[int, int] | None = None,
 ) -> InputData:
     """Read the metadata and the frames of angles ``[angle_start, angle_stop)``.
 
@@ -386,6 +387,8 @@ def read_input(
         shape is derived from the positions.
     read_truth : bool
         Also read ``ptmpi/truth/volume`` and ``ptmpi/truth/probe`` when present.
+    truth_slices : (z0, z1), optional
+        Read only these slices of the truth volume (a z-slab; ``--slabs``).
 
     Returns
     -------
@@ -455,7 +458,8 @@ def read_input(
         truth_volume = truth_probe = None
         if read_truth:
             if TRUTH_VOLUME in f:
-                truth_volume = np.asarray(f[TRUTH_VOLUME][()], dtype=np.complex64)
+                slices = () if truth_slices is None else slice(*truth_slices)
+                truth_volume = np.asarray(f[TRUTH_VOLUME][slices], dtype=np.complex64)
             if TRUTH_PROBE in f:
                 truth_probe = _squeeze_leading(np.asarray(f[TRUTH_PROBE][()])).astype(
                     np.complex64)

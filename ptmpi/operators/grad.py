@@ -57,16 +57,26 @@ class Gradient:
 
     def normal_diagonal(self, xp, dtype):
         """Diagonal of ``grad^H grad = -Lap``: the number of differences touching a voxel."""
-        diag = xp.zeros(self.shape, dtype=dtype)
+        return self.normal_diagonal_slab(xp, dtype, 0, self.shape[0])
+
+    def normal_diagonal_slab(self, xp, dtype, z0: int, z1: int):
+        """Slices ``[z0, z1)`` of :meth:`normal_diagonal` (a z-slab of the volume)."""
+        diag = xp.zeros((z1 - z0, *self.shape[1:]), dtype=dtype)
         for axis, size in enumerate(self.shape):
             count = xp.full(size, 2, dtype=dtype)
             count[0] = count[-1] = 1
             if size == 1:
                 count[0] = 0
+            if axis == 0:
+                count = count[z0:z1]
             shape = [1, 1, 1]
-            shape[axis] = size
+            shape[axis] = count.shape[0]
             diag += count.reshape(shape)
         return diag
+
+    def with_next(self, u):
+        """``u`` with the slice that follows it (none: the whole volume)."""
+        return u
 
     def laplacian(self, u):
         """``Lap u = -grad^H grad u = div grad u``."""

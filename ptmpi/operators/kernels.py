@@ -188,12 +188,14 @@ if numba is not None:
         # g: scratch (3, 2 nx), the gradient of one row; scale: scratch (nx,); t: scratch
         # (3, 2 nx), the new p of the row before it overwrites the old one. stats (float64):
         # += [sum |p - g|^2, sum |p - p_old|^2, sum |g|_iso] (primal and dual residuals of
-        # the split, TV of u).
-        nz, ny, w = u.shape
+        # the split, TV of u). u may hold one slice more than lam1 (the next z-slab's
+        # first slice): the z-difference of lam1's last slice then reads it.
+        nz = lam1.shape[1]
+        nz_u, ny, w = u.shape
         nx = w // 2
         for k in range(nz):
             for i in range(ny):
-                if k < nz - 1:
+                if k < nz_u - 1:
                     for j in range(w):
                         g[0, j] = u[k + 1, i, j] - u[k, i, j]
                 else:
@@ -458,6 +460,50 @@ if numba is not None:
         return acc
 
     @_jit
+    def _cg_update_slices(x, r, d, ad, alpha, inv_diag, s, out):
+        # _cg_update with <r, s> summed per block of x.size // out.size elements (a slice)
+        m = x.size // out.size
+        for k in range(out.size):
+            acc = 0.0
+            for i in range(k * m, (k + 1) * m):
+                x[i] += alpha * d[i]
+                ri = r[i] - alpha * ad[i]
+                r[i] = ri
+                si = inv_diag[i] * ri
+                s[i] = si
+                acc += ri.real * si.real + ri.imag * si.imag
+            out[k] = acc
+
+    @_jit
+    def _cg_update_plain_slices(x, r, d, ad, alpha, out):
+        m = x.size // out.size
+        for k in range(out.size):
+            acc = 0.0
+            for i in range(k * m, (k + 1) * m):
+                x[i] += alpha * d[i]
+                ri = r[i] - alpha * ad[i]
+                r[i] = ri
+                acc += ri.real * ri.real + ri.imag * ri.imag
+            out[k] = acc
+
+    @_jit
+    def _slice_vdot(x, y, out):
+        # out[k] = (Re, Im) of sum conj(x) y over block k, in float64, in index order
+        m = x.size // out.shape[0]
+        for k in range(out.shape[0]):
+            re = 0.0
+            im = 0.0
+            for i in range(k * m, (k + 1) * m):
+                ar = np.float64(x[i].real)
+                ai = np.float64(x[i].imag)
+                br = np.float64(y[i].real)
+                bi = np.float64(y[i].imag)
+                re += ar * br + ai * bi
+                im += ar * bi - ai * br
+            out[k, 0] = re
+            out[k, 1] = im
+
+    @_jit
     def _cg_direction(d, s, beta):
         for i in range(d.size):
             d[i] = s[i] + beta * d[i]
@@ -489,6 +535,31 @@ def cg_update(x, r, d, ad, alpha, inv_diag=None, s=None) -> float:
     return float(_cg_update(*flat, alpha, inv_diag.reshape(-1), s.reshape(-1)))
 
 
+def cg_update_slices(x, r, d, ad, alpha, inv_diag=None, s=None):
+    """:func:`cg_update` returning ``Re <r, s>`` per slice (axis 0 of ``x``), float64
+    ``(nz,)``: sums that do not depend on how the slices are split over ranks."""
+    if not all(v.flags.c_contiguous for v in (x, r, d) + (() if s is None else (s,))):
+        raise ValueError("cg_update: x, r, d and s must be C-contiguous (updated in place)")
+    alpha = x.dtype.type(alpha)
+    flat = [v.reshape(-1) for v in (x, r, d, ad)]
+    out = np.zeros(x.shape[0], dtype=np.float64)
+    if inv_diag is None:
+        _cg_update_plain_slices(*flat, alpha, out)
+    else:
+        _cg_update_slices(*flat, alpha, inv_diag.reshape(-1), s.reshape(-1), out)
+    return out
+
+
+def slice_vdot(x, y):
+    """``vdot(x[k], y[k])`` for every slice ``k`` of axis 0, summed in float64 in index
+    order: ``(nz, 2)`` float64, real and imaginary parts."""
+    out = np.zeros((x.shape[0], 2), dtype=np.float64)
+    if x.size:
+        _slice_vdot(np.ascontiguousarray(x).reshape(-1), np.ascontiguousarray(y).reshape(-1),
+                    out)
+    return out
+
+
 def cg_direction(d, s, beta) -> None:
     """In place: ``d = s + beta d``."""
     if not d.flags.c_contiguous:
@@ -510,10 +581,13 @@ def tv_step(u, lam1, threshold: float, p=None, stats=None):
     ``p = shrink(g - lam1, threshold)``, ``lam1 += p - g`` (in place); returns ``p``.
 
     ``p`` is overwritten when it is a usable buffer (the previous ``p``). ``stats``: optional
-    float64 array of 3 that receives ``[||p - g||^2, ||p - p_old||^2, TV(u)]``.
+    float64 array of 3 that receives ``[||p - g||^2, ||p - p_old||^2, TV(u)]``. ``u`` may
+    carry one slice more than ``lam1`` (a z-slab with the next slab's first slice).
     """
     if not lam1.flags.c_contiguous or lam1.dtype != u.dtype:
         raise ValueError("tv_step: lam1 must be C-contiguous, of u's dtype (updated in place)")
+    if u.shape[0] not in (lam1.shape[1], lam1.shape[1] + 1):
+        raise ValueError(f"tv_step: u has {u.shape[0]} slices, lam1 {lam1.shape[1]}")
     if p is None or p is lam1 or not p.flags.c_contiguous or p.dtype != u.dtype:
         p = np.zeros_like(lam1)
     rdtype = np.finfo(u.dtype).dtype

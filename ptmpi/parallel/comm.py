@@ -90,6 +90,22 @@ class SerialComm:
     def barrier(self) -> None:
         return None
 
+    def alltoallv(self, send, send_counts, recv, recv_counts) -> None:
+        """Exchange blocks of flat arrays (one rank: a copy of the only block)."""
+        recv[...] = send
+
+    def sendrecv(self, send, dest, source):
+        """Send ``send`` to ``dest``, receive from ``source`` (one rank: nothing moves)."""
+        return None
+
+    def split(self, colour: int, key: int):
+        """The sub-communicator of the ranks with the same ``colour`` (one rank: itself)."""
+        return self
+
+    def gatherv(self, send, recv, counts, root: int = 0) -> None:
+        """Gather flat blocks into ``recv`` on ``root`` (one rank: a copy)."""
+        recv[...] = send
+
     def reached_by_all(self, timeout: float) -> bool:
         """True when every rank calls this within ``timeout`` seconds (see :class:`MPIComm`)."""
         return True
@@ -164,6 +180,44 @@ class MPIComm:
 
     def barrier(self) -> None:
         self.comm.Barrier()
+
+    def alltoallv(self, send, send_counts, recv, recv_counts) -> None:
+        """Alltoallv of flat contiguous host arrays: ``send_counts[j]`` elements of
+        ``send`` (in rank order) go to rank ``j``, ``recv_counts[j]`` of ``recv`` come from
+        it. Complex arrays travel as their real view."""
+        def typed(a, counts):
+            if np.iscomplexobj(a):
+                a, counts = a.view(a.real.dtype), [2 * c for c in counts]
+            displs = np.concatenate([[0], np.cumsum(counts)[:-1]]).astype(int).tolist()
+            return [a, ([int(c) for c in counts], displs)]
+
+        self.comm.Alltoallv(typed(send, send_counts), typed(recv, recv_counts))
+
+    def sendrecv(self, send, dest, source):
+        """Send the contiguous host array ``send`` to ``dest`` (None: nobody) and receive
+        an array of the same shape and dtype from ``source`` (None: nobody; returns None)."""
+        mpi = self._mpi
+        recv = None if source is None else np.empty_like(send)
+        self.comm.Sendrecv(send if dest is not None else None,
+                           dest=mpi.PROC_NULL if dest is None else dest,
+                           recvbuf=recv, source=mpi.PROC_NULL if source is None else source)
+        return recv
+
+    def gatherv(self, send, recv, counts, root: int = 0) -> None:
+        """Gatherv of flat contiguous host arrays: ``counts[j]`` elements from rank ``j``
+        land in rank order in ``recv`` on ``root`` (None elsewhere), without a list of
+        blocks beside it. Complex arrays travel as their real view."""
+        if np.iscomplexobj(send):
+            send = send.view(send.real.dtype)
+            recv = None if recv is None else recv.view(recv.real.dtype)
+            counts = [2 * c for c in counts]
+        displs = np.concatenate([[0], np.cumsum(counts)[:-1]]).astype(int).tolist()
+        target = [recv, ([int(c) for c in counts], displs)] if self.rank == root else None
+        self.comm.Gatherv(send, target, root=root)
+
+    def split(self, colour: int, key: int) -> MPIComm:
+        """The :class:`MPIComm` of the ranks with the same ``colour``, ordered by ``key``."""
+        return MPIComm(self.comm.Split(colour, key))
 
     def reached_by_all(self, timeout: float) -> bool:
         """A barrier that gives up: True when every rank calls this within ``timeout`` s.

@@ -20,6 +20,7 @@ import numpy as np
 from ptmpi.backend import get_xp, to_device
 from ptmpi.operators.model import JointModel
 from ptmpi.operators.ptycho import guard_probe
+from ptmpi.parallel.volume import VolumeSpace
 
 WIDE = np.complex128
 """Accumulation dtype of every sum over angles."""
@@ -103,11 +104,12 @@ class DataTerm:
         nz, n, _ = self.shape
         rng = np.random.default_rng(0)
         x = to_device(rng.standard_normal((nz, n, n)).astype(self.dtype), self.xp)
-        x /= self.xp.linalg.norm(x)
+        volume = VolumeSpace(self.shape)  # norms summed slice by slice, as on z-slabs
+        x /= volume.norm(x)
         value = 0.0
         for _ in range(max(1, iterations)):
             y = self.normal(x).astype(self.dtype)
-            value = float(self.xp.linalg.norm(y))
+            value = volume.norm(y)
             if value == 0.0:
                 break
             x = y / value

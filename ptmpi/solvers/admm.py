@@ -35,6 +35,12 @@ APTs is ``tv_weight = r1 = 0`` (no ``p``, no ``lam1``).
 Distribution: each rank applies ``D`` for its own angles; the only collectives are one
 Allreduce per normal-operator application, one for the right-hand side, and the scalars
 of the metrics. Everything replicated is computed identically on every rank.
+
+With the angle x slab grid (``layout``, ``--slabs S > 1``) the volume-space arrays (``u``,
+``p``, ``lam1``, the CG vectors and the preconditioner) hold this rank's z-slab only: the
+data term is :class:`~ptmpi.parallel.slab_data_term.SlabDataTerm`, the gradient
+:class:`~ptmpi.parallel.volume.SlabGradient`, and every sum over the volume goes through
+the :class:`~ptmpi.parallel.volume.VolumeSpace` (``volume``); the loop below is the same.
 """
 
 from __future__ import annotations
@@ -56,6 +62,7 @@ from ptmpi.operators.modes import initial_modes, mix_modes, modulus
 from ptmpi.operators.ptycho import guard_probe, is_guarded
 from ptmpi.parallel.comm import Comm
 from ptmpi.parallel.data_term import DataTerm, probe_from_views  # noqa: F401
+from ptmpi.parallel.volume import SlabGradient, VolumeSpace
 from ptmpi.solvers.align import AlignOptions, make_aligner
 from ptmpi.solvers.cg import conjugate_gradient
 from ptmpi.solvers.penalty import cycling, step_cosine
@@ -197,7 +204,7 @@ class LocalProblem:
     positions_local: np.ndarray  # (N_FRAMES_LOCAL, 2)
     frame_offset_local: np.ndarray  # (N_THETA_LOCAL + 1,)
     probe: object  # (M, M) complex initial probe
-    truth_volume: object | None = None  # (nz, n, n), replicated, for SNR only
+    truth_volume: object | None = None  # (nz, n, n) or this rank's z-slab, for SNR only
     valid_local: object | None = None  # bool (M, M) or (N_FRAMES_LOCAL, M, M); None: all valid
 
 
@@ -206,9 +213,11 @@ class ADMMState:
     """Full solver state (what a checkpoint holds, :mod:`ptmpi.io.checkpoint`).
 
     ``u`` ``(nz, n, n)``, ``p`` and ``lam1`` ``(3, nz, n, n)`` (None for APTs) and ``omega``
-    ``(M, M)`` are replicated; ``z_local`` and ``lam2_local`` ``(N_FRAMES_LOCAL, M, M)`` hold
-    this rank's frames (with ``K`` probe modes: ``omega`` ``(K, M, M)``, ``z_local`` and
-    ``lam2_local`` ``(K, N_FRAMES_LOCAL, M, M)``). ``iteration`` counts completed
+    ``(M, M)`` are replicated (on the slab grid ``u``, ``p``, ``lam1`` and ``step`` hold
+    this rank's z-slab, ``nz_slab`` slices); ``z_local`` and ``lam2_local``
+    ``(N_FRAMES_LOCAL, M, M)`` hold this rank's frames (with ``K`` probe modes: ``omega``
+    ``(K, M, M)``, ``z_local`` and ``lam2_local`` ``(K, N_FRAMES_LOCAL, M, M)``).
+    ``iteration`` counts completed
     iterations, ``history`` the metrics per iteration (lists), ``params`` the penalties in
     use (:func:`resolve`).
     """
@@ -287,15 +296,16 @@ def _scaled_sum(wide_sum, r2: float, tv_term, r1: float, dtype):
     return out
 
 
-def _snr(u, truth) -> float:
+def _snr(u, truth, volume: VolumeSpace) -> float:
     from ptmpi.metrics import snr_db
 
-    return snr_db(u, truth)
+    return snr_db(u, truth, comm=volume.group if volume.split else None)
 
 
 def solve(problem: LocalProblem, settings: SolverSettings, comm: Comm,
           *, xp=np, dtype=np.complex64, state: ADMMState | None = None,
-          callback: Callable[[ADMMState, dict], None] | None = None) -> tuple[ADMMState, dict]:
+          callback: Callable[[ADMMState, dict], None] | None = None,
+          layout=None) -> tuple[ADMMState, dict]:
     """Run APT / APTs on this rank's frames; returns the final state and the parameters.
 
     Parameters
@@ -311,6 +321,9 @@ def solve(problem: LocalProblem, settings: SolverSettings, comm: Comm,
         ``params`` (a checkpoint's), those penalties are used as they are: ``L`` is not
         estimated again, so a resumed run continues the interrupted one exactly.
     callback : called after every iteration with the state and that iteration's metrics.
+    layout : :class:`~ptmpi.parallel.slab_data_term.SlabGrid`, optional
+        The angle x slab grid; with more than one slab the volume arrays of ``state``
+        (given and returned) are this rank's z-slab. None (or one slab): replicated.
     """
     rdtype = real_dtype(dtype)
     apt = settings.algorithm == "apt"
@@ -320,13 +333,25 @@ def solve(problem: LocalProblem, settings: SolverSettings, comm: Comm,
         probe = initial_modes(probe, n_modes)
     # --align with a guarded probe: every probe update keeps the guard (align.py notes)
     guard = settings.align and is_guarded(problem.probe)
-    data = DataTerm(problem.volume_shape, problem.theta_local, probe, problem.positions_local,
-                    problem.frame_offset_local, comm, xp=xp, dtype=dtype)
+    if layout is not None and layout.n_slabs > 1:
+        from ptmpi.parallel.slab_data_term import SlabDataTerm
+
+        data = SlabDataTerm(layout, problem.volume_shape, problem.theta_local, probe,
+                            problem.positions_local, problem.frame_offset_local, xp=xp,
+                            dtype=dtype)
+        volume = data.volume
+        grad = SlabGradient(volume)
+    else:
+        data = DataTerm(problem.volume_shape, problem.theta_local, probe,
+                        problem.positions_local, problem.frame_offset_local, comm, xp=xp,
+                        dtype=dtype)
+        volume = VolumeSpace(problem.volume_shape)
+        grad = Gradient(problem.volume_shape)
     valid = None if problem.valid_local is None else to_device(problem.valid_local, xp)
     f_local = valid_only(to_device(problem.f_local, xp).astype(rdtype), valid)
     sqrt_f = xp.sqrt(f_local)
-    truth = None if problem.truth_volume is None else to_device(problem.truth_volume, xp)
-    grad = Gradient(problem.volume_shape)
+    truth = (None if problem.truth_volume is None
+             else to_device(volume.local(problem.truth_volume), xp))
 
     if state is not None and state.params:
         params = dict(state.params)
@@ -336,7 +361,7 @@ def solve(problem: LocalProblem, settings: SolverSettings, comm: Comm,
         # Photon-counting data (all counts whole numbers): Poisson noise of amplitude ~1/2.
         counting = data.all(bool(xp.all(f_local == xp.rint(f_local))) if f_local.size else True)
         params = resolve(settings, norm, 0.5 if counting else 0.0,
-                         float(data.diagonal().mean()) if counting else None)
+                         volume.mean(data.diagonal()) if counting else None)
     logger.info(
         "%s, %s likelihood: ||D^H D|| = %.4g, %s data; tv_weight = %.4g, r1 = %.4g, "
         "r2 = %.4g, %d CG iterations, up to %d iterations", settings.algorithm.upper(),
@@ -350,7 +375,7 @@ def solve(problem: LocalProblem, settings: SolverSettings, comm: Comm,
 
     if state is None:
         # Step 0: u = 1, z = D u, p = 0, multipliers 0.
-        u = xp.ones(problem.volume_shape, dtype=dtype)
+        u = xp.ones(volume.local_shape, dtype=dtype)
         z = data.fwd(u)
         state = ADMMState(
             u=u, z_local=z, lam2_local=xp.zeros_like(z),
@@ -384,7 +409,7 @@ def solve(problem: LocalProblem, settings: SolverSettings, comm: Comm,
         diag = data.diagonal().astype(rdtype) * r2
         if r1 > 0:
             diag += r1 * grad.normal_diagonal(xp, rdtype)
-        floor = settings.precondition_floor * float(diag.max())
+        floor = settings.precondition_floor * volume.max(float(diag.max()))
         inv_diag = (1.0 / xp.maximum(diag, floor)).astype(rdtype)
 
     update_preconditioner()
@@ -403,7 +428,7 @@ def solve(problem: LocalProblem, settings: SolverSettings, comm: Comm,
     best = None  # (R-factor, iteration, u) of the best iterate so far, for early_stop
     first = state.iteration + 1 - len(state.history.get("iteration", []))
     prev_step = state.step
-    prev_du = float(xp.linalg.norm(prev_step)) if prev_step is not None else 0.0
+    prev_du = volume.norm(prev_step) if prev_step is not None else 0.0
     turns = list(params.get("turns", []))
     r2 = params.get("r2_now", r2)
     if r2 != params["r2"]:
@@ -414,7 +439,7 @@ def solve(problem: LocalProblem, settings: SolverSettings, comm: Comm,
                                               data.model.ptycho, sqrt_f, valid,
                                               state.iteration))
             if aligner.restart:  # the volume of misaligned data is dropped (align.py)
-                state.u = xp.ones(problem.volume_shape, dtype=dtype)
+                state.u = xp.ones(volume.local_shape, dtype=dtype)
                 state.z_local, state.step, prev_step = data.fwd(state.u), None, None
                 for name in ("lam2_local", "p", "lam1"):
                     if getattr(state, name) is not None:
@@ -429,7 +454,8 @@ def solve(problem: LocalProblem, settings: SolverSettings, comm: Comm,
         rhs = _scaled_sum(data.adj(target), r2,
                           grad.adj_sum(state.p, state.lam1) if apt and r1 > 0 else None, r1,
                           dtype)
-        u = conjugate_gradient(normal_op, rhs, u_old, settings.cg_iterations, inv_diag=inv_diag)
+        u = conjugate_gradient(normal_op, rhs, u_old, settings.cg_iterations, inv_diag=inv_diag,
+                               space=volume)
         if settings.refine_probe and state.iteration >= settings.probe_start:
             state.omega = data.update_probe(u, target, guard=guard)
             if n_modes > 1:  # the modes were rotated: their fields follow
@@ -465,6 +491,8 @@ def solve(problem: LocalProblem, settings: SolverSettings, comm: Comm,
                           float(xp.sum(xp.sqrt(xp.sum(g.real**2 + g.imag**2, axis=0)),
                                        dtype=xp.float64)))
             state.p = p
+        if apt and volume.split:  # the TV statistics of the slabs
+            stats_p[:] = volume.sum(stats_p)
         state.z_local, state.u = z, u
         state.iteration += 1
 
@@ -472,10 +500,10 @@ def solve(problem: LocalProblem, settings: SolverSettings, comm: Comm,
         num = r_factor_sums(modulus(d) if n_modes > 1 else d, sqrt_f=sqrt_f, valid=valid)[0]
         num, primal_z2, dual_z2, likelihood = data.reduce([num, *stats_z])
         step = u - u_old
-        du = float(xp.linalg.norm(step))
-        un = float(xp.linalg.norm(u))
+        du = volume.norm(step)
+        un = volume.norm(u)
         turn = (None if prev_step is None
-                else step_cosine(float(xp.vdot(prev_step, step).real), du, prev_du))
+                else step_cosine(float(volume.vdot(prev_step, step).real), du, prev_du))
         if turn is not None:
             turns.append(turn)
         prev_step, prev_du = step, du
@@ -499,7 +527,7 @@ def solve(problem: LocalProblem, settings: SolverSettings, comm: Comm,
             "r2": r2,
         }
         if truth is not None:
-            row["snr_db"] = _snr(u, truth)
+            row["snr_db"] = _snr(u, truth, volume)
         for key, value in row.items():
             state.history.setdefault(key, []).append(value)
         state.params["turns"] = turns[-2 * max(settings.penalty_window, 1):]

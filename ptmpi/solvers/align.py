@@ -60,8 +60,8 @@ field is that of the ideal window times the phase ramp of ``f_j``. When position
 **Whole pixels: the guard band.** The model's frame at a fractional position (window at
 the integer corner, probe moved by the fraction over its periodic ``M x M`` grid) has
 intensities continuous across a whole pixel, whatever the image, when the probe is zero on
-its last row and last column (*guarded*, :func:`~ptmpi.operators.ptycho.guard_probe`; the derivation is
-in :mod:`ptmpi.operators.ptycho`); otherwise the frame jumps there by the probe's edge
+its last row and last column (*guarded*, :func:`~ptmpi.operators.ptycho.guard_probe`; the
+derivation is in :mod:`ptmpi.operators.ptycho`); otherwise the frame jumps there by the probe's edge
 values (for the demo's probe 0.2 % of its energy), and a shift creeping towards a truth
 just beyond a whole pixel stopped at the jump while the volume adapted to the wrong side
 (before the guard: demo, eta 100, ``--drift 4 --seed 11``: 12.3 dB against 18.0 dB

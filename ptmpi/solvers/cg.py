@@ -9,7 +9,7 @@ from ptmpi.operators import kernels
 
 
 def conjugate_gradient(apply_a: Callable, b, x0, iterations: int, tol: float = 0.0,
-                       inv_diag=None):
+                       inv_diag=None, space=None):
     """Approximately solve ``A x = b`` by (preconditioned) CG, warm-started from ``x0``.
 
     Parameters
@@ -24,6 +24,11 @@ def conjugate_gradient(apply_a: Callable, b, x0, iterations: int, tol: float = 0
         Stop early when ``||r|| <= tol ||b||``.
     inv_diag : array, optional
         Inverse of a positive preconditioner (Jacobi: ``1 / diag(A)``), same on all ranks.
+    space : optional
+        The vectors' space when they are split over ranks (z-slabs,
+        :class:`~ptmpi.parallel.volume.VolumeSpace`): its ``vdot`` and ``total`` give the
+        dot products over the whole vector, summed slice by slice so that they do not
+        depend on the split. None: plain ``vdot`` of whole vectors.
 
     Returns
     -------
@@ -31,26 +36,35 @@ def conjugate_gradient(apply_a: Callable, b, x0, iterations: int, tol: float = 0
         The iterate after the last step (``x0`` is not modified).
     """
     xp = get_xp(b)
+    if space is None:
+        def vdot(x, y):
+            return xp.vdot(x, y)
+    else:
+        vdot = space.vdot
     fused = kernels.available(b, x0) and (inv_diag is None or kernels.available(inv_diag))
     x = x0.copy()
     r = b - apply_a(x)
     s = r if inv_diag is None else inv_diag * r
     d = s.copy()
-    rs = float(xp.vdot(r, s).real)
-    b_norm_sq = float(xp.vdot(b, b).real)
+    rs = float(vdot(r, s).real)
+    b_norm_sq = float(vdot(b, b).real)
     for _ in range(iterations):
-        if rs == 0.0 or (tol > 0 and float(xp.vdot(r, r).real) <= tol * tol * b_norm_sq):
+        if rs == 0.0 or (tol > 0 and float(vdot(r, r).real) <= tol * tol * b_norm_sq):
             break
         ad = apply_a(d)
-        alpha = rs / float(xp.vdot(d, ad).real)
+        alpha = rs / float(vdot(d, ad).real)
         if fused:  # the same updates in two passes over memory instead of about eight
-            rs_new = kernels.cg_update(x, r, d, ad, alpha, inv_diag, s)
+            if space is None:
+                rs_new = kernels.cg_update(x, r, d, ad, alpha, inv_diag, s)
+            else:
+                rs_new = float(space.total(kernels.cg_update_slices(x, r, d, ad, alpha,
+                                                                    inv_diag, s)))
             kernels.cg_direction(d, s, rs_new / rs)
         else:
             x += alpha * d
             r -= alpha * ad
             s = r if inv_diag is None else inv_diag * r
-            rs_new = float(xp.vdot(r, s).real)
+            rs_new = float(vdot(r, s).real)
             d *= rs_new / rs
             d += s
         rs = rs_new

@@ -189,7 +189,8 @@ def update_tv_split(grad, u, lam1, threshold: float, p=None, stats=None):
     available (:func:`ptmpi.operators.kernels.tv_step`), else these numpy steps.
     """
     if kernels.available(u, lam1):
-        return kernels.tv_step(u, lam1, threshold, p, stats)
+        # a z-slab reads the next slab's first slice (grad.with_next; the volume itself)
+        return kernels.tv_step(grad.with_next(u), lam1, threshold, p, stats)
     xp = get_xp(u)
     g = grad.fwd(u)
     p_new = shrink_isotropic(g - lam1, threshold)

@@ -1,0 +1,316 @@
+"""The angle x slab grid (``--slabs S``) against the serial computation.
+
+One tiny case (volume 10 x 24 x 24, probe 8, 6 angles, Poisson counts, jittered scan):
+10 slices over 4 slabs give uneven slabs of 3, 3, 2 and 2 slices, every one thinner than
+the probe, so every window spans two or more slabs; 5 slices over 4 slabs give slabs of
+a single slice for the halo tests. Serial tests: the pieces that must not depend on the
+split (per-slice sums, the random start of the power iteration, the TV step on a slab
+with its halo, the memory plan). Multi-rank tests: halos, transposes and the data term
+against serial references; APT/APTs after 20 iterations with S = 1, 2, 4 (4 ranks) and
+S = 3 (3 ranks) against one rank; a checkpoint written on one grid resumed on another.
+"""
+
+from __future__ import annotations
+
+import h5py
+import numpy as np
+import pytest
+
+from ptmpi.io.cxi import write_input
+from ptmpi.operators import kernels
+from ptmpi.operators.grad import Gradient
+from ptmpi.parallel import MPIComm, SerialComm, block_partition
+from ptmpi.parallel.data_term import DataTerm
+from ptmpi.parallel.volume import SlabGradient, VolumeSpace, slice_vdot
+from ptmpi.sim.presets import SimulationSettings
+from ptmpi.sim.simulate import simulate
+from ptmpi.solvers.admm import LocalProblem, SolverSettings, solve
+from ptmpi.solvers.prox import update_tv_split
+
+NZ, N, M = 10, 24, 8
+N_ANGLES = 6
+SHAPE = (NZ, N, N)
+VOLUME = "entry_1/image_1/data"
+
+
+def tiny_data():
+    return simulate(SimulationSettings(n=N, nz=NZ, n_angles=N_ANGLES, step=4, probe_size=M,
+                                       fwhm=3.0, eta=50.0, seed=7, jitter=1.5))
+
+
+def problem(data, a0: int, a1: int) -> LocalProblem:
+    """Angles ``[a0, a1)`` of ``data`` (counts with zero frequency at the corner)."""
+    off = data.frame_offset
+    f0, f1 = int(off[a0]), int(off[a1])
+    return LocalProblem(volume_shape=SHAPE, theta_local=np.deg2rad(data.angles_deg[a0:a1]),
+                        f_local=np.fft.ifftshift(data.counts[f0:f1], axes=(-2, -1)),
+                        positions_local=data.positions_px[f0:f1],
+                        frame_offset_local=off[a0:a1 + 1] - f0, probe=data.probe,
+                        truth_volume=data.volume)
+
+
+def rel(a, b) -> float:
+    return float(np.linalg.norm(a - b) / np.linalg.norm(b))
+
+
+def random_volume(shape, seed=1):
+    rng = np.random.default_rng(seed)
+    return (rng.standard_normal(shape) + 1j * rng.standard_normal(shape)).astype(np.complex64)
+
+
+# ---------------------------------------------------------------------------- serial
+
+
+def test_slice_sums_do_not_depend_on_the_split():
+    """vdot and norm summed per slice: equal to numpy's within rounding, and the sum of
+    the slabs' per-slice partials (in slice order) equals the whole volume's bit for bit."""
+    x, y = random_volume(SHAPE, 1), random_volume(SHAPE, 2)
+    whole = VolumeSpace(SHAPE)
+    value = whole.vdot(x, y)
+    ref = np.vdot(x.astype(np.complex128), y.astype(np.complex128))
+    assert abs(value - ref) <= 1e-12 * abs(ref)
+    assert abs(whole.norm(x) - np.linalg.norm(x.astype(np.complex128))) <= 1e-12 * whole.norm(x)
+    parts = np.concatenate([slice_vdot(x[z0:z1], y[z0:z1])
+                            for z0, z1 in [(0, 3), (3, 6), (6, 8), (8, 10)]])
+    assert np.array_equal(parts.sum(axis=0), whole.total(slice_vdot(x, y)))
+
+
+def test_power_iteration_start_is_drawn_slab_by_slab():
+    from ptmpi.parallel.slab_data_term import random_slab
+
+    full = np.random.default_rng(0).standard_normal(SHAPE)
+    for z0, z1 in [(0, 3), (3, 6), (6, 8), (8, 10), (9, 10)]:
+        assert np.array_equal(random_slab(SHAPE, z0, z1), full[z0:z1])
+
+
+@pytest.mark.skipif(not kernels.ENABLED, reason="compiled kernels not available")
+def test_tv_step_on_a_slab_with_the_next_slice():
+    """The fused TV split of a slab, given the next slab's first slice, is the serial
+    step's slab bit for bit (p, lam1 and the per-slab statistics)."""
+    u, lam1 = random_volume(SHAPE, 3), random_volume((3, *SHAPE), 4)
+    stats = np.zeros(3)
+    p = kernels.tv_step(u, lam1_all := lam1.copy(), 0.2, None, stats)
+    sums = np.zeros(3)
+    for z0, z1 in [(0, 3), (3, 6), (6, 8), (8, 10)]:
+        lam_slab = np.ascontiguousarray(lam1[:, z0:z1])
+        part = np.zeros(3)
+        p_slab = kernels.tv_step(np.ascontiguousarray(u[z0:min(z1 + 1, NZ)]), lam_slab, 0.2,
+                                 None, part)
+        assert np.array_equal(p_slab, p[:, z0:z1])
+        assert np.array_equal(lam_slab, lam1_all[:, z0:z1])
+        sums += part
+    assert np.allclose(sums, stats, rtol=1e-12)
+
+
+def test_normal_diagonal_slab():
+    grad = Gradient(SHAPE)
+    whole = grad.normal_diagonal(np, np.float32)
+    assert np.array_equal(grad.normal_diagonal_slab(np, np.float32, 3, 6), whole[3:6])
+
+
+def test_slab_layout_memory_at_384_cubed():
+    """The acceptance case's plan: 384^3, 12 angles (121 frames of 64^2 each) on 4 ranks,
+    --slabs 4 against --slabs 1: at most 0.35 times the memory per rank."""
+    from ptmpi.memory import predict_arrays
+
+    shape, frames, m = (384, 384, 384), 3 * 121, 64
+    replicated = predict_arrays(shape, frames, m, 3, "apt", truth=True)["total"]
+    slabs = predict_arrays(shape, frames, m, 3, "apt", truth=True, slabs=4,
+                           n_theta_group=12)
+    assert slabs["transposes"] > 0
+    assert slabs["total"] <= 0.35 * replicated
+
+
+def test_slabs_more_than_slices_is_refused():
+    from ptmpi.reconstruct import RunError, _choose_slabs
+
+    with pytest.raises(RunError, match="only 4 slices"):
+        _choose_slabs(8, None, {"shape": (4, 16, 16)}, "apt", np.complex64, SerialComm(), 1,
+                      "linear", False)
+
+
+# ---------------------------------------------------------------------------- multi-rank
+
+
+def _grid(comm, slabs):
+    from ptmpi.parallel.slab_data_term import SlabGrid
+
+    return SlabGrid(comm, slabs)
+
+
+@pytest.mark.mpi(ranks=[2, 4], timeout=120, unit="s")
+@pytest.mark.parametrize("nz", [NZ, 5])
+def test_halo_gradient_equals_serial(mpi_ranks, nz):
+    """grad, -div, -Lap, -div(a + b) and the TV split on slabs (5 slices over 4 ranks: one
+    slice per slab but the first) equal the serial operators' slabs exactly."""
+    comm = MPIComm()
+    shape = (nz, N, N)
+    for slabs in sorted({comm.size, 2}):
+        grid = _grid(comm, slabs)
+        vol = grid.volume(shape)
+        u, g = random_volume(shape, 5), random_volume((3, *shape), 6)
+        serial, sg = Gradient(shape), SlabGradient(vol)
+        ul, gl = vol.local(u).copy(), np.ascontiguousarray(vol.local(g))
+        assert np.array_equal(sg.fwd(ul), vol.local(serial.fwd(u)))
+        assert np.array_equal(sg.adj(gl), vol.local(serial.adj(g)))
+        assert np.array_equal(sg.normal(ul), vol.local(serial.normal(u)))
+        assert np.array_equal(sg.adj_sum(gl, 2 * gl), vol.local(serial.adj_sum(g, 2 * g)))
+        assert np.array_equal(sg.normal_diagonal(np, np.float32),
+                              vol.local(serial.normal_diagonal(np, np.float32)))
+        lam, lam_l = g.copy(), gl.copy()
+        stats, stats_l = np.zeros(3), np.zeros(3)
+        p = update_tv_split(serial, u, lam, 0.3, None, stats)
+        p_l = update_tv_split(sg, ul, lam_l, 0.3, None, stats_l)
+        assert np.array_equal(p_l, vol.local(p)) and np.array_equal(lam_l, vol.local(lam))
+        assert np.allclose(vol.sum(stats_l), stats, rtol=1e-12)
+
+
+@pytest.mark.mpi(ranks=[3, 4], timeout=120, unit="s")
+def test_transposes_and_data_term_equal_serial(mpi_ranks):
+    """Slab rows -> owners' projections and back equal the serial projections; the slab
+    data term's maps equal the serial DataTerm's slabs (the sums over angles within
+    rounding of float64)."""
+    from ptmpi.operators.tomo import Projector
+    from ptmpi.parallel.slab_data_term import SlabDataTerm, to_owners, to_slabs
+
+    comm = MPIComm()
+    data = comm.bcast(tiny_data() if comm.is_root else None)
+    u = random_volume(SHAPE, 7)
+    theta = np.deg2rad(data.angles_deg)
+    full_proj = Projector(SHAPE, theta).fwd(u)  # (N_ANGLES, nz, n)
+    a0, a1 = block_partition(N_ANGLES, comm.size, comm.rank)
+    for slabs in sorted({comm.size, 1} | ({2} if comm.size % 2 == 0 else set())):
+        grid = _grid(comm, slabs)
+        vol = grid.volume(SHAPE)
+        counts = grid.group.allgather(a1 - a0)
+        g0 = block_partition(N_ANGLES, comm.size, comm.rank - grid.slab)[0]
+        rows = np.ascontiguousarray(full_proj[g0:g0 + sum(counts), vol.z0:vol.z1])
+        owned = to_owners(rows, grid.group, counts, vol.bounds)
+        assert np.array_equal(owned, full_proj[a0:a1])
+        assert np.array_equal(to_slabs(owned, grid.group, counts, vol.bounds), rows)
+        if slabs == 1:
+            continue
+        p = problem(data, 0, N_ANGLES)
+        serial = DataTerm(SHAPE, p.theta_local, data.probe.astype(np.complex64),
+                          p.positions_local, p.frame_offset_local, SerialComm())
+        mine = problem(data, a0, a1)
+        dt = SlabDataTerm(grid, SHAPE, mine.theta_local, data.probe.astype(np.complex64),
+                          mine.positions_local, mine.frame_offset_local)
+        off = data.frame_offset
+        z = serial.fwd(u)
+        ul = vol.local(u).copy()
+        assert np.array_equal(dt.fwd(ul), z[off[a0]:off[a1]])
+        assert rel(dt.adj(z[off[a0]:off[a1]]), vol.local(serial.adj(z))) < 1e-14
+        assert rel(dt.normal(ul), vol.local(serial.normal(u))) < 1e-14
+        assert rel(dt.diagonal(), vol.local(serial.diagonal())) < 1e-14
+        assert abs(dt.norm(5) - serial.norm(5)) <= 1e-6 * serial.norm(5)
+
+
+@pytest.mark.mpi(ranks=[4], timeout=300, unit="s")
+def test_apt_every_layout_equals_one_rank(mpi_ranks):
+    """4 ranks, S = 1, 2, 4 (slabs of 5 and of 3, 3, 2, 2 slices, thinner than the 8-pixel
+    probe): u after 20 APT iterations equals the one-rank u to 1e-5 (relative); APTs with
+    probe refinement on S = 2 likewise."""
+    comm = MPIComm()
+    data = comm.bcast(tiny_data() if comm.is_root else None)
+    a0, a1 = block_partition(N_ANGLES, comm.size, comm.rank)
+    cases = [(SolverSettings(iterations=20, tol=0), (1, 2, 4)),
+             (SolverSettings(algorithm="apts", iterations=20, tol=0, refine_probe=True), (2,))]
+    for settings, layouts in cases:
+        ref = solve(problem(data, 0, N_ANGLES), settings, SerialComm())[0] if comm.is_root \
+            else None
+        for slabs in layouts:
+            grid = _grid(comm, slabs)
+            state, _ = solve(problem(data, a0, a1), settings, comm, layout=grid)
+            u = grid.volume(SHAPE).gather(state.u) if slabs > 1 else state.u
+            u = u if grid.group_index == 0 else None
+            if comm.is_root:
+                assert rel(u, ref.u) <= 1e-5, (settings.algorithm, slabs, rel(u, ref.u))
+                assert state.history["snr_db"][-1] == pytest.approx(
+                    ref.history["snr_db"][-1], rel=1e-6)
+                assert state.history["r_factor"][-1] == pytest.approx(
+                    ref.history["r_factor"][-1], rel=1e-6)
+    comm.barrier()
+
+
+@pytest.mark.mpi(ranks=[3], timeout=300, unit="s")
+def test_apt_three_uneven_slabs_equals_one_rank(mpi_ranks):
+    """3 ranks, S = 3: slabs of 4, 3 and 3 slices, angles 2 + 2 + 2 in one group."""
+    comm = MPIComm()
+    data = comm.bcast(tiny_data() if comm.is_root else None)
+    a0, a1 = block_partition(N_ANGLES, comm.size, comm.rank)
+    settings = SolverSettings(iterations=20, tol=0)
+    grid = _grid(comm, 3)
+    state, _ = solve(problem(data, a0, a1), settings, comm, layout=grid)
+    u = grid.volume(SHAPE).gather(state.u)
+    if comm.is_root:
+        ref, _ = solve(problem(data, 0, N_ANGLES), settings, SerialComm())
+        assert rel(u, ref.u) <= 1e-5
+    comm.barrier()
+
+
+def _write_input(path, data):
+    write_input(path, counts=data.counts, probe=data.probe, positions_px=data.positions_px,
+                frame_offset=data.frame_offset, angles_deg=data.angles_deg,
+                volume_shape=data.volume.shape, truth_volume=data.volume,
+                truth_probe=data.probe)
+
+
+@pytest.mark.mpi(ranks=[4], timeout=300, unit="s")
+def test_checkpoint_resumes_on_another_grid(mpi_ranks, shared_tmp):
+    """Written with S = 2 and resumed with S = 1, written with S = 1 and resumed with S = 4
+    (4 ranks, checkpoint after 10 of 20 iterations): the output volume equals that of an
+    uninterrupted one-rank run to 1e-5; the checkpoint holds the whole volume."""
+    from ptmpi.io.checkpoint import read_checkpoint_header
+    from ptmpi.reconstruct import reconstruct
+
+    comm = MPIComm()
+    path = shared_tmp / "tiny.h5"
+    if comm.is_root:
+        _write_input(path, tiny_data())
+    comm.barrier()
+    ten, twenty = SolverSettings(iterations=10, tol=0), SolverSettings(iterations=20, tol=0)
+
+    def run(name, settings, slabs, **kwargs):
+        reconstruct(str(path), str(shared_tmp / name), settings, comm, figures=False,
+                    slabs=slabs, **kwargs)
+
+    for first, second in [(2, 1), (1, 4)]:
+        ck = shared_tmp / f"ck-{first}-{second}.h5"
+        run("part.h5", ten, first, checkpoint=str(ck), checkpoint_every=10, force=True)
+        if comm.is_root:
+            assert read_checkpoint_header(ck).volume_shape == SHAPE
+        run(f"resumed-{first}-{second}.h5", twenty, second, checkpoint=str(ck), resume=True)
+    if comm.is_root:
+        reconstruct(str(path), str(shared_tmp / "full.h5"), twenty, SerialComm(),
+                    figures=False)
+    comm.barrier()
+    if comm.is_root:
+        with h5py.File(shared_tmp / "full.h5") as f:
+            ref = f[VOLUME][()]
+        for first, second in [(2, 1), (1, 4)]:
+            with h5py.File(shared_tmp / f"resumed-{first}-{second}.h5") as f:
+                assert rel(f[VOLUME][()], ref) <= 1e-5, (first, second)
+
+
+@pytest.mark.mpi(ranks=[4], timeout=120, unit="s")
+def test_auto_chooses_the_fewest_slabs_that_fit(mpi_ranks, monkeypatch):
+    """--slabs auto: 1 when the replicated plan fits the node; with less memory than that
+    (but enough for two slabs) 2; with less than any plan needs, the smallest plan."""
+    import ptmpi.memory
+    from ptmpi.reconstruct import _choose_slabs, _plan_memory
+
+    comm = MPIComm()
+    layout = {"shape": (256, 256, 256), "frame_offset": np.arange(0, 13 * 12, 12), "m": 16,
+              "truth": True, "subpixel": False}
+    args = ("apt", np.complex64, comm, 1, "linear", False)
+    needs = {s: _plan_memory(layout, *args, s, check=False)["bytes_node"] for s in (1, 2, 4)}
+    assert needs[1] > needs[2] > needs[4]
+    assert _choose_slabs("auto", None, layout, *args) == 1 or needs[1] > ptmpi.memory \
+        .available_bytes()
+    between = (needs[1] + needs[2]) // 2
+    monkeypatch.setattr(ptmpi.memory, "available_bytes", lambda: between)
+    assert _choose_slabs("auto", None, layout, *args) == 2
+    assert _choose_slabs("auto", "--gpu (host arrays only)", layout, *args) == 1
+    monkeypatch.setattr(ptmpi.memory, "available_bytes", lambda: needs[4] // 2)
+    assert _choose_slabs("auto", None, layout, *args) == 4
