@@ -450,10 +450,14 @@ def cmd_bench(args, comm: Comm) -> int:
             raise UserError(str(exc)) from exc
         if args.gpu:
             select_device(comm.local_rank)
+        if args.slabs < 1 or comm.size % args.slabs or (args.slabs > 1 and (
+                not args.iteration_only or args.gpu)):
+            raise UserError(f"--slabs {args.slabs}: must divide the rank count ({comm.size}); "
+                            "above 1 only with --iteration-only, on CPUs")
         result = run_bench(sizes, args.angles, args.step, args.repeat, comm, xp=xp,
                            dtype=np.complex128 if args.double else np.complex64,
                            algorithm=args.algorithm, astra=not args.no_astra,
-                           iteration_only=args.iteration_only)
+                           iteration_only=args.iteration_only, slabs=args.slabs)
         if comm.is_root and not args.iteration_only:
             print(format_result(result))
     if comm.is_root and args.json:
@@ -704,8 +708,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-astra", action="store_true", help="skip the ASTRA comparison")
     p.add_argument("--iteration-only", action="store_true",
                    help="time only the iteration (used by --scaling)")
+    p.add_argument("--slabs", type=int, default=1,
+                   help="z-slabs of the angle x slab grid (with --iteration-only; default 1)")
     p.add_argument("--scaling", action="store_true",
-                   help="strong and weak scaling over --ranks (run as one process)")
+                   help="strong and weak scaling over --ranks, replicated (--slabs 1) and "
+                        "one slab per rank (--slabs P) (run as one process)")
     p.add_argument("--model", action="store_true",
                    help="print the per-rank memory and communication model of the angle and "
                         "angle x z-slab layouts (1024^3 and 2048^3, 1500 angles, 64-4096 "

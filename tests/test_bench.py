@@ -211,6 +211,23 @@ def test_scaling_runs_each_rank_count_and_reports_efficiencies(tmp_path, capsys)
         assert r["efficiency"] == pytest.approx(
             strong[0]["iteration_s"] / (r["ranks"] * r["iteration_s"]))
     assert all(r["iteration_s"] > 0 for r in strong + weak)
+    # one z-slab per rank: the same one-rank reference, a run of its own on 2 ranks
+    strong_s, weak_s = result["strong_slabs"], result["weak_slabs"]
+    assert [(r["ranks"], r["slabs"]) for r in strong_s] == [(1, 1), (2, 2)]
+    assert [r["angles"] for r in weak_s] == [2, 4]
+    assert strong_s[0] == {**strong[0], "slabs": 1} and weak_s[0]["iteration_s"] == weak[0][
+        "iteration_s"]
+    for r in strong_s:
+        assert r["efficiency"] == pytest.approx(
+            strong[0]["iteration_s"] / (r["ranks"] * r["iteration_s"]))
+    assert strong_s[1]["iteration_s"] > 0 and weak_s[1]["iteration_s"] > 0
+    assert text.count("strong scaling") == 2 and "one z-slab per rank (--slabs P)" in text
+
+
+def test_bench_slabs_is_for_the_iteration_only(capsys):
+    assert main(["bench", "--sizes", "32", "--angles", "2", "--repeat", "1", "--slabs",
+                 "2"]) == 1
+    assert "--slabs 2: must divide the rank count (1)" in capsys.readouterr().err
 
 
 @pytest.fixture(scope="module")

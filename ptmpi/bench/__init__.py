@@ -101,18 +101,26 @@ def time_operators(problem, volume, repeat: int, xp, dtype) -> dict:
     return out
 
 
-def time_iteration(problem, repeat: int, comm, xp, dtype, algorithm: str) -> dict:
-    """One APT (or APTs) iteration: median wall time and its stage breakdown (means)."""
+def time_iteration(problem, repeat: int, comm, xp, dtype, algorithm: str,
+                   slabs: int = 1) -> dict:
+    """One APT (or APTs) iteration: median wall time and its stage breakdown (means).
+    ``slabs > 1``: on the angle x slab grid (``reconstruct --slabs``)."""
     from ptmpi.bench.stages import STAGES, instrumented
     from ptmpi.solvers.admm import SolverSettings, solve
 
     settings = SolverSettings(algorithm=algorithm, iterations=1 + repeat)
+    layout = {}
+    if slabs > 1:
+        from ptmpi.parallel.slab_data_term import SlabGrid
+
+        layout = {"layout": SlabGrid(comm, slabs)}
     with instrumented(comm, xp) as timer:
         def after(_state, row):
             if row["iteration"] == 1:  # the first iteration is the warm-up
                 timer.reset()
 
-        state, _ = solve(problem, settings, comm, xp=xp, dtype=dtype, callback=after)
+        state, _ = solve(problem, settings, comm, xp=xp, dtype=dtype, callback=after,
+                         **layout)
     wall = state.history["wall_s"]
     per_iteration = np.diff(wall)
     mean = float(per_iteration.mean())
@@ -168,7 +176,7 @@ def time_astra(n: int, angles: int, repeat: int) -> dict | None:
 
 
 def bench_case(case: BenchCase, comm, repeat: int, xp, dtype, *, operators: bool = True,
-               memory: bool = True) -> dict:
+               memory: bool = True, slabs: int = 1) -> dict:
     """Everything ``ptmpi bench`` reports for one case, as seen by this rank."""
     from ptmpi.bench.floors import fft_floor, fma_rate, iteration_floor, memory_bandwidth
     from ptmpi.memory import NNZ_PER_VOXEL_ANGLE, peak_resident_bytes, predict_arrays
@@ -183,7 +191,8 @@ def bench_case(case: BenchCase, comm, repeat: int, xp, dtype, *, operators: bool
     if operators:
         row.update(time_operators(problem, volume, repeat, xp, dtype))
     comm.barrier()
-    row.update(time_iteration(problem, repeat, comm, xp, dtype, case.algorithm))
+    row["slabs"] = slabs
+    row.update(time_iteration(problem, repeat, comm, xp, dtype, case.algorithm, slabs))
     bandwidth = memory_bandwidth(xp=xp)
     fft_seconds = fft_floor((n_frames, m, m), dtype, repeat, xp)
     fmas = fma_rate(xp=xp)
@@ -210,9 +219,13 @@ def bench_case(case: BenchCase, comm, repeat: int, xp, dtype, *, operators: bool
 
 def run_bench(sizes, angles: int, step: int | None, repeat: int, comm, *, xp=np,
               dtype=np.complex64, algorithm: str = "apt", astra: bool = True,
-              iteration_only: bool = False) -> dict:
+              iteration_only: bool = False, slabs: int = 1) -> dict:
     """All cases; rows from every rank are gathered, rank 0's are reported, the iteration
-    time is the slowest rank's."""
+    time is the slowest rank's. ``slabs > 1`` (with ``iteration_only``): the iteration on
+    the angle x slab grid."""
+    if slabs > 1 and not iteration_only:
+        raise ValueError("bench with --slabs > 1 times the iteration only (--iteration-only): "
+                         "its floors and memory are those of the replicated layout")
     result = {"machine": machine_info(comm), "repeat": repeat, "dtype": np.dtype(dtype).name,
               "cases": []}
     for n in sizes:
@@ -220,7 +233,7 @@ def run_bench(sizes, angles: int, step: int | None, repeat: int, comm, *, xp=np,
         logger.info("bench: %d^3, %d angles, %s on %d rank(s)", n, angles, algorithm,
                     comm.size)
         row = bench_case(case, comm, repeat, xp, dtype, operators=not iteration_only,
-                         memory=not iteration_only)
+                         memory=not iteration_only, slabs=slabs)
         rows = comm.gather(row)
         if comm.is_root:
             row["iteration_s_max_rank"] = max(r["iteration_s"] for r in rows)

@@ -62,11 +62,12 @@ def format_result(result: dict) -> str:
 
 def format_scaling(result: dict) -> str:
     lines = []
-    for kind in ("strong", "weak"):
+    for kind in ("strong", "strong_slabs", "weak", "weak_slabs"):
         rows = result.get(kind, [])
         if not rows:
             continue
-        lines.append(f"{kind} scaling ({result['description'][kind]}):")
+        name = kind.replace("_slabs", "")
+        lines.append(f"{name} scaling ({result['description'][kind]}):")
         lines.append(f"  {'ranks':>5} {'angles':>6} {'iteration ms':>13} {'efficiency':>10}")
         for r in rows:
             lines.append(f"  {r['ranks']:>5} {r['angles']:>6} {_ms(r['iteration_s']):>13} "
