@@ -254,7 +254,9 @@ class ExpSolverSettings(AlignOptions):
     nonnegative: bool = True
     """Keep ``Re u >= 0`` and ``Im u >= 0`` after each Gauss-Newton step (X-ray phase
     shift and attenuation are non-negative); this also removes the near-symmetry of a
-    per-angle phase offset, which the far-field intensities cannot see."""
+    per-angle phase offset, which the far-field intensities cannot see. In the joint
+    iterations as a projected Newton step (:func:`gauss_newton` with ``active_set``), in
+    the initialisation by clipping."""
 
     def __post_init__(self):
         if self.algorithm not in ALGORITHMS:
