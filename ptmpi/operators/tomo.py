@@ -206,21 +206,25 @@ class Projector:
         out = self._apply(matrix_t, p_slab.reshape(self.n_theta * n, k), xp, out_dtype)
         return out.T.reshape(k, n, n)  # (pixels, k) -> (k, n, n)
 
-    def adj_squared_weights(self, w):
+    def adj_squared_weights(self, w, keep: bool = True):
         """``sum_c M[c, pixel]^2 w[c]`` per voxel: the diagonal of ``P^H diag(w) P``.
 
         ``w``: ``(N_THETA, nz, n)`` real; returns ``(nz, n, n)`` real (a Jacobi
-        preconditioner of the normal operator).
+        preconditioner of the normal operator). ``keep``: cache the squared matrix for
+        later calls (False: a one-off, the matrix is freed on return).
         """
         xp = get_xp(w)
         nz, n, _ = self.shape
         key = ("squared", xp.__name__, np.dtype(w.dtype).str)
-        if key not in self._matrices:
+        sq = self._matrices.get(key)
+        if sq is None:
             _, mt = self._matrix_pair(np, w.dtype)
             sq = mt.multiply(mt).tocsr()
-            self._matrices[key] = sq if xp is np else sparse_module(xp).csr_matrix(sq)
+            sq = sq if xp is np else sparse_module(xp).csr_matrix(sq)
+            if keep:
+                self._matrices[key] = sq
         cols = xp.ascontiguousarray(w.transpose(0, 2, 1)).reshape(self.n_theta * n, nz)
-        return xp.ascontiguousarray((self._matrices[key] @ cols).T).reshape(nz, n, n)
+        return xp.ascontiguousarray((sq @ cols).T).reshape(nz, n, n)
 
     def fwd(self, u):
         """Project: ``u (nz, n, n) -> (N_THETA, nz, n)``, same dtype as ``u``."""
