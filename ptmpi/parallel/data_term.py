@@ -26,7 +26,24 @@ WIDE = np.complex128
 """Accumulation dtype of every sum over angles."""
 
 
-class DataTerm:
+class FrameReductions:
+    """Reductions of per-frame statistics over every rank that owns frames (``comm``);
+    shared by :class:`DataTerm` and the slab layout's data term."""
+
+    comm = None
+
+    def reduce(self, values):
+        """Sum of per-rank float64 statistics over ``comm`` (array or float)."""
+        if np.isscalar(values):
+            return self.comm.allreduce_scalar(float(values))
+        return self.comm.allreduce_sum(np.asarray(values, dtype=np.float64))
+
+    def all(self, flag: bool) -> bool:
+        """True when ``flag`` holds on every rank."""
+        return self.comm.allreduce_scalar(1.0 if flag else 0.0, "min") > 0
+
+
+class DataTerm(FrameReductions):
     """``D(omega, u)`` for this rank's angles, with the collectives of the data term.
 
     Parameters
@@ -140,17 +157,6 @@ class DataTerm:
             omega = guard_probe(omega)
         self.set_probe(omega)
         return omega
-
-    # -- reductions over the frames of all ranks ---------------------------------------
-    def reduce(self, values):
-        """Sum of per-rank float64 statistics over the angle group (array or float)."""
-        if np.isscalar(values):
-            return self.comm.allreduce_scalar(float(values))
-        return self.comm.allreduce_sum(np.asarray(values, dtype=np.float64))
-
-    def all(self, flag: bool) -> bool:
-        """True when ``flag`` holds on every rank."""
-        return self.comm.allreduce_scalar(1.0 if flag else 0.0, "min") > 0
 
 
 def probe_from_views(views_local, target_local, comm, ptycho=None):

@@ -31,7 +31,7 @@ from ptmpi.operators.fft import FarField
 from ptmpi.operators.ptycho import Ptycho, guard_probe
 from ptmpi.operators.tomo import Projector
 from ptmpi.parallel.comm import Comm
-from ptmpi.parallel.data_term import WIDE, probe_from_views
+from ptmpi.parallel.data_term import WIDE, FrameReductions, probe_from_views
 from ptmpi.parallel.volume import VolumeSpace
 
 
@@ -91,7 +91,7 @@ def to_slabs(proj, group: Comm, counts: list[int], bounds: list[tuple[int, int]]
     return out
 
 
-class SlabDataTerm:
+class SlabDataTerm(FrameReductions):
     """``D(omega, u)`` with ``u`` split in z-slabs (module doc); the interface of
     :class:`~ptmpi.parallel.data_term.DataTerm`.
 
@@ -204,16 +204,6 @@ class SlabDataTerm:
             omega = guard_probe(omega)
         self.set_probe(omega)
         return omega
-
-    # -- reductions over the frames of all ranks ---------------------------------------
-    def reduce(self, values):
-        """Sum of per-rank float64 frame statistics over all ranks (array or float)."""
-        if np.isscalar(values):
-            return self.comm.allreduce_scalar(float(values))
-        return self.comm.allreduce_sum(np.asarray(values, dtype=np.float64))
-
-    def all(self, flag: bool) -> bool:
-        return self.comm.allreduce_scalar(1.0 if flag else 0.0, "min") > 0
 
 
 def random_slab(shape, z0: int, z1: int, seed: int = 0):
