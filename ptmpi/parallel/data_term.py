@@ -25,6 +25,9 @@ from ptmpi.parallel.volume import VolumeSpace
 WIDE = np.complex128
 """Accumulation dtype of every sum over angles."""
 
+SUBPIXEL_CG = 5
+"""CG steps of the probe update with sub-pixel frames (:func:`probe_from_views`)."""
+
 
 class FrameReductions:
     """Reductions of per-frame statistics over every rank that owns frames (``comm``);
@@ -164,26 +167,88 @@ def probe_from_views(views_local, target_local, comm, ptycho=None):
 
     ``views_local``: ``(N_FRAMES_LOCAL, M, M)`` windows ``S_j P_t u`` (or ``S_j v``);
     ``target_local``: the far fields ``z + lam2`` of the same frames. With sub-pixel
-    positions pass ``ptycho`` (the frames' :class:`~ptmpi.operators.ptycho.Ptycho`): each
-    frame's terms are mapped back by ``shift_j^H`` (``Ptycho.unshift_sum``), giving
-    ``sum_j shift_j^H(v_j^* y_j) / sum_j shift_j^H(|v_j|^2)``, which is exact where
-    ``|v_j|^2`` is locally constant and an approximation otherwise.
+    positions pass ``ptycho`` (the frames' :class:`~ptmpi.operators.ptycho.Ptycho`): frame
+    ``j`` then uses ``shift_j(omega)``, the pixels of the probe are coupled and the
+    least-squares probe is solved for (:func:`_subpixel_probe`). (A closed form
+    ``sum_j shift_j^H(v_j^* y_j) / sum_j shift_j^H(|v_j|^2)`` was used before: Fourier
+    interpolation of ``|v_j|^2`` rings below zero at windows over the image edge, and
+    with ``--refine-probe`` on jittered positions the demo diverged, R 1e14; with
+    ``--align --refine-probe`` on drift data it collapsed once ``r2`` was raised.)
+    Whether the frames are sub-pixel is agreed by all ranks (the solve has collectives).
     """
     from ptmpi.operators.fft import fft2
 
     xp = get_xp(views_local)
     back = fft2(target_local, inverse=True)
-    if ptycho is None:
-        num = xp.sum(xp.conj(views_local) * back, axis=0, dtype=np.complex128)
-        den = xp.sum(xp.abs(views_local) ** 2, axis=0, dtype=np.float64).astype(np.complex128)
-    else:
-        num = ptycho.unshift_sum(xp.conj(views_local) * back)
-        den = ptycho.unshift_sum(xp.abs(views_local) ** 2).astype(np.complex128)
+    if _any_subpixel(ptycho, comm):
+        return _subpixel_probe(views_local, back[None], comm, ptycho)[0]
+    num = xp.sum(xp.conj(views_local) * back, axis=0, dtype=np.complex128)
+    den = xp.sum(xp.abs(views_local) ** 2, axis=0, dtype=np.float64).astype(np.complex128)
     comm.allreduce_sum(num)
     comm.allreduce_sum(den)
     floor = 1e-8 * float(xp.abs(den).max())
     omega = xp.where(xp.abs(den) > floor, num / xp.where(xp.abs(den) > floor, den, 1), 0)
     return omega.astype(views_local.dtype)
+
+
+def _any_subpixel(ptycho, comm) -> bool:
+    """True when some rank's frames have sub-pixel positions (``ptycho`` None: none)."""
+    if ptycho is None:
+        return False
+    return comm.allreduce_scalar(1.0 if ptycho.subpixel else 0.0, "max") > 0
+
+
+def _subpixel_probe(views_local, exits_local, comm, ptycho, iterations: int = SUBPIXEL_CG):
+    """Probe update with sub-pixel frames: per mode ``k`` the least-squares probe
+    ``argmin sum_j || shift_j(omega) v_j - y_{k,j} ||^2`` (``y`` the exit targets
+    ``exits_local`` ``(K, N, M, M)``), whose normal equations
+    ``sum_j shift_j^H(|v_j|^2 shift_j(omega)) = sum_j shift_j^H(v_j^* y_j)`` couple the
+    probe's pixels. Started from ``sum_j w_j^* b_j / sum_j |w_j|^2`` (``w_j = shift_j^H
+    v_j``, ``b_j = shift_j^H y_j``: exact at whole pixels), then ``iterations`` steps of
+    Jacobi-preconditioned CG on the normal equations (each one Allreduce of an ``(M, M)``
+    array). Returns ``(K, M, M)``."""
+    from ptmpi.operators.ptycho import fourier_shift
+
+    xp = get_xp(views_local)
+    weights = (views_local.real ** 2 + views_local.imag ** 2).astype(np.float64)
+    w = ptycho.unshift(views_local)
+    den = xp.sum(w.real ** 2 + w.imag ** 2, axis=0, dtype=np.float64)
+    comm.allreduce_sum(den)
+    lit = den > 1e-8 * float(den.max())
+    inv_den = xp.where(lit, 1.0 / xp.where(lit, den, 1.0), 0.0)
+    shifts = to_device(ptycho.shifts, xp) if ptycho.shifts.size else None
+    index = to_device(ptycho.probe_index, xp)
+
+    def normal(x):  # sum_j shift_j^H(|v_j|^2 shift_j(x)), reduced over the ranks
+        stack = x[None] if shifts is None else xp.concatenate(
+            [x[None], fourier_shift(x, ptycho.shifts)])
+        out = ptycho.unshift_sum(stack[index] * weights)
+        comm.allreduce_sum(out)
+        return out
+
+    modes = []
+    for exits in exits_local:
+        num = xp.sum(xp.conj(w) * ptycho.unshift(exits), axis=0, dtype=np.complex128)
+        rhs = ptycho.unshift_sum(xp.conj(views_local).astype(np.complex128) * exits)
+        comm.allreduce_sum(num)
+        comm.allreduce_sum(rhs)
+        x = num * inv_den
+        r = rhs - normal(x)
+        z = inv_den * r
+        d = z.copy()
+        rz = float(xp.vdot(r, z).real)
+        for _ in range(iterations):
+            if rz <= 0:
+                break
+            ad = normal(d)
+            alpha = rz / float(xp.vdot(d, ad).real)
+            x = x + alpha * d
+            r = r - alpha * ad
+            z = inv_den * r
+            rz, rz_old = float(xp.vdot(r, z).real), rz
+            d = z + (rz / rz_old) * d
+        modes.append(x)
+    return xp.stack(modes).astype(views_local.dtype)
 
 
 def probe_modes_from_views(views_local, exit_local, comm, ptycho=None):
@@ -196,14 +261,11 @@ def probe_modes_from_views(views_local, exit_local, comm, ptycho=None):
     """
     xp = get_xp(views_local)
     conj_views = xp.conj(views_local)
-    if ptycho is None:
-        num = xp.stack([xp.sum(conj_views * exit_local[k], axis=0, dtype=np.complex128)
-                        for k in range(exit_local.shape[0])])
-        den = xp.sum(xp.abs(views_local) ** 2, axis=0, dtype=np.float64).astype(np.complex128)
-    else:
-        num = xp.stack([ptycho.unshift_sum(conj_views * exit_local[k])
-                        for k in range(exit_local.shape[0])])
-        den = ptycho.unshift_sum(xp.abs(views_local) ** 2).astype(np.complex128)
+    if _any_subpixel(ptycho, comm):
+        return _subpixel_probe(views_local, exit_local, comm, ptycho)
+    num = xp.stack([xp.sum(conj_views * exit_local[k], axis=0, dtype=np.complex128)
+                    for k in range(exit_local.shape[0])])
+    den = xp.sum(xp.abs(views_local) ** 2, axis=0, dtype=np.float64).astype(np.complex128)
     comm.allreduce_sum(num)
     comm.allreduce_sum(den)
     floor = 1e-8 * float(xp.abs(den).max())
