@@ -447,11 +447,14 @@ def test_apt_slabs_on_the_device_path_equal_numpy(mpi_ranks, device, monkeypatch
 def test_reconstruct_gpu_slabs_writes_the_numpy_volume(mpi_ranks, device, shared_tmp,
                                                        monkeypatch):
     """``reconstruct(..., gpu=True, slabs=2)`` on 2 ranks (through the strict stand-in, or
-    CuPy) writes the volume and R-factors of the numpy run with ``slabs=2`` (compiled kernels
-    off: the same arithmetic; kernels on: DEVICE_RTOL's second tolerance), with a
-    checkpoint written by slab on the way."""
-    import ptmpi.reconstruct as reconstruct_module
+    CuPy), stopped after 5 of 10 iterations with a checkpoint (written and read by slab)
+    and resumed, writes the volume and R-factors of the uninterrupted numpy run with
+    ``slabs=2`` (compiled kernels off: the same arithmetic; kernels on: DEVICE_RTOL's second
+    tolerance)."""
     import strict_xp
+
+    import ptmpi.reconstruct as reconstruct_module
+    from ptmpi.backend import get_xp
 
     same_path, kernel_path = DEVICE_RTOL[device]
     comm = MPIComm()
@@ -474,7 +477,25 @@ def test_reconstruct_gpu_slabs_writes_the_numpy_volume(mpi_ranks, device, shared
                             lambda gpu: strict_xp if gpu else np)
         monkeypatch.setattr(reconstruct_module, "select_device", lambda local_rank: 0)
     synced = strict_xp.synchronize_calls[0]
-    run("dev.h5", gpu=True, checkpoint=str(shared_tmp / "ck.h5"), checkpoint_every=5)
+    # 5 iterations with a checkpoint (written by slab), then resumed (read by slab) to 10
+    ck = str(shared_tmp / "ck.h5")
+    reconstruct_module.reconstruct(str(path), str(shared_tmp / "part.h5"),
+                                   SolverSettings(iterations=5, tol=0), comm, figures=False,
+                                   slabs=2, gpu=True, checkpoint=ck, checkpoint_every=5)
+    import ptmpi.io.checkpoint as checkpoint_module
+
+    read = checkpoint_module.read_checkpoint
+    resumed = []
+
+    def spy(*args, **kwargs):  # the resume reads this rank's slab onto the device
+        state = read(*args, **kwargs)
+        resumed.append((state.iteration, kwargs.get("z_range"), get_xp(state.u)))
+        return state
+
+    monkeypatch.setattr(checkpoint_module, "read_checkpoint", spy)
+    run("dev.h5", gpu=True, checkpoint=ck, resume=True)
+    vol = _grid(comm, 2).volume(SHAPE)
+    assert resumed == [(5, (vol.z0, vol.z1), _device_module(device))]
     if device == "strict":  # the solver ran on strict arrays (it synchronized them)
         assert strict_xp.synchronize_calls[0] > synced
     comm.barrier()
@@ -496,6 +517,6 @@ def test_reconstruct_gpu_slabs_writes_the_numpy_volume(mpi_ranks, device, shared
         np.testing.assert_allclose(r_dev, out["plain"][1], rtol=same_path)
         np.testing.assert_allclose(r_dev, out["host"][1], rtol=kernel_path)
         assert r_dev[-1] < r_dev[0]
-        with h5py.File(shared_tmp / "ck.h5") as f:
+        with h5py.File(ck) as f:
             assert f["u"].shape == SHAPE
     comm.barrier()
