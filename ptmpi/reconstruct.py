@@ -198,9 +198,7 @@ def _slab_refusal(algorithm, settings, exp: bool, gpu: bool) -> str | None:
         return "--probe-modes > 1"
     if getattr(settings, "start", "ones") == "coarse":
         return "--start coarse"
-    if gpu:
-        return "--gpu (host arrays only)"
-    return None
+    return None  # --gpu: one GPU per rank, MPI buffers staged through host memory
 
 
 def _check_slabs(slabs, comm: Comm, refusal: str | None) -> None:
@@ -342,7 +340,8 @@ def reconstruct(input_path: str, output_path: str, settings, comm: Comm, *,
     the whole volume, so it resumes on any rank count and any ``slabs``.
 
     ``slabs``: z-slabs of the angle x slab grid (:mod:`ptmpi.parallel.volume`; apt/apts with
-    the linear model, one probe mode, no ``--align``, ``--start ones``, host arrays), a
+    the linear model, one probe mode, no ``--align``, ``--start ones``; with ``gpu`` one
+    GPU per rank, the MPI buffers of device arrays staged through host memory), a
     divisor of the rank count; 1 is the replicated volume; ``"auto"`` chooses from the
     memory plan (:func:`_choose_slabs`).
     """

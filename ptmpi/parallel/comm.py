@@ -3,8 +3,10 @@
 Solvers receive a :class:`Comm` and never import mpi4py themselves. ``SerialComm`` (one
 rank, no MPI) and ``MPIComm`` implement the protocol independently: neither derives from
 the other. All reductions of
-arrays go through :meth:`allreduce_sum` (in place, one call per quantity). CuPy arrays
-are synchronized and staged through host memory (no CUDA-aware MPI is assumed).
+arrays go through :meth:`allreduce_sum` (in place, one call per quantity). Device (CuPy)
+arrays given to any buffer method (:meth:`MPIComm.allreduce_sum`, ``alltoallv``,
+``sendrecv``, ``gatherv``) are synchronized and staged through host memory (no CUDA-aware
+MPI is assumed); the result lands on the input's device.
 """
 
 from __future__ import annotations
@@ -16,7 +18,7 @@ from typing import Protocol, runtime_checkable
 
 import numpy as np
 
-from ptmpi.backend import get_xp, is_device_array, synchronize, to_host
+from ptmpi.backend import get_xp, is_device_array, synchronize, to_device, to_host
 
 logger = logging.getLogger(__name__)
 
@@ -132,11 +134,23 @@ class MPIComm:
         node.Free()
         # Only for reached_by_all: its barrier can never match a collective of the solver.
         self._guard = self.comm.Dup()
-        self._staging_logged = False
+        # the staging is logged once, by world rank 0: sub-communicators share the flag
+        self._staging_logged = [False]
+        self._logs_staging = self.rank == 0
 
     @property
     def is_root(self) -> bool:
         return self.rank == 0
+
+    def _stage(self, x):
+        """Host copy of the device array ``x`` after its queued work (logged once)."""
+        synchronize(get_xp(x))
+        if not self._staging_logged[0]:
+            self._staging_logged[0] = True
+            if self._logs_staging:
+                logger.info("MPI buffers of device arrays are staged through host memory "
+                            "(CUDA-aware MPI is not assumed)")
+        return np.ascontiguousarray(to_host(x))
 
     def allreduce_sum(self, x):
         """Sum over ranks in place (numpy or CuPy array); returns ``x``.
@@ -147,13 +161,7 @@ class MPIComm:
             return x
         xp = get_xp(x)
         if is_device_array(x):
-            synchronize(xp)
-            if not self._staging_logged:
-                self._staging_logged = True
-                if self.rank == 0:
-                    logger.info("MPI buffers of device arrays are staged through host memory "
-                                "(CUDA-aware MPI is not assumed)")
-            host = to_host(x)
+            host = self._stage(x)
             self.comm.Allreduce(self._mpi.IN_PLACE, host, op=self._mpi.SUM)
             x[...] = xp.asarray(host)
             return x
@@ -184,7 +192,15 @@ class MPIComm:
     def alltoallv(self, send, send_counts, recv, recv_counts) -> None:
         """Alltoallv of flat contiguous host arrays: ``send_counts[j]`` elements of
         ``send`` (in rank order) go to rank ``j``, ``recv_counts[j]`` of ``recv`` come from
-        it. Complex arrays travel as their real view."""
+        it. Complex arrays travel as their real view. Device arrays are staged through
+        host memory (``recv`` is filled on its device)."""
+        if is_device_array(send) or is_device_array(recv):
+            host_recv = np.empty(recv.shape, dtype=recv.dtype)
+            self.alltoallv(self._stage(send) if is_device_array(send) else send, send_counts,
+                           host_recv, recv_counts)
+            recv[...] = to_device(host_recv, get_xp(recv))
+            return
+
         def typed(a, counts):
             if np.iscomplexobj(a):
                 a, counts = a.view(a.real.dtype), [2 * c for c in counts]
@@ -195,7 +211,11 @@ class MPIComm:
 
     def sendrecv(self, send, dest, source):
         """Send the contiguous host array ``send`` to ``dest`` (None: nobody) and receive
-        an array of the same shape and dtype from ``source`` (None: nobody; returns None)."""
+        an array of the same shape and dtype from ``source`` (None: nobody; returns None).
+        A device array is staged through host memory; the received array is on its device."""
+        if is_device_array(send):
+            recv = self.sendrecv(self._stage(send), dest, source)
+            return None if recv is None else to_device(recv, get_xp(send))
         mpi = self._mpi
         recv = None if source is None else np.empty_like(send)
         self.comm.Sendrecv(send if dest is not None else None,
@@ -206,7 +226,15 @@ class MPIComm:
     def gatherv(self, send, recv, counts, root: int = 0) -> None:
         """Gatherv of flat contiguous host arrays: ``counts[j]`` elements from rank ``j``
         land in rank order in ``recv`` on ``root`` (None elsewhere), without a list of
-        blocks beside it. Complex arrays travel as their real view."""
+        blocks beside it. Complex arrays travel as their real view. Device arrays are staged
+        through host memory."""
+        if is_device_array(send) or is_device_array(recv):
+            host_recv = None if recv is None else np.empty(recv.shape, dtype=recv.dtype)
+            self.gatherv(self._stage(send) if is_device_array(send) else send, host_recv,
+                         counts, root)
+            if recv is not None and self.rank == root:
+                recv[...] = to_device(host_recv, get_xp(recv))
+            return
         if np.iscomplexobj(send):
             send = send.view(send.real.dtype)
             recv = None if recv is None else recv.view(recv.real.dtype)
@@ -217,7 +245,9 @@ class MPIComm:
 
     def split(self, colour: int, key: int) -> MPIComm:
         """The :class:`MPIComm` of the ranks with the same ``colour``, ordered by ``key``."""
-        return MPIComm(self.comm.Split(colour, key))
+        sub = MPIComm(self.comm.Split(colour, key))
+        sub._staging_logged, sub._logs_staging = self._staging_logged, self._logs_staging
+        return sub
 
     def reached_by_all(self, timeout: float) -> bool:
         """A barrier that gives up: True when every rank calls this within ``timeout`` s.

@@ -18,6 +18,9 @@ by the rank that reads them. Parallel-beam projection is slice-separable: row ``
   become the angle-major projections ``(N_THETA_LOCAL, nz, n)`` of the angles' owner, and
   back. ``W`` takes the second path once per probe (or position) change.
 
+On a GPU (``xp`` CuPy) every array stays on the device; the communicator stages the MPI
+buffers (the transposes, the Allreduce over ``slab_comm``, halos) through host memory.
+
 Frame statistics (the R-factor, the likelihood, the probe update's sums) are summed over
 all ranks: every frame has exactly one owner.
 """
@@ -26,7 +29,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from ptmpi.backend import real_dtype, to_device
+from ptmpi.backend import get_xp, real_dtype, to_device
 from ptmpi.operators.fft import FarField
 from ptmpi.operators.ptycho import Ptycho, guard_probe
 from ptmpi.operators.tomo import Projector
@@ -60,16 +63,19 @@ class SlabGrid:
 def to_owners(rows, group: Comm, counts: list[int], bounds: list[tuple[int, int]]):
     """Slab-major -> angle-major: ``rows`` ``(N_THETA_GROUP, nz_slab, n)`` (this rank's slab
     of every angle of the group, angles in owner order, ``counts[j]`` of member ``j``)
-    becomes ``(counts[me], nz, n)``, the full projections of this rank's own angles."""
+    becomes ``(counts[me], nz, n)``, the full projections of this rank's own angles
+    (on the array module of ``rows``; device buffers are staged through host memory by
+    the communicator)."""
+    xp = get_xp(rows)
     me, n = group.rank, rows.shape[-1]
     z0, z1 = bounds[me]
-    rows = np.ascontiguousarray(rows)
+    rows = xp.ascontiguousarray(rows)
     nz = bounds[-1][1]
     send_counts = [c * (z1 - z0) * n for c in counts]
     recv_counts = [counts[me] * (b1 - b0) * n for b0, b1 in bounds]
-    recv = np.empty(sum(recv_counts), dtype=rows.dtype)
+    recv = xp.empty(sum(recv_counts), dtype=rows.dtype)
     group.alltoallv(rows.reshape(-1), send_counts, recv, recv_counts)
-    out = np.empty((counts[me], nz, n), dtype=rows.dtype)
+    out = xp.empty((counts[me], nz, n), dtype=rows.dtype)
     start = 0
     for (b0, b1), size in zip(bounds, recv_counts, strict=True):
         out[:, b0:b1] = recv[start:start + size].reshape(counts[me], b1 - b0, n)
@@ -80,13 +86,14 @@ def to_owners(rows, group: Comm, counts: list[int], bounds: list[tuple[int, int]
 def to_slabs(proj, group: Comm, counts: list[int], bounds: list[tuple[int, int]]):
     """The reverse of :func:`to_owners`: ``proj`` ``(counts[me], nz, n)`` -> this rank's
     slab rows of every angle of the group, ``(N_THETA_GROUP, nz_slab, n)``."""
+    xp = get_xp(proj)
     me, n = group.rank, proj.shape[-1]
     z0, z1 = bounds[me]
-    send = np.concatenate([np.ascontiguousarray(proj[:, b0:b1]).reshape(-1)
-                           for b0, b1 in bounds]) if proj.size else np.empty(0, proj.dtype)
+    send = xp.concatenate([xp.ascontiguousarray(proj[:, b0:b1]).reshape(-1)
+                           for b0, b1 in bounds]) if proj.size else xp.empty(0, proj.dtype)
     send_counts = [counts[me] * (b1 - b0) * n for b0, b1 in bounds]
     recv_counts = [c * (z1 - z0) * n for c in counts]
-    out = np.empty((sum(counts), z1 - z0, n), dtype=proj.dtype)
+    out = xp.empty((sum(counts), z1 - z0, n), dtype=proj.dtype)
     group.alltoallv(send, send_counts, out.reshape(-1), recv_counts)
     return out
 
@@ -101,13 +108,12 @@ class SlabDataTerm(FrameReductions):
     shape : (nz, n, n) global volume shape.
     theta_local, probe, positions_local, frame_offset_local :
         This rank's own angles and frames, as for ``DataTerm`` (one ``(M, M)`` probe).
-    xp, dtype : as for ``DataTerm`` (host arrays only).
+    xp, dtype : as for ``DataTerm``: numpy, or a device module (CuPy) with one GPU per
+        rank; the MPI buffers of device arrays are staged through host memory.
     """
 
     def __init__(self, grid: SlabGrid, shape, theta_local, probe, positions_local,
                  frame_offset_local, *, xp=np, dtype=np.complex64):
-        if xp is not np:
-            raise ValueError("--slabs > 1 runs on the host only (no --gpu)")
         if probe.ndim != 2:
             raise ValueError("--slabs > 1 supports one probe mode only")
         self.grid = grid

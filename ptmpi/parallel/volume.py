@@ -115,18 +115,20 @@ class VolumeSpace:
     def halos(self, x, before: int, after: int):
         """The ``before`` last slices of the previous slab and the ``after`` first slices of
         the next one (``(..., k, n, n)`` arrays; None at the ends of the volume, where there
-        are none, and when not asked for). Every slab holds at least one slice (S <= nz),
+        are none, and when not asked for; on the device of ``x``, staged through host memory
+        for MPI). Every slab holds at least one slice (S <= nz),
         so one-slice halos come from the neighbours themselves."""
         if not self.split:
             return None, None
+        xp = get_xp(x)
         s, last = self.slab, self.n_slabs - 1
         prev = s - 1 if s > 0 else None
         nxt = s + 1 if s < last else None
         head = tail = None
         if after:  # my first slices go to the previous slab, the next slab's come to me
-            tail = self.group.sendrecv(np.ascontiguousarray(x[..., :after, :, :]), prev, nxt)
+            tail = self.group.sendrecv(xp.ascontiguousarray(x[..., :after, :, :]), prev, nxt)
         if before:
-            head = self.group.sendrecv(np.ascontiguousarray(x[..., -before:, :, :]), nxt, prev)
+            head = self.group.sendrecv(xp.ascontiguousarray(x[..., -before:, :, :]), nxt, prev)
         return head, tail
 
     def extend(self, x, before: int, after: int):
@@ -222,13 +224,22 @@ class SlabGradient:
 
 
 def slice_vdot(x, y):
-    """``vdot(x[k], y[k])`` of every slice ``k`` (axis 0), float64 ``(nz, 2)`` (real,
-    imaginary), each summed in index order (compiled kernel, or float64 numpy per slice)."""
+    """``vdot(x[k], y[k])`` of every slice ``k`` (axis 0), float64 host ``(nz, 2)`` (real,
+    imaginary): the compiled kernel on the host, else array expressions of the arrays'
+    module (numpy or the device's) in complex128, a few slices at a time (each slice's
+    sum does not depend on which slices are computed with it, so the split into slabs
+    does not change the sums)."""
     if kernels.available(x, y) and np.iscomplexobj(x) and x.dtype == y.dtype:
         return kernels.slice_vdot(x, y)
     xp = get_xp(x, y)
-    out = np.zeros((x.shape[0], 2), dtype=np.float64)
-    for k in range(x.shape[0]):
-        value = complex(xp.vdot(x[k].astype(xp.complex128), y[k].astype(xp.complex128)))
-        out[k] = value.real, value.imag
+    nz = x.shape[0]
+    plane = max(1, int(np.prod(x.shape[1:])))
+    chunk = max(1, (1 << 22) // plane)  # complex128 temporaries of at most 64 MiB
+    out = np.zeros((nz, 2), dtype=np.float64)
+    for k0 in range(0, nz, chunk):
+        k1 = min(nz, k0 + chunk)
+        xs = x[k0:k1].reshape(k1 - k0, -1).astype(xp.complex128)
+        ys = y[k0:k1].reshape(k1 - k0, -1).astype(xp.complex128)
+        part = to_host(xp.sum(xp.conj(xs) * ys, axis=1))
+        out[k0:k1, 0], out[k0:k1, 1] = part.real, part.imag
     return out
