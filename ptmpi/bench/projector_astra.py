@@ -1,6 +1,6 @@
 """The projector against ASTRA's CPU projector with many angles, on one rank.
 
-``python -m ptmpi.bench.projector_astra [--n 128] [--nz 16] [--angles 180] [--runs 5]``
+``python -m ptmpi.bench.projector_astra [N NZ ANGLES RUNS]`` (defaults 128 16 180 5)
 (needs the ``bench`` extra, astra-toolbox). Times ``Projector.fwd`` and ``adj`` on ``nz``
 complex slices of ``n x n`` (a complex slice counts as two real slices) and ASTRA's
 ``strip`` (the same voxel-area model), ``linear`` and ``line`` forward projections of one
@@ -11,8 +11,8 @@ ratio. With 180 angles the projector's sparse weights no longer fit in cache, wh
 
 from __future__ import annotations
 
-import argparse
 import statistics
+import sys
 
 import numpy as np
 
@@ -43,14 +43,10 @@ def compare(n: int, nz: int, angles: int, runs: int, repeat: int = 5) -> list[di
 
 
 def main(argv=None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--n", type=int, default=128)
-    parser.add_argument("--nz", type=int, default=16)
-    parser.add_argument("--angles", type=int, default=180)
-    parser.add_argument("--runs", type=int, default=5)
-    args = parser.parse_args(argv)
-    rows = compare(args.n, args.nz, args.angles, args.runs)
-    print(f"{args.nz} complex slices of {args.n}^2, {args.angles} angles, one process; "
+    values = [int(a) for a in (sys.argv[1:] if argv is None else argv)]
+    n, nz, angles, runs = values + [128, 16, 180, 5][len(values):]
+    rows = compare(n, nz, angles, runs)
+    print(f"{nz} complex slices of {n}^2, {angles} angles, one process; "
           "us per real slice and angle")
     for row in rows:
         print(f"  ours fwd {row['fwd'] * 1e6:.2f}, adj {row['adj'] * 1e6:.2f}; ASTRA strip "
