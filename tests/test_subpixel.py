@@ -258,6 +258,18 @@ def test_probe_update_on_subpixel_data_beats_rounding(rng):
                                   recovered_rounded)
 
 
+def test_probe_normal_is_the_shifted_weighting_moved_back(cdtype, rng):
+    """Ptycho.probe_normal(x, w) = sum_j shift_j^H(w_j shift_j(x)), formed frame by frame."""
+    op = _subpixel_case(rng, cdtype)
+    x = random_array((op.m, op.m), np.complex128, rng)
+    weights = np.abs(random_array(op.data_shape, cdtype, rng)) ** 2
+    per_frame = fourier_shift(x, op.fractions) * weights
+    expected = op.unshift_sum(per_frame)
+    got = op.probe_normal(x, weights)
+    tol = 1e-5 if cdtype == np.complex64 else 1e-12
+    np.testing.assert_allclose(got, expected, rtol=tol, atol=tol * np.abs(expected).max())
+
+
 def test_probe_update_with_windows_over_the_edge_solves_the_least_squares_probe(rng):
     """Windows hanging over the image edge read zeros, so |v_j|^2 is far from locally
     constant, where the earlier closed form (numerator and |v_j|^2 each moved back by

@@ -449,6 +449,41 @@ class Ptycho:
             out[idx] = fft2(part, inverse=True)
         return out
 
+    def probe_normal(self, x, weights, whole_sum=None):
+        """``sum_j shift_j^H(weights_j * shift_j(x))`` for one ``(M, M)`` probe ``x``.
+
+        ``weights``: ``(N_FRAMES, M, M)`` real (``|v_j|^2``); ``whole_sum``: their sum over
+        the frames at whole pixels, if already formed. The normal operator of the probe's
+        least-squares update with sub-pixel frames; per moved frame one inverse and one
+        forward FFT, in chunks (no frame-sized temporaries). Returns ``(M, M)`` complex128.
+        """
+        from ptmpi.operators.fft import fft2
+
+        xp = get_xp(x)
+        dtype = complex_dtype(weights.dtype)
+        if whole_sum is None:
+            whole = to_device(np.flatnonzero(self.probe_index == 0), xp)
+            whole_sum = xp.sum(weights[whole], axis=0, dtype=np.float64)
+        total = x.astype(np.complex128) * whole_sum
+        moved = np.flatnonzero(self.probe_index > 0)
+        if moved.size == 0:
+            return total
+        spectrum_x = fft2(x.astype(dtype))
+        spectrum = xp.zeros((self.m, self.m), dtype=np.complex128)
+        for k0 in range(0, moved.size, _SHIFT_CHUNK):
+            sel = moved[k0 : k0 + _SHIFT_CHUNK]
+            ramp_r, ramp_c = _ramps(self.fractions[sel], self.m, xp, dtype)
+            part = spectrum_x[None] * ramp_r[:, :, None]
+            part *= ramp_c[:, None, :]
+            part = fft2(part, inverse=True)
+            part *= weights[to_device(sel, xp)]
+            part = fft2(part)
+            part *= xp.conj(ramp_r)[:, :, None]
+            part *= xp.conj(ramp_c)[:, None, :]
+            spectrum += xp.sum(part, axis=0, dtype=np.complex128)
+        total += fft2(spectrum, inverse=True)
+        return total
+
     def moved(self, positions) -> Ptycho:
         """The same frames, probe and image at other ``positions`` (e.g. aligned ones)."""
         return Ptycho(self.probe, positions, self.frame_offset, self.image_shape)

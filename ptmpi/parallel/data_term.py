@@ -208,8 +208,6 @@ def _subpixel_probe(views_local, exits_local, comm, ptycho, iterations: int | No
     over the image edge), then ``iterations`` steps of Jacobi-preconditioned CG on the
     normal equations (each one Allreduce of an ``(M, M)`` array). FFTs run in the views'
     precision, sums in double. Returns ``(K, M, M)``."""
-    from ptmpi.operators.ptycho import fourier_shift
-
     if iterations is None:
         iterations = SUBPIXEL_CG
     xp = get_xp(views_local)
@@ -219,13 +217,11 @@ def _subpixel_probe(views_local, exits_local, comm, ptycho, iterations: int | No
     comm.allreduce_sum(den)
     lit = den > 1e-8 * float(den.max())
     inv_den = xp.where(lit, 1.0 / xp.where(lit, den, 1.0), 0.0)
-    index = to_device(ptycho.probe_index, xp)
+    whole = to_device(np.flatnonzero(ptycho.probe_index == 0), xp)
+    whole_sum = xp.sum(weights[whole], axis=0, dtype=np.float64)
 
     def normal(x):  # sum_j shift_j^H(|v_j|^2 shift_j(x)), reduced over the ranks
-        x = x.astype(cdtype)
-        stack = x[None] if not ptycho.shifts.size else xp.concatenate(
-            [x[None], fourier_shift(x, ptycho.shifts)])
-        out = ptycho.unshift_sum(stack[index] * weights)
+        out = ptycho.probe_normal(x, weights, whole_sum)
         comm.allreduce_sum(out)
         return out
 
