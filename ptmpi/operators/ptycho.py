@@ -423,32 +423,6 @@ class Ptycho:
         total += fft2(spectrum, inverse=True)
         return total.real.copy() if real else total
 
-    def unshift(self, frames):
-        """``shift_j^H(frames_j)`` for every frame: each moved back by its fraction.
-
-        ``frames``: ``(N_FRAMES, M, M)``; returns a new complex array of that shape (the
-        frames at whole pixels unchanged). The per-frame form of :meth:`unshift_sum`, for
-        the probe update of sub-pixel frames (:func:`ptmpi.parallel.data_term.probe_from_views`).
-        """
-        from ptmpi.operators.fft import fft2
-
-        xp = get_xp(frames)
-        if tuple(frames.shape) != self.data_shape:
-            raise ValueError(f"Ptycho: expected frames {self.data_shape}, got {frames.shape}")
-        dtype = complex_dtype(frames.dtype)
-        out = frames.astype(dtype, copy=True)
-        if not self.subpixel:
-            return out
-        moved = np.flatnonzero(self.probe_index > 0)
-        for k0 in range(0, moved.size, _SHIFT_CHUNK):
-            sel = moved[k0 : k0 + _SHIFT_CHUNK]
-            ramp_r, ramp_c = _ramps(-self.fractions[sel], self.m, xp, dtype)
-            idx = to_device(sel, xp)
-            part = fft2(out[idx]) * ramp_r[:, :, None]
-            part *= ramp_c[:, None, :]
-            out[idx] = fft2(part, inverse=True)
-        return out
-
     def probe_normal(self, x, weights, whole_sum=None):
         """``sum_j shift_j^H(weights_j * shift_j(x))`` for one ``(M, M)`` probe ``x``.
 

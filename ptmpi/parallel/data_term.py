@@ -208,6 +208,8 @@ def _subpixel_probe(views_local, exits_local, comm, ptycho, iterations: int | No
     over the image edge), then ``iterations`` steps of Jacobi-preconditioned CG on the
     normal equations (each one Allreduce of an ``(M, M)`` array). FFTs run in the views'
     precision, sums in double. Returns ``(K, M, M)``."""
+    from ptmpi.solvers.cg import conjugate_gradient  # (solvers import this module)
+
     if iterations is None:
         iterations = SUBPIXEL_CG
     xp = get_xp(views_local)
@@ -230,25 +232,8 @@ def _subpixel_probe(views_local, exits_local, comm, ptycho, iterations: int | No
     for exits in exits_local:
         rhs = ptycho.unshift_sum(conj_views * exits.astype(cdtype, copy=False))
         comm.allreduce_sum(rhs)
-        x = rhs * inv_den
-        if iterations > 0:
-            r = rhs - normal(x)
-            z = inv_den * r
-            d = z.copy()
-            rz = float(xp.vdot(r, z).real)
-            for step in range(iterations):
-                if rz <= 0:
-                    break
-                ad = normal(d)
-                alpha = rz / float(xp.vdot(d, ad).real)
-                x = x + alpha * d
-                if step + 1 == iterations:
-                    break
-                r = r - alpha * ad
-                z = inv_den * r
-                rz, rz_old = float(xp.vdot(r, z).real), rz
-                d = z + (rz / rz_old) * d
-        modes.append(x)
+        modes.append(conjugate_gradient(normal, rhs, rhs * inv_den, iterations,
+                                        inv_diag=inv_den))
     return xp.stack(modes).astype(views_local.dtype)
 
 
