@@ -342,7 +342,10 @@ def cmd_reconstruct(args, comm: Comm) -> int:
     from ptmpi.reconstruct import RunError, input_model, reconstruct
     from ptmpi.restart import Interrupted, stop_on_signals
 
-    model = args.model or comm.bcast(input_model(args.input) if comm.is_root else None)
+    model = args.model
+    if model is None and args.algorithm != "ptycho2d":  # ptycho2d has no volume model
+        model = comm.bcast(input_model(args.input) if comm.is_root else None)
+    model = model or "linear"
     try:
         algorithm, settings = settings_from_args(args, model)
     except ValueError as exc:

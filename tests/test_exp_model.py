@@ -283,6 +283,17 @@ def test_simulate_records_the_model_and_reconstruct_defaults_to_it(exp_file, tmp
         assert json.loads(f["entry_1/process_1/parameters"][()])["model"] == "linear"
 
 
+def test_ptycho2d_runs_on_a_file_that_records_the_exp_model(exp_file, tmp_path):
+    """Per-angle ptychography has no volume model: the file's ``exp`` does not refuse it
+    (only an explicit ``--model exp`` does, below)."""
+    out = tmp_path / "images.h5"
+    assert main(["reconstruct", str(exp_file), "-o", str(out), "--algorithm", "ptycho2d",
+                 "--iterations", "3", "--no-figures"]) == 0
+    with h5py.File(out, "r") as f:
+        assert f["entry_1/image_1/data"].shape == (6, 16, 16)
+        assert list(f["entry_1/ptmpi/metrics/iteration"][...]) == [1, 2, 3]
+
+
 @pytest.mark.parametrize("flags,words", [
     (["--algorithm", "ptycho2d"], "--model exp"),
     (["--algorithm", "two-step", "--checkpoint", "ck.h5"], "apt and apts only"),
