@@ -489,7 +489,10 @@ def _check_restart(input_path, output_path, settings, dtype, comm, checkpoint, r
             problems, header = checkpoint_problems(
                 path, input_path=input_path, output_path=output_path, resume=resume,
                 force=force, settings=settings.to_dict(), dtype=dtype,
-                iterations=settings.iterations, checksum=checksum)
+                # --align: a restart after the shifts settle extends the run by up to
+                # its own iteration count (align.iteration_cap)
+                iterations=settings.iterations * (2 if getattr(settings, "align", False)
+                                                  else 1), checksum=checksum)
     problems, header = comm.bcast((problems, header))
     _agree(comm, problems)
     return path, header, checksum
@@ -542,6 +545,7 @@ def _open_restart(path, header, data, start, stop, settings, comm, xp, dtype, ch
 def _run_joint(data, start, stop, settings, comm, xp, dtype, progress, state=None,
                checkpointer=None, grid=None) -> dict:
     from ptmpi.io.checkpoint import CheckpointWriteError
+    from ptmpi.solvers.align import iteration_cap
 
     problem = LocalProblem(
         volume_shape=tuple(data.volume_shape),
@@ -555,6 +559,8 @@ def _run_joint(data, start, stop, settings, comm, xp, dtype, progress, state=Non
     )
 
     def callback(state_now, row):
+        progress.total = max(progress.total, iteration_cap(settings.iterations,
+                                                           state_now.params))
         progress(row)
         if checkpointer is not None:
             checkpointer(state_now, row)

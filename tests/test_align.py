@@ -22,6 +22,7 @@ from ptmpi.solvers.admm_exp import ExpSolverSettings, solve_exp
 from ptmpi.solvers.align import (
     amplitude_objective,
     gauss_newton_shifts,
+    iteration_cap,
     remove_unobservable,
     shift_objective,
     translate_volume,
@@ -188,6 +189,18 @@ def test_linear_apt_recovers_the_drift(linear_drift, linear_runs):
     snr_plain = snr_db(linear_runs["plain"].u, data.volume)
     assert snr_align > snr_plain + 3, (snr_align, snr_plain)
     assert linear_runs["plain"].shifts_local is None
+
+
+def test_the_restart_after_the_shifts_settle_gets_the_whole_budget(linear_runs):
+    """After the settled shifts' restart the solve runs ``iterations`` more iterations
+    (tol = 0 here), its metrics following on; without ``--align`` the budget is as set."""
+    state = linear_runs["align"]
+    restart_at = state.params["align_restart_at"]
+    assert 2 <= restart_at < 60
+    assert state.iteration == 60 + restart_at
+    assert state.history["iteration"] == list(range(1, 61 + restart_at))
+    assert linear_runs["plain"].iteration == 60
+    assert iteration_cap(60, {}) == 60 and iteration_cap(60, {"align_restart_at": 9}) == 69
 
 
 def test_alignment_does_not_wander_on_drift_free_data():

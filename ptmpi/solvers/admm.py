@@ -63,7 +63,7 @@ from ptmpi.operators.ptycho import guard_probe, is_guarded
 from ptmpi.parallel.comm import Comm
 from ptmpi.parallel.data_term import DataTerm, probe_from_views  # noqa: F401
 from ptmpi.parallel.volume import SlabGradient, VolumeSpace
-from ptmpi.solvers.align import AlignOptions, make_aligner
+from ptmpi.solvers.align import AlignOptions, iteration_cap, make_aligner
 from ptmpi.solvers.cg import conjugate_gradient
 from ptmpi.solvers.penalty import cycling, step_cosine
 from ptmpi.solvers.prox import (
@@ -433,7 +433,7 @@ def solve(problem: LocalProblem, settings: SolverSettings, comm: Comm,
     r2 = params.get("r2_now", r2)
     if r2 != params["r2"]:
         update_preconditioner()
-    for _ in range(state.iteration, settings.iterations):
+    while state.iteration < iteration_cap(settings.iterations, state.params):
         if aligner is not None and aligner.due(state.iteration):
             data.set_positions(aligner.update(state, data.model.projector.fwd(state.u),
                                               data.model.ptycho, sqrt_f, valid,

@@ -151,7 +151,7 @@ from ptmpi.operators.transmission import (
 from ptmpi.parallel.comm import SerialComm
 from ptmpi.parallel.data_term import probe_from_views
 from ptmpi.solvers.admm import ADMMState, LocalProblem
-from ptmpi.solvers.align import AlignOptions, make_aligner
+from ptmpi.solvers.align import AlignOptions, iteration_cap, make_aligner
 from ptmpi.solvers.cg import conjugate_gradient
 from ptmpi.solvers.penalty import cycling, step_cosine
 from ptmpi.solvers.prox import LIKELIHOODS, update_data_split, update_tv_split
@@ -592,7 +592,7 @@ def solve_exp(problem: LocalProblem, settings: ExpSolverSettings, comm: SerialCo
     turns = list(params.get("turns", []))
     prev_step = state.step
     prev_du = float(xp.linalg.norm(prev_step)) if prev_step is not None else 0.0
-    for _ in range(state.iteration, settings.iterations):
+    while state.iteration < iteration_cap(settings.iterations, state.params):
         if aligner is not None and aligner.due(state.iteration):
             positions = aligner.update(state, t, model.ptycho, sqrt_f, valid, state.iteration)
             model.set_positions(positions)

@@ -175,6 +175,10 @@ class AlignSettings:
     point at this distance (pixels), against an angle caught in a local minimum (0:
     never; before the guard band, 0.5 changed nothing on the drift-4 demo, where one angle
     stayed 0.4 px off)."""
+    budget: int = 0
+    """The iterations of the solve (its ``iterations``), for the log line of the restart:
+    after the restart that follows the settled shifts, the solve runs up to this many
+    iterations more (:func:`iteration_cap`)."""
     remove_translations: bool = False
     """Remove the unobservable part from the shifts after every update
     (:func:`remove_unobservable`); off: the current volume holds it (module notes)."""
@@ -551,6 +555,9 @@ class Aligner:
             if largest < s.settle_px or early >= s.early_restarts:
                 self.restarted = True
                 state.params["align_restarted"] = True
+                # The reconstruction from the aligned positions gets the whole iteration
+                # budget (iteration_cap): the iterations before it only served the shifts.
+                state.params["align_restart_at"] = int(iteration)
                 why = "the shifts have settled"
             else:
                 state.params["align_early_restarts"] = early + 1
@@ -558,7 +565,9 @@ class Aligner:
             self.last_restart = clipped.copy()
             state.params["align_last_restart"] = self.gather(clipped).tolist()
             logger.info("iteration %d: %s (RMS %.3g px); the reconstruction restarts from "
-                        "its initial state with them", iteration, why, moved)
+                        "its initial state with them%s", iteration, why, moved,
+                        f" (up to iteration {iteration + s.budget})" if self.restarted
+                        and s.budget else "")
         old_positions = self.positions(old_shifts)
         new_positions = self.positions(clipped)
         rephase_far_fields([state.z_local, state.lam2_local], old_positions, new_positions)
@@ -582,6 +591,16 @@ class Aligner:
             set_positions(self.positions(state.shifts_local))
 
 
+def iteration_cap(iterations: int, params: dict) -> int:
+    """The last iteration of a solve of ``iterations`` iterations: with ``--align``, once
+    the shifts have settled and the reconstruction restarted from its initial state
+    (module notes), that restart gets the whole budget again, so the volume from aligned
+    positions is not cut short by the iterations spent aligning (64^3 paper geometry, exp
+    model, drift 4: the restart came at iteration 65; 200 iterations in all gave 19.2 dB,
+    200 after the restart 21.5 dB against 22.35 drift-free)."""
+    return int(iterations) + int(params.get("align_restart_at", 0))
+
+
 def make_aligner(settings, problem, comm, restart: bool = True,
                  early_restarts: int = 0) -> Aligner | None:
     """The :class:`Aligner` of a solve when ``settings.align`` is set (None otherwise);
@@ -594,6 +613,7 @@ def make_aligner(settings, problem, comm, restart: bool = True,
     align = AlignSettings(every=settings.align_every, start=settings.align_start,
                           max_px=settings.align_max,
                           remove_translations=settings.align_gauge == "zero",
+                          budget=int(settings.iterations),
                           restart_px=AlignSettings.restart_px if restart else 0.0,
                           early_restarts=early_restarts)
     nz, _, n = problem.volume_shape
