@@ -203,6 +203,34 @@ def test_the_restart_after_the_shifts_settle_gets_the_whole_budget(linear_runs):
     assert iteration_cap(60, {}) == 60 and iteration_cap(60, {"align_restart_at": 9}) == 69
 
 
+def test_shifts_that_never_settle_restart_after_two_thirds_of_the_budget(monkeypatch):
+    """Shifts that moved (0.6 px) and then jitter by 0.1 px per update never settle: the
+    restart comes at two thirds of the budget (30 iterations, an update each), not before,
+    and only once."""
+    import types
+
+    import ptmpi.solvers.align as align
+
+    aligner = align.Aligner(align.AlignSettings(every=1, start=0, budget=30),
+                            np.linspace(0, np.pi, 4, endpoint=False), np.full((4, 2), 4.0),
+                            np.arange(5), (16, 16), 8, SerialComm())
+    state = types.SimpleNamespace(shifts_local=None, params={},
+                                  z_local=np.zeros((4, 8, 8), complex),
+                                  lam2_local=np.zeros((4, 8, 8), complex))
+    aligner.attach(state, lambda positions: None)
+    steps = iter([np.full((4, 2), 0.6)] + [np.full((4, 2), (-1) ** k * 0.1) for k in range(40)])
+    monkeypatch.setattr(align, "gauss_newton_shifts", lambda *a, **k: (next(steps), None))
+    monkeypatch.setattr(align, "guarded", lambda ptycho: ptycho)
+    restarts = []
+    for iteration in range(30):
+        aligner.update(state, None, None, None, iteration=iteration)
+        if aligner.restart:
+            restarts.append(iteration)
+    assert restarts == [20]
+    assert state.params["align_restart_at"] == 20
+    assert iteration_cap(30, state.params) == 50
+
+
 def test_alignment_does_not_wander_on_drift_free_data():
     data = simulate(drift_settings(0.0))
     state, _ = run_linear(data, True)

@@ -46,6 +46,25 @@ def case():
     return data, problem
 
 
+def test_device_windows_and_their_adjoint_equal_numpy(device_xp, rng):
+    """The device gathers every frame in one index operation (numpy: one per window row)
+    and scatters by overlap-free groups: both equal numpy exactly, windows over the image
+    edge included."""
+    from ptmpi.operators.ptycho import Ptycho
+
+    positions = np.array([[0, 0], [5, 7], [-3, -2], [14, 18], [3, 3], [9, -5]])
+    probe = (rng.standard_normal((8, 8)) + 1j * rng.standard_normal((8, 8))).astype(
+        np.complex64)
+    op = Ptycho(probe, positions, np.array([0, 3, 6]), (20, 24))
+    v = (rng.standard_normal(op.image_stack_shape)
+         + 1j * rng.standard_normal(op.image_stack_shape)).astype(np.complex64)
+    psi = (rng.standard_normal(op.data_shape)
+           + 1j * rng.standard_normal(op.data_shape)).astype(np.complex64)
+    np.testing.assert_array_equal(to_host(op.extract(to_device(v, device_xp))), op.extract(v))
+    np.testing.assert_array_equal(to_host(op.scatter(to_device(psi, device_xp))),
+                                  op.scatter(psi))
+
+
 def _rel(a, b) -> float:
     return float(np.linalg.norm(a - b) / np.linalg.norm(b))
 
