@@ -608,7 +608,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", choices=["linear", "exp"],
                    help="forward model: linear (the paper's) or exp (t = exp(i P u), SPEC 8); "
                         "default: what the input file records, else linear")
-    p.add_argument("--iterations", type=_COUNT,
+    p.add_argument("--iterations", type=_POSITIVE_INT,
                    help="ADMM iterations (default 200 for apt/apts, 100 for two-step/ptycho2d)")
     p.add_argument("--tol", type=_NON_NEGATIVE,
                    help="stop when the relative change of u has stayed below this for 5 "
@@ -692,7 +692,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--cases", help="comma-separated subset of the cases (default: all)")
     p.add_argument("--methods", help="comma-separated subset of two-step,apts,apt (default all);"
                                       " earlier results in --out are kept")
-    p.add_argument("--iterations", type=_COUNT, help="override every method's iterations")
+    p.add_argument("--iterations", type=_POSITIVE_INT,
+                   help="override every method's iterations")
     p.add_argument("--gpu", action="store_true",
                    help="reconstruct on one GPU per rank (CuPy), as reconstruct --gpu")
     p.add_argument("--force", action="store_true",
@@ -735,7 +736,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_info)
 
     p = sub.add_parser("demo", help="simulate a small case and reconstruct it with APT")
-    p.add_argument("--iterations", type=_COUNT, default=200,
+    p.add_argument("--iterations", type=_POSITIVE_INT, default=200,
                    help="APT iterations (default 200)")
     p.add_argument("--out", default="ptmpi-demo", help="directory for the demo's files")
     p.add_argument("--force", action="store_true", help="overwrite existing files in --out")
