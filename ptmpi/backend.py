@@ -88,7 +88,10 @@ def get_array_module(gpu: bool) -> types.ModuleType:
         return np
     cp = _cupy()
     if cp is None:
-        raise RuntimeError("--gpu was requested but CuPy is not installed or no GPU is usable")
+        from ptmpi.errors import UserError
+
+        raise UserError("--gpu was requested but CuPy is not installed or no GPU is usable "
+                        "(pip install 'ptmpi[gpu]' on a machine with a CUDA GPU)")
     return cp
 
 

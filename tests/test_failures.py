@@ -35,6 +35,7 @@ import numpy as np
 import pytest
 
 from jobs import job_env, mpiexec
+from ptmpi.backend import gpu_available
 from ptmpi.cli import main
 from ptmpi.io.cxi import ANGLES, DATA, FRAME_OFFSET, POSITIONS, PROBE, write_input
 from ptmpi.sim.presets import SimulationSettings
@@ -280,6 +281,8 @@ CASES = [
          code=2),
     Case("negative-iterations", _rec("--iterations", "-3"),
          ["--iterations", "expected an integer >= 1", "found '-3'"], code=2),
+    Case("gpu-without-a-gpu", _rec("--gpu"), ["--gpu was requested", "no GPU is usable"],
+         skip="a GPU is usable here" if gpu_available() else None),
     Case("zero-iterations", _rec("--iterations", "0"),
          ["--iterations", "expected an integer >= 1", "found '0'"], code=2),
     Case("r2-zero", _rec("--r2", "0"), ["--r2", "expected a number > 0", "found '0'"],
