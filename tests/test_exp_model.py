@@ -475,17 +475,33 @@ def test_exp_resume_across_a_penalty_raise_is_bit_for_bit():
 
 def test_exp_tv_noise_term_follows_the_noise_level_of_u():
     """On photon counts the default TV weight is ``0.03 r1 + 0.32 sigma sqrt(d)`` (the
-    linear model's rule, ``d`` the mean diagonal of ``sum_t P_t^H W_t P_t``): it grows as
+    linear model's rule, ``d`` the median diagonal of ``sum_t P_t^H W_t P_t``): it grows as
     the square root of the dose instead of staying at one value for every dose."""
-    low = resolve_exp(ExpSolverSettings(), 100.0, 2.5, 0.5, mean_diagonal=93.0)
-    high = resolve_exp(ExpSolverSettings(), 1000.0, 2.5, 0.5, mean_diagonal=930.0)
+    low = resolve_exp(ExpSolverSettings(), 100.0, 2.5, 0.5, typical_diagonal=93.0)
+    high = resolve_exp(ExpSolverSettings(), 1000.0, 2.5, 0.5, typical_diagonal=930.0)
     for params in (low, high):
-        noise = 0.32 * 0.5 * math.sqrt(params["mean_diagonal_PhWP"])
+        noise = 0.32 * 0.5 * math.sqrt(params["median_diagonal_PhWP"])
         assert params["tv_weight"] == pytest.approx(0.03 * params["r1"] + noise, rel=1e-12)
     assert high["tv_weight"] - 0.03 * high["r1"] == pytest.approx(
         math.sqrt(10) * (low["tv_weight"] - 0.03 * low["r1"]), rel=1e-12)
-    clean = resolve_exp(ExpSolverSettings(), 100.0, 2.5, 0.0, mean_diagonal=93.0)
+    clean = resolve_exp(ExpSolverSettings(), 100.0, 2.5, 0.0, typical_diagonal=93.0)
     assert clean["tv_weight"] == pytest.approx(0.01 * clean["r1"], rel=1e-12)
+
+
+def test_exp_noise_term_uses_the_median_curvature_of_a_voxel():
+    """The default TV weight takes the median voxel's data curvature: on a scan whose probe
+    barely overlaps (FWHM 3 at step 8) the mean is pulled up by the brightly lit voxels."""
+    data = simulate(exp_settings(n=16, nz=16, n_angles=4, step=8, probe_size=8, fwhm=3.0,
+                                 eta=100.0))
+    _, params = solve_exp(problem_of(data), ExpSolverSettings(iterations=1, init_iterations=0),
+                          SerialComm())
+    model = ExpModel(data.volume.shape, np.deg2rad(data.angles_deg),
+                     data.probe.astype(np.complex64), data.positions_px, data.frame_offset)
+    d = model.projector.adj_squared_weights(model.illumination(np), keep=False)
+    assert params["median_diagonal_PhWP"] == pytest.approx(float(np.median(d)), rel=1e-5)
+    assert np.median(d) < 0.8 * d.mean()
+    noise = params["tv_weight"] - 0.03 * params["r1"]
+    assert noise == pytest.approx(0.32 * 0.5 * math.sqrt(np.median(d)), rel=1e-5)
 
 
 def test_exp_active_set_holds_bound_parts_whose_descent_leaves_the_feasible_set():
