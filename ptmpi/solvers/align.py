@@ -103,14 +103,15 @@ biased at the border: 0.4 px), windows kept within an update with the probe move
 of the exp initialisation's images (with 8 angles its tomogram reproduces every image at
 its own misaligned position).
 
-Exp model (demo, eta 100): drift 2 0.13 px, 8.54 dB (8.35 drift-free); drift 4 with a
-probe that overlaps its neighbours (FWHM 8 at step 8) 0.023 px, 22.49 dB (22.58
-drift-free), but with the demo's FWHM 4 at step 8 (next to no overlap) 0.22-0.90 px and
-0.5-3.3 dB below drift-free over six seeds. There the shifts leave even a start at the
-true positions (0.6-0.85 px on three seeds): the rows between the spots are barely
-constrained by the data, and a row shift trades against them. Fewer or smaller
-Gauss-Newton steps, more early restarts, updates every iteration or only once the volume
-changes slowly, the ``zero`` gauge: no gain (README).
+Exp model (demo, eta 100, TV weight of the median rule): drift 2 0.12 px, 7.89 dB (9.56
+drift-free); drift 4 with a probe that overlaps its neighbours (FWHM 8 at step 8) 0.023
+px, 22.51 dB (22.57 drift-free); with the demo's FWHM 4 at step 8 (next to no overlap)
+0.19-0.63 px and 0.4-1.5 dB below drift-free over six seeds (mean 0.41 px, 1.16 dB).
+There the shifts leave even a start at the true positions (0.6-0.85 px on three seeds,
+mean rule): the rows between the spots are barely constrained by the data, and a row
+shift trades against them. Fewer or smaller Gauss-Newton steps, more early restarts,
+updates every iteration or only once the volume changes slowly, the ``zero`` gauge: no
+gain (README).
 
 **Limit.** A shift is never larger than ``max_px`` (default half the probe width) per axis
 and never moves a window off the image; a shift that would grow past either is stopped
