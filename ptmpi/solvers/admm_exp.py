@@ -80,11 +80,11 @@ FWHM 7 at step 16, eta 100: 1.62 and 2.99 dB; demo, eta 1000: 19.32 and 19.68 dB
 on overlapping scans the two agree (FWHM 8 at step 8: 22.58 and 22.57 dB; 3 pi spiral at
 step 4, eta 100: 16.61 and 16.60 dB). Lower weights still gained on the sparse scans
 (demo, eta 100: 12.3 dB at a weight of 0.2 against 1.3 now) and lost on the overlapping
-ones (3 pi spiral: 16.11 dB at half the noise term), so no factor was changed. Until this rule the term was ``tv_noise_factor *
-sigma^2`` with 4, then 12: one weight for every dose, too heavy at low dose (demo
-geometry, 32^3, 8 angles, eta 100, 13 dB: 3.15 against 1.69 now, SNR 4.5 against 8.4 dB
-with the projected u-step) and too light at high dose (32^3 3 pi eta 1000: 6.5 against
-15.2 now, 29.1 against 29.4 dB). The likelihood is smoothed by ``epsilon =
+ones (3 pi spiral: 16.11 dB at half the noise term), so no factor was changed. Until
+this rule the term was ``tv_noise_factor * sigma^2`` with 4, then 12: one weight for
+every dose, too heavy at low dose (demo geometry, 32^3, 8 angles, eta 100, 13 dB: 3.15
+against 1.69 with the mean, SNR 4.5 against 8.4 dB with the projected u-step) and too
+light at high dose (32^3 3 pi eta 1000: 6.5 against 15.2 now, 29.1 against 29.4 dB). The likelihood is smoothed by ``epsilon =
 epsilon_counts`` photons (10; 0 on noise-free data, lowered as the penalties rise,
 below), which keeps the z-step continuous at pixels with few counts.
 Measured on a 48^3 volume, 12 angles, 3 pi, spiral scans, masked detector: at eta 100
