@@ -84,9 +84,10 @@ ones (3 pi spiral: 16.11 dB at half the noise term), so no factor was changed. U
 this rule the term was ``tv_noise_factor * sigma^2`` with 4, then 12: one weight for
 every dose, too heavy at low dose (demo geometry, 32^3, 8 angles, eta 100, 13 dB: 3.15
 against 1.69 with the mean, SNR 4.5 against 8.4 dB with the projected u-step) and too
-light at high dose (32^3 3 pi eta 1000: 6.5 against 15.2 now, 29.1 against 29.4 dB). The likelihood is smoothed by ``epsilon =
-epsilon_counts`` photons (10; 0 on noise-free data, lowered as the penalties rise,
-below), which keeps the z-step continuous at pixels with few counts.
+light at high dose (32^3 3 pi eta 1000: 6.5 against 15.2 now, 29.1 against 29.4 dB).
+The likelihood is smoothed by ``epsilon = epsilon_counts`` photons (10; 0 on noise-free
+data, lowered as the penalties rise, below), which keeps the z-step continuous at pixels
+with few counts.
 Measured on a 48^3 volume, 12 angles, 3 pi, spiral scans, masked detector: at eta 100
 (R-factor of the truth 0.280) the R-factor was 0.415 before (no noise term, no
 smoothing), 0.393 with the noise term 0.3 alone, 0.313 with smoothing and 0.3, 0.297
