@@ -171,24 +171,23 @@ class Projector:
         return [(k0, min(nz, k0 + step)) for k0 in range(0, nz, step)]
 
     def kernel_step(self, itemsize: int) -> int:
-        """Slices per slab of the compiled kernels: the slab's projections fill about
-        ``SLAB_PROJECTION_BYTES`` (they stay in cache between the two products), 4 to 128."""
-        nz, n, _ = self.shape
-        step = SLAB_PROJECTION_BYTES // (max(1, self.n_theta) * n * itemsize)
-        return min(nz, max(4, min(128, step)))
+        """Slices per block of the compiled kernels: ``kernels.LANES // 2``, all of a
+        block's real columns (fewer only for a thinner volume)."""
+        return max(1, min(self.shape[0], kernels.LANES // 2))
 
-    def _wide_data(self, rdtype):
-        """Non-zeros of the transposed matrix in ``rdtype``, aligned with the float32
-        transpose's structure (for the compiled normal operator)."""
-        key = ("wide-data", np.dtype(rdtype).str)
+    def _chunks(self, kind: str, rdtype):
+        """The weights of ``P`` (``kind="fwd"``) or ``P^T`` (``"adj"``) in ``rdtype``,
+        chunked for the compiled kernels (:func:`ptmpi.operators.kernels.chunk_rows`):
+        operand rows are pixels (fwd) or bins (adj), each pixel row (each angle's bins)
+        padded by one row."""
+        key = ("chunks", kind, np.dtype(rdtype).str)
         if key not in self._matrices:
-            _, mt = self._matrix_pair(np, self._base_rdtype())
-            _, mt_wide = self._matrix_pair(np, rdtype)
-            if not (np.array_equal(mt.indptr, mt_wide.indptr)
-                    and np.array_equal(mt.indices, mt_wide.indices)):
-                raise RuntimeError("projector matrices of different precision differ in "
-                                   "structure")
-            self._matrices[key] = mt_wide.data
+            m, mt = self._matrix_pair(np, rdtype)
+            n = self.shape[1]
+            index = np.arange(n * n if kind == "fwd" else self.n_theta * n, dtype=np.int64)
+            self._matrices[key] = kernels.chunk_rows(m if kind == "fwd" else mt,
+                                                     (index // n) * (n + 1) + index % n,
+                                                     rdtype)
         return self._matrices[key]
 
     def _base_rdtype(self):
@@ -232,8 +231,8 @@ class Projector:
         if u.shape != self.shape:
             raise ValueError(f"Projector.fwd: expected volume {self.shape}, got {u.shape}")
         if kernels.available(u) and xp.iscomplexobj(u):
-            _, mt = self._matrix_pair(np, real_dtype(u.dtype))
-            return kernels.project_fwd(mt, u, self.n_theta, self.kernel_step(u.dtype.itemsize))
+            return kernels.project_fwd(self._chunks("fwd", real_dtype(u.dtype)), u,
+                                       self.n_theta, self.kernel_step(u.dtype.itemsize))
         m, _ = self._matrix_pair(xp, real_dtype(u.dtype))
         out = xp.empty(self.data_shape, dtype=u.dtype)
         for k0, k1 in self.slabs(xp, u.dtype.itemsize):
@@ -251,10 +250,10 @@ class Projector:
         if p.shape != self.data_shape:
             raise ValueError(f"Projector.adj: expected data {self.data_shape}, got {p.shape}")
         dtype = p.dtype if accumulate is None else np.result_type(p.dtype, accumulate)
-        _, mt = self._matrix_pair(xp, real_dtype(dtype))
         if kernels.available(p) and xp.iscomplexobj(p):
-            return kernels.project_adj(mt, p, self.shape, self.kernel_step(p.dtype.itemsize),
-                                       dtype)
+            return kernels.project_adj(self._chunks("adj", real_dtype(dtype)), p, self.shape,
+                                       self.kernel_step(p.dtype.itemsize), dtype)
+        _, mt = self._matrix_pair(xp, real_dtype(dtype))
         out = xp.empty(self.shape, dtype=dtype)
         for k0, k1 in self.slabs(xp, p.dtype.itemsize):
             slab = xp.ascontiguousarray(p[:, k0:k1, :].transpose(0, 2, 1))
@@ -272,9 +271,8 @@ class Projector:
             raise ValueError(f"Projector.normal: expected volume {self.shape}, got {u.shape}")
         dtype = u.dtype if accumulate is None else np.result_type(u.dtype, accumulate)
         if kernels.available(u, weight) and xp.iscomplexobj(u):
-            _, mt = self._matrix_pair(np, real_dtype(u.dtype))
-            data_wide = mt.data if dtype == u.dtype else self._wide_data(real_dtype(dtype))
-            return kernels.project_normal(mt, data_wide, u, weight,
+            return kernels.project_normal(self._chunks("fwd", real_dtype(u.dtype)),
+                                          self._chunks("adj", real_dtype(dtype)), u, weight,
                                           self.kernel_step(u.dtype.itemsize), dtype)
         m, _ = self._matrix_pair(xp, real_dtype(u.dtype))
         _, mt = self._matrix_pair(xp, real_dtype(dtype))
