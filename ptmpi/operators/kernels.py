@@ -97,11 +97,15 @@ if numba is not None:
                 o5 = offs[ch, 5]
                 o6 = offs[ch, 6]
                 o7 = offs[ch, 7]
-                for c in range(LANES):
-                    acc[c] += (((a0 * src[o0, c] + a1 * src[o1, c])
-                                + (a2 * src[o2, c] + a3 * src[o3, c]))
-                               + ((a4 * src[o4, c] + a5 * src[o5, c])
-                                  + (a6 * src[o6, c] + a7 * src[o7, c])))
+                for c in range(LANES):  # in index order, as a CSR product sums
+                    t = acc[c] + a0 * src[o0, c]
+                    t = t + a1 * src[o1, c]
+                    t = t + a2 * src[o2, c]
+                    t = t + a3 * src[o3, c]
+                    t = t + a4 * src[o4, c]
+                    t = t + a5 * src[o5, c]
+                    t = t + a6 * src[o6, c]
+                    acc[c] = t + a7 * src[o7, c]
             for c in range(LANES):
                 dst[d, c] += acc[c]
             d += 1
