@@ -22,9 +22,11 @@ def numpy_only(monkeypatch):
     return use_reference
 
 
+@pytest.mark.parametrize("shape", [(5, 19, 19), (37, 11, 11)])
 @pytest.mark.parametrize("dtype", [np.complex64, np.complex128])
-def test_projector_kernel_equals_scipy_product(dtype, rng, numpy_only):
-    op = Projector((5, 19, 19), [0.0, 0.3, 1.2, np.pi / 2, 2.8], dtype=dtype)
+def test_projector_kernel_equals_scipy_product(dtype, shape, rng, numpy_only):
+    """One block of slices, and two (32 + 5 slices: a full block and a zero-padded one)."""
+    op = Projector(shape, [0.0, 0.3, 1.2, np.pi / 2, 2.8], dtype=dtype)
     u = random_array(op.shape, dtype, rng)
     p = random_array(op.data_shape, dtype, rng)
     w = rng.uniform(0.5, 2.0, op.data_shape).astype(np.finfo(dtype).dtype)
@@ -35,6 +37,28 @@ def test_projector_kernel_equals_scipy_product(dtype, rng, numpy_only):
     for a, b in zip(compiled, reference, strict=True):
         assert a.dtype == b.dtype
         assert np.abs(a - b).max() <= 1e-6 * np.abs(b).max()
+
+
+def test_chunk_rows_hold_the_matrix_and_pad_with_exact_zeros(rng):
+    import scipy.sparse
+
+    dense = rng.uniform(0.1, 1.0, (9, 40)) * (rng.random((9, 40)) < 0.3)
+    dense[4] = 0  # an empty row
+    dense[6, :] = rng.uniform(0.1, 1.0, 40)  # 40 non-zeros: five full chunks
+    matrix = scipy.sparse.csr_matrix(dense)
+    column_row = np.arange(40)[::-1].copy()  # operand row of each column
+    ptr, data, offs = kernels.chunk_rows(matrix, column_row, np.float64)
+    assert data.shape == offs.shape == (ptr[-1], kernels.CHUNK) and offs.dtype == np.uint32
+    assert ptr[5] - ptr[4] == 0 and ptr[7] - ptr[6] == 40 // kernels.CHUNK
+    for r in range(dense.shape[0]):
+        rebuilt = np.zeros(40)
+        np.add.at(rebuilt, column_row[offs[ptr[r]:ptr[r + 1]].ravel()],
+                  data[ptr[r]:ptr[r + 1]].ravel())
+        assert np.array_equal(rebuilt, dense[r])
+        # padding: zero weights on operand rows that the row reads anyway
+        used = set(column_row[np.flatnonzero(dense[r])])
+        assert set(offs[ptr[r]:ptr[r + 1]].ravel()) <= used
+        assert np.count_nonzero(data[ptr[r]:ptr[r + 1]]) == np.count_nonzero(dense[r])
 
 
 @pytest.mark.parametrize("shape", [(6, 7, 8), (1, 5, 4), (4, 1, 9)])

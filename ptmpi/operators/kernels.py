@@ -8,8 +8,9 @@ slice inside a compiled loop builds a view each time, which costs more than the
 arithmetic it feeds).
 
 - :func:`project_fwd`, :func:`project_adj`, :func:`project_normal`: the projector ``P``,
-  its transpose (sums in a wider dtype, float64 from float32 data without a converted
-  copy) and ``P^T W P``, over slabs of slices straight from and to the volume's layout.
+  its transpose (sums in a wider dtype) and ``P^T W P``, over blocks of slices straight
+  from and to the volume's layout, each output row summed in registers from the rows its
+  weights (:func:`chunk_rows`) pick.
 - :func:`window_fwd`, :func:`window_adj`: the probe windows and their scatter-add (one
   probe, or a probe per frame for sub-pixel positions).
 - :func:`data_split`: the z-step and the update of lam2 in one pass (detector mask aware);
@@ -56,10 +57,10 @@ if numba is not None:
     # slices, zero-padded past the last slice): a block of the volume is transposed to
     # one row of LANES values per pixel, a block of projections to one row per detector
     # bin, and both products are row-by-row sums over the sparse weights stored in chunks
-    # of CHUNK (see :func:`chunk_rows`). Each chunk adds its CHUNK products to the output
-    # row at once, so the row is loaded and stored once per CHUNK weights and the loop
-    # over the LANES contiguous columns vectorizes. Every column is summed by the same
-    # expression whatever the block, so results do not depend on the blocking.
+    # of CHUNK (see :func:`chunk_rows`): an output row is summed in a scratch row that the
+    # compiler keeps in registers, one chunk of CHUNK weights and operand rows at a time,
+    # and the loop over the LANES contiguous columns vectorizes. Every column is summed by
+    # the same expression whatever the block, so results do not depend on the blocking.
 
     @numba.extending.intrinsic
     def _lanes_on_stack(typingctx, dtype):

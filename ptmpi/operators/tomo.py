@@ -13,12 +13,15 @@ of slices is a sparse-times-dense product with the slab's slices (real and imagi
 as separate columns) as the dense operand. The adjoint is the product with the explicitly
 stored transpose, so it is exact by construction.
 
-Host path: compiled kernels (:mod:`ptmpi.operators.kernels`) run over slabs of slices
-whose projections fill about ``SLAB_PROJECTION_BYTES``, reading the volume in its own
-layout, scattering each pixel's slab values into the slab's projections (which stay in
-cache), and for :meth:`Projector.normal` gathering them straight back, weighted, so the
-projections never reach main memory. Without Numba (and for CuPy) the same products are
-scipy's sparse-times-dense on transposed slabs whose dense operand is about
+Host path: compiled kernels (:mod:`ptmpi.operators.kernels`) run over blocks of up to 32
+slices (``kernels.LANES`` real columns). A block of the volume is transposed once to one
+row of its values per pixel, and every detector bin's projections are summed from the
+rows of the pixels it sees, in registers, with the weights of ``P`` stored in chunks of
+eight (:func:`ptmpi.operators.kernels.chunk_rows`); the back-projection sums each pixel
+from the rows of the bins it meets, with the weights of ``P^T``, and
+:meth:`Projector.normal` weights a block's projections in cache and sums them straight
+back, so the projections never reach main memory. Without Numba (and for CuPy) the same
+products are scipy's sparse-times-dense on transposed slabs whose dense operand is about
 ``SLAB_BYTES``; on a GPU one slab holds all slices.
 """
 
@@ -37,10 +40,6 @@ logger = logging.getLogger(__name__)
 _THIN_BOX = 1e-7
 # Target size of a slab's dense operand on the host (bytes): well inside the shared L3.
 SLAB_BYTES = 2 * 2**20
-# With the compiled kernels, target size of a slab's projections (bytes): wide slabs
-# amortize the sparse indices over more slices; 1.5 MiB stays well inside a shared L3
-# (measured at 128^3 with 6-24 angles: 2-3 times faster than 48 KiB, within 10% of 3 MiB).
-SLAB_PROJECTION_BYTES = 3 * 2**19
 
 
 def _ramp_sq(t: np.ndarray) -> np.ndarray:
