@@ -49,9 +49,6 @@ def available(*arrays) -> bool:
 
 if numba is not None:
     _jit = numba.njit(cache=True, fastmath=False, boundscheck=False, nogil=True)
-    # The projector's sums may fuse a multiply and an add into one rounding: every column
-    # goes through the same vector code, so results still do not depend on the blocking.
-    _jit_fma = numba.njit(cache=True, fastmath={"contract"}, boundscheck=False, nogil=True)
 
     # The projector kernels work on blocks of LANES real columns (LANES // 2 complex
     # slices, zero-padded past the last slice): a block of the volume is transposed to
@@ -72,7 +69,7 @@ if numba is not None:
                 builder, context.get_value_type(dtype.dtype), size=LANES)
         return numba.types.CPointer(dtype.dtype)(dtype), codegen
 
-    @_jit_fma
+    @_jit
     def _chunk_products(ptr, data, offs, src, s0, s1, stride, dst):
         # dst[d, :] += sum_q data[q] src[offs[q], :] over the chunks of segment
         # s0 + d stride (below s1)
@@ -98,7 +95,9 @@ if numba is not None:
                 o5 = offs[ch, 5]
                 o6 = offs[ch, 6]
                 o7 = offs[ch, 7]
-                for c in range(LANES):  # in index order, as a CSR product sums
+                # in index order and without fused multiply-adds: each sum is rounded as
+                # in a CSR product (scipy's, or a scatter over the transpose)
+                for c in range(LANES):
                     t = acc[c] + a0 * src[o0, c]
                     t = t + a1 * src[o1, c]
                     t = t + a2 * src[o2, c]
