@@ -181,10 +181,13 @@ class Projector:
         padded by one row."""
         key = ("chunks", kind, np.dtype(rdtype).str)
         if key not in self._matrices:
-            m, mt = self._matrix_pair(np, rdtype)
             n = self.shape[1]
+            pair = self._matrices.get(("numpy", np.dtype(rdtype).str))
+            if pair is None:  # built for this copy only: the kernels need no CSR matrix
+                m = projection_matrix(n, self.theta, rdtype)
+                pair = (m, m.T.tocsr() if kind == "adj" else None)
             index = np.arange(n * n if kind == "fwd" else self.n_theta * n, dtype=np.int64)
-            self._matrices[key] = kernels.chunk_rows(m if kind == "fwd" else mt,
+            self._matrices[key] = kernels.chunk_rows(pair[0] if kind == "fwd" else pair[1],
                                                      (index // n) * (n + 1) + index % n,
                                                      rdtype)
         return self._matrices[key]
