@@ -8,8 +8,9 @@ slice inside a compiled loop builds a view each time, which costs more than the
 arithmetic it feeds).
 
 - :func:`project_fwd`, :func:`project_adj`, :func:`project_normal`: the projector ``P``,
-  its transpose (sums in a wider dtype, float64 from float32 data without a converted
-  copy) and ``P^T W P``, over slabs of slices straight from and to the volume's layout.
+  its transpose (sums in a wider dtype) and ``P^T W P``, over blocks of slices straight
+  from and to the volume's layout, each output row summed in registers from the rows its
+  weights (:func:`chunk_rows`) pick.
 - :func:`window_fwd`, :func:`window_adj`: the probe windows and their scatter-add (one
   probe, or a probe per frame for sub-pixel positions).
 - :func:`data_split`: the z-step and the update of lam2 in one pass (detector mask aware);
@@ -29,10 +30,16 @@ import numpy as np
 
 try:  # pragma: no cover - exercised where Numba is installed
     import numba
+    import numba.core.cgutils
+    import numba.extending
 except ImportError:  # pragma: no cover
     numba = None
 
 ENABLED = numba is not None and os.environ.get("PTMPI_NUMBA", "1") != "0"
+
+# Projector kernels: real columns per block (two per complex slice) and non-zeros per chunk.
+LANES = 64
+CHUNK = 8
 
 
 def available(*arrays) -> bool:
@@ -43,91 +50,152 @@ def available(*arrays) -> bool:
 if numba is not None:
     _jit = numba.njit(cache=True, fastmath=False, boundscheck=False, nogil=True)
 
-    @_jit
-    def _slab_scatter(indptr, indices, data, u, k0, k1, y, buf):
-        # y[i, 2 kk + c] = sum_j M[i, j] u[k0 + kk, j, c], with (indptr, ...) = M^T in CSR
-        n_pix = u.shape[1]
-        width = 2 * (k1 - k0)
-        block = buf.shape[0]
-        for i in range(y.shape[0]):
-            for c in range(width):
-                y[i, c] = 0
-        for j0 in range(0, n_pix, block):
-            jb = min(block, n_pix - j0)
-            for kk in range(k1 - k0):
-                for jj in range(jb):
-                    buf[jj, 2 * kk] = u[k0 + kk, j0 + jj, 0]
-                    buf[jj, 2 * kk + 1] = u[k0 + kk, j0 + jj, 1]
-            for jj in range(jb):
-                for q in range(indptr[j0 + jj], indptr[j0 + jj + 1]):
-                    i = indices[q]
-                    a = data[q]
-                    for c in range(width):
-                        y[i, c] += a * buf[jj, c]
+    # The projector kernels work on blocks of LANES real columns (LANES // 2 complex
+    # slices, zero-padded past the last slice): a block of the volume is transposed to
+    # one row of LANES values per pixel, a block of projections to one row per detector
+    # bin, and both products are row-by-row sums over the sparse weights stored in chunks
+    # of CHUNK (see :func:`chunk_rows`): an output row is summed in a scratch row that the
+    # compiler keeps in registers, one chunk of CHUNK weights and operand rows at a time,
+    # and the loop over the LANES contiguous columns vectorizes. Every column is summed by
+    # the same expression whatever the block, so results do not depend on the blocking.
+
+    @numba.extending.intrinsic
+    def _lanes_on_stack(typingctx, dtype):
+        # A LANES-long scratch row on the stack: the compiler then knows that it aliases no
+        # array, so the sums below need no overlap checks (which cost more than a chunk's
+        # arithmetic) and can stay in vector registers.
+        def codegen(context, builder, signature, args):
+            return numba.core.cgutils.alloca_once(
+                builder, context.get_value_type(dtype.dtype), size=LANES)
+        return numba.types.CPointer(dtype.dtype)(dtype), codegen
 
     @_jit
-    def _slab_gather(indptr, indices, data, y, k0, k1, out, buf):
-        # out[k0 + kk, j, c] = sum_i M[i, j] y[i, 2 kk + c], summed in out's dtype
-        n_pix = out.shape[1]
-        width = 2 * (k1 - k0)
-        block = buf.shape[0]
-        for j0 in range(0, n_pix, block):
-            jb = min(block, n_pix - j0)
-            for jj in range(jb):
-                for c in range(width):
-                    buf[jj, c] = 0
-                for q in range(indptr[j0 + jj], indptr[j0 + jj + 1]):
-                    i = indices[q]
-                    a = data[q]
-                    for c in range(width):
-                        buf[jj, c] += a * y[i, c]
-            for kk in range(k1 - k0):
-                for jj in range(jb):
-                    out[k0 + kk, j0 + jj, 0] = buf[jj, 2 * kk]
-                    out[k0 + kk, j0 + jj, 1] = buf[jj, 2 * kk + 1]
+    def _chunk_products(ptr, data, offs, src, s0, s1, stride, dst):
+        # dst[d, :] += sum_q data[q] src[offs[q], :] over the chunks of segment
+        # s0 + d stride (below s1)
+        acc = numba.carray(_lanes_on_stack(data.dtype), LANES)
+        d = 0
+        for seg in range(s0, s1, stride):
+            for c in range(LANES):
+                acc[c] = 0
+            for ch in range(ptr[seg], ptr[seg + 1]):
+                a0 = data[ch, 0]
+                a1 = data[ch, 1]
+                a2 = data[ch, 2]
+                a3 = data[ch, 3]
+                a4 = data[ch, 4]
+                a5 = data[ch, 5]
+                a6 = data[ch, 6]
+                a7 = data[ch, 7]
+                o0 = offs[ch, 0]
+                o1 = offs[ch, 1]
+                o2 = offs[ch, 2]
+                o3 = offs[ch, 3]
+                o4 = offs[ch, 4]
+                o5 = offs[ch, 5]
+                o6 = offs[ch, 6]
+                o7 = offs[ch, 7]
+                # in index order and without fused multiply-adds: each sum is rounded as
+                # in a CSR product (scipy's, or a scatter over the transpose)
+                for c in range(LANES):
+                    t = acc[c] + a0 * src[o0, c]
+                    t = t + a1 * src[o1, c]
+                    t = t + a2 * src[o2, c]
+                    t = t + a3 * src[o3, c]
+                    t = t + a4 * src[o4, c]
+                    t = t + a5 * src[o5, c]
+                    t = t + a6 * src[o6, c]
+                    acc[c] = t + a7 * src[o7, c]
+            for c in range(LANES):
+                dst[d, c] += acc[c]
+            d += 1
 
     @_jit
-    def _project_normal(indptr, indices, data, data_wide, u, w, n, step, y, buf_in, buf_out,
-                        out):
+    def _zero(x):
+        for i in range(x.shape[0]):
+            for c in range(LANES):
+                x[i, c] = 0
+
+    @_jit
+    def _volume_block(u, n, k0, kb, ut):
+        # ut[i (n + 1) + x, kk] = u[k0 + kk, i n + x] (one complex value, as a 64-bit word
+        # for complex64), zero for kk >= kb; pixel rows are padded by one pixel so that a
+        # column of pixels does not map to one cache set
+        for i in range(n):
+            base = i * (n + 1)
+            for kk in range(kb):
+                for x in range(n):
+                    ut[base + x, kk] = u[k0 + kk, i * n + x]
+            for x in range(n):
+                for c in range(kb, LANES // 2):
+                    ut[base + x, c] = 0
+
+    @_jit
+    def _project_fwd(fptr, fdata, foffs, u, n, step, ut, ut_real, acc, proj):
+        # proj: (N_THETA, nz, n, 2); acc: (N_THETA n, LANES), one block's projections
         nz = u.shape[0]
+        n_theta = proj.shape[0]
         for k0 in range(0, nz, step):
-            k1 = min(nz, k0 + step)
-            _slab_scatter(indptr, indices, data, u, k0, k1, y, buf_in)
-            for i in range(y.shape[0]):
-                a = i // n
-                c = i - a * n
-                for kk in range(k1 - k0):
-                    wv = w[a, k0 + kk, c]
-                    y[i, 2 * kk] *= wv
-                    y[i, 2 * kk + 1] *= wv
-            _slab_gather(indptr, indices, data_wide, y, k0, k1, out, buf_out)
+            kb = min(step, nz - k0)
+            _volume_block(u, n, k0, kb, ut)
+            _zero(acc)
+            _chunk_products(fptr, fdata, foffs, ut_real, 0, n_theta * n, 1, acc)
+            for a in range(n_theta):
+                for kk in range(kb):
+                    for c in range(n):
+                        proj[a, k0 + kk, c, 0] = acc[a * n + c, 2 * kk]
+                        proj[a, k0 + kk, c, 1] = acc[a * n + c, 2 * kk + 1]
 
     @_jit
-    def _project_fwd(indptr, indices, data, u, n, step, y, buf, proj):
-        # proj: (N_THETA, nz, n, 2)
-        nz = u.shape[0]
-        for k0 in range(0, nz, step):
-            k1 = min(nz, k0 + step)
-            _slab_scatter(indptr, indices, data, u, k0, k1, y, buf)
-            for i in range(y.shape[0]):
-                a = i // n
-                c = i - a * n
-                for kk in range(k1 - k0):
-                    proj[a, k0 + kk, c, 0] = y[i, 2 * kk]
-                    proj[a, k0 + kk, c, 1] = y[i, 2 * kk + 1]
+    def _pixel_rows_out(aptr, adata, aoffs, y, n, k0, kb, acc, out):
+        # out[k0 + kk, j, p] = sum_q adata[q] y[aoffs[q], 2 kk + p], one pixel row at a time
+        for i in range(n):
+            _zero(acc)
+            _chunk_products(aptr, adata, aoffs, y, i * n, (i + 1) * n, 1, acc)
+            for kk in range(kb):
+                for x in range(n):
+                    out[k0 + kk, i * n + x, 0] = acc[x, 2 * kk]
+                    out[k0 + kk, i * n + x, 1] = acc[x, 2 * kk + 1]
 
     @_jit
-    def _project_adj(indptr, indices, data, proj, n, step, y, buf, out):
+    def _project_adj(aptr, adata, aoffs, proj, n, step, y, acc, out):
+        # y: ((n + 1) N_THETA, LANES) in out's dtype, bin c of angle a at row a (n + 1) + c
         nz = out.shape[0]
+        n_theta = proj.shape[0]
         for k0 in range(0, nz, step):
-            k1 = min(nz, k0 + step)
-            for i in range(y.shape[0]):
-                a = i // n
-                c = i - a * n
-                for kk in range(k1 - k0):
-                    y[i, 2 * kk] = proj[a, k0 + kk, c, 0]
-                    y[i, 2 * kk + 1] = proj[a, k0 + kk, c, 1]
-            _slab_gather(indptr, indices, data, y, k0, k1, out, buf)
+            kb = min(step, nz - k0)
+            for a in range(n_theta):
+                base = a * (n + 1)
+                for kk in range(kb):
+                    for c in range(n):
+                        y[base + c, 2 * kk] = proj[a, k0 + kk, c, 0]
+                        y[base + c, 2 * kk + 1] = proj[a, k0 + kk, c, 1]
+                for c in range(n + 1):
+                    for lane in range(2 * kb, LANES):
+                        y[base + c, lane] = 0
+            _pixel_rows_out(aptr, adata, aoffs, y, n, k0, kb, acc, out)
+
+    @_jit
+    def _project_normal(fptr, fdata, foffs, aptr, adata, aoffs, u, w, n, step, ut, ut_real,
+                        acc_fwd, y, acc, out):
+        nz = u.shape[0]
+        n_theta = w.shape[0]
+        for k0 in range(0, nz, step):
+            kb = min(step, nz - k0)
+            _volume_block(u, n, k0, kb, ut)
+            _zero(acc_fwd)
+            _chunk_products(fptr, fdata, foffs, ut_real, 0, n_theta * n, 1, acc_fwd)
+            for a in range(n_theta):
+                base = a * (n + 1)
+                for kk in range(kb):
+                    for c in range(n):
+                        wv = w[a, k0 + kk, c]
+                        y[base + c, 2 * kk] = acc_fwd[a * n + c, 2 * kk] * wv
+                        y[base + c, 2 * kk + 1] = acc_fwd[a * n + c, 2 * kk + 1] * wv
+                for c in range(n + 1):
+                    for lane in range(2 * kb, LANES):
+                        y[base + c, lane] = 0
+            _pixel_rows_out(aptr, adata, aoffs, y, n, k0, kb, acc, out)
 
     # The stencil kernels work on real views: a complex (nz, ny, nx) array is a real
     # (nz, ny, 2 nx) one whose x-neighbours are 2 apart. Every loop runs along one row, with
@@ -701,7 +769,30 @@ def data_split_modes(d, lam2, f, r2: float, likelihood: str, valid=None,
     return z
 
 
-PIXEL_BLOCK = 64
+def chunk_rows(matrix, column_row, dtype):
+    """A CSR matrix's rows in chunks of ``CHUNK`` non-zeros for the projector kernels.
+
+    Returns ``(ptr, data, offs)``: the chunks of row ``r`` are ``ptr[r]:ptr[r + 1]``;
+    ``data (N_CHUNKS, CHUNK)`` holds the non-zeros in ``dtype`` and ``offs`` (uint32, same
+    shape) the row of the dense operand each multiplies, ``column_row[column]``. A row's
+    last chunk is padded with zero weights on a row the row already reads, so padding adds
+    exact zeros.
+    """
+    indptr = matrix.indptr.astype(np.int64)
+    counts = np.diff(indptr)
+    n_chunks = -(-counts // CHUNK)
+    ptr = np.zeros(counts.size + 1, dtype=np.int64)
+    np.cumsum(n_chunks, out=ptr[1:])
+    rows = column_row[matrix.indices]
+    used = counts > 0
+    first = np.zeros(counts.size, dtype=np.uint32)
+    first[used] = rows[indptr[:-1][used]]
+    offs = np.repeat(first, n_chunks * CHUNK).astype(np.uint32)
+    data = np.zeros(offs.size, dtype=dtype)
+    pos = np.repeat(ptr[:-1] * CHUNK - indptr[:-1], counts) + np.arange(indptr[-1])
+    data[pos] = matrix.data
+    offs[pos] = rows
+    return ptr, data.reshape(-1, CHUNK), offs.reshape(-1, CHUNK)
 
 
 def _rview(x, *shape):
@@ -709,46 +800,62 @@ def _rview(x, *shape):
     return x.view(np.finfo(x.dtype).dtype).reshape(*shape)
 
 
-def project_fwd(matrix_t, u, n_theta: int, step: int):
-    """``P u`` for a complex ``u (nz, n, n)``; ``matrix_t`` is ``P^T`` (CSR, real)."""
+def _words(x):
+    """A complex array as one machine word per value where one exists (complex64 as
+    uint64), for the transposes."""
+    return x.view(np.uint64) if x.dtype == np.complex64 else x
+
+
+def _forward_buffers(n, n_theta, rdtype, cdtype):
+    ut = np.empty((n * (n + 1), LANES // 2), dtype=cdtype)
+    return _words(ut), ut.view(rdtype), np.empty((n_theta * n, LANES), dtype=rdtype)
+
+
+def project_fwd(fwd_chunks, u, n_theta: int, step: int):
+    """``P u`` for a complex ``u (nz, n, n)``; ``fwd_chunks``: :func:`chunk_rows` of ``P``
+    (rows: bins, operand rows: pixels with each pixel row padded by one) in ``u``'s
+    precision; ``step``: slices per block (at most ``LANES // 2``)."""
     nz, n, _ = u.shape
     rdtype = np.finfo(u.dtype).dtype
+    step = max(1, min(step, LANES // 2, nz))
     proj = np.empty((n_theta, nz, n), dtype=u.dtype)
-    y = np.empty((n_theta * n, 2 * step), dtype=rdtype)
-    buf = np.empty((PIXEL_BLOCK, 2 * step), dtype=rdtype)
-    _project_fwd(matrix_t.indptr, matrix_t.indices, matrix_t.data, _rview(u, nz, n * n, 2),
-                 n, step, y, buf, proj.view(rdtype).reshape(n_theta, nz, n, 2))
+    ut, ut_real, acc = _forward_buffers(n, n_theta, rdtype, u.dtype)
+    _project_fwd(*fwd_chunks, _words(np.ascontiguousarray(u).reshape(nz, n * n)), n, step,
+                 ut, ut_real, acc, proj.view(rdtype).reshape(n_theta, nz, n, 2))
     return proj
 
 
-def project_adj(matrix_t, proj, shape, step: int, out_dtype):
+def project_adj(adj_chunks, proj, shape, step: int, out_dtype):
     """``P^T proj`` for complex ``proj (N_THETA, nz, n)``, summed in ``out_dtype``;
-    ``matrix_t``'s non-zeros must be of ``out_dtype``'s precision."""
+    ``adj_chunks``: :func:`chunk_rows` of ``P^T`` (rows: pixels, operand rows: bins of
+    padded angles), in ``out_dtype``'s precision."""
     n_theta, nz, n = proj.shape
-    rdtype = np.finfo(proj.dtype).dtype
     wide = np.finfo(out_dtype).dtype
+    step = max(1, min(step, LANES // 2, nz))
     out = np.empty(shape, dtype=out_dtype)
-    y = np.empty((n_theta * n, 2 * step), dtype=rdtype)
-    buf = np.empty((PIXEL_BLOCK, 2 * step), dtype=wide)
-    _project_adj(matrix_t.indptr, matrix_t.indices, matrix_t.data,
-                 _rview(proj, n_theta, nz, n, 2), n, step, y, buf,
+    y = np.empty((n_theta * (n + 1), LANES), dtype=wide)
+    acc = np.empty((n, LANES), dtype=wide)
+    _project_adj(*adj_chunks, _rview(proj, n_theta, nz, n, 2), n, step, y, acc,
                  out.view(wide).reshape(nz, n * n, 2))
     return out
 
 
-def project_normal(matrix_t, data_wide, u, weight, step: int, out_dtype):
+def project_normal(fwd_chunks, adj_chunks, u, weight, step: int, out_dtype):
     """``P^T (weight * P u)`` for complex ``u (nz, n, n)`` and real ``weight
-    (N_THETA, nz, n)``; the back-projection uses ``data_wide`` (``matrix_t``'s non-zeros
-    in ``out_dtype``'s precision) and sums in ``out_dtype``."""
+    (N_THETA, nz, n)``: ``P`` in ``u``'s precision (``fwd_chunks``, as in
+    :func:`project_fwd`), the weighted projections rounded to it, then ``P^T``
+    (``adj_chunks``) summed in ``out_dtype``."""
     nz, n, _ = u.shape
     n_theta = weight.shape[0]
     rdtype = np.finfo(u.dtype).dtype
     wide = np.finfo(out_dtype).dtype
+    step = max(1, min(step, LANES // 2, nz))
     out = np.empty(u.shape, dtype=out_dtype)
-    y = np.empty((n_theta * n, 2 * step), dtype=rdtype)
-    buf_in = np.empty((PIXEL_BLOCK, 2 * step), dtype=rdtype)
-    buf_out = np.empty((PIXEL_BLOCK, 2 * step), dtype=wide)
-    _project_normal(matrix_t.indptr, matrix_t.indices, matrix_t.data, data_wide,
-                    _rview(u, nz, n * n, 2), np.ascontiguousarray(weight, dtype=rdtype), n,
-                    step, y, buf_in, buf_out, out.view(wide).reshape(nz, n * n, 2))
+    ut, ut_real, acc_fwd = _forward_buffers(n, n_theta, rdtype, u.dtype)
+    y = np.empty((n_theta * (n + 1), LANES), dtype=wide)
+    acc = np.empty((n, LANES), dtype=wide)
+    _project_normal(*fwd_chunks, *adj_chunks,
+                    _words(np.ascontiguousarray(u).reshape(nz, n * n)),
+                    np.ascontiguousarray(weight, dtype=rdtype), n, step, ut, ut_real, acc_fwd,
+                    y, acc, out.view(wide).reshape(nz, n * n, 2))
     return out

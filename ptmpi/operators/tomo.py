@@ -13,12 +13,15 @@ of slices is a sparse-times-dense product with the slab's slices (real and imagi
 as separate columns) as the dense operand. The adjoint is the product with the explicitly
 stored transpose, so it is exact by construction.
 
-Host path: compiled kernels (:mod:`ptmpi.operators.kernels`) run over slabs of slices
-whose projections fill about ``SLAB_PROJECTION_BYTES``, reading the volume in its own
-layout, scattering each pixel's slab values into the slab's projections (which stay in
-cache), and for :meth:`Projector.normal` gathering them straight back, weighted, so the
-projections never reach main memory. Without Numba (and for CuPy) the same products are
-scipy's sparse-times-dense on transposed slabs whose dense operand is about
+Host path: compiled kernels (:mod:`ptmpi.operators.kernels`) run over blocks of up to 32
+slices (``kernels.LANES`` real columns). A block of the volume is transposed once to one
+row of its values per pixel, and every detector bin's projections are summed from the
+rows of the pixels it sees, in registers, with the weights of ``P`` stored in chunks of
+eight (:func:`ptmpi.operators.kernels.chunk_rows`); the back-projection sums each pixel
+from the rows of the bins it meets, with the weights of ``P^T``, and
+:meth:`Projector.normal` weights a block's projections in cache and sums them straight
+back, so the projections never reach main memory. Without Numba (and for CuPy) the same
+products are scipy's sparse-times-dense on transposed slabs whose dense operand is about
 ``SLAB_BYTES``; on a GPU one slab holds all slices.
 """
 
@@ -37,10 +40,6 @@ logger = logging.getLogger(__name__)
 _THIN_BOX = 1e-7
 # Target size of a slab's dense operand on the host (bytes): well inside the shared L3.
 SLAB_BYTES = 2 * 2**20
-# With the compiled kernels, target size of a slab's projections (bytes): wide slabs
-# amortize the sparse indices over more slices; 1.5 MiB stays well inside a shared L3
-# (measured at 128^3 with 6-24 angles: 2-3 times faster than 48 KiB, within 10% of 3 MiB).
-SLAB_PROJECTION_BYTES = 3 * 2**19
 
 
 def _ramp_sq(t: np.ndarray) -> np.ndarray:
@@ -171,24 +170,26 @@ class Projector:
         return [(k0, min(nz, k0 + step)) for k0 in range(0, nz, step)]
 
     def kernel_step(self, itemsize: int) -> int:
-        """Slices per slab of the compiled kernels: the slab's projections fill about
-        ``SLAB_PROJECTION_BYTES`` (they stay in cache between the two products), 4 to 128."""
-        nz, n, _ = self.shape
-        step = SLAB_PROJECTION_BYTES // (max(1, self.n_theta) * n * itemsize)
-        return min(nz, max(4, min(128, step)))
+        """Slices per block of the compiled kernels: ``kernels.LANES // 2``, all of a
+        block's real columns (fewer only for a thinner volume)."""
+        return max(1, min(self.shape[0], kernels.LANES // 2))
 
-    def _wide_data(self, rdtype):
-        """Non-zeros of the transposed matrix in ``rdtype``, aligned with the float32
-        transpose's structure (for the compiled normal operator)."""
-        key = ("wide-data", np.dtype(rdtype).str)
+    def _chunks(self, kind: str, rdtype):
+        """The weights of ``P`` (``kind="fwd"``) or ``P^T`` (``"adj"``) in ``rdtype``,
+        chunked for the compiled kernels (:func:`ptmpi.operators.kernels.chunk_rows`):
+        operand rows are pixels (fwd) or bins (adj), each pixel row (each angle's bins)
+        padded by one row."""
+        key = ("chunks", kind, np.dtype(rdtype).str)
         if key not in self._matrices:
-            _, mt = self._matrix_pair(np, self._base_rdtype())
-            _, mt_wide = self._matrix_pair(np, rdtype)
-            if not (np.array_equal(mt.indptr, mt_wide.indptr)
-                    and np.array_equal(mt.indices, mt_wide.indices)):
-                raise RuntimeError("projector matrices of different precision differ in "
-                                   "structure")
-            self._matrices[key] = mt_wide.data
+            n = self.shape[1]
+            pair = self._matrices.get(("numpy", np.dtype(rdtype).str))
+            if pair is None:  # built for this copy only: the kernels need no CSR matrix
+                m = projection_matrix(n, self.theta, rdtype)
+                pair = (m, m.T.tocsr() if kind == "adj" else None)
+            index = np.arange(n * n if kind == "fwd" else self.n_theta * n, dtype=np.int64)
+            self._matrices[key] = kernels.chunk_rows(pair[0] if kind == "fwd" else pair[1],
+                                                     (index // n) * (n + 1) + index % n,
+                                                     rdtype)
         return self._matrices[key]
 
     def _base_rdtype(self):
@@ -232,8 +233,8 @@ class Projector:
         if u.shape != self.shape:
             raise ValueError(f"Projector.fwd: expected volume {self.shape}, got {u.shape}")
         if kernels.available(u) and xp.iscomplexobj(u):
-            _, mt = self._matrix_pair(np, real_dtype(u.dtype))
-            return kernels.project_fwd(mt, u, self.n_theta, self.kernel_step(u.dtype.itemsize))
+            return kernels.project_fwd(self._chunks("fwd", real_dtype(u.dtype)), u,
+                                       self.n_theta, self.kernel_step(u.dtype.itemsize))
         m, _ = self._matrix_pair(xp, real_dtype(u.dtype))
         out = xp.empty(self.data_shape, dtype=u.dtype)
         for k0, k1 in self.slabs(xp, u.dtype.itemsize):
@@ -251,10 +252,10 @@ class Projector:
         if p.shape != self.data_shape:
             raise ValueError(f"Projector.adj: expected data {self.data_shape}, got {p.shape}")
         dtype = p.dtype if accumulate is None else np.result_type(p.dtype, accumulate)
-        _, mt = self._matrix_pair(xp, real_dtype(dtype))
         if kernels.available(p) and xp.iscomplexobj(p):
-            return kernels.project_adj(mt, p, self.shape, self.kernel_step(p.dtype.itemsize),
-                                       dtype)
+            return kernels.project_adj(self._chunks("adj", real_dtype(dtype)), p, self.shape,
+                                       self.kernel_step(p.dtype.itemsize), dtype)
+        _, mt = self._matrix_pair(xp, real_dtype(dtype))
         out = xp.empty(self.shape, dtype=dtype)
         for k0, k1 in self.slabs(xp, p.dtype.itemsize):
             slab = xp.ascontiguousarray(p[:, k0:k1, :].transpose(0, 2, 1))
@@ -272,9 +273,8 @@ class Projector:
             raise ValueError(f"Projector.normal: expected volume {self.shape}, got {u.shape}")
         dtype = u.dtype if accumulate is None else np.result_type(u.dtype, accumulate)
         if kernels.available(u, weight) and xp.iscomplexobj(u):
-            _, mt = self._matrix_pair(np, real_dtype(u.dtype))
-            data_wide = mt.data if dtype == u.dtype else self._wide_data(real_dtype(dtype))
-            return kernels.project_normal(mt, data_wide, u, weight,
+            return kernels.project_normal(self._chunks("fwd", real_dtype(u.dtype)),
+                                          self._chunks("adj", real_dtype(dtype)), u, weight,
                                           self.kernel_step(u.dtype.itemsize), dtype)
         m, _ = self._matrix_pair(xp, real_dtype(u.dtype))
         _, mt = self._matrix_pair(xp, real_dtype(dtype))
