@@ -45,6 +45,16 @@ def fft2(x, inverse: bool = False):
     return fft.fft2(x, norm="ortho", **kwargs)
 
 
+def rfft2(x):
+    """Unitary 2-D DFT of real ``x`` over the last two axes, the non-negative frequencies
+    of the last axis only (``M // 2 + 1``; the rest are conjugates), complex of ``x``'s
+    precision."""
+    xp = get_xp(x)
+    fft = fft_module(xp)
+    kwargs = {"workers": _WORKERS} if xp is np else {}
+    return fft.rfft2(x, norm="ortho", **kwargs)
+
+
 class FarField:
     """``F``: unitary 2-D DFT of each frame, ``(..., M, M) -> (..., M, M)``."""
 

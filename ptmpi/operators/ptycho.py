@@ -56,6 +56,7 @@ import numpy as np
 
 from ptmpi.backend import complex_dtype, get_xp, real_dtype, to_device, to_host
 from ptmpi.operators import kernels
+from ptmpi.operators.probe_normal import ProbeNormal, frame_index
 
 logger = logging.getLogger(__name__)
 
@@ -391,7 +392,7 @@ class Ptycho:
             return padded if p == 0 else np.ascontiguousarray(padded[:, p:-p, p:-p])
         return self.scatter(intensity)
 
-    def unshift_sum(self, frames):
+    def unshift_sum(self, frames, factor=None):
         """``sum_j shift_j^H(frames_j)``: every frame moved back by its fraction, summed.
 
         ``frames``: ``(N_FRAMES, M, M)``; returns ``(M, M)`` complex128 (float64, the real
@@ -399,25 +400,43 @@ class Ptycho:
         this maps per-frame terms of a probe update back onto the unshifted probe's grid.
         Without sub-pixel positions it is the plain sum. One forward FFT per moved frame:
         the back-shift is linear, so the spectra are summed and inverted once.
+        ``factor``: optional ``(N_FRAMES, M, M)`` complex; the frames are then
+        ``conj(factor_j) * frames_j`` (the probe update's numerator), formed chunk by
+        chunk instead of as one frame-sized array.
         """
         from ptmpi.operators.fft import fft2
 
         xp = get_xp(frames)
         if tuple(frames.shape) != self.data_shape:
             raise ValueError(f"Ptycho: expected frames {self.data_shape}, got {frames.shape}")
-        real = not xp.iscomplexobj(frames)
+        if factor is not None and tuple(factor.shape) != self.data_shape:
+            raise ValueError(f"Ptycho: expected factors {self.data_shape}, got {factor.shape}")
+
+        def terms(index):
+            if factor is None:
+                return frames[index]
+            return xp.conj(factor[index]) * frames[index]
+
+        real = not xp.iscomplexobj(frames) and (factor is None or not xp.iscomplexobj(factor))
         wide = np.float64 if real else np.complex128
         if not self.subpixel:
-            return xp.sum(frames, axis=0, dtype=wide)
+            if factor is None:
+                return xp.sum(frames, axis=0, dtype=wide)
+            total = xp.zeros((self.m, self.m), dtype=wide)
+            for k0 in range(0, self.n_frames, _SHIFT_CHUNK):
+                total += xp.sum(terms(slice(k0, k0 + _SHIFT_CHUNK)), axis=0, dtype=wide)
+            return total
         whole = to_device(np.flatnonzero(self.probe_index == 0), xp)
-        total = xp.sum(frames[whole], axis=0, dtype=np.complex128)
+        total = xp.sum(terms(whole), axis=0, dtype=np.complex128)
         moved = np.flatnonzero(self.probe_index > 0)
         spectrum = xp.zeros((self.m, self.m), dtype=np.complex128)
-        dtype = complex_dtype(frames.dtype)
+        dtype = complex_dtype(np.result_type(frames.dtype, real_dtype(
+            frames.dtype if factor is None else factor.dtype)))
         for k0 in range(0, moved.size, _SHIFT_CHUNK):
             sel = moved[k0 : k0 + _SHIFT_CHUNK]
             ramp_r, ramp_c = _ramps(-self.fractions[sel], self.m, xp, dtype)
-            part = fft2(frames[to_device(sel, xp)].astype(dtype)) * ramp_r[:, :, None]
+            part = fft2(terms(frame_index(sel, xp)).astype(dtype, copy=False))
+            part *= ramp_r[:, :, None]
             part *= ramp_c[:, None, :]
             spectrum += xp.sum(part, axis=0, dtype=np.complex128)
         total += fft2(spectrum, inverse=True)
@@ -430,6 +449,7 @@ class Ptycho:
         the frames at whole pixels, if already formed. The normal operator of the probe's
         least-squares update with sub-pixel frames; per moved frame one inverse and one
         forward FFT, in chunks (no frame-sized temporaries). Returns ``(M, M)`` complex128.
+        The reference of :meth:`probe_normal_operator`, which the probe update uses.
         """
         from ptmpi.operators.fft import fft2
 
@@ -457,6 +477,17 @@ class Ptycho:
             spectrum += xp.sum(part, axis=0, dtype=np.complex128)
         total += fft2(spectrum, inverse=True)
         return total
+
+    def probe_normal_operator(self, weights) -> ProbeNormal:
+        """:meth:`probe_normal` for fixed ``weights`` ``(N_FRAMES, M, M)`` real, as one
+        convolution (:class:`~ptmpi.operators.probe_normal.ProbeNormal`): built from this
+        Ptycho's frames; sum it over ranks with its ``reduce``, then apply it to
+        ``(M, M)`` or ``(K, M, M)`` probes at the cost of a few FFTs of the probe's size."""
+        if tuple(weights.shape) != self.data_shape:
+            raise ValueError(f"Ptycho: expected weights {self.data_shape}, got {weights.shape}")
+        return ProbeNormal.from_weights(weights, self.fractions,
+                                        np.flatnonzero(self.probe_index > 0),
+                                        np.flatnonzero(self.probe_index == 0))
 
     def moved(self, positions) -> Ptycho:
         """The same frames, probe and image at other ``positions`` (e.g. aligned ones)."""

@@ -49,7 +49,7 @@ from ptmpi.operators.modes import ModePtycho, initial_modes, mix_modes, modulus,
 from ptmpi.operators.ptycho import Ptycho, guard_probe
 from ptmpi.operators.tomo import Projector
 from ptmpi.parallel.comm import SerialComm
-from ptmpi.parallel.data_term import probe_from_views, probe_modes_from_views
+from ptmpi.parallel.data_term import probe_modes_from_views
 from ptmpi.solvers.cg import conjugate_gradient
 from ptmpi.solvers.penalty import cycling, step_cosine
 from ptmpi.solvers.prox import LIKELIHOODS, update_data_split
@@ -201,20 +201,24 @@ def solve_ptycho2d(v0_local, f_local, probe, positions_local, frame_offset_local
     for _ in range(settings.iterations):
         target = state.z_local + state.lam2_local
         v_old = state.v_local
-        # with modes the back-propagated targets are kept for the probe update
-        exit_waves = farfield.adj(target) if n_modes > 1 else None
-        back = ptycho.adj(farfield.adj(target) if exit_waves is None else exit_waves)
+        refine = settings.refine_probe and state.iteration >= settings.probe_start
+        # the back-propagated targets, kept for the probe update when there is one
+        exit_waves = farfield.adj(target)
+        back = ptycho.adj(exit_waves)
+        if not refine:
+            exit_waves = None
         if shared_image:
             back = comm.allreduce_sum(back.astype(np.complex128)).astype(dtype)
         v = (back + delta * v_old) / (weight + delta)
-        if settings.refine_probe and state.iteration >= settings.probe_start:
+        if refine:
             if n_modes > 1:
                 omega = probe_modes_from_views(ptycho.extract(v), exit_waves, comm,
                                                ptycho=ptycho.geometry)
                 state.omega, mixing = orthogonalise(omega)
                 state.lam2_local = mix_modes(state.lam2_local, mixing)
-            else:
-                state.omega = probe_from_views(ptycho.extract(v), target, comm, ptycho=ptycho)
+            else:  # (probe_from_views from the targets already propagated back)
+                state.omega = probe_modes_from_views(ptycho.extract(v), exit_waves[None],
+                                                     comm, ptycho=ptycho)[0]
             if settings.probe_guard:  # (orthogonalised modes of guarded modes are guarded)
                 state.omega = guard_probe(state.omega)
             ptycho.probe = state.omega
