@@ -33,7 +33,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from ptmpi.backend import get_xp, to_device
+from ptmpi.backend import complex_dtype, get_xp, to_device
 from ptmpi.operators.fft import fft2, rfft2
 
 
@@ -81,27 +81,33 @@ class ProbeNormal:
         # G is Hermitian (w_j real: G(-d) = conj G(d)), so the columns d_c = -M .. -M + half - 1
         # and 0 .. half - 1 are formed (from the real-input FFT's columns 0 .. half - 1) and
         # the others are their conjugates
-        kernel = xp.zeros((2 * m, 2 * m), dtype=np.complex128)
+        kernel = xp.zeros((m, 2, 2, half), dtype=np.complex128)  # [r, h, g, n]
         d = np.arange(-m, m, dtype=np.float64) / m
         d_cols = np.concatenate([d[:half], d[m : m + half]])
+        cdtype = complex_dtype(weights.dtype)  # products in the weights' precision
         for k0 in range(0, moved.size, _CHUNK):
             sel = moved[k0 : k0 + _CHUNK]
             f = fractions[sel]
             # exp(2 pi i d f / M) per frame, over the rows d = -M .. M - 1 and the columns
-            ramp_r = to_device(np.exp(2j * np.pi * f[:, 0, None] * d[None, :]), xp)
-            ramp_c = to_device(np.exp(2j * np.pi * f[:, 1, None] * d_cols[None, :]), xp)
+            ramp_r = np.exp(2j * np.pi * f[:, 0, None] * d[None, :]).astype(cdtype)
+            ramp_c = np.exp(2j * np.pi * f[:, 1, None] * d_cols[None, :]).astype(cdtype)
             spectra = rfft2(weights[frame_index(sel, xp)])  # (C, M, half)
             # (F w_j)(d mod M) over d = -M .. M - 1 is the spectrum tiled twice per axis,
             # so rows r and r + M of G read the same spectrum row r:
-            # cols[j, r, (g, n)] = (F w_j)(r, n) ramp_c[j, (g, n)]
-            cols = (spectra[:, :, None, :] * ramp_c.reshape(sel.size, 1, 2, half)).reshape(
-                sel.size, m, 2 * half)
-            rows = ramp_r.reshape(sel.size, 2, m).transpose(2, 1, 0)  # [r, h, j]
-            # G[h M + r, cols] += sum_j ramp_r[j, h M + r] cols[j, r, :]: one product per r
-            part = xp.matmul(rows, cols.transpose(1, 0, 2)).transpose(1, 0, 2)
-            part = part.reshape(2 * m, 2, half)
-            kernel[:, :half] += part[:, 0]
-            kernel[:, m : m + half] += part[:, 1]
+            # cols[r, j, (g, n)] = (F w_j)(r, n) ramp_c[j, (g, n)]
+            cols = spectra.transpose(1, 0, 2)[:, :, None, :] * to_device(
+                ramp_c.reshape(1, sel.size, 2, half), xp)
+            rows = to_device(np.ascontiguousarray(
+                ramp_r.reshape(sel.size, 2, m).transpose(2, 1, 0)), xp)  # [r, h, j]
+            # G[h M + r, (g, n)] += sum_j ramp_r[j, h M + r] cols[r, j, (g, n)]: one
+            # (2 x C) @ (C x 2 half) product per r
+            kernel += xp.matmul(rows, cols.reshape(m, sel.size, 2 * half)).reshape(
+                m, 2, 2, half)
+        # [r, h, g, n] -> G[h M + r, g M + n]
+        full = xp.zeros((2 * m, 2 * m), dtype=np.complex128)
+        view = full.reshape(2, m, 2, m)
+        view[:, :, :, :half] = kernel.transpose(1, 0, 2, 3)
+        kernel = full
         flip = (-np.arange(2 * m)) % (2 * m)  # index of -d (d = -M, never used, to itself)
         rest = np.concatenate([np.arange(half, m), np.arange(m + half, 2 * m)])
         kernel[:, rest] = kernel[flip][:, flip[rest]].conj()

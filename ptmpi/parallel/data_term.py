@@ -217,8 +217,8 @@ def _subpixel_probe(views_local, exits_local, comm, ptycho, iterations: int | No
         iterations = SUBPIXEL_CG
     xp = get_xp(views_local)
     cdtype = views_local.dtype
-    weights = views_local.real * views_local.real
-    weights += views_local.imag * views_local.imag
+    weights = xp.abs(views_local)
+    weights *= weights
     normal = ptycho.probe_normal_operator(weights)  # sum_j shift_j^H(|v_j|^2 shift_j(x))
     normal.reduce(comm)  # (the applications then need no communication)
     den = normal.denominator()  # float64, the moved-back |v_j|^2
@@ -243,9 +243,9 @@ def probe_modes_from_views(views_local, exit_local, comm, ptycho=None):
     the ``K`` numerators are reduced in one call. Returns ``(K, M, M)``.
     """
     xp = get_xp(views_local)
-    conj_views = xp.conj(views_local)
     if _any_subpixel(ptycho, comm):
         return _subpixel_probe(views_local, exit_local, comm, ptycho)
+    conj_views = xp.conj(views_local)
     num = xp.stack([xp.sum(conj_views * exit_local[k], axis=0, dtype=np.complex128)
                     for k in range(exit_local.shape[0])])
     den = xp.sum(xp.abs(views_local) ** 2, axis=0, dtype=np.float64).astype(np.complex128)
