@@ -36,8 +36,7 @@ import numpy as np
 from ptmpi.backend import complex_dtype, get_xp, to_device
 from ptmpi.operators.fft import fft2, rfft2
 
-
-_CHUNK = 64  # frames per kernel product (bounds the (CHUNK, M, 2M) complex128 temporary)
+_CHUNK = 64  # frames per kernel product (bounds the (M, CHUNK, M + 2) temporary)
 
 
 def frame_index(sel: np.ndarray, xp):
@@ -78,8 +77,8 @@ class ProbeNormal:
         m = int(weights.shape[-1])
         whole_sum = xp.sum(weights[to_device(whole, xp)], axis=0, dtype=np.float64)
         half = m // 2 + 1
-        # G is Hermitian (w_j real: G(-d) = conj G(d)), so the columns d_c = -M .. -M + half - 1
-        # and 0 .. half - 1 are formed (from the real-input FFT's columns 0 .. half - 1) and
+        # G is Hermitian (w_j real: G(-d) = conj G(d)): the columns d_c = -M .. -M + half - 1
+        # and 0 .. half - 1 are formed (from the real-input FFT's columns 0 .. half - 1),
         # the others are their conjugates
         kernel = xp.zeros((m, 2, 2, half), dtype=np.complex128)  # [r, h, g, n]
         d = np.arange(-m, m, dtype=np.float64) / m
