@@ -378,7 +378,8 @@ class Ptycho:
             return self.scatter(xp.ascontiguousarray(xp.broadcast_to(intensity,
                                                                      self.data_shape)))
         probes, index = self.probes(self.probe.astype(np.result_type(rdtype, np.complex64)))
-        intensity = (xp.abs(probes) ** 2).astype(rdtype)[index]
+        intensity = xp.abs(probes).astype(rdtype, copy=False)
+        intensity = (intensity * intensity)[index]
         if kernels.available(intensity):
             # Frame by frame, in frame order: an angle's sum does not depend on which other
             # angles this rank holds (the overlap-free groups do), so W does not depend on

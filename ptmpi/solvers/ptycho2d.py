@@ -199,11 +199,16 @@ def solve_ptycho2d(v0_local, f_local, probe, positions_local, frame_offset_local
     prev_step, prev_norm, turns = None, 0.0, []
     t_start = time.perf_counter()
     for _ in range(settings.iterations):
-        target = state.z_local + state.lam2_local
+        # z + lam2 in z's memory (z is replaced by this iteration's z-step), propagated
+        # back in place: no new frame-sized arrays
+        target = state.z_local
+        target += state.lam2_local
+        state.z_local = None
         v_old = state.v_local
         refine = settings.refine_probe and state.iteration >= settings.probe_start
         # the back-propagated targets, kept for the probe update when there is one
-        exit_waves = farfield.adj(target)
+        exit_waves = farfield.adj(target, overwrite=True)
+        target = None
         back = ptycho.adj(exit_waves)
         if not refine:
             exit_waves = None
@@ -224,7 +229,7 @@ def solve_ptycho2d(v0_local, f_local, probe, positions_local, frame_offset_local
             ptycho.probe = state.omega
             weight, delta = illumination()
         exit_waves = None
-        d = farfield.fwd(ptycho.fwd(v))
+        d = farfield.fwd(ptycho.fwd(v), overwrite=True)
         # (with modes the split statistics are not used: skipped)
         z = update_data_split(d, state.lam2_local, f_local, r2, settings.likelihood, valid,
                               settings.epsilon, None, stats if n_modes == 1 else None)
