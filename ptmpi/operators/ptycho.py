@@ -345,15 +345,19 @@ class Ptycho:
             self._probe_cache[key] = (stack, to_device(self.probe_index, xp))
         return self._probe_cache[key]
 
-    def fwd(self, v):
-        """``psi_j = omega_j * S_j v``."""
+    def fwd(self, v, out=None):
+        """``psi_j = omega_j * S_j v``; ``out``: optional C-contiguous ``(N_FRAMES, M, M)``
+        array of ``v``'s dtype that receives it (returned)."""
         probes, index = self.probes(v)
-        if kernels.available(v, probes) and tuple(v.shape) == self.image_stack_shape:
+        if (kernels.available(v, probes) and tuple(v.shape) == self.image_stack_shape
+                and (out is None or kernels.available(out))):
             (a, r, c), _ = self._indices(np)
-            return kernels.window_fwd(self._padded(v, np), probes, a, r, c, index)
-        if probes.shape[0] == 1:
-            return probes[0] * self.extract(v)
-        return probes[index] * self.extract(v)
+            return kernels.window_fwd(self._padded(v, np), probes, a, r, c, index, out=out)
+        xp = get_xp(v)
+        own = probes[0] if probes.shape[0] == 1 else probes[index]
+        if out is None:
+            return own * self.extract(v)
+        return xp.multiply(own, self.extract(v), out=out)
 
     def adj(self, psi):
         """``sum_j S_j^H (conj(omega_j) * psi_j)``."""

@@ -220,7 +220,7 @@ def solve_ptycho2d(v0_local, f_local, probe, positions_local, frame_offset_local
                 omega = probe_modes_from_views(ptycho.extract(v), exit_waves, comm,
                                                ptycho=ptycho.geometry)
                 state.omega, mixing = orthogonalise(omega)
-                state.lam2_local = mix_modes(state.lam2_local, mixing)
+                state.lam2_local = mix_modes(state.lam2_local, mixing, in_place=True)
             else:  # (probe_from_views from the targets already propagated back)
                 state.omega = probe_modes_from_views(ptycho.extract(v), exit_waves[None],
                                                      comm, ptycho=ptycho)[0]
