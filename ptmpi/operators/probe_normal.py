@@ -33,7 +33,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from ptmpi.backend import complex_dtype, get_xp, to_device
+from ptmpi.backend import get_xp, to_device
 from ptmpi.operators.fft import fft2, rfft2
 
 _CHUNK = 64  # frames per kernel product (bounds the (M, CHUNK, M + 2) temporary)
@@ -83,13 +83,14 @@ class ProbeNormal:
         kernel = xp.zeros((m, 2, 2, half), dtype=np.complex128)  # [r, h, g, n]
         d = np.arange(-m, m, dtype=np.float64) / m
         d_cols = np.concatenate([d[:half], d[m : m + half]])
-        cdtype = complex_dtype(weights.dtype)  # products in the weights' precision
         for k0 in range(0, moved.size, _CHUNK):
             sel = moved[k0 : k0 + _CHUNK]
             f = fractions[sel]
             # exp(2 pi i d f / M) per frame, over the rows d = -M .. M - 1 and the columns
-            ramp_r = np.exp(2j * np.pi * f[:, 0, None] * d[None, :]).astype(cdtype)
-            ramp_c = np.exp(2j * np.pi * f[:, 1, None] * d_cols[None, :]).astype(cdtype)
+            ramp_r = np.exp(2j * np.pi * f[:, 0, None] * d[None, :])
+            ramp_c = np.exp(2j * np.pi * f[:, 1, None] * d_cols[None, :])
+            # per-frame spectra in the weights' precision, products and sums over frames in
+            # double (a sum in single precision would depend on which frames a rank holds)
             spectra = rfft2(weights[frame_index(sel, xp)])  # (C, M, half)
             # (F w_j)(d mod M) over d = -M .. M - 1 is the spectrum tiled twice per axis,
             # so rows r and r + M of G read the same spectrum row r:
