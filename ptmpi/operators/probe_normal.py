@@ -110,7 +110,8 @@ class ProbeNormal:
         kernel = full
         flip = (-np.arange(2 * m)) % (2 * m)  # index of -d (d = -M, never used, to itself)
         rest = np.concatenate([np.arange(half, m), np.arange(m + half, 2 * m)])
-        kernel[:, rest] = kernel[flip][:, flip[rest]].conj()
+        kernel[:, to_device(rest, xp)] = kernel[to_device(flip, xp)][
+            :, to_device(flip[rest], xp)].conj()
         return cls(kernel, whole_sum, m)
 
     def reduce(self, comm) -> None:
