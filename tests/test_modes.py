@@ -62,7 +62,7 @@ def test_mode_operator_dot_test(rng, dtype, subpixel):
     assert np.allclose(op.fwd(v), 2 * psi, rtol=1e-5, atol=1e-6)
 
 
-def test_orthogonalise_keeps_the_intensity_and_mixes_fields_alike(rng):
+def test_orthogonalise_keeps_the_intensity_and_mixes_fields_alike(rng, monkeypatch):
     positions, offset, m, shape = _scan(rng)
     probes = random_array((3, m, m), np.complex128, rng)
     v = random_array((2, *shape), np.complex128, rng)
@@ -78,6 +78,11 @@ def test_orthogonalise_keeps_the_intensity_and_mixes_fields_alike(rng):
     assert np.allclose(intensity(d_new), intensity(d), rtol=1e-10)
     # the per-mode fields follow the same unitary mixing (F and the windows are linear)
     assert np.allclose(mix_modes(d, u), d_new, atol=1e-10 * abs(d).max())
+    # in place, a block of columns at a time (blocks of 5: a remainder block too)
+    monkeypatch.setattr("ptmpi.operators.modes._MIX_BLOCK", 5)
+    mixed = d.copy()
+    assert mix_modes(mixed, u, in_place=True) is mixed
+    np.testing.assert_allclose(mixed, mix_modes(d, u), rtol=0, atol=1e-13 * abs(d).max())
     # orthogonal modes in order stay as they are
     again, u2 = orthogonalise(ortho)
     assert np.allclose(u2, np.eye(3), atol=1e-9) and np.allclose(again, ortho, atol=1e-9)

@@ -270,6 +270,53 @@ def test_probe_normal_is_the_shifted_weighting_moved_back(cdtype, rng):
     np.testing.assert_allclose(got, expected, rtol=tol, atol=tol * np.abs(expected).max())
 
 
+@pytest.mark.parametrize("m", [6, 7])
+def test_probe_normal_operator_is_the_frame_by_frame_normal(m, cdtype, rng):
+    """The convolution form (ProbeNormal, kernel built once) against Ptycho.probe_normal,
+    frame by frame: even and odd M, whole and sub-pixel frames, windows over the edges;
+    one probe or a stack of modes; its denominator is the moved-back sum of the weights;
+    kernels built from parts of the frames add up (the sum over ranks)."""
+    image = (15, 17)
+    positions = rng.uniform(-(m - 1), [image[0] - 1, image[1] - 1], size=(13, 2))
+    positions[0] = [3.0, 4.0]  # whole pixels
+    positions[5] = [-2.0, 7.25]  # whole along one axis only
+    offset = [0, 6, 13]
+    op = Ptycho(random_array((m, m), cdtype, rng), positions, offset, image)
+    weights = np.abs(random_array(op.data_shape, cdtype, rng)) ** 2
+    x = random_array((3, m, m), np.complex128, rng)
+    normal = op.probe_normal_operator(weights)
+    got = normal(x)
+    assert got.dtype == np.complex128 and got.shape == x.shape
+    tol = 1e-5 if cdtype == np.complex64 else 1e-12
+    for k in range(3):
+        expected = op.probe_normal(x[k], weights)
+        np.testing.assert_allclose(got[k], expected, rtol=0, atol=tol * np.abs(expected).max())
+    np.testing.assert_allclose(normal(x[1]), got[1], rtol=0, atol=1e-12 * np.abs(got).max())
+    den = op.unshift_sum(weights)
+    np.testing.assert_allclose(normal.denominator(), den, rtol=0, atol=tol * np.abs(den).max())
+    # two ranks' kernels (frames 0-5 and 6-12) summed: the kernel of all frames
+    parts = [Ptycho(op.probe, positions[a:b], [0, b - a], image).probe_normal_operator(
+        weights[a:b]) for a, b in ((0, 6), (6, 13))]
+    # (sums over frames in double)
+    np.testing.assert_allclose(parts[0].kernel + parts[1].kernel, normal.kernel, rtol=0,
+                               atol=1e-12 * np.abs(normal.kernel).max())
+    np.testing.assert_allclose(parts[0].whole + parts[1].whole, normal.whole, rtol=1e-12)
+
+
+def test_unshift_sum_of_a_product_formed_by_chunks(cdtype, rng):
+    """unshift_sum(frames, factor) = unshift_sum(conj(factor) * frames), with and without
+    sub-pixel frames."""
+    op = _subpixel_case(rng, cdtype)
+    frames = random_array(op.data_shape, cdtype, rng)
+    factor = random_array(op.data_shape, cdtype, rng)
+    tol = 1e-6 if cdtype == np.complex64 else 1e-13
+    for ptycho in (op, Ptycho(op.probe, op.corners, op.frame_offset, op.image_shape)):
+        expected = ptycho.unshift_sum(np.conj(factor) * frames)
+        got = ptycho.unshift_sum(frames, factor=factor)
+        assert got.dtype == np.complex128
+        np.testing.assert_allclose(got, expected, rtol=0, atol=tol * np.abs(expected).max())
+
+
 def test_probe_update_with_windows_over_the_edge_solves_the_least_squares_probe(rng):
     """Windows hanging over the image edge read zeros, so |v_j|^2 is far from locally
     constant, where the earlier closed form (numerator and |v_j|^2 each moved back by

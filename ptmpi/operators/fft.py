@@ -35,21 +35,38 @@ def workers() -> int:
     return _WORKERS
 
 
-def fft2(x, inverse: bool = False):
-    """Unitary forward (or inverse) 2-D DFT over the last two axes, dtype preserved."""
+def fft2(x, inverse: bool = False, overwrite: bool = False):
+    """Unitary forward (or inverse) 2-D DFT over the last two axes, dtype preserved.
+
+    ``overwrite``: ``x`` may be destroyed (its memory then usually holds the result:
+    no new array of its size, for a caller that no longer needs ``x``)."""
     xp = get_xp(x)
     fft = fft_module(xp)
     kwargs = {"workers": _WORKERS} if xp is np else {}
+    if overwrite:
+        kwargs["overwrite_x"] = True
     if inverse:
         return fft.ifft2(x, norm="ortho", **kwargs)
     return fft.fft2(x, norm="ortho", **kwargs)
 
 
+def rfft2(x):
+    """Unitary 2-D DFT of real ``x`` over the last two axes, the non-negative frequencies
+    of the last axis only (``M // 2 + 1``; the rest are conjugates), complex of ``x``'s
+    precision."""
+    xp = get_xp(x)
+    fft = fft_module(xp)
+    kwargs = {"workers": _WORKERS} if xp is np else {}
+    return fft.rfft2(x, norm="ortho", **kwargs)
+
+
 class FarField:
     """``F``: unitary 2-D DFT of each frame, ``(..., M, M) -> (..., M, M)``."""
 
-    def fwd(self, psi):
-        return fft2(psi)
+    def fwd(self, psi, overwrite: bool = False):
+        """``F psi``; ``overwrite``: ``psi`` may be destroyed (see :func:`fft2`)."""
+        return fft2(psi, overwrite=overwrite)
 
-    def adj(self, d):
-        return fft2(d, inverse=True)
+    def adj(self, d, overwrite: bool = False):
+        """``F^H d``; ``overwrite``: ``d`` may be destroyed (see :func:`fft2`)."""
+        return fft2(d, inverse=True, overwrite=overwrite)

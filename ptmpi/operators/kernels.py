@@ -688,12 +688,17 @@ def _probe_stack(probe, a, probe_index):
     return probe, np.ascontiguousarray(probe_index, dtype=np.int64)
 
 
-def window_fwd(images, probe, a, r, c, probe_index=None):
+def window_fwd(images, probe, a, r, c, probe_index=None, out=None):
     """``probe_j * S_j images`` for every frame ``j`` (windows at ``(a, r, c)`` of the
     padded image stack), in one pass. ``probe`` is one ``(M, M)`` probe, or a ``(P, M, M)``
-    stack of which frame ``j`` uses ``probe[probe_index[j]]``."""
+    stack of which frame ``j`` uses ``probe[probe_index[j]]``. ``out``: optional
+    C-contiguous ``(N_FRAMES, M, M)`` array of ``images``' dtype to write into."""
     probes, index = _probe_stack(probe, a, probe_index)
-    out = np.empty((a.size, *probes.shape[1:]), dtype=images.dtype)
+    shape = (a.size, *probes.shape[1:])
+    if out is None:
+        out = np.empty(shape, dtype=images.dtype)
+    elif out.shape != shape or out.dtype != images.dtype or not out.flags.c_contiguous:
+        raise ValueError(f"window_fwd: out must be C-contiguous {shape} {images.dtype}")
     _window_fwd(images, probes, index, a, r, c, out)
     return out
 

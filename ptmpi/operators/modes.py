@@ -102,7 +102,7 @@ class ModePtycho:
         xp = get_xp(v)
         out = xp.empty((self.n_modes, *self.modes[0].data_shape), dtype=v.dtype)
         for k, op in enumerate(self.modes):
-            out[k] = op.fwd(v)
+            op.fwd(v, out=out[k])
         return out
 
     def adj(self, psi):
@@ -159,14 +159,25 @@ def orthogonalise(probes):
     return mixed, u
 
 
-def mix_modes(fields, u):
+def mix_modes(fields, u, in_place: bool = False):
     """``fields'_k = sum_l conj(U[l, k]) fields_l`` (i.e. ``U^H fields`` over the leading
     mode axis), in ``fields``' dtype; ``u`` is the ``K x K`` matrix of :func:`orthogonalise`.
+    ``in_place``: overwrite ``fields`` (C-contiguous) block of columns by block and return
+    it, instead of allocating a result of its size (the same products).
     """
     xp = get_xp(fields)
     uh = to_device(np.ascontiguousarray(u.conj().T), xp).astype(fields.dtype)
-    flat = xp.ascontiguousarray(fields).reshape(fields.shape[0], -1)
-    return xp.matmul(uh, flat).reshape(fields.shape)  # one (K x K) @ (K x rest) product
+    if not (in_place and fields.flags.c_contiguous):
+        flat = xp.ascontiguousarray(fields).reshape(fields.shape[0], -1)
+        return xp.matmul(uh, flat).reshape(fields.shape)  # one (K x K) @ (K x rest) product
+    flat = fields.reshape(fields.shape[0], -1)
+    for k0 in range(0, flat.shape[1], _MIX_BLOCK):
+        block = flat[:, k0 : k0 + _MIX_BLOCK]
+        block[...] = xp.matmul(uh, block)
+    return fields
+
+
+_MIX_BLOCK = 1 << 16  # columns per block of the in-place mode mixing
 
 
 def hermite_patterns(probe, count: int):

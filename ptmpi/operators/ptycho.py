@@ -56,6 +56,7 @@ import numpy as np
 
 from ptmpi.backend import complex_dtype, get_xp, real_dtype, to_device, to_host
 from ptmpi.operators import kernels
+from ptmpi.operators.probe_normal import ProbeNormal, frame_index
 
 logger = logging.getLogger(__name__)
 
@@ -350,15 +351,19 @@ class Ptycho:
             self._probe_cache[key] = (stack, to_device(self.probe_index, xp))
         return self._probe_cache[key]
 
-    def fwd(self, v):
-        """``psi_j = omega_j * S_j v``."""
+    def fwd(self, v, out=None):
+        """``psi_j = omega_j * S_j v``; ``out``: optional C-contiguous ``(N_FRAMES, M, M)``
+        array of ``v``'s dtype that receives it (returned)."""
         probes, index = self.probes(v)
-        if kernels.available(v, probes) and tuple(v.shape) == self.image_stack_shape:
+        if (kernels.available(v, probes) and tuple(v.shape) == self.image_stack_shape
+                and (out is None or kernels.available(out))):
             (a, r, c), _ = self._indices(np)
-            return kernels.window_fwd(self._padded(v, np), probes, a, r, c, index)
-        if probes.shape[0] == 1:
-            return probes[0] * self.extract(v)
-        return probes[index] * self.extract(v)
+            return kernels.window_fwd(self._padded(v, np), probes, a, r, c, index, out=out)
+        xp = get_xp(v)
+        own = probes[0] if probes.shape[0] == 1 else probes[index]
+        if out is None:
+            return own * self.extract(v)
+        return xp.multiply(own, self.extract(v), out=out)
 
     def adj(self, psi):
         """``sum_j S_j^H (conj(omega_j) * psi_j)``."""
@@ -383,7 +388,8 @@ class Ptycho:
             return self.scatter(xp.ascontiguousarray(xp.broadcast_to(intensity,
                                                                      self.data_shape)))
         probes, index = self.probes(self.probe.astype(np.result_type(rdtype, np.complex64)))
-        intensity = (xp.abs(probes) ** 2).astype(rdtype)[index]
+        intensity = xp.abs(probes).astype(rdtype, copy=False)
+        intensity = (intensity * intensity)[index]
         if kernels.available(intensity):
             # Frame by frame, in frame order: an angle's sum does not depend on which other
             # angles this rank holds (the overlap-free groups do), so W does not depend on
@@ -397,7 +403,7 @@ class Ptycho:
             return padded if p == 0 else np.ascontiguousarray(padded[:, p:-p, p:-p])
         return self.scatter(intensity)
 
-    def unshift_sum(self, frames):
+    def unshift_sum(self, frames, factor=None):
         """``sum_j shift_j^H(frames_j)``: every frame moved back by its fraction, summed.
 
         ``frames``: ``(N_FRAMES, M, M)``; returns ``(M, M)`` complex128 (float64, the real
@@ -405,25 +411,43 @@ class Ptycho:
         this maps per-frame terms of a probe update back onto the unshifted probe's grid.
         Without sub-pixel positions it is the plain sum. One forward FFT per moved frame:
         the back-shift is linear, so the spectra are summed and inverted once.
+        ``factor``: optional ``(N_FRAMES, M, M)`` complex; the frames are then
+        ``conj(factor_j) * frames_j`` (the probe update's numerator), formed chunk by
+        chunk instead of as one frame-sized array.
         """
         from ptmpi.operators.fft import fft2
 
         xp = get_xp(frames)
         if tuple(frames.shape) != self.data_shape:
             raise ValueError(f"Ptycho: expected frames {self.data_shape}, got {frames.shape}")
-        real = not xp.iscomplexobj(frames)
+        if factor is not None and tuple(factor.shape) != self.data_shape:
+            raise ValueError(f"Ptycho: expected factors {self.data_shape}, got {factor.shape}")
+
+        def terms(index):
+            if factor is None:
+                return frames[index]
+            return xp.conj(factor[index]) * frames[index]
+
+        real = not xp.iscomplexobj(frames) and (factor is None or not xp.iscomplexobj(factor))
         wide = np.float64 if real else np.complex128
         if not self.subpixel:
-            return xp.sum(frames, axis=0, dtype=wide)
+            if factor is None:
+                return xp.sum(frames, axis=0, dtype=wide)
+            total = xp.zeros((self.m, self.m), dtype=wide)
+            for k0 in range(0, self.n_frames, _SHIFT_CHUNK):
+                total += xp.sum(terms(slice(k0, k0 + _SHIFT_CHUNK)), axis=0, dtype=wide)
+            return total
         whole = to_device(np.flatnonzero(self.probe_index == 0), xp)
-        total = xp.sum(frames[whole], axis=0, dtype=np.complex128)
+        total = xp.sum(terms(whole), axis=0, dtype=np.complex128)
         moved = np.flatnonzero(self.probe_index > 0)
         spectrum = xp.zeros((self.m, self.m), dtype=np.complex128)
-        dtype = complex_dtype(frames.dtype)
+        dtype = complex_dtype(np.result_type(frames.dtype, real_dtype(
+            frames.dtype if factor is None else factor.dtype)))
         for k0 in range(0, moved.size, _SHIFT_CHUNK):
             sel = moved[k0 : k0 + _SHIFT_CHUNK]
             ramp_r, ramp_c = _ramps(-self.fractions[sel], self.m, xp, dtype)
-            part = fft2(frames[to_device(sel, xp)].astype(dtype)) * ramp_r[:, :, None]
+            part = fft2(terms(frame_index(sel, xp)).astype(dtype, copy=False))
+            part *= ramp_r[:, :, None]
             part *= ramp_c[:, None, :]
             spectrum += xp.sum(part, axis=0, dtype=np.complex128)
         total += fft2(spectrum, inverse=True)
@@ -436,6 +460,7 @@ class Ptycho:
         the frames at whole pixels, if already formed. The normal operator of the probe's
         least-squares update with sub-pixel frames; per moved frame one inverse and one
         forward FFT, in chunks (no frame-sized temporaries). Returns ``(M, M)`` complex128.
+        The reference of :meth:`probe_normal_operator`, which the probe update uses.
         """
         from ptmpi.operators.fft import fft2
 
@@ -463,6 +488,17 @@ class Ptycho:
             spectrum += xp.sum(part, axis=0, dtype=np.complex128)
         total += fft2(spectrum, inverse=True)
         return total
+
+    def probe_normal_operator(self, weights) -> ProbeNormal:
+        """:meth:`probe_normal` for fixed ``weights`` ``(N_FRAMES, M, M)`` real, as one
+        convolution (:class:`~ptmpi.operators.probe_normal.ProbeNormal`): built from this
+        Ptycho's frames; sum it over ranks with its ``reduce``, then apply it to
+        ``(M, M)`` or ``(K, M, M)`` probes at the cost of a few FFTs of the probe's size."""
+        if tuple(weights.shape) != self.data_shape:
+            raise ValueError(f"Ptycho: expected weights {self.data_shape}, got {weights.shape}")
+        return ProbeNormal.from_weights(weights, self.fractions,
+                                        np.flatnonzero(self.probe_index > 0),
+                                        np.flatnonzero(self.probe_index == 0))
 
     def moved(self, positions) -> Ptycho:
         """The same frames, probe and image at other ``positions`` (e.g. aligned ones)."""

@@ -206,31 +206,28 @@ def _subpixel_probe(views_local, exits_local, comm, ptycho, iterations: int | No
     probe's pixels. Started from the closed form that moves the numerator and ``|v_j|^2``
     back separately (exact where ``|v_j|^2`` is locally constant, 4e-3 off with windows
     over the image edge), then ``iterations`` steps of Jacobi-preconditioned CG on the
-    normal equations (each one Allreduce of an ``(M, M)`` array). FFTs run in the views'
-    precision, sums in double. Returns ``(K, M, M)``."""
+    normal equations. The normal operator is one convolution whose kernel is built once
+    from all frames and summed over the ranks in one Allreduce
+    (:class:`~ptmpi.operators.probe_normal.ProbeNormal`): a CG step costs a few FFTs of
+    the probe's size, none per frame. Per-frame FFTs run in the views' precision, sums
+    in double. Returns ``(K, M, M)``."""
     from ptmpi.solvers.cg import conjugate_gradient  # (solvers import this module)
 
     if iterations is None:
         iterations = SUBPIXEL_CG
     xp = get_xp(views_local)
     cdtype = views_local.dtype
-    weights = views_local.real ** 2 + views_local.imag ** 2
-    den = ptycho.unshift_sum(weights)  # float64, the moved-back |v_j|^2
-    comm.allreduce_sum(den)
+    weights = xp.abs(views_local)
+    weights *= weights
+    normal = ptycho.probe_normal_operator(weights)  # sum_j shift_j^H(|v_j|^2 shift_j(x))
+    normal.reduce(comm)  # (the applications then need no communication)
+    den = normal.denominator()  # float64, the moved-back |v_j|^2
     lit = den > 1e-8 * float(den.max())
     inv_den = xp.where(lit, 1.0 / xp.where(lit, den, 1.0), 0.0)
-    whole = to_device(np.flatnonzero(ptycho.probe_index == 0), xp)
-    whole_sum = xp.sum(weights[whole], axis=0, dtype=np.float64)
 
-    def normal(x):  # sum_j shift_j^H(|v_j|^2 shift_j(x)), reduced over the ranks
-        out = ptycho.probe_normal(x, weights, whole_sum)
-        comm.allreduce_sum(out)
-        return out
-
-    conj_views = xp.conj(views_local)
     modes = []
     for exits in exits_local:
-        rhs = ptycho.unshift_sum(conj_views * exits.astype(cdtype, copy=False))
+        rhs = ptycho.unshift_sum(exits.astype(cdtype, copy=False), factor=views_local)
         comm.allreduce_sum(rhs)
         modes.append(conjugate_gradient(normal, rhs, rhs * inv_den, iterations,
                                         inv_diag=inv_den))
@@ -246,9 +243,9 @@ def probe_modes_from_views(views_local, exit_local, comm, ptycho=None):
     the ``K`` numerators are reduced in one call. Returns ``(K, M, M)``.
     """
     xp = get_xp(views_local)
-    conj_views = xp.conj(views_local)
     if _any_subpixel(ptycho, comm):
         return _subpixel_probe(views_local, exit_local, comm, ptycho)
+    conj_views = xp.conj(views_local)
     num = xp.stack([xp.sum(conj_views * exit_local[k], axis=0, dtype=np.complex128)
                     for k in range(exit_local.shape[0])])
     den = xp.sum(xp.abs(views_local) ** 2, axis=0, dtype=np.float64).astype(np.complex128)

@@ -49,7 +49,7 @@ from ptmpi.operators.modes import ModePtycho, initial_modes, mix_modes, modulus,
 from ptmpi.operators.ptycho import Ptycho, guard_probe
 from ptmpi.operators.tomo import Projector
 from ptmpi.parallel.comm import SerialComm
-from ptmpi.parallel.data_term import probe_from_views, probe_modes_from_views
+from ptmpi.parallel.data_term import probe_modes_from_views
 from ptmpi.solvers.cg import conjugate_gradient
 from ptmpi.solvers.penalty import cycling, step_cosine
 from ptmpi.solvers.prox import LIKELIHOODS, update_data_split
@@ -199,28 +199,37 @@ def solve_ptycho2d(v0_local, f_local, probe, positions_local, frame_offset_local
     prev_step, prev_norm, turns = None, 0.0, []
     t_start = time.perf_counter()
     for _ in range(settings.iterations):
-        target = state.z_local + state.lam2_local
+        # z + lam2 in z's memory (z is replaced by this iteration's z-step), propagated
+        # back in place: no new frame-sized arrays
+        target = state.z_local
+        target += state.lam2_local
+        state.z_local = None
         v_old = state.v_local
-        # with modes the back-propagated targets are kept for the probe update
-        exit_waves = farfield.adj(target) if n_modes > 1 else None
-        back = ptycho.adj(farfield.adj(target) if exit_waves is None else exit_waves)
+        refine = settings.refine_probe and state.iteration >= settings.probe_start
+        # the back-propagated targets, kept for the probe update when there is one
+        exit_waves = farfield.adj(target, overwrite=True)
+        target = None
+        back = ptycho.adj(exit_waves)
+        if not refine:
+            exit_waves = None
         if shared_image:
             back = comm.allreduce_sum(back.astype(np.complex128)).astype(dtype)
         v = (back + delta * v_old) / (weight + delta)
-        if settings.refine_probe and state.iteration >= settings.probe_start:
+        if refine:
             if n_modes > 1:
                 omega = probe_modes_from_views(ptycho.extract(v), exit_waves, comm,
                                                ptycho=ptycho.geometry)
                 state.omega, mixing = orthogonalise(omega)
-                state.lam2_local = mix_modes(state.lam2_local, mixing)
-            else:
-                state.omega = probe_from_views(ptycho.extract(v), target, comm, ptycho=ptycho)
+                state.lam2_local = mix_modes(state.lam2_local, mixing, in_place=True)
+            else:  # (probe_from_views from the targets already propagated back)
+                state.omega = probe_modes_from_views(ptycho.extract(v), exit_waves[None],
+                                                     comm, ptycho=ptycho)[0]
             if settings.probe_guard:  # (orthogonalised modes of guarded modes are guarded)
                 state.omega = guard_probe(state.omega)
             ptycho.probe = state.omega
             weight, delta = illumination()
         exit_waves = None
-        d = farfield.fwd(ptycho.fwd(v))
+        d = farfield.fwd(ptycho.fwd(v), overwrite=True)
         # (with modes the split statistics are not used: skipped)
         z = update_data_split(d, state.lam2_local, f_local, r2, settings.likelihood, valid,
                               settings.epsilon, None, stats if n_modes == 1 else None)
