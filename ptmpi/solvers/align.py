@@ -183,9 +183,9 @@ class AlignSettings:
     never; before the guard band, 0.5 changed nothing on the drift-4 demo, where one angle
     stayed 0.4 px off)."""
     budget: int = 0
-    """The iterations of the solve (its ``iterations``), for the log line of the restart:
-    after the restart that follows the settled shifts, the solve runs up to this many
-    iterations more (:func:`iteration_cap`)."""
+    """The iterations of the solve (its ``iterations``; 0: unknown). Shifts that have not
+    settled by two thirds of it restart anyway (module notes), and after the restart the
+    solve runs up to this many iterations more (:func:`iteration_cap`, logged)."""
     remove_translations: bool = False
     """Remove the unobservable part from the shifts after every update
     (:func:`remove_unobservable`); off: the current volume holds it (module notes)."""
