@@ -12,9 +12,18 @@ algorithm     volume phase                frame phase                 per projec
 ============  ==========================  ==========================  =====================
 APT           ``17.7 V + 4.9 Fb``         ``9.3 V + 7.0 Fb``          ``68 B``
 APTs          ``8.9 V + 4.9 Fb``          ``2.7 V + 7.0 Fb``          ``45 B``
-two-step,     ``16 V + 4 Fb``             ``2 V + 16 Fb``             ``40 B``
-ptycho2d
+two-step      ``16 V + 4 Fb``             ``2 V + 16 Fb``             ``40 B``
 ============  ==========================  ==========================  =====================
+
+ptycho2d holds no volume and no projector: ``(3.0 + 3.5 K) Fb + 14 Pb`` with ``K`` probe
+modes and ``Pb`` the rank's image stack (``N_THETA_LOCAL nz n`` complex), plus ``1.0 K Fb``
+for sub-pixel scans (the moved probes), fitted to ``tracemalloc`` peaks of two-iteration
+solves with the probe refined (1-3 modes, 6 geometries 32^2-64^2 with 4-12 angles and
+probes of 16-32 px, whole and sub-pixel positions; largest misfit 11%); on the Siemens star
+it predicts 510 MiB / 1.35 GiB of solver arrays for 1 / 4 modes (733 MiB / 1.57 GiB per
+rank with the input and the process) against whole-run ``tracemalloc`` peaks of 0.60 /
+1.44 GiB and peak resident sizes of 0.71 / 1.55 GiB. Until this fit ptycho2d used the
+two-step figures, 1.8-2.9 times too high there.
 
 APT's volumes are u, the previous u, the CG vectors (x, r, s, d, A d, b), p and lam1 (3 V
 each) and the complex128 sums of the normal operator; APTs has no p, lam1 or TV step. The
@@ -109,6 +118,10 @@ _COEFFICIENTS = {
 }
 _TWO_STEP = ((16.0, 4.0), (2.0, 16.0), 40)
 
+# ptycho2d: bytes = a Fb + b K Fb + c K Fb (sub-pixel scans) + d Pb, K probe modes, Pb the
+# image stack (N_THETA_LOCAL nz n complex); see the module doc
+_PTYCHO2D = (3.0, 3.5, 1.0, 14.0)
+
 # exp model (--model exp): (volume phase: V, Fb, Pb), (frame phase: V, Fb, Pb), bytes per
 # projector non-zero (see the module doc)
 _EXP_COEFFICIENTS = {
@@ -160,7 +173,23 @@ def predict_arrays(volume_shape, n_frames_local: int, probe_size: int, n_theta_l
         return {k: int(v) for k, v in parts.items()}
     if model != "linear":
         raise ValueError(f"unknown model {model!r}")
-    if algorithm in ("two-step", "ptycho2d"):
+    if algorithm == "ptycho2d":
+        if slabs > 1:
+            raise ValueError(f"--slabs > 1 is for apt and apts, not {algorithm}")
+        frames = n_frames_local * probe_size * probe_size * itemsize
+        a, b, c, d = _PTYCHO2D
+        parts = {
+            "solver": (a + (b + (c if subpixel else 0.0)) * modes) * frames
+            # the images: (N_THETA, nz, n), or one (H, W) image for 2-D data, passed as
+            # volume_shape (1, H, W) (conservative for a one-slice volume)
+            + d * n_theta_local * (ny if nz == 1 else nz) * nx * itemsize,
+            "projector": 0,
+            "input": n_frames_local * probe_size * probe_size * 4
+            + (nz * ny * nx * itemsize if truth else 0),
+        }
+        parts["total"] = sum(parts.values())
+        return {k: int(v) for k, v in parts.items()}
+    if algorithm == "two-step":
         volume_phase, frame_phase, per_nnz = _TWO_STEP
     elif algorithm in ("apt", "apts"):
         volume_phase, frame_phase, per_nnz = _COEFFICIENTS[bool(compiled), algorithm]

@@ -261,6 +261,39 @@ def test_exp_memory_prediction_within_25_percent_off_the_calibration_sizes(
     assert abs(predicted / measured - 1) < 0.25, (format_bytes(predicted), format_bytes(measured))
 
 
+@pytest.mark.parametrize("modes", [1, 2])
+def test_ptycho2d_memory_prediction_within_25_percent_off_the_calibration_sizes(modes):
+    """ptycho2d's own figures (module doc of ptmpi.memory) against the tracemalloc peak of a
+    two-iteration solve with the probe refined, on a sub-pixel geometry outside their fit."""
+    from ptmpi.sim.presets import SimulationSettings
+    from ptmpi.sim.simulate import simulate
+    from ptmpi.solvers.ptycho2d import Ptycho2DSettings, solve_ptycho2d
+
+    data = simulate(SimulationSettings(n=40, nz=40, n_angles=9, step=6, probe_size=24,
+                                       fwhm=6.0, jitter=0.2))
+    counts = np.fft.ifftshift(data.counts, axes=(-2, -1)).astype(np.float32)
+    images = np.ones((9, 40, 40), dtype=np.complex64)
+    settings = Ptycho2DSettings(iterations=2, refine_probe=True, probe_modes=modes)
+
+    def solve():
+        solve_ptycho2d(images, counts, data.probe, data.positions_px, data.frame_offset,
+                       settings, SerialComm())
+
+    solve()  # compile first: Numba's compiler allocates through Python too
+    tracemalloc.start()
+    try:
+        base = tracemalloc.get_traced_memory()[0]
+        solve()
+        measured = tracemalloc.get_traced_memory()[1] - base
+    finally:
+        tracemalloc.stop()
+    parts = predict_arrays((40, 40, 40), counts.shape[0], 24, 9, "ptycho2d", subpixel=True,
+                           modes=modes)
+    assert parts["projector"] == 0
+    assert abs(parts["solver"] / measured - 1) < 0.25, (format_bytes(parts["solver"]),
+                                                        format_bytes(measured))
+
+
 def test_exp_and_gpu_dry_run_plans(tmp_path, capsys):
     """--model exp plans with the exp coefficients; --gpu reports the solver's arrays as
     GPU memory per rank (numpy-fallback coefficients) and only the input on the host."""
