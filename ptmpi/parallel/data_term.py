@@ -178,17 +178,8 @@ def probe_from_views(views_local, target_local, comm, ptycho=None):
     """
     from ptmpi.operators.fft import fft2
 
-    xp = get_xp(views_local)
     back = fft2(target_local, inverse=True)
-    if _any_subpixel(ptycho, comm):
-        return _subpixel_probe(views_local, back[None], comm, ptycho)[0]
-    num = xp.sum(xp.conj(views_local) * back, axis=0, dtype=np.complex128)
-    den = xp.sum(xp.abs(views_local) ** 2, axis=0, dtype=np.float64).astype(np.complex128)
-    comm.allreduce_sum(num)
-    comm.allreduce_sum(den)
-    floor = 1e-8 * float(xp.abs(den).max())
-    omega = xp.where(xp.abs(den) > floor, num / xp.where(xp.abs(den) > floor, den, 1), 0)
-    return omega.astype(views_local.dtype)
+    return probe_modes_from_views(views_local, back[None], comm, ptycho)[0]
 
 
 def _any_subpixel(ptycho, comm) -> bool:
