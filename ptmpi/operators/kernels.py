@@ -363,7 +363,9 @@ if numba is not None:
                 lo = rho
             dphi = 1.0 + r2 - k - rho * dk
             step = rho - phi / dphi if dphi > 0 else -1.0
-            if step <= lo or step >= hi:
+            # A vanishing Newton step is the root (checked before the bracket: the root
+            # may sit on the bracket's end, and bisecting from there cost ~40 steps).
+            if abs(step - rho) > 4e-16 * hi and (step <= lo or step >= hi):
                 step = 0.5 * (lo + hi)
             if abs(step - rho) <= 4e-16 * hi:
                 rho = step

@@ -69,7 +69,9 @@ def prox_modulus(mag, f, r2: float, likelihood: str, epsilon: float = 0.0):
         lo = xp.where(above, lo, rho)
         dphi = 1 + r2 - k - rho * dk
         step = xp.where(dphi > 0, rho - phi / xp.where(dphi > 0, dphi, 1), -1.0)
-        step = xp.where((step <= lo) | (step >= hi), 0.5 * (lo + hi), step)
+        # a vanishing Newton step is the root, also on the bracket's end (no bisection)
+        outside = ((step <= lo) | (step >= hi)) & (xp.abs(step - rho) > 4e-16 * hi)
+        step = xp.where(outside, 0.5 * (lo + hi), step)
         done = xp.abs(step - rho) <= 4e-16 * hi
         rho = step
         if bool(xp.all(done)):
