@@ -506,9 +506,9 @@ def test_exp_noise_term_uses_the_median_curvature_of_a_voxel():
 
 
 def test_exp_tv_weight_is_capped_by_the_texture_of_the_previous_iterate():
-    """On photon counts the weight used in iteration k is ``min(rule, 0.25 d g)``, ``g``
-    the mean ``|grad u|`` of ``u_{k-1}`` (``u_0 = 0`` here); it is recorded per iteration.
-    On this sparse, low-dose scan the cap acts; on noise-free data there is none."""
+    """The weight used in iteration k is ``min(rule, 0.25 d g)``, ``g`` the mean
+    ``|grad u|`` of ``u_{k-1}`` (``u_0 = 0`` here); it is recorded per iteration. On this
+    sparse, low-dose scan the cap acts; an explicit weight has no cap."""
     data = simulate(exp_settings(n=16, nz=16, n_angles=4, step=8, probe_size=8, fwhm=3.0,
                                  eta=100.0))
     iterates = []
@@ -524,6 +524,10 @@ def test_exp_tv_weight_is_capped_by_the_texture_of_the_previous_iterate():
     assert expected[0] == 0.0 and 0 < max(expected[1:]) < params["tv_weight"]
     clean = simulate(exp_settings(n=16, nz=16, n_angles=4, step=8, probe_size=8, fwhm=3.0))
     state, params = solve_exp(problem_of(clean), settings, SerialComm())
+    assert params["tv_texture_cap"] == pytest.approx(0.25 * params["median_diagonal_PhWP"])
+    assert params["tv_texture_cap"] > 0 and len(state.history["tv_weight"]) == 6
+    state, params = solve_exp(problem_of(data), dataclasses.replace(settings, tv_weight=0.5),
+                              SerialComm())
     assert params["tv_texture_cap"] == 0.0 and "tv_weight" not in state.history
 
 
