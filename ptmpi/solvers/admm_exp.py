@@ -235,8 +235,9 @@ class ExpSolverSettings(AlignOptions):
     diagonal of ``sum_t P_t^H W_t P_t`` (the linear model's noise term and factor,
     :mod:`ptmpi.solvers.regularisation`)."""
     tv_texture_factor: float = 0.25
-    """With the default weight (any data), the weight used in an iteration is at most ``tv_texture_factor * d * g``, ``g`` the mean isotropic gradient magnitude of
-    the current ``u`` (``TV(u) / voxels``): the shrink threshold in the scale of ``u``,
+    """With the default weight (any data), the weight used in an iteration is at most
+    ``tv_texture_factor * d * g``, ``g`` the mean isotropic gradient magnitude of the
+    previous iterate (``TV(u) / voxels``): the shrink threshold in the scale of ``u``,
     ``tv_weight / d``, stays below a quarter of the sample's typical gradient (module
     notes). 0 keeps the noise rule alone."""
     epsilon: float | None = None
