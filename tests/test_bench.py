@@ -146,6 +146,7 @@ def test_bench_command_prints_a_table_and_writes_json(tmp_path, capsys):
     case = result["cases"][0]
     assert case["n"] == 32 and case["ranks"] == 1 and case["iteration_s"] > 0
     assert result["machine"]["cores"] >= 1
+    assert case["zstep_s"] > 0 and case["zstep_counts_s"] > 0 and "z-step" in text
 
 
 def test_bench_rejects_bad_sizes(capsys):

@@ -75,9 +75,10 @@ def _local_problem(case: BenchCase, comm, dtype):
 
 def time_operators(problem, volume, repeat: int, xp, dtype) -> dict:
     """Medians (seconds) of the projector, far-field batch and windowing on local data."""
-    from ptmpi.backend import to_device
+    from ptmpi.backend import real_dtype, to_device, to_host
     from ptmpi.bench.floors import median_time
     from ptmpi.operators.model import JointModel
+    from ptmpi.solvers.prox import update_data_split
 
     model = JointModel(problem.volume_shape, problem.theta_local,
                        to_device(problem.probe, xp).astype(dtype), problem.positions_local,
@@ -96,6 +97,15 @@ def time_operators(problem, volume, repeat: int, xp, dtype) -> dict:
                                    xp),
         "nnz": int(model.projector._matrix_pair(np, np.float32)[0].nnz),
     }
+    # The z-step on this rank's frames: the closed form (noise-free data) and the smoothed
+    # likelihood of photon counts (epsilon 10 photons, the default there; a Newton root
+    # per pixel), on Poisson counts of the model's own intensities.
+    d = model.farfield.fwd(psi)
+    counts = np.random.default_rng(0).poisson(np.abs(to_host(d)) ** 2)
+    counts = to_device(counts.astype(real_dtype(dtype)), xp)
+    for key, eps in (("zstep_s", 0.0), ("zstep_counts_s", 10.0)):
+        out[key] = median_time(lambda eps=eps: update_data_split(
+            d, xp.zeros_like(d), counts, 0.1, "ipm", epsilon=eps), repeat, xp)
     # A complex slice counts as two real slices (as a real projector would need).
     out["projector_fwd_us_per_slice_angle"] = out["projector_fwd_s"] / (2 * nz * n_theta) * 1e6
     return out

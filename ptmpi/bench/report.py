@@ -30,6 +30,10 @@ def format_result(result: dict) -> str:
                          f"({row['projector_fwd_us_per_slice_angle']:.2f} us per real slice "
                          f"and angle); far-field batch fwd+adj {_ms(row['fft_batch_s'])} ms; "
                          f"windowing fwd+adj {_ms(row['windowing_s'])} ms")
+        if "zstep_s" in row:
+            lines.append(f"z-step {_ms(row['zstep_s'])} ms (closed form, noise-free data), "
+                         f"{_ms(row['zstep_counts_s'])} ms (photon counts: smoothed "
+                         "likelihood, a Newton root per pixel)")
         astra = row.get("astra_s_per_slice_angle")
         if astra and "projector_fwd_s" in row:
             ours = row["projector_fwd_us_per_slice_angle"] * 1e-6
