@@ -91,8 +91,8 @@ most ``tv_texture_factor * d * g``, ``g`` the mean ``|grad u|`` of the previous 
 on any data (on noise-free data the cap only acted on the sparse 64^3 scan, +0.4 dB).
 That is a fixed point of the iteration, not a tuned constant per case: a weight that
 flattens ``u`` lowers ``g`` and with it the cap, and the cap never exceeds the noise rule.
-Measured (README, Reconstruction): +2.4 to +2.8 dB on the demo's six seeds, +3.5 dB on
-64^3 at FWHM 7 / step 16, +0.4 dB at FWHM 6 and on the thick 48^3 spiral, -0.3 dB on
+Measured (README, Reconstruction): +2.4 to +2.7 dB on the demo's six seeds, +3.4 dB on
+64^3 at FWHM 7 / step 16, +0.4 dB at FWHM 6 and on the thick 48^3 spiral, -0.2 dB on
 the 32^3 3 pi spiral at eta 100, unchanged where the noise is below the texture. Until
 this rule the term was ``tv_noise_factor * sigma^2`` with 4, then 12: one weight for
 every dose, too heavy at low dose (demo geometry, 32^3, 8 angles, eta 100, 13 dB: 3.15
