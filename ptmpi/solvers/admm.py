@@ -72,6 +72,7 @@ from ptmpi.solvers.prox import (
     prox_data,
     prox_data_modes,
     shrink_isotropic,
+    total_variation,
     update_data_split,
     update_tv_split,
 )
@@ -488,8 +489,7 @@ def solve(problem: LocalProblem, settings: SolverSettings, comm: Comm,
             state.lam1 += p - g_hat
             stats_p[:] = (float(xp.linalg.norm(p - g)) ** 2,
                           float(xp.linalg.norm(p - state.p)) ** 2,
-                          float(xp.sum(xp.sqrt(xp.sum(g.real**2 + g.imag**2, axis=0)),
-                                       dtype=xp.float64)))
+                          total_variation(g))
             state.p = p
         if apt and volume.split:  # the TV statistics of the slabs
             stats_p[:] = volume.sum(stats_p)

@@ -176,7 +176,12 @@ from ptmpi.solvers.admm import ADMMState, LocalProblem
 from ptmpi.solvers.align import AlignOptions, iteration_cap, make_aligner
 from ptmpi.solvers.cg import conjugate_gradient
 from ptmpi.solvers.penalty import cycling, step_cosine
-from ptmpi.solvers.prox import LIKELIHOODS, update_data_split, update_tv_split
+from ptmpi.solvers.prox import (
+    LIKELIHOODS,
+    total_variation,
+    update_data_split,
+    update_tv_split,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -379,10 +384,7 @@ def resolve_exp(settings: ExpSolverSettings, weight_max: float, norm_php: float,
 
 def mean_gradient(grad: Gradient, u) -> float:
     """``TV(u) / voxels``: the mean over voxels of the isotropic ``|grad u|``."""
-    xp = get_xp(u)
-    g = grad.fwd(u)
-    total = xp.sum(xp.sqrt(xp.sum(g.real**2 + g.imag**2, axis=0)), dtype=xp.float64)
-    return float(total) / u.size
+    return total_variation(grad.fwd(u)) / u.size
 
 
 def gauge_phases(psi_local, reference_local):

@@ -181,6 +181,13 @@ def update_data_split(d, lam2, f, r2: float, likelihood: str, valid=None,
     return z
 
 
+def total_variation(g) -> float:
+    """Isotropic TV of the field whose gradient is ``g`` ``(3, ...)``: the sum over voxels
+    of ``|g|``, accumulated in float64."""
+    xp = get_xp(g)
+    return float(xp.sum(xp.sqrt(xp.sum(g.real**2 + g.imag**2, axis=0)), dtype=xp.float64))
+
+
 def update_tv_split(grad, u, lam1, threshold: float, p=None, stats=None):
     """Steps 2-3 for the TV split (no over-relaxation): ``g = grad u``,
     ``p = shrink(g - lam1, threshold)``, ``lam1 += p - g`` in place; returns ``p``.
@@ -201,8 +208,7 @@ def update_tv_split(grad, u, lam1, threshold: float, p=None, stats=None):
     if stats is not None:
         stats[0] = float(xp.vdot(step, step).real)
         stats[1] = 0.0 if p is None else float(xp.linalg.norm(p_new - p)) ** 2
-        stats[2] = float(xp.sum(xp.sqrt(xp.sum(g.real**2 + g.imag**2, axis=0)),
-                                dtype=xp.float64))
+        stats[2] = total_variation(g)
     return p_new
 
 
