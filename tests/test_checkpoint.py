@@ -172,6 +172,25 @@ def test_resume_reproduces_the_uninterrupted_run(case, tmp_path, capsys):
     assert "kind: checkpoint" in out and "iteration: 8 (of --iterations 8)" in out
 
 
+def test_resume_from_the_iteration_that_raises_r2_is_bit_for_bit(case, tmp_path):
+    """The checkpoint of the iteration whose end raises ``r2`` holds the raised ``r2`` and
+    halved ``lam2``. It held the old ones, and the resumed run went on without the raise
+    (found by the kill -9 test, which lands on such a checkpoint now and then)."""
+    whole, ck = tmp_path / "whole.h5", tmp_path / "ck.h5"
+    assert main(["reconstruct", str(case), "-o", str(whole), "--iterations", "40",
+                 "--no-figures"]) == 0
+    r2 = metrics(whole)["r2"]
+    # row k (0-based) is iteration k + 1: a raise at the end of iteration k + 1
+    raised = [k + 1 for k in range(len(r2) - 1) if r2[k + 1] > r2[k]]
+    assert raised and raised[0] < 40
+    common = [str(case), "-o", str(tmp_path / "part.h5"), "--no-figures", "--checkpoint",
+              str(ck), "--checkpoint-every", "1"]
+    assert main(["reconstruct", *common, "--iterations", str(raised[0])]) == 0
+    assert read_checkpoint_header(ck).iteration == raised[0]
+    assert main(["reconstruct", *common, "--iterations", "40", "--resume", "--force"]) == 0
+    assert_same_run(whole, tmp_path / "part.h5")
+
+
 # ---------------------------------------------------------------------------- refusals
 
 

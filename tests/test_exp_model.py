@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import json
 import math
@@ -472,6 +473,18 @@ def test_exp_resume_across_a_penalty_raise_is_bit_for_bit():
     resumed, _ = solve_exp(problem_of(data), settings, SerialComm(), state=part)
     assert np.array_equal(resumed.u, whole.u)
     assert resumed.history["r2"] == whole.history["r2"]
+    # The state the callback sees (a checkpoint's) at the iteration that raises them holds
+    # the raised penalties (it held the old ones, and a resume lost the raise).
+    seen = {}
+
+    def keep(st, row):
+        if st.iteration == raised[0] + 1:
+            seen["state"] = copy.deepcopy(st)
+
+    solve_exp(problem_of(data), settings, SerialComm(), callback=keep)
+    assert seen["state"].params["penalty_scale"] == 2.0
+    resumed, _ = solve_exp(problem_of(data), settings, SerialComm(), state=seen["state"])
+    assert np.array_equal(resumed.u, whole.u)
 
 
 def test_exp_tv_noise_term_follows_the_noise_level_of_u():

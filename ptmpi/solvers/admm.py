@@ -530,6 +530,26 @@ def solve(problem: LocalProblem, settings: SolverSettings, comm: Comm,
             row["snr_db"] = _snr(u, truth, volume)
         for key, value in row.items():
             state.history.setdefault(key, []).append(value)
+        window = settings.penalty_window
+        rel = state.history["rel_change"]
+        adapt = settings.adapt_r2 if settings.adapt_r2 is not None else counting
+        # Decided before the callback, so that a checkpoint written there holds the
+        # raised penalty and resumes exactly (it did not: a raise at a checkpoint's
+        # iteration was lost on resume).
+        if (adapt and math.isfinite(row["rel_change"])
+                and cycling(turns, rel, window, settings.oscillation_threshold,
+                            settings.stagnation)
+                and r2 < settings.r2_max_factor * params["r2"]):
+            # Successive steps of u point back and forth: the data split cycles (the
+            # likelihood's negative curvature along the phase exceeds r2 somewhere). Double
+            # r2; the scaled multiplier lam2 = y / r2 is halved so that y, and with it the
+            # fixed points of the iteration, stay the same (Boyd et al. 2011, sec. 3.4.1).
+            r2 *= 2
+            state.lam2_local *= 0.5
+            update_preconditioner()
+            turns.clear()
+            logger.info("iteration %d: successive steps alternate; r2 raised to %.4g",
+                        state.iteration, r2)
         state.params["turns"] = turns[-2 * max(settings.penalty_window, 1):]
         state.params["r2_now"] = r2
         if callback is not None:
@@ -562,21 +582,4 @@ def solve(problem: LocalProblem, settings: SolverSettings, comm: Comm,
                 state.history = {key: values[:best[1] - first + 1] if len(values) > 1 else values
                                  for key, values in state.history.items()}
                 break
-        window = settings.penalty_window
-        rel = state.history["rel_change"]
-        adapt = settings.adapt_r2 if settings.adapt_r2 is not None else counting
-        if (adapt and cycling(turns, rel, window, settings.oscillation_threshold,
-                              settings.stagnation)
-                and r2 < settings.r2_max_factor * params["r2"]):
-            # Successive steps of u point back and forth: the data split cycles (the
-            # likelihood's negative curvature along the phase exceeds r2 somewhere). Double
-            # r2; the scaled multiplier lam2 = y / r2 is halved so that y, and with it the
-            # fixed points of the iteration, stay the same (Boyd et al. 2011, sec. 3.4.1).
-            r2 *= 2
-            state.lam2_local *= 0.5
-            update_preconditioner()
-            turns.clear()
-            state.params["r2_now"] = r2
-            logger.info("iteration %d: successive steps alternate; r2 raised to %.4g",
-                        state.iteration, r2)
     return state, params

@@ -728,19 +728,11 @@ def solve_exp(problem: LocalProblem, settings: ExpSolverSettings, comm: SerialCo
         state.history.setdefault("r2", []).append(r2)
         if tv_stats is not None:
             state.history.setdefault("tv_weight", []).append(state.params["tv_weight_used"])
-        if callback is not None:
-            callback(state, row)
-        if not math.isfinite(row["rel_change"]):
-            raise FloatingPointError(
-                f"the volume u is no longer finite: diverged at iteration {state.iteration}")
-        recent = state.history["rel_change"][-max(settings.tol_window, 1):]
-        if (settings.tol > 0 and len(recent) >= settings.tol_window
-                and max(recent) < settings.tol):
-            logger.info("converged: relative change below %.3g for %d iterations",
-                        settings.tol, len(recent))
-            break
+        # Decided before the callback, so that a checkpoint written there holds the raised
+        # penalties and resumes exactly (a raise at a checkpoint's iteration was lost).
         if (settings.adapt_penalties and scale < settings.penalty_max_factor
                 and state.iteration >= settings.penalty_start
+                and math.isfinite(row["rel_change"])
                 and cycling(turns, state.history["rel_change"], settings.penalty_window,
                             settings.oscillation_threshold, settings.stagnation)):
             # Successive steps of u point back and forth and no longer shrink. Doubling r2
@@ -758,4 +750,15 @@ def solve_exp(problem: LocalProblem, settings: ExpSolverSettings, comm: SerialCo
             state.params["turns"], state.params["penalty_scale"] = [], scale
             logger.info("iteration %d: successive steps alternate; penalties raised to "
                         "%g times their start (r2 = %.4g)", state.iteration, scale, r2)
+        if callback is not None:
+            callback(state, row)
+        if not math.isfinite(row["rel_change"]):
+            raise FloatingPointError(
+                f"the volume u is no longer finite: diverged at iteration {state.iteration}")
+        recent = state.history["rel_change"][-max(settings.tol_window, 1):]
+        if (settings.tol > 0 and len(recent) >= settings.tol_window
+                and max(recent) < settings.tol):
+            logger.info("converged: relative change below %.3g for %d iterations",
+                        settings.tol, len(recent))
+            break
     return state, params
