@@ -303,6 +303,25 @@ def _snr(u, truth, volume: VolumeSpace) -> float:
     return snr_db(u, truth, comm=volume.group if volume.split else None)
 
 
+def end_of_iteration(state: ADMMState, row: dict, callback, tol: float,
+                     tol_window: int) -> bool:
+    """After an iteration's bookkeeping (penalties included, so that a checkpoint written
+    by ``callback`` resumes exactly): the callback, then the stops. Raises
+    FloatingPointError on a non-finite volume; True when the relative change has stayed
+    below ``tol`` for ``tol_window`` iterations (converged)."""
+    if callback is not None:
+        callback(state, row)
+    if not math.isfinite(row["rel_change"]):
+        raise FloatingPointError(
+            f"the volume u is no longer finite: diverged at iteration {state.iteration}")
+    recent = state.history["rel_change"][-max(tol_window, 1):]
+    if tol > 0 and len(recent) >= tol_window and max(recent) < tol:
+        logger.info("converged: relative change below %.3g for %d iterations", tol,
+                    len(recent))
+        return True
+    return False
+
+
 def solve(problem: LocalProblem, settings: SolverSettings, comm: Comm,
           *, xp=np, dtype=np.complex64, state: ADMMState | None = None,
           callback: Callable[[ADMMState, dict], None] | None = None,
@@ -552,16 +571,7 @@ def solve(problem: LocalProblem, settings: SolverSettings, comm: Comm,
                         state.iteration, r2)
         state.params["turns"] = turns[-2 * max(settings.penalty_window, 1):]
         state.params["r2_now"] = r2
-        if callback is not None:
-            callback(state, row)
-        if not math.isfinite(row["rel_change"]):
-            raise FloatingPointError(
-                f"the volume u is no longer finite: diverged at iteration {state.iteration}")
-        recent = state.history["rel_change"][-max(settings.tol_window, 1):]
-        if (settings.tol > 0 and len(recent) >= settings.tol_window
-                and max(recent) < settings.tol):
-            logger.info("converged: relative change below %.3g for %d iterations",
-                        settings.tol, len(recent))
+        if end_of_iteration(state, row, callback, settings.tol, settings.tol_window):
             break
         if early_stop:
             r_now = row["r_factor"]

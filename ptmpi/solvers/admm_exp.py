@@ -172,7 +172,7 @@ from ptmpi.operators.transmission import (
 )
 from ptmpi.parallel.comm import SerialComm
 from ptmpi.parallel.data_term import probe_from_views
-from ptmpi.solvers.admm import ADMMState, LocalProblem
+from ptmpi.solvers.admm import ADMMState, LocalProblem, end_of_iteration
 from ptmpi.solvers.align import AlignOptions, iteration_cap, make_aligner
 from ptmpi.solvers.cg import conjugate_gradient
 from ptmpi.solvers.penalty import cycling, step_cosine
@@ -750,15 +750,6 @@ def solve_exp(problem: LocalProblem, settings: ExpSolverSettings, comm: SerialCo
             state.params["turns"], state.params["penalty_scale"] = [], scale
             logger.info("iteration %d: successive steps alternate; penalties raised to "
                         "%g times their start (r2 = %.4g)", state.iteration, scale, r2)
-        if callback is not None:
-            callback(state, row)
-        if not math.isfinite(row["rel_change"]):
-            raise FloatingPointError(
-                f"the volume u is no longer finite: diverged at iteration {state.iteration}")
-        recent = state.history["rel_change"][-max(settings.tol_window, 1):]
-        if (settings.tol > 0 and len(recent) >= settings.tol_window
-                and max(recent) < settings.tol):
-            logger.info("converged: relative change below %.3g for %d iterations",
-                        settings.tol, len(recent))
+        if end_of_iteration(state, row, callback, settings.tol, settings.tol_window):
             break
     return state, params
