@@ -61,16 +61,20 @@ class _Parser(argparse.ArgumentParser):
         self.exit(2)
 
 
-def _number(kind: type, low: float, strict: bool = False):
-    """An argparse type: a finite ``kind`` (int or float) ``>= low`` (``> low`` if strict)."""
+def _number(kind: type, low: float, strict: bool = False, below: float | None = None):
+    """An argparse type: a finite ``kind`` (int or float) ``>= low`` (``> low`` if strict)
+    and, with ``below``, ``< below``."""
     what = f"{'an integer' if kind is int else 'a number'} {'>' if strict else '>='} {low:g}"
+    if below is not None:
+        what += f" and < {below:g}"
 
     def parse(text: str):
         try:
             value = kind(text)
         except ValueError:
             value = None
-        if value is None or not math.isfinite(value) or value < low or (strict and value == low):
+        if (value is None or not math.isfinite(value) or value < low
+                or (strict and value == low) or (below is not None and value >= below)):
             raise argparse.ArgumentTypeError(f"expected {what}, found {text!r}")
         return value
 
@@ -82,6 +86,7 @@ _COUNT = _number(int, 0)  # iterations: 0 allowed
 _POSITIVE_INT = _number(int, 1)
 _NON_NEGATIVE = _number(float, 0.0)
 _POSITIVE = _number(float, 0.0, strict=True)
+_FRACTION = _number(float, 0.0, below=1.0)
 
 
 def _finite(text: str) -> float:
@@ -108,8 +113,12 @@ def _setup_logging(comm: Comm, verbose: bool) -> None:
                 text = super().format(record)
                 return rank_prefix + text if record.levelno >= logging.WARNING else text
 
+        from ptmpi.progress import is_replicated
+
         for handler in logging.getLogger().handlers:
             handler.setFormatter(_RankFormatter("%(message)s"))
+            if not comm.is_root:  # what every rank logs alike is shown once, by rank 0
+                handler.addFilter(lambda record: not is_replicated(record))
     # A warning is one line for the user, not the source line that raised it.
     warnings.formatwarning = lambda message, category, *args, **kwargs: f"warning: {message}"
     logging.captureWarnings(True)
@@ -258,6 +267,9 @@ def settings_from_args(args, model: str = "linear"):
     if modes is not None and modes > 1 and model == "exp":
         raise ValueError(f"--probe-modes {modes}: several probe modes are supported with the "
                          "linear model only; use --probe-modes 1 with --model exp")
+    if model != "exp" and getattr(args, "cg_tol", None) is not None:
+        raise ValueError("--cg-tol applies to --model exp only (the linear u-step takes "
+                         "--cg-iterations warm-started CG steps)")
     if model == "exp":
         from ptmpi.solvers.admm_exp import ExpSolverSettings
 
@@ -268,6 +280,7 @@ def settings_from_args(args, model: str = "linear"):
             "algorithm": algorithm, "iterations": args.iterations, "tol": args.tol,
             "likelihood": args.likelihood, "tv_weight": args.tv_weight, "r1": args.r1,
             "r2": args.r2, "cg_iterations": args.cg_iterations,
+            "cg_tol": getattr(args, "cg_tol", None),
             "refine_probe": args.refine_probe, "epsilon": getattr(args, "epsilon", None),
             "adapt_penalties": {"on": True, "off": False}.get(getattr(args, "adapt_r2", None)),
             **_align_fields(args, algorithm),
@@ -625,7 +638,13 @@ def build_parser() -> argparse.ArgumentParser:
                    help="smoothing of the likelihood, in counts per pixel (default 10 for "
                         "photon counts, 0 for noise-free data; two-step/ptycho2d: 0)")
     p.add_argument("--cg-iterations", type=_POSITIVE_INT,
-                   help="CG iterations per u-step (default 8)")
+                   help="CG iterations per u-step (default 8; --model exp: at least this "
+                        "many, see --cg-tol)")
+    p.add_argument("--cg-tol", type=_FRACTION,
+                   help="--model exp: after --cg-iterations, continue CG until its residual "
+                        "is this fraction of the right-hand side, up to 64 iterations "
+                        "(default 0: exactly --cg-iterations; 0.2 helps where the joint "
+                        "R-factor stalls far above the initialisation's, see README)")
     p.add_argument("--start", choices=["ones", "coarse"],
                    help="apt/apts starting point: ones (the paper's u = 1) or coarse "
                         "(solve at half the size first, then interpolate)")

@@ -8,6 +8,15 @@ import sys
 
 logger = logging.getLogger(__name__)
 
+#: ``extra=`` of a log record that every rank emits alike (a conclusion drawn from reduced,
+#: replicated values): shown by rank 0 only, not once per rank.
+REPLICATED = {"replicated": True}
+
+
+def is_replicated(record: logging.LogRecord) -> bool:
+    """Whether ``record`` was logged with :data:`REPLICATED`."""
+    return bool(getattr(record, "replicated", False))
+
 
 class Progress:
     """Called once per iteration with the metrics row; prints only where ``enabled``."""

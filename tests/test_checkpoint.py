@@ -249,6 +249,29 @@ def test_resume_refuses_another_input_or_configuration(case, checkpointed, tmp_p
     assert {p.name: digest(p) for p in tmp_path.iterdir()} == before
 
 
+def test_settings_added_later_take_the_value_older_checkpoints_ran_with():
+    """An exp checkpoint from before ``cg_tol`` ran exactly ``cg_iterations`` CG steps: it
+    resumes with the default (0) and is refused, with that named, with ``--cg-tol 0.2``.
+    A linear checkpoint has no such setting and none is compared."""
+    from ptmpi.io.checkpoint import config_differences
+    from ptmpi.solvers.admm_exp import ExpSolverSettings
+
+    class Header:
+        settings = {k: v for k, v in ExpSolverSettings().to_dict().items()
+                    if not k.startswith("cg_") or k == "cg_iterations"}
+        dtype = "complex64"
+
+    assert config_differences(Header, ExpSolverSettings().to_dict(), np.complex64) == []
+    assert config_differences(Header, ExpSolverSettings(cg_tol=0.2).to_dict(),
+                              np.complex64) == ["cg_tol: 0.0 there, 0.2 now"]
+
+    class LinearHeader:
+        settings = SolverSettings().to_dict()
+        dtype = "complex64"
+
+    assert config_differences(LinearHeader, SolverSettings().to_dict(), np.complex64) == []
+
+
 # ---------------------------------------------------------------------------- divergence
 
 

@@ -245,6 +245,60 @@ def test_exp_solver_without_initialisation_starts_from_empty_space():
     assert state.history["snr_db"][-1] > 15.0  # measured 19.8 dB
 
 
+def test_exp_u_step_cg_runs_to_its_tolerance_and_records_its_steps(monkeypatch):
+    """With ``cg_tol`` each Gauss-Newton step takes at least ``cg_iterations`` CG steps and
+    stops at the first whose residual is at most ``cg_tol`` of the right-hand side; the
+    steps per iteration are stored. ``cg_tol = 0``: exactly ``cg_iterations``."""
+    import ptmpi.solvers.admm_exp as admm_exp
+
+    real_cg = admm_exp.conjugate_gradient
+    residuals = []
+
+    def recording_cg(apply_a, b, x0, iterations, **kw):
+        x = real_cg(apply_a, b, x0, iterations, **kw)
+        residuals.append(float(np.linalg.norm(b - apply_a(x)) / np.linalg.norm(b)))
+        return x
+
+    monkeypatch.setattr(admm_exp, "conjugate_gradient", recording_cg)
+    data = simulate(exp_settings(n=16, nz=16, n_angles=6, step=3, probe_size=8, fwhm=3.0))
+    settings = ExpSolverSettings(iterations=4, init_iterations=0, cg_iterations=2,
+                                 cg_tol=0.05)
+    state, _ = solve_exp(problem_of(data), settings, SerialComm())
+    steps = state.history["cg_iterations"]
+    assert len(steps) == 4 and min(steps) >= 2 and max(steps) > 2
+    assert max(residuals) <= 0.05 * (1 + 1e-3)  # the recursive residual, in complex64
+    residuals.clear()
+    state, _ = solve_exp(problem_of(data), dataclasses.replace(settings, cg_tol=0.0),
+                         SerialComm())
+    assert state.history["cg_iterations"] == [2, 2, 2, 2]
+    assert min(residuals) > 0.05  # two steps were not enough on this case
+
+
+def test_exp_warns_when_the_joint_iterations_end_far_above_the_initialisation(caplog):
+    """R-factor above 1.25 times the initialisation's: one warning naming both and the
+    remedy; at or below it, none. The ratio is stored either way."""
+    from ptmpi.solvers.admm_exp import ExpADMMState, warn_if_stalled
+
+    def ended_at(r_final, settings=None):
+        settings = settings or ExpSolverSettings()
+        state = ExpADMMState(u=None, z_local=None, lam2_local=None, p=None, lam1=None,
+                             omega=None, psi_local=None, mu_local=None)
+        state.params = {"init_r_factor": 0.3}
+        state.history = {"r_factor": [0.7, r_final]}
+        caplog.clear()
+        with caplog.at_level("WARNING", logger="ptmpi"):
+            warn_if_stalled(state, settings)
+        return state.params["r_factor_over_init"], [r.getMessage() for r in caplog.records]
+
+    ratio, messages = ended_at(0.54)
+    assert ratio == pytest.approx(1.8) and len(messages) == 1
+    assert "0.54" in messages[0] and "0.3" in messages[0] and "--cg-tol 0.2" in messages[0]
+    ratio, messages = ended_at(0.54, ExpSolverSettings(cg_tol=0.2))
+    assert len(messages) == 1 and "--cg-tol" not in messages[0]
+    ratio, messages = ended_at(0.33)
+    assert ratio == pytest.approx(1.1) and messages == []
+
+
 def test_exp_settings_validation():
     with pytest.raises(ValueError, match="algorithm"):
         ExpSolverSettings(algorithm="ptycho2d")
@@ -252,6 +306,8 @@ def test_exp_settings_validation():
         ExpSolverSettings(rho=0.0)
     with pytest.raises(ValueError, match="u_fit"):
         ExpSolverSettings(u_fit="log")
+    with pytest.raises(ValueError, match="cg_tol"):
+        ExpSolverSettings(cg_tol=1.0)
     assert ExpSolverSettings().to_dict()["model"] == "exp"
 
 

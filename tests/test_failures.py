@@ -276,6 +276,8 @@ CASES = [
          ["--slabs 2", "--algorithm two-step", "--slabs 1"]),
     Case("slabs-with-the-exp-model", _rec("--slabs", "2", "--model", "exp"),
          ["--slabs 2", "--model exp", "--slabs 1"]),
+    Case("cg-tol-with-the-linear-model", _rec("--cg-tol", "0.1"),
+         ["--cg-tol", "--model exp only", "--cg-iterations"]),
     # --- bad flag values: usage errors
     Case("slabs-zero", _rec("--slabs", "0"), ["--slabs", "positive integer or auto", "'0'"],
          code=2),
@@ -283,6 +285,8 @@ CASES = [
          ["--iterations", "expected an integer >= 1", "found '-3'"], code=2),
     Case("gpu-without-a-gpu", _rec("--gpu"), ["--gpu was requested", "no GPU is usable"],
          skip="a GPU is usable here" if gpu_available() else None),
+    Case("cg-tol-one", _rec("--cg-tol", "1"), ["--cg-tol", "expected a number >= 0 and < 1",
+                                              "found '1'"], code=2),
     Case("zero-iterations", _rec("--iterations", "0"),
          ["--iterations", "expected an integer >= 1", "found '0'"], code=2),
     Case("r2-zero", _rec("--r2", "0"), ["--r2", "expected a number > 0", "found '0'"],

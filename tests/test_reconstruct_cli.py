@@ -70,3 +70,36 @@ def test_reconstruct_refuses_bad_requests(data_file, tmp_path, capsys):
 def test_reconstruct_explains_that_a_2d_dataset_needs_ptycho2d(tmp_path, capsys, siemens_path):
     assert main(["reconstruct", str(siemens_path), "-o", str(tmp_path / "r.h5")]) == 1
     assert "2-D ptychography dataset" in capsys.readouterr().err
+
+
+def test_a_warning_every_rank_logs_alike_is_shown_once(capsys):
+    """Records logged with ``extra=REPLICATED`` (conclusions from replicated values) are
+    shown by rank 0 only; other warnings by every rank, with the rank named."""
+    import logging
+    import warnings
+
+    from ptmpi.cli import _setup_logging
+    from ptmpi.progress import REPLICATED
+
+    class Rank:
+        size = 2
+
+        def __init__(self, rank):
+            self.rank, self.is_root = rank, rank == 0
+
+    log = logging.getLogger("ptmpi.test")
+    shown = {}
+    format_warning = warnings.formatwarning
+    with warnings.catch_warnings():  # _setup_logging sets the process's warning filters
+        try:
+            for rank in (0, 1):
+                _setup_logging(Rank(rank), verbose=False)
+                log.warning("alike on every rank", extra=REPLICATED)
+                log.warning("this rank's own")
+                shown[rank] = capsys.readouterr().err.splitlines()
+        finally:
+            logging.captureWarnings(False)
+            warnings.formatwarning = format_warning
+            logging.basicConfig(force=True)
+    assert shown[0] == ["[rank 0] alike on every rank", "[rank 0] this rank's own"]
+    assert shown[1] == ["[rank 1] this rank's own"]

@@ -25,6 +25,31 @@ def test_cg_solves_hermitian_positive_definite_system(rng):
     assert np.linalg.norm(a_mat @ x1 - b) < np.linalg.norm(a_mat @ x0 - b)
 
 
+def test_cg_tolerance_stops_after_the_minimum_and_counts_its_steps(rng):
+    """``tol`` stops CG once ``||r|| <= tol ||b||``, but not before ``min_iterations``;
+    ``counts`` receives the steps taken."""
+    k = 40
+    b_mat = random_array((k, k), np.complex128, rng)
+    a_mat = b_mat.conj().T @ b_mat + 0.1 * np.eye(k)
+    b = random_array((k,), np.complex128, rng)
+
+    def residual(x):
+        return np.linalg.norm(a_mat @ x - b) / np.linalg.norm(b)
+
+    counts = []
+    x = conjugate_gradient(lambda v: a_mat @ v, b, np.zeros(k, complex), 200, tol=0.2,
+                           counts=counts)
+    taken = counts[-1]
+    assert 1 < taken < 200 and residual(x) <= 0.2
+    shorter = conjugate_gradient(lambda v: a_mat @ v, b, np.zeros(k, complex), taken - 1)
+    assert residual(shorter) > 0.2  # it stopped at the first step below the tolerance
+    x = conjugate_gradient(lambda v: a_mat @ v, b, np.zeros(k, complex), 200, tol=0.2,
+                           min_iterations=taken + 3, counts=counts)
+    assert counts[-1] == taken + 3 and residual(x) < 0.2
+    conjugate_gradient(lambda v: a_mat @ v, b, np.zeros(k, complex), 5, counts=counts)
+    assert counts[-1] == 5  # no tolerance: every iteration
+
+
 def _tiny_model(rng):
     shape = (6, 8, 8)
     positions = np.array([[0, 0], [2, 3], [-1, 4], [3, -2]], dtype=float)

@@ -66,7 +66,9 @@ RESUMABLE_CHANGES = ("iterations", "tol", "start", "start_iterations", "start_le
 #: Settings added after checkpoints were first written, with the value that a checkpoint
 #: without them ran with (so that those checkpoints still resume).
 ADDED_SETTINGS = {"align": False, "align_every": 3, "align_start": 2, "align_max": None,
-                  "align_gauge": "volume"}
+                  "align_gauge": "volume",
+                  # the exp model's u-step: exactly cg_iterations CG steps before cg_tol
+                  "cg_tol": 0.0, "cg_max_iterations": 64}
 
 
 class CheckpointWriteError(OSError):

@@ -63,6 +63,7 @@ from ptmpi.operators.ptycho import guard_probe, is_guarded
 from ptmpi.parallel.comm import Comm
 from ptmpi.parallel.data_term import DataTerm, probe_from_views  # noqa: F401
 from ptmpi.parallel.volume import SlabGradient, VolumeSpace
+from ptmpi.progress import REPLICATED
 from ptmpi.solvers.align import AlignOptions, iteration_cap, make_aligner
 from ptmpi.solvers.cg import conjugate_gradient
 from ptmpi.solvers.penalty import cycling, step_cosine
@@ -584,7 +585,7 @@ def solve(problem: LocalProblem, settings: SolverSettings, comm: Comm,
                     "APTs fits the noise of these photon counts (no regulariser): R-factor "
                     "%.4g at iteration %d, up from %.4g at iteration %d; stopped and kept "
                     "iteration %d (APT, with TV, is the method for noisy data)", r_now,
-                    state.iteration, best[0], best[1], best[1])
+                    state.iteration, best[0], best[1], best[1], extra=REPLICATED)
                 state.u = best[2]
                 params["early_stopped_at"] = best[1]
                 params["noise_fit_detected_at"] = state.iteration

@@ -9,7 +9,8 @@ from ptmpi.operators import kernels
 
 
 def conjugate_gradient(apply_a: Callable, b, x0, iterations: int, tol: float = 0.0,
-                       inv_diag=None, space=None):
+                       inv_diag=None, space=None, min_iterations: int = 0,
+                       counts: list | None = None):
     """Approximately solve ``A x = b`` by (preconditioned) CG, warm-started from ``x0``.
 
     Parameters
@@ -21,7 +22,7 @@ def conjugate_gradient(apply_a: Callable, b, x0, iterations: int, tol: float = 0
     iterations : int
         Maximum number of CG iterations.
     tol : float
-        Stop early when ``||r|| <= tol ||b||``.
+        Stop early when ``||r|| <= tol ||b||`` (0: run all ``iterations``).
     inv_diag : array, optional
         Inverse of a positive preconditioner (Jacobi: ``1 / diag(A)``), same on all ranks.
     space : optional
@@ -29,6 +30,10 @@ def conjugate_gradient(apply_a: Callable, b, x0, iterations: int, tol: float = 0
         :class:`~ptmpi.parallel.volume.VolumeSpace`): its ``vdot`` and ``total`` give the
         dot products over the whole vector, summed slice by slice so that they do not
         depend on the split. None: plain ``vdot`` of whole vectors.
+    min_iterations : int
+        Iterations taken before ``tol`` is tested.
+    counts : list, optional
+        The number of iterations taken is appended to it.
 
     Returns
     -------
@@ -48,9 +53,12 @@ def conjugate_gradient(apply_a: Callable, b, x0, iterations: int, tol: float = 0
     d = s.copy()
     rs = float(vdot(r, s).real)
     b_norm_sq = float(vdot(b, b).real)
+    taken = 0
     for _ in range(iterations):
-        if rs == 0.0 or (tol > 0 and float(vdot(r, r).real) <= tol * tol * b_norm_sq):
+        if rs == 0.0 or (tol > 0 and taken >= min_iterations and (
+                rs if inv_diag is None else float(vdot(r, r).real)) <= tol * tol * b_norm_sq):
             break
+        taken += 1
         ad = apply_a(d)
         alpha = rs / float(vdot(d, ad).real)
         if fused:  # the same updates in two passes over memory instead of about eight
@@ -68,4 +76,6 @@ def conjugate_gradient(apply_a: Callable, b, x0, iterations: int, tol: float = 0
             d *= rs_new / rs
             d += s
         rs = rs_new
+    if counts is not None:
+        counts.append(taken)
     return x
