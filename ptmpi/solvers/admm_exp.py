@@ -811,5 +811,5 @@ def warn_if_stalled(state: ExpADMMState, settings: ExpSolverSettings) -> None:
         logger.warning(
             "the joint iterations ended at R-factor %.4g, %.2g times the %.4g of the "
             "initialisation's per-angle ptychography: they did not descend on the data%s "
-            "(README, Reconstruction: low dose at 128^3)", history[-1], ratio, start, hint,
+            "(README, The exponential model: low dose at 128^3)", history[-1], ratio, start, hint,
             extra=REPLICATED)
