@@ -225,3 +225,26 @@ def test_subpixel_probe_update_on_the_device_path_matches_numpy(device_xp, n_mod
         dev = probe_modes_from_views(dev_views, dev_exits, SerialComm(), ptycho=dev_op)
     assert get_xp(dev) is device_xp and dev.shape == host.shape
     assert _rel(to_host(dev), host) < 1e-5
+
+
+def test_exp_cg_tolerance_runs_on_the_device_path(monkeypatch):
+    """``cg_tol`` decides on device arrays (explicit host conversions only) and takes the
+    numpy run's steps (strict arrays, the numpy path without compiled kernels)."""
+    from ptmpi.operators import kernels
+    from ptmpi.solvers.admm_exp import ExpSolverSettings, solve_exp
+
+    monkeypatch.setattr(kernels, "ENABLED", False)
+    data = simulate(SimulationSettings(n=16, nz=8, n_angles=4, step=4, probe_size=8,
+                                       fwhm=3.0, model="exp"))
+    problem = LocalProblem(
+        volume_shape=data.volume.shape, theta_local=np.deg2rad(data.angles_deg),
+        f_local=np.fft.ifftshift(data.counts, axes=(-2, -1)), positions_local=data.positions_px,
+        frame_offset_local=data.frame_offset, probe=data.probe, truth_volume=data.volume)
+    settings = ExpSolverSettings(iterations=3, init_iterations=3, init_gn_iterations=2,
+                                 cg_iterations=2, cg_tol=0.05)
+    host, _ = solve_exp(problem, settings, SerialComm())
+    dev, _ = solve_exp(problem, settings, SerialComm(), xp=strict_xp)
+    assert get_xp(dev.u) is strict_xp
+    assert dev.history["cg_iterations"] == host.history["cg_iterations"]
+    assert max(host.history["cg_iterations"]) > 2
+    assert _rel(to_host(dev.u), host.u) < 1e-6
