@@ -799,9 +799,10 @@ def solve_exp(problem: LocalProblem, settings: ExpSolverSettings, comm: SerialCo
 #: The joint iterations are stalled above the data when their R-factor is above
 #: ``STALL_RATIO`` times the initialisation's per-angle ptychography and fell by less than
 #: ``STALL_DROP`` of itself over the last ``STALL_WINDOW`` iterations. Measured: runs that
-#: work end at 0.09-1.09 times it (eleven cases from 32^3 to 128^3, noise-free to eta 100)
-#: and fall by 12-108% over iterations 30-50; the low-dose 128^3 case that fails sits at
-#: 1.84 times it and fell by 0.05% over those (README, "Low dose at 128^3").
+#: work end at 0.09-1.09 times it (eleven cases from 32^3 to 128^3, noise-free to eta 100;
+#: replayed on their histories, the rule never fires), and the three 128^3 ones fall by
+#: 12-108% over iterations 30-50; the low-dose 128^3 case that fails sits at 1.84 times it
+#: and fell by 0.05% over those (README, "Low dose at 128^3").
 STALL_RATIO = 1.25
 STALL_DROP = 0.02
 STALL_WINDOW = 20
