@@ -36,14 +36,17 @@ def device_xp(request):
     return get_array_module(True)
 
 
-@pytest.fixture(scope="module")
-def case():
-    data = simulate(SimulationSettings(n=16, nz=8, n_angles=4, step=4, probe_size=8, fwhm=3.0))
-    problem = LocalProblem(
+def _problem(data) -> LocalProblem:
+    return LocalProblem(
         volume_shape=data.volume.shape, theta_local=np.deg2rad(data.angles_deg),
         f_local=np.fft.ifftshift(data.counts, axes=(-2, -1)), positions_local=data.positions_px,
         frame_offset_local=data.frame_offset, probe=data.probe, truth_volume=data.volume)
-    return data, problem
+
+
+@pytest.fixture(scope="module")
+def case():
+    data = simulate(SimulationSettings(n=16, nz=8, n_angles=4, step=4, probe_size=8, fwhm=3.0))
+    return data, _problem(data)
 
 
 def test_device_windows_and_their_adjoint_equal_numpy(device_xp, rng):
@@ -234,12 +237,8 @@ def test_exp_cg_tolerance_runs_on_the_device_path(monkeypatch):
     from ptmpi.solvers.admm_exp import ExpSolverSettings, solve_exp
 
     monkeypatch.setattr(kernels, "ENABLED", False)
-    data = simulate(SimulationSettings(n=16, nz=8, n_angles=4, step=4, probe_size=8,
-                                       fwhm=3.0, model="exp"))
-    problem = LocalProblem(
-        volume_shape=data.volume.shape, theta_local=np.deg2rad(data.angles_deg),
-        f_local=np.fft.ifftshift(data.counts, axes=(-2, -1)), positions_local=data.positions_px,
-        frame_offset_local=data.frame_offset, probe=data.probe, truth_volume=data.volume)
+    problem = _problem(simulate(SimulationSettings(n=16, nz=8, n_angles=4, step=4,
+                                                   probe_size=8, fwhm=3.0, model="exp")))
     settings = ExpSolverSettings(iterations=3, init_iterations=3, init_gn_iterations=2,
                                  cg_iterations=2, cg_tol=0.05)
     host, _ = solve_exp(problem, settings, SerialComm())
