@@ -62,3 +62,26 @@ def test_solve_applies_the_rule_to_its_data():
     assert high["norm_DhD"] == pytest.approx(100 * low["norm_DhD"], rel=1e-3)
     noise = [p["tv_weight"] - 5e-6 * p["norm_DhD"] for p in (low, high)]
     assert noise[1] == pytest.approx(10 * noise[0], rel=1e-3)
+    # r2 = min(0.1, 20 d / L) follows the shape of D^H D, not the dose
+    for p in (low, high):
+        assert p["r2"] == pytest.approx(
+            min(0.1, 20 * p["mean_diagonal_DhD"] / p["norm_DhD"]), rel=1e-6)
+    assert high["r2"] == pytest.approx(low["r2"], rel=1e-3)
+
+
+def test_resolve_chooses_r2_from_the_operator():
+    """``r2 = r2_factor d / L``: the same at any dose, smaller where ``L / d`` is larger
+    (longer rays), an explicit value wins, and the rule is stored."""
+    clean = resolve(SolverSettings(), 519.3, 0.0, 0.8995)  # 128^3, step 32, 12 angles
+    assert clean["r2"] == pytest.approx(20 * 0.8995 / 519.3) and 0.034 < clean["r2"] < 0.035
+    assert clean["r2_rule"].startswith("r2 = min(0.1, 20 d / L)") and "519.3" in clean["r2_rule"]
+    bright = resolve(SolverSettings(), 100 * 519.3, 0.5, 100 * 0.8995)
+    assert bright["r2"] == pytest.approx(clean["r2"])
+    assert resolve(SolverSettings(), 270.0, 0.0, 0.925)["r2"] == pytest.approx(0.0685, abs=1e-4)
+    assert resolve(SolverSettings(), 109.2, 0.0, 0.9295)["r2"] == 0.1  # 32^3: the paper's
+    assert resolve(SolverSettings(r2_factor=10), 519.3, 0.0, 0.8995)["r2"] == pytest.approx(
+        clean["r2"] / 2)
+    given = resolve(SolverSettings(r2=0.1), 519.3, 0.0, 0.8995)
+    assert given["r2"] == 0.1 and given["r2_rule"] == "set explicitly (--r2)"
+    with pytest.raises(ValueError, match="mean diagonal"):
+        resolve(SolverSettings(), 519.3, 0.0, None)

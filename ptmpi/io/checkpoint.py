@@ -60,8 +60,10 @@ from ptmpi.solvers.admm import ADMMState
 LAYOUT_VERSION = 1
 
 #: Settings a resumed run may change: they decide when to stop, not what is computed, or
-#: only how a run from iteration 0 starts (a resume starts from the checkpoint).
-RESUMABLE_CHANGES = ("iterations", "tol", "start", "start_iterations", "start_levels")
+#: only how a run from iteration 0 starts (a resume starts from the checkpoint; its
+#: penalties, ``r2`` included, come from the checkpoint's parameters).
+RESUMABLE_CHANGES = ("iterations", "tol", "start", "start_iterations", "start_levels",
+                     "r2_factor", "r2_default_max")
 
 #: Settings added after checkpoints were first written, with the value that a checkpoint
 #: without them ran with (so that those checkpoints still resume).

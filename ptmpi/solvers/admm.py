@@ -104,7 +104,7 @@ class SolverSettings(AlignOptions):
     r1: float | None = None
     """Penalty of ``p = grad u``; default ``tv_weight / shrink_threshold``."""
     r2: float | None = None
-    """Penalty of ``z = D u`` (dimensionless); default 0.1."""
+    """Penalty of ``z = D u`` (dimensionless); default ``r2_factor d / L`` (:func:`resolve`)."""
     epsilon: float | None = None
     """Smoothing ``eps`` of the likelihood (the paper's ``B_eps``); default from the data:
     ``epsilon_counts`` for photon-counting data, 0 for noise-free data."""
@@ -151,6 +151,12 @@ class SolverSettings(AlignOptions):
     """``r2`` is raised at most to this multiple of its starting value."""
     r1_factor: float = 1e-4
     """Default ``r1 / L`` when ``tv_weight`` is 0."""
+    r2_factor: float = 20.0
+    """Default ``r2 = min(r2_default_max, r2_factor d / L)``, ``d`` the mean diagonal of
+    ``D^H D`` and ``L`` its norm: 0.1 at 32^3, 0.09 at 48^3, 0.07 at 64^3, 0.035 at 128^3
+    on the paper's geometry (README)."""
+    r2_default_max: float = 0.1
+    """See ``r2_factor`` (the paper's value: small volumes keep it)."""
     power_iterations: int = 10
     """Power iterations used to estimate ``L``."""
     start: str = "ones"
@@ -257,7 +263,13 @@ def resolve(settings: SolverSettings, norm: float, noise_amplitude: float = 0.0,
       intensity SNR);
     - ``r1 = tv_weight / shrink_threshold`` (the shrink threshold ``tv_weight / r1`` is a
       fixed fraction of the unit background of ``u``), or ``r1_factor * L`` without TV;
-    - ``r2`` is dimensionless (both ``G`` have unit curvature in ``|z|``): 0.1.
+    - ``r2`` is dimensionless (both ``G`` have unit curvature in ``|z|``), so it does not
+      follow the dose; it follows the shape of ``D^H D``:
+      ``r2 = min(r2_default_max, r2_factor d / L)``. ``L / d`` (the curvature of the
+      smoothest mode over that of one voxel) grows with the length of a ray through the
+      volume, and the best fixed ``r2`` fell with it on noise-free data (about 0.1 at 48^3,
+      0.05 at 96^3, 0.03-0.05 at 128^3; 12 angles, 200 iterations); volumes up to about
+      48^3 keep the paper's 0.1 (README).
     """
     apts = settings.algorithm == "apts"
     tv_weight = r1 = 0.0
@@ -273,14 +285,22 @@ def resolve(settings: SolverSettings, norm: float, noise_amplitude: float = 0.0,
         if r1 is None:
             r1 = tv_weight / settings.shrink_threshold if tv_weight > 0 else (
                 settings.r1_factor * norm)
-    r2 = settings.r2 if settings.r2 is not None else 0.1
+    if settings.r2 is not None:
+        r2, r2_rule = settings.r2, "set explicitly (--r2)"
+    else:
+        if not mean_diagonal or mean_diagonal <= 0 or norm <= 0:
+            raise ValueError("the default r2 needs the norm and the mean diagonal of D^H D")
+        r2 = min(settings.r2_default_max, settings.r2_factor * mean_diagonal / norm)
+        r2_rule = (f"r2 = min({settings.r2_default_max:g}, {settings.r2_factor:g} d / L) = "
+                   f"{r2:.4g} (d = mean diagonal of D^H D = {mean_diagonal:.4g}, L = "
+                   f"||D^H D|| = {norm:.4g}, L / d = {norm / mean_diagonal:.4g})")
     epsilon = settings.epsilon
     if epsilon is None:
         epsilon = settings.epsilon_counts if noise_amplitude > 0 else 0.0
     if not apts and tv_weight > 0 and r1 == 0:
         raise ValueError("APT with tv_weight > 0 needs r1 > 0")
     return {"tv_weight": float(tv_weight), "tv_weight_rule": reason if not apts else "apts",
-            "r1": float(r1), "r2": float(r2),
+            "r1": float(r1), "r2": float(r2), "r2_rule": r2_rule,
             "norm_DhD": norm, "mean_diagonal_DhD": mean_diagonal,
             "noise_amplitude": noise_amplitude,
             "epsilon": float(epsilon)}
@@ -382,7 +402,7 @@ def solve(problem: LocalProblem, settings: SolverSettings, comm: Comm,
         # Photon-counting data (all counts whole numbers): Poisson noise of amplitude ~1/2.
         counting = data.all(bool(xp.all(f_local == xp.rint(f_local))) if f_local.size else True)
         params = resolve(settings, norm, 0.5 if counting else 0.0,
-                         volume.mean(data.diagonal()) if counting else None)
+                         volume.mean(data.diagonal()))
     logger.info(
         "%s, %s likelihood: ||D^H D|| = %.4g, %s data; tv_weight = %.4g, r1 = %.4g, "
         "r2 = %.4g, %d CG iterations, up to %d iterations", settings.algorithm.upper(),
@@ -391,6 +411,8 @@ def solve(problem: LocalProblem, settings: SolverSettings, comm: Comm,
         settings.iterations)
     if params.get("tv_weight_rule"):
         logger.info("TV weight: %s", params["tv_weight_rule"])
+    if params.get("r2_rule"):
+        logger.info("r2: %s", params["r2_rule"])
     tv_weight, r1, r2 = params["tv_weight"], params["r1"], params["r2"]
     epsilon = params.get("epsilon", 0.0)
 
