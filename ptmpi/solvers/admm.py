@@ -104,7 +104,8 @@ class SolverSettings(AlignOptions):
     r1: float | None = None
     """Penalty of ``p = grad u``; default ``tv_weight / shrink_threshold``."""
     r2: float | None = None
-    """Penalty of ``z = D u`` (dimensionless); default ``r2_factor d / L`` (:func:`resolve`)."""
+    """Penalty of ``z = D u`` (dimensionless); default ``min(r2_default_max, r2_factor d / L)``
+    (:func:`resolve`)."""
     epsilon: float | None = None
     """Smoothing ``eps`` of the likelihood (the paper's ``B_eps``); default from the data:
     ``epsilon_counts`` for photon-counting data, 0 for noise-free data."""
@@ -156,7 +157,7 @@ class SolverSettings(AlignOptions):
     ``D^H D`` and ``L`` its norm: 0.1 at 32^3, 0.09 at 48^3, 0.07 at 64^3, 0.035 at 128^3
     on the paper's geometry (README)."""
     r2_default_max: float = 0.1
-    """See ``r2_factor`` (the paper's value: small volumes keep it)."""
+    """See ``r2_factor``: the paper's value, which volumes up to about 48^3 keep."""
     power_iterations: int = 10
     """Power iterations used to estimate ``L``."""
     start: str = "ones"
