@@ -114,9 +114,11 @@ class DataTerm(FrameReductions):
         """``D^H D x = sum_t P_t^H (W_t P_t x)`` over all angles, complex128."""
         return self.comm.allreduce_sum(self.model.normal(x, self.weight, WIDE))
 
-    def diagonal(self):
-        """The diagonal of ``D^H D`` (float64 volume), for Jacobi preconditioning."""
-        local = self.model.projector.adj_squared_weights(self.weight.astype(np.float64))
+    def diagonal(self, keep: bool = True):
+        """The diagonal of ``D^H D`` (float64 volume), for Jacobi preconditioning.
+        ``keep``: cache the projector's squared matrix for later calls (False: a one-off)."""
+        local = self.model.projector.adj_squared_weights(self.weight.astype(np.float64),
+                                                         keep=keep)
         return self.comm.allreduce_sum(local)
 
     def norm(self, iterations: int) -> float:

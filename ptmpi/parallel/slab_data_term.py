@@ -181,9 +181,10 @@ class SlabDataTerm(FrameReductions):
         """``D^H D x`` on this rank's slab (no transpose), complex128."""
         return self.grid.slab_comm.allreduce_sum(self.projector.normal(x, self.weight, WIDE))
 
-    def diagonal(self):
-        """The slab of the diagonal of ``D^H D`` (float64)."""
-        local = self.projector.adj_squared_weights(self.weight.astype(np.float64))
+    def diagonal(self, keep: bool = True):
+        """The slab of the diagonal of ``D^H D`` (float64); ``keep`` as in
+        :meth:`DataTerm.diagonal`."""
+        local = self.projector.adj_squared_weights(self.weight.astype(np.float64), keep=keep)
         return self.grid.slab_comm.allreduce_sum(local)
 
     def norm(self, iterations: int) -> float:

@@ -402,8 +402,10 @@ def solve(problem: LocalProblem, settings: SolverSettings, comm: Comm,
         norm = data.norm(settings.power_iterations)
         # Photon-counting data (all counts whole numbers): Poisson noise of amplitude ~1/2.
         counting = data.all(bool(xp.all(f_local == xp.rint(f_local))) if f_local.size else True)
+        # the mean diagonal of D^H D sets r2 (and on counts the TV weight); APT keeps the
+        # squared projector for its Jacobi preconditioner, for APTs it is a one-off
         params = resolve(settings, norm, 0.5 if counting else 0.0,
-                         volume.mean(data.diagonal()))
+                         volume.mean(data.diagonal(keep=apt)))
     logger.info(
         "%s, %s likelihood: ||D^H D|| = %.4g, %s data; tv_weight = %.4g, r1 = %.4g, "
         "r2 = %.4g, %d CG iterations, up to %d iterations", settings.algorithm.upper(),
