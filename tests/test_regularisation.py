@@ -70,7 +70,7 @@ def test_solve_applies_the_rule_to_its_data():
 
 
 def test_resolve_chooses_r2_from_the_operator():
-    """``r2 = r2_factor d / L``: the same at any dose, smaller where ``L / d`` is larger
+    """``r2 = min(0.1, r2_factor d / L)``: the same at any dose, smaller where ``L / d`` is larger
     (longer rays), an explicit value wins, and the rule is stored."""
     clean = resolve(SolverSettings(), 519.3, 0.0, 0.8995)  # 128^3, step 32, 12 angles
     assert clean["r2"] == pytest.approx(20 * 0.8995 / 519.3) and 0.034 < clean["r2"] < 0.035
