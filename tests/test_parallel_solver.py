@@ -221,7 +221,7 @@ def test_apt_on_blocks_matches_the_serial_run(mpi_ranks, dtype, tol):
     r_par = np.asarray(state_par.history["r_factor"])
     assert r_ser[-1] < 0.8 * r_ser[0]
 
-    for key in ("norm_DhD", "tv_weight", "r1"):
+    for key in ("norm_DhD", "mean_diagonal_DhD", "tv_weight", "r1", "r2"):
         assert abs(params_par[key] - params_ser[key]) <= 1e-5 * params_ser[key]
     assert rel(u_par, u_ser) < tol
     assert r_par.shape == r_ser.shape == (10,)
@@ -361,6 +361,25 @@ def test_bad_input_gives_one_clear_error_under_two_ranks(tmp_path):
     assert not (tmp_path / "out.h5").exists()
     assert sorted(p.name for p in tmp_path.iterdir()) == ["bad.h5"]
     assert wall < 30
+
+
+@pytest.mark.mpi(ranks=[3], timeout=60, unit="s")
+def test_the_r2_rule_does_not_depend_on_the_rank_count(mpi_ranks):
+    """Where ``r2 = r2_factor d / L`` is below its cap (large volumes; here the cap is
+    lifted on a tiny case), ``L`` and ``d`` are reduced over the ranks: the same ``r2``
+    and, after 10 iterations, the same volume as one process."""
+    comm = MPIComm()
+    data = simulate_on_root(comm)
+    settings = SolverSettings(iterations=10, r2_default_max=10.0)
+    state_ser, params_ser = solve(local_problem(data, 0, N_ANGLES), settings, SerialComm())
+    a0, a1 = block_partition(N_ANGLES, comm.size, comm.rank)
+    state_par, params_par = solve(local_problem(data, a0, a1), settings, comm)
+    comm.barrier()
+    rule = 20 * params_ser["mean_diagonal_DhD"] / params_ser["norm_DhD"]
+    assert params_ser["r2"] == pytest.approx(rule, rel=1e-12) and rule != 0.1
+    assert params_par["r2"] == pytest.approx(params_ser["r2"], rel=1e-6)
+    assert rel(state_par.u, state_ser.u) < 1e-4
+    assert rel(state_ser.u, np.ones(SHAPE)) > 1e-2
 
 
 @pytest.mark.mpi(ranks=[3], timeout=120, unit="s")
