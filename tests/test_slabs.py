@@ -238,16 +238,20 @@ def test_apt_every_layout_equals_one_rank(mpi_ranks):
 
 @pytest.mark.mpi(ranks=[3], timeout=300, unit="s")
 def test_apt_three_uneven_slabs_equals_one_rank(mpi_ranks):
-    """3 ranks, S = 3: slabs of 4, 3 and 3 slices, angles 2 + 2 + 2 in one group."""
+    """3 ranks, S = 3: slabs of 4, 3 and 3 slices, angles 2 + 2 + 2 in one group; with the
+    cap of the ``r2`` rule lifted, so that ``r2 = 20 d / L`` comes from the slabs' mean
+    diagonal (large volumes)."""
     comm = MPIComm()
     data = comm.bcast(tiny_data() if comm.is_root else None)
     a0, a1 = block_partition(N_ANGLES, comm.size, comm.rank)
-    settings = SolverSettings(iterations=20, tol=0)
+    settings = SolverSettings(iterations=20, tol=0, r2_default_max=10.0)
     grid = _grid(comm, 3)
-    state, _ = solve(problem(data, a0, a1), settings, comm, layout=grid)
+    state, params = solve(problem(data, a0, a1), settings, comm, layout=grid)
     u = grid.volume(SHAPE).gather(state.u)
     if comm.is_root:
-        ref, _ = solve(problem(data, 0, N_ANGLES), settings, SerialComm())
+        ref, ref_params = solve(problem(data, 0, N_ANGLES), settings, SerialComm())
+        assert ref_params["r2"] != 0.1
+        assert params["r2"] == pytest.approx(ref_params["r2"], rel=1e-6)
         assert rel(u, ref.u) <= 1e-5
     comm.barrier()
 
