@@ -98,3 +98,44 @@ def test_mpi_comm_satisfies_the_protocol(mpi_ranks):
 
     comm = MPIComm()
     assert isinstance(comm, Comm) and comm.is_root == (comm.rank == 0)
+
+
+@pytest.mark.mpi(ranks=[2, 3, 4], timeout=60, unit="s")
+@pytest.mark.parametrize("nodes", ["shared", "one rank each", "pairs"])
+def test_shared_sum_equals_allreduce(mpi_ranks, nodes):
+    from mpi4py import MPI
+
+    from ptmpi.parallel.shared_sum import SharedSum
+
+    world = MPI.COMM_WORLD
+    # ranks grouped as nodes: the machine's (all here), one per rank, or pairs of ranks
+    colour = {"shared": None, "one rank each": world.rank, "pairs": world.rank // 2}[nodes]
+    for shape, dtype in [((5, 7, 3), np.complex128), ((1,), np.complex128),
+                         ((3,), np.float64), ((16, 9, 9), np.complex64)]:
+        acc = SharedSum(world, shape, dtype, node_colour=colour)
+        for it in range(3):
+            rng = np.random.default_rng(100 * world.rank + it)
+            x = (rng.standard_normal(shape) + 1j * rng.standard_normal(shape)).astype(dtype) \
+                if np.dtype(dtype).kind == "c" else rng.standard_normal(shape).astype(dtype)
+            expected = world.allreduce(x, op=MPI.SUM)
+            acc.buffer[...] = x
+            out = acc.reduce(acc.buffer)
+            assert out is acc.buffer and out.shape == shape
+            tol = 1e-5 if dtype == np.complex64 else 1e-12
+            np.testing.assert_allclose(out, expected, rtol=tol, atol=tol)
+            # every rank holds the same sum
+            assert all(np.array_equal(out, other) for other in world.allgather(out.copy()))
+        with pytest.raises(ValueError, match="buffer"):
+            acc.reduce(np.zeros(shape, dtype))  # (raised on every rank before any barrier)
+        acc.free()
+
+
+@pytest.mark.mpi(ranks=[2], timeout=60, unit="s")
+def test_shared_sum_is_cached_and_can_be_switched_off(mpi_ranks, monkeypatch):
+    comm = MPIComm()
+    first = comm.shared_sum((4, 4), np.complex128)
+    assert first is not None and comm.shared_sum((4, 4), np.complex128) is first
+    assert comm.shared_sum((4, 5), np.complex128) is not first
+    assert SerialComm().shared_sum((4, 4), np.complex128) is None
+    monkeypatch.setenv("PTMPI_SHARED_SUM", "0")
+    assert comm.shared_sum((4, 4), np.complex128) is None

@@ -43,3 +43,27 @@ def test_data_term_on_blocks_equals_the_serial_operator(mpi_ranks):
     # reductions
     assert part.reduce(float(f1 - f0)) == float(data.frame_offset[-1])
     assert part.all(True) and not part.all(comm.rank != 0)
+
+
+@pytest.mark.mpi(ranks=[2, 3], timeout=60, unit="s")
+def test_shared_sums_equal_allreduce(mpi_ranks, monkeypatch):
+    """The node-shared sums of the adjoint and the normal operator (the default on host
+    arrays) give what MPI_Allreduce gives; an operand that is the shared buffer itself (the
+    previous result) is not overwritten while it is read."""
+    comm = MPIComm()
+    data = simulate_on_root(comm)
+    a0, a1 = block_partition(N_ANGLES, comm.size, comm.rank)
+    part = _term(local_problem(data, a0, a1), comm)
+    assert comm.shared_sum(SHAPE, np.complex128) is not None
+    rng = np.random.default_rng(5)
+    u = rng.standard_normal(SHAPE) + 1j * rng.standard_normal(SHAPE)
+    z = part.fwd(u)
+    shared_adj = part.adj(z).copy()
+    shared_normal = part.normal(u)
+    twice = part.normal(shared_normal).copy()  # the operand is the shared buffer
+    shared_normal = part.normal(u).copy()
+    monkeypatch.setenv("PTMPI_SHARED_SUM", "0")
+    plain_normal = part.normal(u)
+    assert rel(shared_adj, part.adj(z)) < 1e-14
+    assert rel(shared_normal, plain_normal) < 1e-14
+    assert rel(twice, part.normal(plain_normal)) < 1e-14

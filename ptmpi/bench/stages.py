@@ -63,6 +63,7 @@ def instrumented(comm, xp):
     from ptmpi.operators.grad import Gradient
     from ptmpi.operators.ptycho import Ptycho
     from ptmpi.operators.tomo import Projector
+    from ptmpi.parallel.shared_sum import SharedSum
     from ptmpi.solvers import admm
 
     timer = StageTimer(xp)
@@ -78,6 +79,7 @@ def instrumented(comm, xp):
         (admm, "update_data_split", "prox"),
         (admm, "conjugate_gradient", "cg"),
         (comm, "allreduce_sum", "allreduce"), (comm, "allreduce_scalar", "allreduce"),
+        (SharedSum, "reduce", "allreduce"),
     ]
     saved = []
     for owner, name, stage in targets:

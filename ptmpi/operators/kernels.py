@@ -832,14 +832,25 @@ def project_fwd(fwd_chunks, u, n_theta: int, step: int):
     return proj
 
 
-def project_adj(adj_chunks, proj, shape, step: int, out_dtype):
+def _result(out, shape, dtype):
+    """``out`` checked as a C-contiguous ``shape``/``dtype`` result array, or a new one."""
+    if out is None:
+        return np.empty(shape, dtype=dtype)
+    if out.shape != tuple(shape) or out.dtype != dtype or not out.flags.c_contiguous:
+        raise ValueError(f"out: expected a C-contiguous {tuple(shape)} {np.dtype(dtype)} "
+                         f"array, got {out.shape} {out.dtype}")
+    return out
+
+
+def project_adj(adj_chunks, proj, shape, step: int, out_dtype, out=None):
     """``P^T proj`` for complex ``proj (N_THETA, nz, n)``, summed in ``out_dtype``;
     ``adj_chunks``: :func:`chunk_rows` of ``P^T`` (rows: pixels, operand rows: bins of
-    padded angles), in ``out_dtype``'s precision."""
+    padded angles), in ``out_dtype``'s precision. ``out``: optional C-contiguous result
+    array of ``shape`` and ``out_dtype`` (overwritten)."""
     n_theta, nz, n = proj.shape
     wide = np.finfo(out_dtype).dtype
     step = max(1, min(step, LANES // 2, nz))
-    out = np.empty(shape, dtype=out_dtype)
+    out = _result(out, shape, out_dtype)
     y = np.empty((n_theta * (n + 1), LANES), dtype=wide)
     acc = np.empty((n, LANES), dtype=wide)
     _project_adj(*adj_chunks, _rview(proj, n_theta, nz, n, 2), n, step, y, acc,
@@ -847,17 +858,17 @@ def project_adj(adj_chunks, proj, shape, step: int, out_dtype):
     return out
 
 
-def project_normal(fwd_chunks, adj_chunks, u, weight, step: int, out_dtype):
+def project_normal(fwd_chunks, adj_chunks, u, weight, step: int, out_dtype, out=None):
     """``P^T (weight * P u)`` for complex ``u (nz, n, n)`` and real ``weight
     (N_THETA, nz, n)``: ``P`` in ``u``'s precision (``fwd_chunks``, as in
     :func:`project_fwd`), the weighted projections rounded to it, then ``P^T``
-    (``adj_chunks``) summed in ``out_dtype``."""
+    (``adj_chunks``) summed in ``out_dtype``; ``out`` as in :func:`project_adj`."""
     nz, n, _ = u.shape
     n_theta = weight.shape[0]
     rdtype = np.finfo(u.dtype).dtype
     wide = np.finfo(out_dtype).dtype
     step = max(1, min(step, LANES // 2, nz))
-    out = np.empty(u.shape, dtype=out_dtype)
+    out = _result(out, u.shape, out_dtype)
     ut, ut_real, acc_fwd = _forward_buffers(n, n_theta, rdtype, u.dtype)
     y = np.empty((n_theta * (n + 1), LANES), dtype=wide)
     acc = np.empty((n, LANES), dtype=wide)

@@ -63,12 +63,13 @@ class JointModel:
         """``D u``: ``(nz, n, n) -> (N_FRAMES, M, M)`` (``(K, N_FRAMES, M, M)`` with modes)."""
         return self.farfield.fwd(self.ptycho.fwd(self.projector.fwd(u)))
 
-    def adj(self, d, accumulate=None):
+    def adj(self, d, accumulate=None, out=None):
         """``D^H d = sum_{j,t} P_t^H S_j^H (conj(omega) * F^H d_{j,t})``.
 
-        ``accumulate``: optional wider dtype of the sum over angles (see ``Projector.adj``).
+        ``accumulate``: optional wider dtype of the sum over angles; ``out``: optional
+        result array (see ``Projector.adj``).
         """
-        return self.projector.adj(self.ptycho.adj(self.farfield.adj(d)), accumulate)
+        return self.projector.adj(self.ptycho.adj(self.farfield.adj(d)), accumulate, out)
 
     def illumination(self, xp=np):
         """``W_t`` for every local angle: ``(N_THETA, nz, n)`` real, on ``xp``'s device."""
@@ -79,6 +80,7 @@ class JointModel:
         finally:
             self.ptycho.probe = saved
 
-    def normal(self, u, weight, accumulate=None):
-        """``D^H D u = sum_t P_t^H (W_t * P_t u)``, ``weight = W`` from :meth:`illumination`."""
-        return self.projector.normal(u, weight, accumulate)
+    def normal(self, u, weight, accumulate=None, out=None):
+        """``D^H D u = sum_t P_t^H (W_t * P_t u)``, ``weight = W`` from :meth:`illumination`
+        (``out`` as in :meth:`adj`)."""
+        return self.projector.normal(u, weight, accumulate, out)

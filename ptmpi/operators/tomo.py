@@ -42,6 +42,16 @@ _THIN_BOX = 1e-7
 SLAB_BYTES = 2 * 2**20
 
 
+def _result(out, shape, dtype, xp):
+    """``out`` checked against the result's ``shape`` and ``dtype``, or a new array."""
+    if out is None:
+        return xp.empty(shape, dtype=dtype)
+    if out.shape != tuple(shape) or out.dtype != dtype:
+        raise ValueError(f"out: expected a {tuple(shape)} {np.dtype(dtype)} array, "
+                         f"got {out.shape} {out.dtype}")
+    return out
+
+
 def _ramp_sq(t: np.ndarray) -> np.ndarray:
     t = np.maximum(t, 0.0)
     return 0.5 * t * t
@@ -241,12 +251,13 @@ class Projector:
             out[:, k0:k1, :] = self._fwd_slab(m, u[k0:k1], xp).transpose(0, 2, 1)
         return out
 
-    def adj(self, p, accumulate=None):
+    def adj(self, p, accumulate=None, out=None):
         """Back-project (exact adjoint): ``p (N_THETA, nz, n) -> (nz, n, n)``.
 
         ``accumulate``: optional wider complex (or real) dtype in which the sum over angles
         is formed and returned (e.g. complex128 for complex64 data), so that partial sums
-        over different blocks of angles add up to the same rounded result.
+        over different blocks of angles add up to the same rounded result. ``out``:
+        optional C-contiguous array of the result's shape and dtype to write it into.
         """
         xp = get_xp(p)
         if p.shape != self.data_shape:
@@ -254,18 +265,18 @@ class Projector:
         dtype = p.dtype if accumulate is None else np.result_type(p.dtype, accumulate)
         if kernels.available(p) and xp.iscomplexobj(p):
             return kernels.project_adj(self._chunks("adj", real_dtype(dtype)), p, self.shape,
-                                       self.kernel_step(p.dtype.itemsize), dtype)
+                                       self.kernel_step(p.dtype.itemsize), dtype, out)
         _, mt = self._matrix_pair(xp, real_dtype(dtype))
-        out = xp.empty(self.shape, dtype=dtype)
+        out = _result(out, self.shape, dtype, xp)
         for k0, k1 in self.slabs(xp, p.dtype.itemsize):
             slab = xp.ascontiguousarray(p[:, k0:k1, :].transpose(0, 2, 1))
             out[k0:k1] = self._adj_slab(mt, slab, xp, dtype)
         return out
 
-    def normal(self, u, weight, accumulate=None):
+    def normal(self, u, weight, accumulate=None, out=None):
         """``P^H (weight * P u)``, slab by slab: ``(nz, n, n) -> (nz, n, n)``.
 
-        ``weight``: ``(N_THETA, nz, n)`` real; ``accumulate`` as in :meth:`adj`.
+        ``weight``: ``(N_THETA, nz, n)`` real; ``accumulate`` and ``out`` as in :meth:`adj`.
         Equal to ``adj(weight * fwd(u), accumulate)`` up to rounding.
         """
         xp = get_xp(u)
@@ -275,10 +286,10 @@ class Projector:
         if kernels.available(u, weight) and xp.iscomplexobj(u):
             return kernels.project_normal(self._chunks("fwd", real_dtype(u.dtype)),
                                           self._chunks("adj", real_dtype(dtype)), u, weight,
-                                          self.kernel_step(u.dtype.itemsize), dtype)
+                                          self.kernel_step(u.dtype.itemsize), dtype, out)
         m, _ = self._matrix_pair(xp, real_dtype(u.dtype))
         _, mt = self._matrix_pair(xp, real_dtype(dtype))
-        out = xp.empty(self.shape, dtype=dtype)
+        out = _result(out, self.shape, dtype, xp)
         for k0, k1 in self.slabs(xp, u.dtype.itemsize):
             proj = self._fwd_slab(m, u[k0:k1], xp)  # (N_THETA, n, k)
             proj *= weight[:, k0:k1, :].transpose(0, 2, 1)

@@ -2,8 +2,10 @@
 
 Solvers receive a :class:`Comm` and never import mpi4py themselves. ``SerialComm`` (one
 rank, no MPI) and ``MPIComm`` implement the protocol independently: neither derives from
-the other. All reductions of
-arrays go through :meth:`allreduce_sum` (in place, one call per quantity). Device (CuPy)
+the other. Reductions of
+arrays go through :meth:`allreduce_sum` (in place, one call per quantity), except the data
+term's repeated volume sums on host arrays, which use the node-shared buffers of
+:meth:`MPIComm.shared_sum` (:mod:`ptmpi.parallel.shared_sum`). Device (CuPy)
 arrays given to any buffer method (:meth:`MPIComm.allreduce_sum`, ``alltoallv``,
 ``sendrecv``, ``gatherv``) are synchronized and staged through host memory (no CUDA-aware
 MPI is assumed); the result lands on the input's device.
@@ -47,6 +49,10 @@ class Comm(Protocol):
 
     def allreduce_scalar(self, value: float, op: str = "sum") -> float: ...
 
+    def shared_sum(self, shape, dtype):
+        """A :class:`~ptmpi.parallel.shared_sum.SharedSum` for repeated sums of host
+        arrays of this shape and dtype over the ranks, or None (one rank)."""
+
     def bcast(self, obj, root: int = 0): ...
 
     def gather(self, obj, root: int = 0): ...
@@ -79,6 +85,9 @@ class SerialComm:
 
     def allreduce_scalar(self, value: float, op: str = "sum") -> float:
         return value
+
+    def shared_sum(self, shape, dtype):
+        return None
 
     def bcast(self, obj, root: int = 0):
         return obj
@@ -137,6 +146,7 @@ class MPIComm:
         # the staging is logged once, by world rank 0: sub-communicators share the flag
         self._staging_logged = [False]
         self._logs_staging = self.rank == 0
+        self._shared_sums = {}  # (shape, dtype) -> SharedSum (shared_sum)
 
     @property
     def is_root(self) -> bool:
@@ -176,6 +186,21 @@ class MPIComm:
     def allreduce_scalar(self, value: float, op: str = "sum") -> float:
         ops = {"sum": self._mpi.SUM, "max": self._mpi.MAX, "min": self._mpi.MIN}
         return self.comm.allreduce(value, op=ops[op])
+
+    def shared_sum(self, shape, dtype):
+        """A :class:`~ptmpi.parallel.shared_sum.SharedSum` over this communicator for
+        ``shape`` x ``dtype`` host arrays, made on first use and kept (one buffer per rank
+        in node-shared memory). None on one rank, or when the environment sets
+        ``PTMPI_SHARED_SUM=0`` (then sums go through ``MPI_Allreduce``). Collective on
+        first use for a shape and dtype."""
+        if self.size == 1 or os.environ.get("PTMPI_SHARED_SUM", "1") == "0":
+            return None
+        from ptmpi.parallel.shared_sum import SharedSum
+
+        key = (tuple(int(s) for s in shape), np.dtype(dtype).str)
+        if key not in self._shared_sums:
+            self._shared_sums[key] = SharedSum(self.comm, shape, dtype)
+        return self._shared_sums[key]
 
     def bcast(self, obj, root: int = 0):
         return self.comm.bcast(obj, root=root)

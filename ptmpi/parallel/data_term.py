@@ -29,6 +29,21 @@ SUBPIXEL_CG = 2
 """CG steps of the probe update with sub-pixel frames (:func:`probe_from_views`)."""
 
 
+def reduced_sum(comm, shape, local_sum, operand):
+    """``local_sum(out)`` (this rank's complex128 part of a sum over angles, computed from
+    ``operand`` and written into ``out`` when that is not None) summed over ``comm``.
+    Host arrays go through the communicator's node-shared buffer
+    (:class:`~ptmpi.parallel.shared_sum.SharedSum`): each rank writes its part into it and
+    the parts are summed there; the result is that buffer, valid until the next sum of
+    this shape. Device arrays, one rank, or an ``operand`` inside the buffer take an
+    in-place ``allreduce_sum`` of a new array."""
+    shared = comm.shared_sum(shape, WIDE)
+    if (shared is None or get_xp(operand) is not np
+            or np.shares_memory(operand, shared.buffer)):
+        return comm.allreduce_sum(local_sum(None))
+    return shared.reduce(local_sum(shared.buffer))
+
+
 class FrameReductions:
     """Reductions of per-frame statistics over every rank that owns frames (``comm``);
     shared by :class:`DataTerm` and the slab layout's data term."""
@@ -107,12 +122,17 @@ class DataTerm(FrameReductions):
         return self.model.fwd(u)
 
     def adj(self, z_local):
-        """``D^H z = sum_r D_r^H z_r`` over all ranks, complex128 ``(nz, n, n)``."""
-        return self.comm.allreduce_sum(self.model.adj(z_local, WIDE))
+        """``D^H z = sum_r D_r^H z_r`` over all ranks, complex128 ``(nz, n, n)``.
+
+        Like :meth:`normal`, on several ranks the result may be a buffer that the next
+        call of either overwrites: use it before then."""
+        return reduced_sum(self.comm, self.shape,
+                           lambda out: self.model.adj(z_local, WIDE, out), z_local)
 
     def normal(self, x):
         """``D^H D x = sum_t P_t^H (W_t P_t x)`` over all angles, complex128."""
-        return self.comm.allreduce_sum(self.model.normal(x, self.weight, WIDE))
+        return reduced_sum(self.comm, self.shape,
+                           lambda out: self.model.normal(x, self.weight, WIDE, out), x)
 
     def diagonal(self, keep: bool = True):
         """The diagonal of ``D^H D`` (float64 volume), for Jacobi preconditioning.
