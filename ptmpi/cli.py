@@ -687,8 +687,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--slabs", type=_slabs_arg, default="auto", metavar="S|auto",
                    help="apt/apts: split the ranks into ranks/S angle groups and S z-slabs of "
                         "the volume (S divides the rank count; 1: every rank holds the whole "
-                        "volume). auto (default): 1 when that fits the node's memory, else "
-                        "the fewest slabs that fit; the layout is printed")
+                        "volume). auto (default): on CPUs one slab per rank of a node, with "
+                        "--gpu 1, when that fits the node's memory, else more slabs; the "
+                        "layout is printed")
     p.add_argument("--no-figures", action="store_true", help="do not write PNG figures")
     p.add_argument("--checkpoint", metavar="FILE",
                    help="apt/apts only: the checkpoint file, the full solver state (default "

@@ -213,33 +213,51 @@ def _check_slabs(slabs, comm: Comm, refusal: str | None) -> None:
         raise RunError(f"--slabs {slabs} is not supported with {refusal}: use --slabs 1")
 
 
+MIN_SLAB_SLICES = 4
+"""``--slabs auto`` keeps at least this many slices per slab (fewer only for memory)."""
+
+
+def _node_slabs(comm: Comm, nz: int) -> int:
+    """The slabs ``--slabs auto`` prefers on the CPU: one per rank of a node (angle groups
+    = nodes), so that the ranks that share a node's memory bandwidth split the volume's
+    work (CG vectors, TV) instead of each repeating it, and the projection transposes stay
+    inside the node. The ranks per node must be alike (else their greatest common
+    divisor), and the slabs at least :data:`MIN_SLAB_SLICES` thick."""
+    per_node = 0
+    for size in comm.allgather(int(comm.local_size)):
+        per_node = math.gcd(per_node, size)
+    return max([s for s in range(1, max(per_node, 1) + 1)
+                if per_node % s == 0 and nz >= MIN_SLAB_SLICES * s] or [1])
+
+
 def _choose_slabs(slabs, refusal, layout, algorithm, dtype, comm, modes, model, gpu) -> int:
     """The slabs of the run: ``slabs`` as asked (checked against the volume), or for
-    ``auto`` 1 (replicated: no halos, no transposes) when its memory plan fits the node,
-    else the smallest divisor of the rank count whose plan fits (the smallest plan when
+    ``auto`` on CPUs one slab per rank of a node (:func:`_node_slabs`; angle groups are
+    nodes) and with ``--gpu`` 1 (replicated: each GPU has its own memory bandwidth; no
+    halos, no transposes), when that plan fits the node's memory; else the next divisor of
+    the rank count above it whose plan fits, then the ones below (the smallest plan when
     none does: the memory check then reports it)."""
     nz = int(layout["shape"][0])
     if slabs != "auto":
         if slabs > nz:
             raise RunError(f"--slabs {slabs}: the volume has only {nz} slices (z); use at "
                            f"most {nz} slabs")
-        chosen = slabs
-    elif refusal is not None:
-        chosen = 1
-    else:
-        chosen, best = 1, None
-        for candidate in [s for s in range(1, comm.size + 1) if comm.size % s == 0 and s <= nz]:
-            plan = _plan_memory(layout, algorithm, dtype, comm, modes, model, gpu, candidate,
-                                check=False)
-            fits = not plan["bytes_available"] or plan["bytes_node"] <= plan["bytes_available"]
-            if fits:
-                chosen = candidate
-                break
-            if best is None or plan["bytes_per_rank_max"] < best[1]:
-                best = (candidate, plan["bytes_per_rank_max"])
-        else:
-            chosen = best[0] if best else 1
-    return chosen
+        return slabs
+    if refusal is not None:
+        return 1
+    preferred = 1 if gpu else _node_slabs(comm, nz)
+    divisors = [s for s in range(1, comm.size + 1) if comm.size % s == 0 and s <= nz]
+    order = ([preferred] + [s for s in divisors if s > preferred]
+             + [s for s in reversed(divisors) if s < preferred])
+    best = None
+    for candidate in order:
+        plan = _plan_memory(layout, algorithm, dtype, comm, modes, model, gpu, candidate,
+                            check=False)
+        if not plan["bytes_available"] or plan["bytes_node"] <= plan["bytes_available"]:
+            return candidate
+        if best is None or plan["bytes_per_rank_max"] < best[1]:
+            best = (candidate, plan["bytes_per_rank_max"])
+    return best[0] if best else 1
 
 
 def _describe_layout(size: int, slabs: int, nz: int, auto: bool) -> str:

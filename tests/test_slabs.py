@@ -301,26 +301,51 @@ def test_checkpoint_resumes_on_another_grid(mpi_ranks, shared_tmp):
 
 
 @pytest.mark.mpi(ranks=[4], timeout=120, unit="s")
-def test_auto_chooses_the_fewest_slabs_that_fit(mpi_ranks, monkeypatch):
-    """--slabs auto: 1 when the replicated plan fits the node; with less memory than that
+def test_auto_chooses_node_slabs_then_the_fewest_that_fit(mpi_ranks, monkeypatch):
+    """--slabs auto: on CPUs one slab per rank of the node (here 4 ranks on one node) when
+    that plan fits; with --gpu 1 when the replicated plan fits, with less memory than that
     (but enough for two slabs) 2; with less than any plan needs, the smallest plan."""
     import ptmpi.memory
     from ptmpi.reconstruct import _choose_slabs, _plan_memory
 
     comm = MPIComm()
+    assert comm.local_size == 4
     layout = {"shape": (256, 256, 256), "frame_offset": np.arange(0, 13 * 12, 12), "m": 16,
               "truth": True, "subpixel": False}
-    args = ("apt", np.complex64, comm, 1, "linear", False)
-    needs = {s: _plan_memory(layout, *args, s, check=False)["bytes_node"] for s in (1, 2, 4)}
+    cpu = ("apt", np.complex64, comm, 1, "linear", False)
+    gpu = ("apt", np.complex64, comm, 1, "linear", True)
+    needs = {s: _plan_memory(layout, *gpu, s, check=False)["bytes_node"] for s in (1, 2, 4)}
     assert needs[1] > needs[2] > needs[4]
-    assert _choose_slabs("auto", None, layout, *args) == 1 or needs[1] > ptmpi.memory \
-        .available_bytes()
+    monkeypatch.setattr(ptmpi.memory, "available_bytes", lambda: 10 * needs[1])
+    assert _choose_slabs("auto", None, layout, *cpu) == 4
+    assert _choose_slabs("auto", None, layout, *gpu) == 1
+    assert _choose_slabs("auto", "--model exp (the linear model only)", layout, *cpu) == 1
+    assert _choose_slabs("auto", None, {**layout, "shape": (8, 256, 256)}, *cpu) == 2
+    assert _choose_slabs("auto", None, {**layout, "shape": (7, 256, 256)}, *cpu) == 1
+    assert _choose_slabs(2, None, layout, *cpu) == 2  # as asked
     between = (needs[1] + needs[2]) // 2
     monkeypatch.setattr(ptmpi.memory, "available_bytes", lambda: between)
-    assert _choose_slabs("auto", None, layout, *args) == 2
-    assert _choose_slabs("auto", "--model exp (the linear model only)", layout, *args) == 1
+    assert _choose_slabs("auto", None, layout, *gpu) == 2
     monkeypatch.setattr(ptmpi.memory, "available_bytes", lambda: needs[4] // 2)
-    assert _choose_slabs("auto", None, layout, *args) == 4
+    assert _choose_slabs("auto", None, layout, *gpu) == 4
+
+
+def test_node_slabs_follow_the_ranks_per_node():
+    from ptmpi.reconstruct import _node_slabs
+
+    class Nodes:  # what allgather of local_size returns on the ranks of a few nodes
+        def __init__(self, sizes):
+            self.sizes, self.local_size = sizes, sizes[0]
+
+        def allgather(self, value):
+            return list(self.sizes)
+
+    assert _node_slabs(Nodes([4, 4, 4, 4]), 64) == 4
+    assert _node_slabs(Nodes([6] * 6 + [4] * 4), 64) == 2  # unlike nodes: their gcd
+    assert _node_slabs(Nodes([3, 3, 3, 2, 2]), 64) == 1
+    assert _node_slabs(Nodes([8] * 8), 16) == 4  # slabs of at least 4 slices
+    assert _node_slabs(Nodes([8] * 8), 3) == 1
+    assert _node_slabs(Nodes([1, 1]), 64) == 1  # one rank per node: replicated
 
 
 # ---------------------------------------------------------------------------- device path
