@@ -139,3 +139,12 @@ def test_shared_sum_is_cached_and_can_be_switched_off(mpi_ranks, monkeypatch):
     assert SerialComm().shared_sum((4, 4), np.complex128) is None
     monkeypatch.setenv("PTMPI_SHARED_SUM", "0")
     assert comm.shared_sum((4, 4), np.complex128) is None
+
+
+@pytest.mark.mpi(ranks=[2], timeout=60, unit="s")
+def test_no_shared_sum_with_one_rank_per_node(mpi_ranks):
+    comm = MPIComm()
+    alone = comm.split(comm.rank, 0)  # each rank alone in its communicator
+    assert alone.shared_sum((4, 4), np.complex128) is None
+    # the same ranks split into one communicator share this machine's memory
+    assert comm.split(0, comm.rank).shared_sum((4, 4), np.complex128) is not None

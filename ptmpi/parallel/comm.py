@@ -147,6 +147,7 @@ class MPIComm:
         self._staging_logged = [False]
         self._logs_staging = self.rank == 0
         self._shared_sums = {}  # (shape, dtype) -> SharedSum (shared_sum)
+        self._shares_nodes = None  # (shared_sum)
 
     @property
     def is_root(self) -> bool:
@@ -190,11 +191,15 @@ class MPIComm:
     def shared_sum(self, shape, dtype):
         """A :class:`~ptmpi.parallel.shared_sum.SharedSum` over this communicator for
         ``shape`` x ``dtype`` host arrays, made on first use and kept (one buffer per rank
-        in node-shared memory). None on one rank, or when the environment sets
-        ``PTMPI_SHARED_SUM=0`` (then sums go through ``MPI_Allreduce``). Collective on
-        first use for a shape and dtype."""
+        in node-shared memory). None on one rank, with one rank per node, or when the
+        environment sets ``PTMPI_SHARED_SUM=0`` (then sums go through ``MPI_Allreduce``).
+        Collective on first use for a shape and dtype."""
         if self.size == 1 or os.environ.get("PTMPI_SHARED_SUM", "1") == "0":
             return None
+        if self._shares_nodes is None:  # some node holds two ranks of this communicator
+            self._shares_nodes = self.allreduce_scalar(float(self.local_size), "max") > 1
+        if not self._shares_nodes:
+            return None  # one rank per node: nothing to share, MPI_Allreduce
         from ptmpi.parallel.shared_sum import SharedSum
 
         key = (tuple(int(s) for s in shape), np.dtype(dtype).str)
