@@ -2,9 +2,9 @@
 
 The data term sums one complex128 volume over its ranks per CG step (``D^H D x``) and per
 iteration (``D^H (z + lam2)``). ``MPI_Allreduce`` moves that volume through the library's
-own buffers: at 128^3 (33.5 MB) MPICH's shared-memory Allreduce took 18.8 ms on two ranks
-of this project's 2-core machine, where reading two volumes and writing one takes about
-2 ms. A :class:`SharedSum` lets each rank write its part of the sum straight into a
+own buffers: at 128^3 (33.5 MB) MPICH's shared-memory Allreduce took 13-16 ms on two
+ranks of this project's 2-core machine, the shared sum below 6-6.5 ms (README,
+Distribution). A :class:`SharedSum` lets each rank write its part of the sum straight into a
 buffer in memory that every rank of the node can address (an MPI-3 shared window), then:
 
 1. barrier: every part is written;
@@ -16,8 +16,8 @@ buffer in memory that every rank of the node can address (an MPI-3 shared window
    nodes (one ``Allreduce`` among those ranks) and the others copy it;
 4. barrier: every buffer holds the sum.
 
-Each rank reads and writes about one volume, against about four copies for the library's
-Allreduce. The result is the rank's own buffer: valid until its next :meth:`reduce`. The
+Each rank reads and writes about one volume, where the library's Allreduce copies it
+through its buffers. The result is the rank's own buffer: valid until its next :meth:`reduce`. The
 order of the sum over ranks is fixed by the layout (node-rank order inside a node), so a
 run is reproducible on the same ranks; across rank counts it differs from the serial sum
 by the rounding of the double-precision sums, as with ``MPI_Allreduce``.
