@@ -44,13 +44,14 @@ class LinearisedTransmission:
     def fwd(self, du):
         return (1j * self.t) * self.projector.fwd(du)
 
-    def adj(self, q, accumulate=None):
-        """``P^H(-i conj(t) q)``; ``accumulate``: wider dtype of the sum over angles."""
-        return self.projector.adj(self._minus_i_conj_t * q, accumulate)
+    def adj(self, q, accumulate=None, out=None):
+        """``P^H(-i conj(t) q)``; ``accumulate``: wider dtype of the sum over angles;
+        ``out``: optional result array (``Projector.adj``)."""
+        return self.projector.adj(self._minus_i_conj_t * q, accumulate, out)
 
-    def normal(self, x, accumulate=None):
+    def normal(self, x, accumulate=None, out=None):
         """``J^H J x = P^H(|t|^2 P x)``."""
-        return self.projector.normal(x, self.weight, accumulate)
+        return self.projector.normal(x, self.weight, accumulate, out)
 
 
 class ExpModel:
@@ -160,8 +161,8 @@ class ProjectedGradient:
     def fwd(self, du):
         return image_gradient(self.projector.fwd(du))
 
-    def adj(self, g, accumulate=None):
-        return self.projector.adj(image_gradient_adj(g), accumulate)
+    def adj(self, g, accumulate=None, out=None):
+        return self.projector.adj(image_gradient_adj(g), accumulate, out)
 
-    def normal(self, x, accumulate=None):
-        return self.adj(self.fwd(x), accumulate)
+    def normal(self, x, accumulate=None, out=None):
+        return self.adj(self.fwd(x), accumulate, out)

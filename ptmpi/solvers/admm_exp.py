@@ -172,7 +172,7 @@ from ptmpi.operators.transmission import (
     log_ratio_gradient,
 )
 from ptmpi.parallel.comm import SerialComm
-from ptmpi.parallel.data_term import probe_from_views
+from ptmpi.parallel.data_term import probe_from_views, reduced_sum
 from ptmpi.progress import REPLICATED
 from ptmpi.solvers.admm import ADMMState, LocalProblem, end_of_iteration
 from ptmpi.solvers.align import AlignOptions, iteration_cap, make_aligner
@@ -490,7 +490,8 @@ def gauss_newton(model: ExpModel, u, target_local, rho: float, grad: Gradient, t
         else:
             op = ProjectedGradient(model.projector)
             residual = log_ratio_gradient(target_local, t)
-        rhs = comm.allreduce_sum(op.adj(residual, wide)) * rho
+        rhs = reduced_sum(comm, u.shape, lambda out, op=op, residual=residual:
+                          op.adj(residual, wide, out), residual) * rho
         if tv_rhs is not None:
             rhs += r1 * (tv_rhs - grad.normal(u))
         rhs = rhs.astype(dtype)
@@ -501,7 +502,7 @@ def gauss_newton(model: ExpModel, u, target_local, rho: float, grad: Gradient, t
         def normal_op(x, op=op, free=free):
             if free is not None:
                 x = restrict(x, free)
-            out = comm.allreduce_sum(op.normal(x, wide)) * rho
+            out = reduced_sum(comm, x.shape, lambda buf: op.normal(x, wide, buf), x) * rho
             if r1 > 0:
                 out += r1 * grad.normal(x)
             out = out.astype(dtype)
