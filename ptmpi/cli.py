@@ -226,7 +226,7 @@ def _dry_run(args, algorithm, settings, dtype, comm: Comm) -> int:
     try:
         plan = reconstruct(args.input, args.output, settings, comm, algorithm=algorithm,
                            force=args.force, gpu=args.gpu, dtype=dtype, dry_run=True,
-                           slabs=getattr(args, "slabs", 1))
+                           slabs=getattr(args, "slabs", "auto"))
     except RunError as exc:
         raise UserError(str(exc)) from exc
     if comm.is_root:
@@ -379,7 +379,7 @@ def cmd_reconstruct(args, comm: Comm) -> int:
                         figures=not args.no_figures, command=" ".join(sys.argv),
                         checkpoint=args.checkpoint, checkpoint_every=every,
                         resume=args.resume, stop_request=stop_request,
-                        slabs=getattr(args, "slabs", 1))
+                        slabs=getattr(args, "slabs", "auto"))
         except RunError as exc:
             raise UserError(str(exc)) from exc
         except Interrupted as exc:  # raised alike on every rank

@@ -342,7 +342,7 @@ def reconstruct(input_path: str, output_path: str, settings, comm: Comm, *,
                 dtype=DEFAULT_COMPLEX, figures: bool = True, command: str | None = None,
                 demo: bool = False, checkpoint: str | None = None, checkpoint_every: int = 0,
                 resume: bool = False, stop_request=None, dry_run: bool = False,
-                slabs: int | str = 1) -> dict:
+                slabs: int | str = "auto") -> dict:
     """Reconstruct ``input_path`` into ``output_path`` (SPEC 4); returns a summary dict.
 
     ``settings`` is a :class:`SolverSettings` (apt/apts; ``algorithm`` taken from it) or a
@@ -360,7 +360,8 @@ def reconstruct(input_path: str, output_path: str, settings, comm: Comm, *,
     ``slabs``: z-slabs of the angle x slab grid (:mod:`ptmpi.parallel.volume`; apt/apts with
     the linear model, one probe mode, no ``--align``, ``--start ones``; with ``gpu`` one
     GPU per rank, the MPI buffers of device arrays staged through host memory), a
-    divisor of the rank count; 1 is the replicated volume; ``"auto"`` chooses from the
+    divisor of the rank count; 1 is the replicated volume; ``"auto"`` (the default, as
+    for the command line, ``demo`` and ``paper``) chooses from the ranks per node and the
     memory plan (:func:`_choose_slabs`).
     """
     from ptmpi.io.cxi import input_checksum
