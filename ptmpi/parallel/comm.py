@@ -51,7 +51,8 @@ class Comm(Protocol):
 
     def shared_sum(self, shape, dtype):
         """A :class:`~ptmpi.parallel.shared_sum.SharedSum` for repeated sums of host
-        arrays of this shape and dtype over the ranks, or None (one rank)."""
+        arrays of this shape and dtype over the ranks, or None where there is nothing to
+        share (one rank; see :meth:`MPIComm.shared_sum`)."""
 
     def bcast(self, obj, root: int = 0): ...
 

@@ -39,7 +39,7 @@ def reduced_sum(comm, shape, local_sum, operand):
     in-place ``allreduce_sum`` of a new array."""
     shared = comm.shared_sum(shape, WIDE)
     if (shared is None or get_xp(operand) is not np
-            or np.shares_memory(operand, shared.buffer)):
+            or np.may_share_memory(operand, shared.buffer)):
         return comm.allreduce_sum(local_sum(None))
     return shared.reduce(local_sum(shared.buffer))
 
