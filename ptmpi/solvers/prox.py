@@ -72,7 +72,7 @@ def prox_modulus(mag, f, r2: float, likelihood: str, epsilon: float = 0.0):
         # a vanishing Newton step is the root, also on the bracket's end (no bisection)
         outside = ((step <= lo) | (step >= hi)) & (xp.abs(step - rho) > 4e-16 * hi)
         step = xp.where(outside, 0.5 * (lo + hi), step)
-        done = xp.abs(step - rho) <= 4e-16 * hi
+        done = xp.abs(step - rho) <= kernels.prox_tol(mag.real.dtype) * hi
         rho = step
         if bool(xp.all(done)):
             break
