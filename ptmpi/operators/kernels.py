@@ -870,13 +870,15 @@ def project_fwd(fwd_chunks, u, n_theta: int, step: int):
     return proj
 
 
-def _result(out, shape, dtype):
-    """``out`` checked as a C-contiguous ``shape``/``dtype`` result array, or a new one."""
+def result_array(out, shape, dtype, xp=np, contiguous: bool = True):
+    """``out`` checked as a ``shape``/``dtype`` result array (C-contiguous when
+    ``contiguous``: the kernels write through flat views), or a new one of ``xp``."""
     if out is None:
-        return np.empty(shape, dtype=dtype)
-    if out.shape != tuple(shape) or out.dtype != dtype or not out.flags.c_contiguous:
-        raise ValueError(f"out: expected a C-contiguous {tuple(shape)} {np.dtype(dtype)} "
-                         f"array, got {out.shape} {out.dtype}")
+        return xp.empty(shape, dtype=dtype)
+    if out.shape != tuple(shape) or out.dtype != dtype or (
+            contiguous and not out.flags.c_contiguous):
+        raise ValueError(f"out: expected a {'C-contiguous ' if contiguous else ''}"
+                         f"{tuple(shape)} {np.dtype(dtype)} array, got {out.shape} {out.dtype}")
     return out
 
 
@@ -888,7 +890,7 @@ def project_adj(adj_chunks, proj, shape, step: int, out_dtype, out=None):
     n_theta, nz, n = proj.shape
     wide = np.finfo(out_dtype).dtype
     step = max(1, min(step, LANES // 2, nz))
-    out = _result(out, shape, out_dtype)
+    out = result_array(out, shape, out_dtype)
     y = np.empty((n_theta * (n + 1), LANES), dtype=wide)
     acc = np.empty((n, LANES), dtype=wide)
     _project_adj(*adj_chunks, _rview(proj, n_theta, nz, n, 2), n, step, y, acc,
@@ -906,7 +908,7 @@ def project_normal(fwd_chunks, adj_chunks, u, weight, step: int, out_dtype, out=
     rdtype = np.finfo(u.dtype).dtype
     wide = np.finfo(out_dtype).dtype
     step = max(1, min(step, LANES // 2, nz))
-    out = _result(out, u.shape, out_dtype)
+    out = result_array(out, u.shape, out_dtype)
     ut, ut_real, acc_fwd = _forward_buffers(n, n_theta, rdtype, u.dtype)
     y = np.empty((n_theta * (n + 1), LANES), dtype=wide)
     acc = np.empty((n, LANES), dtype=wide)

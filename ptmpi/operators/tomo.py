@@ -42,16 +42,6 @@ _THIN_BOX = 1e-7
 SLAB_BYTES = 2 * 2**20
 
 
-def _result(out, shape, dtype, xp):
-    """``out`` checked against the result's ``shape`` and ``dtype``, or a new array."""
-    if out is None:
-        return xp.empty(shape, dtype=dtype)
-    if out.shape != tuple(shape) or out.dtype != dtype:
-        raise ValueError(f"out: expected a {tuple(shape)} {np.dtype(dtype)} array, "
-                         f"got {out.shape} {out.dtype}")
-    return out
-
-
 def _ramp_sq(t: np.ndarray) -> np.ndarray:
     t = np.maximum(t, 0.0)
     return 0.5 * t * t
@@ -267,7 +257,7 @@ class Projector:
             return kernels.project_adj(self._chunks("adj", real_dtype(dtype)), p, self.shape,
                                        self.kernel_step(p.dtype.itemsize), dtype, out)
         _, mt = self._matrix_pair(xp, real_dtype(dtype))
-        out = _result(out, self.shape, dtype, xp)
+        out = kernels.result_array(out, self.shape, dtype, xp, contiguous=False)
         for k0, k1 in self.slabs(xp, p.dtype.itemsize):
             slab = xp.ascontiguousarray(p[:, k0:k1, :].transpose(0, 2, 1))
             out[k0:k1] = self._adj_slab(mt, slab, xp, dtype)
@@ -289,7 +279,7 @@ class Projector:
                                           self.kernel_step(u.dtype.itemsize), dtype, out)
         m, _ = self._matrix_pair(xp, real_dtype(u.dtype))
         _, mt = self._matrix_pair(xp, real_dtype(dtype))
-        out = _result(out, self.shape, dtype, xp)
+        out = kernels.result_array(out, self.shape, dtype, xp, contiguous=False)
         for k0, k1 in self.slabs(xp, u.dtype.itemsize):
             proj = self._fwd_slab(m, u[k0:k1], xp)  # (N_THETA, n, k)
             proj *= weight[:, k0:k1, :].transpose(0, 2, 1)
