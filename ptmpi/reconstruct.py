@@ -439,8 +439,7 @@ def reconstruct(input_path: str, output_path: str, settings, comm: Comm, *,
 
     history, image, omega = result["history"], result["image"], result["omega"]
     params = result["params"]
-    if grid is not None:
-        params["slabs"] = grid.n_slabs
+    params["slabs"] = grid.n_slabs if grid is not None else 1  # the layout, for provenance
     summary = {k: (v[-1] if len(v) else math.nan) for k, v in history.items()}
     summary.update(result.get("final", {}))
     positions = comm.gather(np.asarray(result.get("positions_local", data.positions_local),

@@ -549,3 +549,35 @@ def test_reconstruct_gpu_slabs_writes_the_numpy_volume(mpi_ranks, device, shared
         with h5py.File(ck) as f:
             assert f["u"].shape == SHAPE
     comm.barrier()
+
+
+@pytest.mark.mpi(ranks=[2], timeout=120, unit="s")
+def test_default_layout_is_one_slab_per_rank_of_the_node(mpi_ranks, shared_tmp):
+    """``reconstruct`` with its default (``auto``) on 2 ranks of one node takes one z-slab
+    per rank, with the volume of the replicated layout bit for bit; a run the slab grid
+    refuses (the coarse start) keeps the replicated volume."""
+    import json
+
+    from ptmpi.reconstruct import reconstruct
+
+    comm = MPIComm()
+    path = shared_tmp / "tiny.h5"
+    if comm.is_root:
+        _write_input(path, tiny_data())
+    comm.barrier()
+    runs = {"auto": ({}, SolverSettings(iterations=6, tol=0)),
+            "replicated": ({"slabs": 1}, SolverSettings(iterations=6, tol=0)),
+            "coarse": ({}, SolverSettings(iterations=2, tol=0, start="coarse",
+                                          start_iterations=2))}
+    for name, (kwargs, settings) in runs.items():
+        reconstruct(str(path), str(shared_tmp / f"{name}.h5"), settings, comm, figures=False,
+                    **kwargs)
+    comm.barrier()
+    if comm.is_root:
+        out = {}
+        for name in runs:
+            with h5py.File(shared_tmp / f"{name}.h5") as f:
+                out[name] = (json.loads(f["entry_1/process_1/parameters"][()])["slabs"],
+                             f[VOLUME][()])
+        assert [out[name][0] for name in runs] == [2, 1, 1]
+        assert np.array_equal(out["auto"][1], out["replicated"][1])
