@@ -42,11 +42,11 @@ class Gradient:
             out[tuple(tail)] += gd[tuple(head)]
         return out
 
-    def normal(self, u):
-        """``grad^H grad u = -Lap u``: one compiled pass on the host when available,
-        else ``adj(fwd(u))``."""
+    def normal(self, u, out=None):
+        """``grad^H grad u = -Lap u``: one compiled pass on the host when available (into
+        ``out`` when given), else ``adj(fwd(u))``."""
         if kernels.available(u):
-            return kernels.neg_laplacian(u)
+            return kernels.neg_laplacian(u, out)
         return self.adj(self.fwd(u))
 
     def adj_sum(self, a, b):

@@ -29,19 +29,41 @@ SUBPIXEL_CG = 2
 """CG steps of the probe update with sub-pixel frames (:func:`probe_from_views`)."""
 
 
-def reduced_sum(comm, shape, local_sum, operand):
+class SumBuffer:
+    """A host array kept for the sums over angles of one data term where its communicator
+    has no node-shared buffer (one rank, or one rank per node): the sums are written into
+    it and reduced in place, so that the CG loop does not map (and fault in) a new
+    complex128 volume for every application of the normal operator."""
+
+    def __init__(self):
+        self.array = None
+
+    def get(self, shape):
+        """The buffer for sums of ``shape``, made on first use (or when the shape changes)."""
+        if self.array is None or self.array.shape != tuple(shape):
+            self.array = np.empty(shape, dtype=WIDE)
+        return self.array
+
+
+def reduced_sum(comm, shape, local_sum, operand, spare: SumBuffer | None = None):
     """``local_sum(out)`` (this rank's complex128 part of a sum over angles, computed from
     ``operand`` and written into ``out`` when that is not None) summed over ``comm``.
     Host arrays go through the communicator's node-shared buffer
     (:class:`~ptmpi.parallel.shared_sum.SharedSum`): each rank writes its part into it and
     the parts are summed there; the result is that buffer, valid until the next sum of
-    this shape. Device arrays, one rank, or an ``operand`` inside the buffer take an
-    in-place ``allreduce_sum`` of a new array."""
-    shared = comm.shared_sum(shape, WIDE)
-    if (shared is None or get_xp(operand) is not np
-            or np.may_share_memory(operand, shared.buffer)):
-        return comm.allreduce_sum(local_sum(None))
-    return shared.reduce(local_sum(shared.buffer))
+    this shape. Without a shared buffer the sum is written into ``spare`` (when given) and
+    reduced in place with ``allreduce_sum``: the result is then ``spare``'s array, valid
+    until the next sum that uses it. Device arrays, or an ``operand`` inside the buffer,
+    take an in-place ``allreduce_sum`` of a new array."""
+    host = get_xp(operand) is np
+    shared = comm.shared_sum(shape, WIDE) if host else None
+    if shared is not None and not np.may_share_memory(operand, shared.buffer):
+        return shared.reduce(local_sum(shared.buffer))
+    if shared is None and host and spare is not None:
+        buffer = spare.get(shape)
+        if not np.may_share_memory(operand, buffer):
+            return comm.allreduce_sum(local_sum(buffer))
+    return comm.allreduce_sum(local_sum(None))
 
 
 class FrameReductions:
@@ -91,6 +113,7 @@ class DataTerm(FrameReductions):
                                 dtype=dtype)
         self.weight = self.model.illumination(xp)
         self.mode_mixing = None
+        self._sums = SumBuffer()
 
     @property
     def n_modes(self) -> int:
@@ -124,15 +147,17 @@ class DataTerm(FrameReductions):
     def adj(self, z_local):
         """``D^H z = sum_r D_r^H z_r`` over all ranks, complex128 ``(nz, n, n)``.
 
-        Like :meth:`normal`, on several ranks the result may be a buffer that the next
-        call of either overwrites: use it before then."""
+        Like :meth:`normal`, the result is a buffer that the next call of either
+        overwrites (:func:`reduced_sum`): use it before then."""
         return reduced_sum(self.comm, self.shape,
-                           lambda out: self.model.adj(z_local, WIDE, out), z_local)
+                           lambda out: self.model.adj(z_local, WIDE, out), z_local, self._sums)
 
     def normal(self, x):
-        """``D^H D x = sum_t P_t^H (W_t P_t x)`` over all angles, complex128."""
+        """``D^H D x = sum_t P_t^H (W_t P_t x)`` over all angles, complex128 (a buffer, as
+        in :meth:`adj`)."""
         return reduced_sum(self.comm, self.shape,
-                           lambda out: self.model.normal(x, self.weight, WIDE, out), x)
+                           lambda out: self.model.normal(x, self.weight, WIDE, out), x,
+                           self._sums)
 
     def diagonal(self, keep: bool = True):
         """The diagonal of ``D^H D`` (float64 volume), for Jacobi preconditioning.

@@ -34,7 +34,7 @@ from ptmpi.operators.fft import FarField
 from ptmpi.operators.ptycho import Ptycho, guard_probe
 from ptmpi.operators.tomo import Projector
 from ptmpi.parallel.comm import Comm
-from ptmpi.parallel.data_term import WIDE, FrameReductions, probe_from_views, reduced_sum
+from ptmpi.parallel.data_term import WIDE, FrameReductions, SumBuffer, probe_from_views, reduced_sum
 from ptmpi.parallel.volume import VolumeSpace
 
 
@@ -131,6 +131,7 @@ class SlabDataTerm(FrameReductions):
         self.ptycho = Ptycho(probe, positions_local, frame_offset_local, (nz, n))
         self.farfield = FarField()
         self.mode_mixing = None
+        self._sums = SumBuffer()
         self._update_weight()
 
     n_modes = 1
@@ -176,13 +177,14 @@ class SlabDataTerm(FrameReductions):
         """``D^H z`` on this rank's slab, summed over all angles, complex128."""
         rows = self._to_slabs(self.ptycho.adj(self.farfield.adj(z_local)))
         return reduced_sum(self.grid.slab_comm, self.volume.local_shape,
-                           lambda out: self.projector.adj(rows, WIDE, out), rows)
+                           lambda out: self.projector.adj(rows, WIDE, out), rows, self._sums)
 
     def normal(self, x):
         """``D^H D x`` on this rank's slab (no transpose), complex128 (a buffer that the
         next :meth:`adj` or :meth:`normal` may overwrite, as in :class:`DataTerm`)."""
         return reduced_sum(self.grid.slab_comm, self.volume.local_shape,
-                           lambda out: self.projector.normal(x, self.weight, WIDE, out), x)
+                           lambda out: self.projector.normal(x, self.weight, WIDE, out), x,
+                           self._sums)
 
     def diagonal(self, keep: bool = True):
         """The slab of the diagonal of ``D^H D`` (float64); ``keep`` as in

@@ -171,9 +171,11 @@ class SlabGradient:
         self.volume = volume
         self.shape = volume.local_shape
 
-    def _apply(self, fn, arrays, before, after):
-        """``fn(Gradient, *arrays)`` on the slab, its first and last slices recomputed."""
-        out = fn(Gradient(arrays[0].shape[-3:]), *arrays)
+    def _apply(self, fn, arrays, before, after, out=None):
+        """``fn(Gradient, *arrays)`` on the slab, its first and last slices recomputed;
+        ``out``: passed on to that first call (``fn(..., out=out)``)."""
+        out = fn(Gradient(arrays[0].shape[-3:]), *arrays, **({} if out is None else
+                                                               {"out": out}))
         if not self.volume.split:
             return out
         xp = get_xp(out)
@@ -209,8 +211,8 @@ class SlabGradient:
     def adj(self, g):
         return self._apply(lambda op, x: op.adj(x), [g], 1, 1)
 
-    def normal(self, u):
-        return self._apply(lambda op, x: op.normal(x), [u], 1, 1)
+    def normal(self, u, out=None):
+        return self._apply(lambda op, x, out=None: op.normal(x, out), [u], 1, 1, out)
 
     def adj_sum(self, a, b):
         return self._apply(lambda op, x, y: op.adj_sum(x, y), [a, b], 1, 1)

@@ -307,16 +307,17 @@ def resolve(settings: SolverSettings, norm: float, noise_amplitude: float = 0.0,
             "epsilon": float(epsilon)}
 
 
-def _scaled_sum(wide_sum, r2: float, tv_term, r1: float, dtype):
+def _scaled_sum(wide_sum, r2: float, tv_term, r1: float, dtype, out=None):
     """``r2 * wide_sum + r1 * tv_term`` rounded once to ``dtype`` (``tv_term`` may be
-    None): the u-system's operator and right-hand side from the reduced data term."""
+    None): the u-system's operator and right-hand side from the reduced data term.
+    ``out``: where the compiled kernel writes it (it may be ``tv_term``)."""
     if tv_term is not None and kernels.available(wide_sum, tv_term):
-        return kernels.combine(wide_sum, r2, tv_term, r1, dtype)
-    out = wide_sum.astype(dtype)
-    out *= r2
+        return kernels.combine(wide_sum, r2, tv_term, r1, dtype, out)
+    total = wide_sum.astype(dtype)
+    total *= r2
     if tv_term is not None:
-        out += r1 * tv_term
-    return out
+        total += r1 * tv_term
+    return total
 
 
 def _snr(u, truth, volume: VolumeSpace) -> float:
@@ -460,8 +461,17 @@ def solve(problem: LocalProblem, settings: SolverSettings, comm: Comm,
 
     update_preconditioner()
 
+    # The TV term of normal_op is written into a volume kept between calls, and the
+    # result over it (CG uses each result before its next call): the CG loop then makes
+    # no new volume, each of which would be mapped and faulted in afresh.
+    kept = {}
+
     def normal_op(x):
-        return _scaled_sum(data.normal(x), r2, grad.normal(x) if r1 > 0 else None, r1, dtype)
+        tv_term = grad.normal(x, kept.get("tv")) if r1 > 0 else None
+        result = _scaled_sum(data.normal(x), r2, tv_term, r1, dtype, tv_term)
+        if result is tv_term:
+            kept["tv"] = result
+        return result
 
     sqrt_f_sum = data.reduce(float(xp.sum(sqrt_f, dtype=xp.float64)))
     t_start = time.perf_counter() - (state.history["wall_s"][-1] if state.history["wall_s"] else 0)

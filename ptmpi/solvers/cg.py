@@ -17,7 +17,8 @@ def conjugate_gradient(apply_a: Callable, b, x0, iterations: int, tol: float = 0
     ----------
     apply_a : callable
         ``x -> A x`` for Hermitian positive definite ``A`` (may communicate internally;
-        its result must be identical on every rank).
+        its result must be identical on every rank). Each result is used before the next
+        call, so ``apply_a`` may return the same buffer every time.
     b, x0 : arrays of the same shape and dtype, replicated on every rank.
     iterations : int
         Maximum number of CG iterations.
