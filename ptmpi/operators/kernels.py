@@ -262,11 +262,35 @@ if numba is not None:
                     out[k, i, j] += a[2, k, i, j - 2] + b[2, k, i, j - 2]
 
     @_jit
-    def _tv_step(u, lam1, threshold, p, g, scale, t, stats):
-        # g: scratch (3, 2 nx), the gradient of one row; scale: scratch (nx,); t: scratch
-        # (3, 2 nx), the new p of the row before it overwrites the old one. stats (float64):
-        # += [sum |p - g|^2, sum |p - p_old|^2, sum |g|_iso] (primal and dual residuals of
-        # the split, TV of u). u may hold one slice more than lam1 (the next z-slab's
+    def _lane_sum(v, n):
+        # sum of v[:n] in float64 over eight interleaved partial sums: the loop carries
+        # eight independent additions, not one chain (a statistic's sum, not an iterate's)
+        a0 = a1 = a2 = a3 = a4 = a5 = a6 = a7 = 0.0
+        j = 0
+        while j + 8 <= n:
+            a0 += v[j]
+            a1 += v[j + 1]
+            a2 += v[j + 2]
+            a3 += v[j + 3]
+            a4 += v[j + 4]
+            a5 += v[j + 5]
+            a6 += v[j + 6]
+            a7 += v[j + 7]
+            j += 8
+        while j < n:
+            a0 += v[j]
+            j += 1
+        return ((a0 + a1) + (a2 + a3)) + ((a4 + a5) + (a6 + a7))
+
+    @_jit
+    def _tv_step(u, lam1, threshold, p, g, scale, scale2, t, sq, stats):
+        # g: scratch (3, 2 nx), the gradient of one row; scale, scale2: scratch (nx,) and
+        # (2 nx,), the shrink factor per value and per real column; t: scratch
+        # (3, 2 nx), the new p of the row before it overwrites the old one; sq: scratch
+        # (3, 6 nx) of the terms of the row's statistics. stats (float64): += [sum
+        # |p - g|^2, sum |p - p_old|^2, sum |g|_iso] (primal and dual residuals of the
+        # split, TV of u), summed per row by _lane_sum so that the row's loops have no
+        # chained sum and vectorize. u may hold one slice more than lam1 (the next z-slab's
         # first slice): the z-difference of lam1's last slice then reads it.
         nz = lam1.shape[1]
         nz_u, ny, w = u.shape
@@ -292,16 +316,16 @@ if numba is not None:
                 for d in range(3):  # p = g - lam1, then |p| over the 3 components
                     for j in range(w):
                         t[d, j] = g[d, j] - lam1[d, k, i, j]
-                tv = 0.0
-                for x in range(nx):
-                    scale[x] = 0
+                for x in range(nx):  # |g|: the TV of the row
                     gx = 0.0
                     for d in range(3):
                         re = g[d, 2 * x]
                         im = g[d, 2 * x + 1]
                         gx += re * re + im * im
-                    tv += np.sqrt(gx)
-                stats[2] += tv
+                    sq[0, x] = np.sqrt(gx)
+                stats[2] += _lane_sum(sq[0], nx)
+                for x in range(nx):  # |p| over the 3 components
+                    scale[x] = 0
                 for d in range(3):
                     for x in range(nx):
                         re = t[d, 2 * x]
@@ -309,20 +333,28 @@ if numba is not None:
                         scale[x] += re * re + im * im
                 for x in range(nx):
                     mag = np.sqrt(scale[x])
-                    scale[x] = (mag - threshold) / mag if mag > threshold else 0
-                primal = 0.0
-                dual = 0.0
-                for d in range(3):  # shrink, then lam1 += p - g
+                    f = (mag - threshold) / mag if mag > threshold else 0
+                    scale2[2 * x] = f
+                    scale2[2 * x + 1] = f
+                # shrink, then lam1 += p - g; loops over few arrays each, so that they
+                # vectorize (each pair of arrays a loop writes and reads needs a run-time
+                # overlap check)
+                for d in range(3):
                     for j in range(w):
-                        q = t[d, j] * scale[j // 2]
-                        step = q - p[d, k, i, j]
-                        dual += step * step
-                        p[d, k, i, j] = q
-                        r = q - g[d, j]
-                        primal += r * r
-                        lam1[d, k, i, j] += r
-                stats[0] += primal
-                stats[1] += dual
+                        t[d, j] *= scale2[j]
+                    for j in range(w):
+                        step = t[d, j] - p[d, k, i, j]
+                        sq[1, d * w + j] = step * step
+                    for j in range(w):
+                        p[d, k, i, j] = t[d, j]
+                    for j in range(w):
+                        r = t[d, j] - g[d, j]
+                        sq[2, d * w + j] = r * r
+                        g[d, j] = r
+                    for j in range(w):
+                        lam1[d, k, i, j] += g[d, j]
+                stats[0] += _lane_sum(sq[2], 3 * w)
+                stats[1] += _lane_sum(sq[1], 3 * w)
 
     @_jit
     def _window_fwd(images, probes, pf, a, r, c, out):
@@ -699,9 +731,11 @@ def tv_step(u, lam1, threshold: float, p=None, stats=None):
     g = np.empty((3, 2 * u.shape[-1]), dtype=rdtype)
     t = np.empty((3, 2 * u.shape[-1]), dtype=rdtype)
     scale = np.empty(u.shape[-1], dtype=rdtype)
+    scale2 = np.empty(2 * u.shape[-1], dtype=rdtype)
+    sq = np.empty((3, 6 * u.shape[-1]), dtype=np.float64)
     out = np.zeros(3, dtype=np.float64)
     _tv_step(_real_view(u), lam1.view(rdtype), rdtype.type(threshold), p.view(rdtype), g, scale,
-             t, out)
+             scale2, t, sq, out)
     if stats is not None:
         stats[:] = out
     return p
