@@ -240,8 +240,8 @@ def test_gradient_normal_diagonal():
 @pytest.mark.parametrize("compiled", [True, False])
 @pytest.mark.parametrize("step", [1, 3])
 def test_projector_slabs_equal_one_product(step, compiled, rng, monkeypatch):
-    """Cache blocking (slabs of 1 and 3 slices of 7, remainder included) changes nothing,
-    on the compiled path and on the scipy path."""
+    """Cache blocking (slabs of 1 and 3 slices of 7, remainder included; tiles of pixel
+    rows) changes nothing, on the compiled path and on the scipy path."""
     from ptmpi.operators import kernels
 
     if compiled and not kernels.ENABLED:
@@ -262,6 +262,11 @@ def test_projector_slabs_equal_one_product(step, compiled, rng, monkeypatch):
     for a, b in zip(whole, blocked, strict=True):
         assert a.dtype == b.dtype and a.shape == b.shape
         assert np.array_equal(a, b)
+    # Nor do the tiles of pixel rows of the compiled forward projection (1, 3 of 16, all).
+    for tile in (1, 3, 16):
+        monkeypatch.setattr(op, "tile_rows", lambda rdtype, tile=tile: tile)
+        tiled = (op.fwd(u), op.normal(u, w, np.complex128))
+        assert np.array_equal(tiled[0], whole[0]) and np.array_equal(tiled[1], whole[3])
     # The fused normal operator equals adj(w * fwd(u)) formed in the wide dtype.
     ref = op.adj((w * op.fwd(u)).astype(np.complex128), np.complex128)
     assert np.abs(blocked[3] - ref).max() < 1e-12 * np.abs(ref).max()

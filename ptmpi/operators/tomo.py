@@ -174,22 +174,30 @@ class Projector:
         block's real columns (fewer only for a thinner volume)."""
         return max(1, min(self.shape[0], kernels.LANES // 2))
 
+    def tile_rows(self, rdtype) -> int:
+        """Pixel rows per tile of the compiled forward projection (:func:`kernels.tile_rows`)."""
+        return kernels.tile_rows(self.shape[1], 2 * np.dtype(rdtype).itemsize)
+
     def _chunks(self, kind: str, rdtype):
         """The weights of ``P`` (``kind="fwd"``) or ``P^T`` (``"adj"``) in ``rdtype``,
         chunked for the compiled kernels (:func:`ptmpi.operators.kernels.chunk_rows`):
-        operand rows are pixels (fwd) or bins (adj), each pixel row (each angle's bins)
+        ``P`` cut by tiles of pixel rows (:func:`ptmpi.operators.kernels.tiled_rows`), its
+        operand rows the pixels of a tile; ``P^T``'s operand rows the bins, each angle's
         padded by one row."""
-        key = ("chunks", kind, np.dtype(rdtype).str)
+        tile = self.tile_rows(rdtype) if kind == "fwd" else 0
+        key = ("chunks", kind, np.dtype(rdtype).str, tile)
         if key not in self._matrices:
             n = self.shape[1]
             pair = self._matrices.get(("numpy", np.dtype(rdtype).str))
             if pair is None:  # built for this copy only: the kernels need no CSR matrix
                 m = projection_matrix(n, self.theta, rdtype)
                 pair = (m, m.T.tocsr() if kind == "adj" else None)
-            index = np.arange(n * n if kind == "fwd" else self.n_theta * n, dtype=np.int64)
-            self._matrices[key] = kernels.chunk_rows(pair[0] if kind == "fwd" else pair[1],
-                                                     (index // n) * (n + 1) + index % n,
-                                                     rdtype)
+            if kind == "fwd":
+                matrix, column_row = kernels.tiled_rows(pair[0], n, tile)
+            else:
+                index = np.arange(self.n_theta * n, dtype=np.int64)
+                matrix, column_row = pair[1], (index // n) * (n + 1) + index % n
+            self._matrices[key] = kernels.chunk_rows(matrix, column_row, rdtype)
         return self._matrices[key]
 
     def _base_rdtype(self):
@@ -233,8 +241,9 @@ class Projector:
         if u.shape != self.shape:
             raise ValueError(f"Projector.fwd: expected volume {self.shape}, got {u.shape}")
         if kernels.available(u) and xp.iscomplexobj(u):
-            return kernels.project_fwd(self._chunks("fwd", real_dtype(u.dtype)), u,
-                                       self.n_theta, self.kernel_step(u.dtype.itemsize))
+            rdtype = real_dtype(u.dtype)
+            return kernels.project_fwd(self._chunks("fwd", rdtype), u, self.n_theta,
+                                       self.kernel_step(u.dtype.itemsize), self.tile_rows(rdtype))
         m, _ = self._matrix_pair(xp, real_dtype(u.dtype))
         out = xp.empty(self.data_shape, dtype=u.dtype)
         for k0, k1 in self.slabs(xp, u.dtype.itemsize):
@@ -274,9 +283,11 @@ class Projector:
             raise ValueError(f"Projector.normal: expected volume {self.shape}, got {u.shape}")
         dtype = u.dtype if accumulate is None else np.result_type(u.dtype, accumulate)
         if kernels.available(u, weight) and xp.iscomplexobj(u):
-            return kernels.project_normal(self._chunks("fwd", real_dtype(u.dtype)),
+            rdtype = real_dtype(u.dtype)
+            return kernels.project_normal(self._chunks("fwd", rdtype),
                                           self._chunks("adj", real_dtype(dtype)), u, weight,
-                                          self.kernel_step(u.dtype.itemsize), dtype, out)
+                                          self.kernel_step(u.dtype.itemsize),
+                                          self.tile_rows(rdtype), dtype, out)
         m, _ = self._matrix_pair(xp, real_dtype(u.dtype))
         _, mt = self._matrix_pair(xp, real_dtype(dtype))
         out = kernels.result_array(out, self.shape, dtype, xp, contiguous=False)
