@@ -113,11 +113,13 @@ def test_fused_cg_equals_reference_cg(precondition, rng, numpy_only):
     assert np.linalg.norm(a @ fused - b) < 1e-3 * np.linalg.norm(b)
 
 
-def test_cg_update_refuses_views_it_cannot_update_in_place():
+def test_cg_updates_refuse_views_they_cannot_update_in_place():
     x = np.zeros((4, 4), np.complex64)[:, ::2]
     v = np.zeros((4, 2), np.complex64)
     with pytest.raises(ValueError, match="contiguous"):
-        kernels.cg_update(x, v.copy(), v.copy(), v.copy(), 1.0)
+        kernels.residual_update(x, v.copy(), 1.0)
+    with pytest.raises(ValueError, match="contiguous"):
+        kernels.step_and_direction(x, v.copy(), v.copy(), 1.0, 0.5)
 
 
 @pytest.mark.parametrize("shape", [(6, 7, 8), (1, 5, 4)])

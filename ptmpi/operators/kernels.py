@@ -18,8 +18,8 @@ arithmetic it feeds).
 - :func:`tv_step`, :func:`neg_div_sum`, :func:`combine`: the TV split step, the
   divergence in the right-hand side and the rounding of the reduced sums.
 - :func:`neg_laplacian`: ``grad^H grad u = -Lap u`` (Neumann) in one pass.
-- :func:`cg_update`: CG's ``x += a d``, ``r -= a Ad``, ``s = M r`` and ``<r, s>`` in one pass.
-- :func:`cg_direction`: ``d = s + b d`` in place.
+- :func:`residual_update`: CG's ``r -= a Ad`` and ``<r, M r>`` in one pass;
+  :func:`step_and_direction` its ``x += a d`` and ``d = M r + b d`` in another.
 """
 
 from __future__ import annotations
@@ -578,53 +578,41 @@ if numba is not None:
             out[i] = a * wide[i] + b * extra[i]
 
     @_jit
-    def _cg_update(x, r, d, ad, alpha, inv_diag, s):
-        acc = 0.0
-        for i in range(x.size):
-            x[i] += alpha * d[i]
-            ri = r[i] - alpha * ad[i]
-            r[i] = ri
-            si = inv_diag[i] * ri
-            s[i] = si
-            acc += ri.real * si.real + ri.imag * si.imag
-        return acc
-
-    @_jit
-    def _cg_update_plain(x, r, d, ad, alpha):
-        acc = 0.0
-        for i in range(x.size):
-            x[i] += alpha * d[i]
-            ri = r[i] - alpha * ad[i]
-            r[i] = ri
-            acc += ri.real * ri.real + ri.imag * ri.imag
-        return acc
-
-    @_jit
-    def _cg_update_slices(x, r, d, ad, alpha, inv_diag, s, out):
-        # _cg_update with <r, s> summed per block of x.size // out.size elements (a slice)
-        m = x.size // out.size
+    def _residual_update(r, ad, alpha, inv_diag, precondition, out):
+        # r -= alpha ad; out[k] = Re <r, M r> over block k of r.size // out.size elements
+        # (a slice, or the whole vector), M = diag(inv_diag) or 1
+        m = r.size // out.size
         for k in range(out.size):
             acc = 0.0
-            for i in range(k * m, (k + 1) * m):
-                x[i] += alpha * d[i]
-                ri = r[i] - alpha * ad[i]
-                r[i] = ri
-                si = inv_diag[i] * ri
-                s[i] = si
-                acc += ri.real * si.real + ri.imag * si.imag
+            if precondition:
+                for i in range(k * m, (k + 1) * m):
+                    ri = r[i] - alpha * ad[i]
+                    r[i] = ri
+                    si = inv_diag[i] * ri
+                    acc += ri.real * si.real + ri.imag * si.imag
+            else:
+                for i in range(k * m, (k + 1) * m):
+                    ri = r[i] - alpha * ad[i]
+                    r[i] = ri
+                    acc += ri.real * ri.real + ri.imag * ri.imag
             out[k] = acc
 
     @_jit
-    def _cg_update_plain_slices(x, r, d, ad, alpha, out):
-        m = x.size // out.size
-        for k in range(out.size):
-            acc = 0.0
-            for i in range(k * m, (k + 1) * m):
+    def _step_and_direction(x, d, r, inv_diag, precondition, alpha, beta, direction):
+        # x += alpha d, then (with direction) d = M r + beta d
+        if not direction:
+            for i in range(x.size):
                 x[i] += alpha * d[i]
-                ri = r[i] - alpha * ad[i]
-                r[i] = ri
-                acc += ri.real * ri.real + ri.imag * ri.imag
-            out[k] = acc
+        elif precondition:
+            for i in range(x.size):
+                di = d[i]
+                x[i] += alpha * di
+                d[i] = inv_diag[i] * r[i] + beta * di
+        else:
+            for i in range(x.size):
+                di = d[i]
+                x[i] += alpha * di
+                d[i] = r[i] + beta * di
 
     @_jit
     def _slice_vdot(x, y, out):
@@ -659,11 +647,6 @@ if numba is not None:
             signal += sr * sr + si * si
         return residual, signal
 
-    @_jit
-    def _cg_direction(d, s, beta):
-        for i in range(d.size):
-            d[i] = s[i] + beta * d[i]
-
 
 def _real_view(x):
     """Real view of a C-contiguous complex array, last axis doubled."""
@@ -679,32 +662,33 @@ def neg_laplacian(u, out=None):
     return out
 
 
-def cg_update(x, r, d, ad, alpha, inv_diag=None, s=None) -> float:
-    """In place: ``x += alpha d``, ``r -= alpha ad``, ``s = inv_diag r``; returns
-    ``Re <r, s>`` (``<r, r>`` without ``inv_diag``, when ``s`` is ``r``)."""
-    if not all(v.flags.c_contiguous for v in (x, r, d) + (() if s is None else (s,))):
-        raise ValueError("cg_update: x, r, d and s must be C-contiguous (updated in place)")
-    dtype = x.dtype
-    alpha = dtype.type(alpha)
-    flat = [v.reshape(-1) for v in (x, r, d, ad)]
-    if inv_diag is None:
-        return float(_cg_update_plain(*flat, alpha))
-    return float(_cg_update(*flat, alpha, inv_diag.reshape(-1), s.reshape(-1)))
+def _flat_in_place(name, *arrays):
+    if not all(v.flags.c_contiguous for v in arrays):
+        raise ValueError(f"{name}: the vectors it updates must be C-contiguous (in place)")
+    return [v.reshape(-1) for v in arrays]
 
 
-def cg_update_slices(x, r, d, ad, alpha, inv_diag=None, s=None):
-    """:func:`cg_update` returning ``Re <r, s>`` per slice (axis 0 of ``x``), float64
-    ``(nz,)``: sums that do not depend on how the slices are split over ranks."""
-    if not all(v.flags.c_contiguous for v in (x, r, d) + (() if s is None else (s,))):
-        raise ValueError("cg_update: x, r, d and s must be C-contiguous (updated in place)")
-    alpha = x.dtype.type(alpha)
-    flat = [v.reshape(-1) for v in (x, r, d, ad)]
-    out = np.zeros(x.shape[0], dtype=np.float64)
-    if inv_diag is None:
-        _cg_update_plain_slices(*flat, alpha, out)
-    else:
-        _cg_update_slices(*flat, alpha, inv_diag.reshape(-1), s.reshape(-1), out)
+def residual_update(r, ad, alpha, inv_diag=None, per_slice: bool = True):
+    """CG's ``r -= alpha Ad`` in place, returning ``Re <r, M r>`` (``M = diag(inv_diag)``,
+    or 1) in float64: per slice (axis 0; ``(nz,)``, sums that do not depend on how the
+    slices are split over ranks) or, with ``per_slice=False``, of the whole vector
+    (``(1,)``)."""
+    (flat_r,) = _flat_in_place("residual_update", r)
+    out = np.zeros(r.shape[0] if per_slice else 1, dtype=np.float64)
+    diag = inv_diag.reshape(-1) if inv_diag is not None else np.ones(1, dtype=np.float32)
+    _residual_update(flat_r, np.ascontiguousarray(ad).reshape(-1), r.dtype.type(alpha), diag,
+                     inv_diag is not None, out)
     return out
+
+
+def step_and_direction(x, d, r, alpha, beta=None, inv_diag=None) -> None:
+    """CG's ``x += alpha d`` and then, unless ``beta`` is None, ``d = M r + beta d``, in
+    place and in one pass (``M = diag(inv_diag)``, or 1)."""
+    flat_x, flat_d = _flat_in_place("step_and_direction", x, d)
+    diag = inv_diag.reshape(-1) if inv_diag is not None else np.ones(1, dtype=np.float32)
+    _step_and_direction(flat_x, flat_d, np.ascontiguousarray(r).reshape(-1), diag,
+                        inv_diag is not None, x.dtype.type(alpha),
+                        x.dtype.type(0 if beta is None else beta), beta is not None)
 
 
 def slice_vdot(x, y):
@@ -723,13 +707,6 @@ def scaled_residual(u, t, zeta: complex) -> tuple[float, float]:
     return _scaled_residual(np.ascontiguousarray(u).reshape(-1),
                             np.ascontiguousarray(t).reshape(-1), float(zeta.real),
                             float(zeta.imag))
-
-
-def cg_direction(d, s, beta) -> None:
-    """In place: ``d = s + beta d``."""
-    if not d.flags.c_contiguous:
-        raise ValueError("cg_direction: d must be C-contiguous (updated in place)")
-    _cg_direction(d.reshape(-1), s.reshape(-1), d.dtype.type(beta))
 
 
 def neg_div_sum(a, b):

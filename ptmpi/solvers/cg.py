@@ -63,12 +63,12 @@ def conjugate_gradient(apply_a: Callable, b, x0, iterations: int, tol: float = 0
         ad = apply_a(d)
         alpha = rs / float(vdot(d, ad).real)
         if fused:  # the same updates in two passes over memory instead of about eight
-            if space is None:
-                rs_new = kernels.cg_update(x, r, d, ad, alpha, inv_diag, s)
-            else:
-                rs_new = float(space.total(kernels.cg_update_slices(x, r, d, ad, alpha,
-                                                                    inv_diag, s)))
-            kernels.cg_direction(d, s, rs_new / rs)
+            if taken == iterations:  # the last step: only x moves
+                kernels.step_and_direction(x, d, r, alpha)
+                break
+            partial = kernels.residual_update(r, ad, alpha, inv_diag, per_slice=space is not None)
+            rs_new = float(space.total(partial) if space is not None else partial[0])
+            kernels.step_and_direction(x, d, r, alpha, rs_new / rs, inv_diag)
         else:
             x += alpha * d
             r -= alpha * ad
