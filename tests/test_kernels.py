@@ -113,6 +113,34 @@ def test_fused_cg_equals_reference_cg(precondition, rng, numpy_only):
     assert np.linalg.norm(a @ fused - b) < 1e-3 * np.linalg.norm(b)
 
 
+@pytest.mark.parametrize("precondition", [False, True])
+def test_fused_cg_on_slices_equals_reference_cg(precondition, rng, numpy_only):
+    """The volume form (sums per slice): the fused start, residual and direction passes
+    give the reference iterates, and the start's sums are slice_vdot's bit for bit."""
+    from ptmpi.parallel.volume import VolumeSpace
+
+    shape = (5, 6, 7)
+    op = Gradient(shape)
+
+    def apply_a(v):  # 1 + grad^H grad: Hermitian positive definite
+        return v + op.adj(op.fwd(v))
+
+    b = random_array(shape, np.complex64, rng)
+    x0 = random_array(shape, np.complex64, rng)
+    inv_diag = (1 / (1 + op.normal_diagonal(np, np.float32))) if precondition else None
+    r, d, sums = kernels.cg_start(b, apply_a(x0), inv_diag)
+    assert np.array_equal(r, b - apply_a(x0))
+    assert np.array_equal(d, r if inv_diag is None else inv_diag * r)
+    assert np.array_equal(sums[:, 0], kernels.slice_vdot(r, d)[:, 0])
+    assert np.array_equal(sums[:, 1], kernels.slice_vdot(b, b)[:, 0])
+    space = VolumeSpace(shape)
+    fused = conjugate_gradient(apply_a, b, x0, 30, inv_diag=inv_diag, space=space)
+    numpy_only()
+    reference = conjugate_gradient(apply_a, b, x0, 30, inv_diag=inv_diag, space=space)
+    assert np.abs(fused - reference).max() <= 1e-5 * np.abs(reference).max()
+    assert np.linalg.norm(apply_a(fused) - b) < 1e-3 * np.linalg.norm(b)
+
+
 def test_cg_updates_refuse_views_they_cannot_update_in_place():
     x = np.zeros((4, 4), np.complex64)[:, ::2]
     v = np.zeros((4, 2), np.complex64)
@@ -157,6 +185,15 @@ def test_combine_rounds_the_scaled_sum_once(rng):
     out = kernels.combine(wide, 0.1, extra, 3.0, np.complex64)
     assert out.dtype == np.complex64
     assert np.abs(out - (0.1 * wide + 3.0 * extra.astype(np.complex128))).max() < 1e-6
+    # written over extra (the u-system's operator over its TV term): the same numbers
+    in_place = extra.copy()
+    assert kernels.combine(wide, 0.1, in_place, 3.0, np.complex64, in_place) is in_place
+    assert np.array_equal(in_place, out)
+    lap = np.empty_like(extra)
+    assert kernels.neg_laplacian(extra, lap) is lap
+    assert np.array_equal(lap, kernels.neg_laplacian(extra))
+    with pytest.raises(ValueError, match="out"):
+        kernels.neg_laplacian(extra, np.empty((4, 5, 6), np.complex128))
 
 
 def test_windowing_kernels_equal_the_numpy_windows(rng, cdtype, numpy_only):

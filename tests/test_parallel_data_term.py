@@ -67,3 +67,24 @@ def test_shared_sums_equal_allreduce(mpi_ranks, monkeypatch):
     assert rel(shared_adj, part.adj(z)) < 1e-14
     assert rel(shared_normal, plain_normal) < 1e-14
     assert rel(twice, part.normal(plain_normal)) < 1e-14
+
+
+def test_one_rank_sums_reuse_one_buffer_and_read_it_safely():
+    """On one rank the sums over angles go into one kept buffer (no new complex128 volume
+    per call), with the same numbers as a fresh array; an operand that is that buffer (the
+    previous result) is read intact."""
+    from ptmpi.parallel import data_term as module
+
+    data = simulate_on_root(SerialComm())
+    term = _term(local_problem(data, 0, N_ANGLES), SerialComm())
+    rng = np.random.default_rng(7)
+    u = rng.standard_normal(SHAPE) + 1j * rng.standard_normal(SHAPE)
+    first = term.normal(u)
+    assert term.adj(term.fwd(u)) is first and term.normal(u) is first
+    kept = first.copy()
+    twice = term.normal(first)  # the operand is the buffer: a fresh array is summed
+    assert twice is not first and np.array_equal(first, kept)
+    assert np.array_equal(module.reduced_sum(  # no spare buffer: a new array
+        SerialComm(), SHAPE, lambda out: term.model.normal(u, term.weight, np.complex128, out),
+        u), kept)
+    assert np.array_equal(twice, term.model.normal(kept, term.weight, np.complex128))

@@ -18,7 +18,8 @@ arithmetic it feeds).
 - :func:`tv_step`, :func:`neg_div_sum`, :func:`combine`: the TV split step, the
   divergence in the right-hand side and the rounding of the reduced sums.
 - :func:`neg_laplacian`: ``grad^H grad u = -Lap u`` (Neumann) in one pass.
-- :func:`residual_update`: CG's ``r -= a Ad`` and ``<r, M r>`` in one pass;
+- :func:`cg_start`: CG's first ``r = b - Ax``, ``d = M r`` and their sums in one pass;
+  :func:`residual_update`: CG's ``r -= a Ad`` and ``<r, M r>`` in one pass;
   :func:`step_and_direction` its ``x += a d`` and ``d = M r + b d`` in another.
 """
 
@@ -578,6 +579,27 @@ if numba is not None:
             out[i] = a * wide[i] + b * extra[i]
 
     @_jit
+    def _cg_start(b, ax, inv_diag, precondition, r, d, out):
+        # r = b - ax, d = M r; out[k] = (Re <r, M r>, <b, b>) over block k (a slice), with
+        # _slice_vdot's arithmetic (float64 products, index order)
+        m = b.size // out.shape[0]
+        for k in range(out.shape[0]):
+            rs = 0.0
+            bb = 0.0
+            for i in range(k * m, (k + 1) * m):
+                bi = b[i]
+                ri = bi - ax[i]
+                r[i] = ri
+                si = inv_diag[i] * ri if precondition else ri
+                d[i] = si
+                rs += (np.float64(ri.real) * np.float64(si.real)
+                       + np.float64(ri.imag) * np.float64(si.imag))
+                bb += (np.float64(bi.real) * np.float64(bi.real)
+                       + np.float64(bi.imag) * np.float64(bi.imag))
+            out[k, 0] = rs
+            out[k, 1] = bb
+
+    @_jit
     def _residual_update(r, ad, alpha, inv_diag, precondition, out):
         # r -= alpha ad; out[k] = Re <r, M r> over block k of r.size // out.size elements
         # (a slice, or the whole vector), M = diag(inv_diag) or 1
@@ -666,6 +688,19 @@ def _flat_in_place(name, *arrays):
     if not all(v.flags.c_contiguous for v in arrays):
         raise ValueError(f"{name}: the vectors it updates must be C-contiguous (in place)")
     return [v.reshape(-1) for v in arrays]
+
+
+def cg_start(b, ax, inv_diag=None):
+    """CG's first residual and direction in one pass: returns ``r = b - ax``, ``d = M r``
+    (``M = diag(inv_diag)``, or 1) and, per slice (axis 0), ``Re <r, M r>`` and
+    ``<b, b>`` as ``(nz, 2)`` float64 (the sums of :func:`slice_vdot`)."""
+    r = np.empty_like(b)
+    d = np.empty_like(b)
+    out = np.zeros((b.shape[0], 2), dtype=np.float64)
+    diag = inv_diag.reshape(-1) if inv_diag is not None else np.ones(1, dtype=np.float32)
+    _cg_start(np.ascontiguousarray(b).reshape(-1), np.ascontiguousarray(ax).reshape(-1), diag,
+              inv_diag is not None, r.reshape(-1), d.reshape(-1), out)
+    return r, d, out
 
 
 def residual_update(r, ad, alpha, inv_diag=None, per_slice: bool = True):

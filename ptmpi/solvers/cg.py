@@ -49,11 +49,15 @@ def conjugate_gradient(apply_a: Callable, b, x0, iterations: int, tol: float = 0
         vdot = space.vdot
     fused = kernels.available(b, x0) and (inv_diag is None or kernels.available(inv_diag))
     x = x0.copy()
-    r = b - apply_a(x)
-    s = r if inv_diag is None else inv_diag * r
-    d = s.copy()
-    rs = float(vdot(r, s).real)
-    b_norm_sq = float(vdot(b, b).real)
+    if fused and space is not None:  # the same sums as space.vdot, in one pass
+        r, d, partial = kernels.cg_start(b, apply_a(x), inv_diag)
+        rs, b_norm_sq = (float(v) for v in space.total(partial))
+    else:
+        r = b - apply_a(x)
+        s = r if inv_diag is None else inv_diag * r
+        d = s.copy()
+        rs = float(vdot(r, s).real)
+        b_norm_sq = float(vdot(b, b).real)
     taken = 0
     for _ in range(iterations):
         if rs == 0.0 or (tol > 0 and taken >= min_iterations and (
