@@ -14,13 +14,15 @@ as separate columns) as the dense operand. The adjoint is the product with the e
 stored transpose, so it is exact by construction.
 
 Host path: compiled kernels (:mod:`ptmpi.operators.kernels`) run over blocks of up to 32
-slices (``kernels.LANES`` real columns). A block of the volume is transposed once to one
-row of its values per pixel, and every detector bin's projections are summed from the
-rows of the pixels it sees, in registers, with the weights of ``P`` stored in chunks of
-eight (:func:`ptmpi.operators.kernels.chunk_rows`); the back-projection sums each pixel
-from the rows of the bins it meets, with the weights of ``P^T``, and
-:meth:`Projector.normal` weights a block's projections in cache and sums them straight
-back, so the projections never reach main memory. Without Numba (and for CuPy) the same
+slices (``kernels.LANES`` real columns). A block of the volume is transposed, a tile of
+pixel rows at a time, to one row of its values per pixel, and every detector bin's
+projections are summed from the rows of the pixels it sees, in registers, with the
+weights of ``P`` cut by tiles (:func:`ptmpi.operators.kernels.tiled_rows`) and stored in
+chunks of eight (:func:`ptmpi.operators.kernels.chunk_rows`): a tile stays in the core's
+own cache while all its weights are applied, and each bin's sum goes on from tile to tile
+in index order. The back-projection sums each pixel from the rows of the bins it meets,
+with the weights of ``P^T``, and :meth:`Projector.normal` weights a block's projections in
+cache and sums them straight back, so the projections never reach main memory. Without Numba (and for CuPy) the same
 products are scipy's sparse-times-dense on transposed slabs whose dense operand is about
 ``SLAB_BYTES``; on a GPU one slab holds all slices.
 """

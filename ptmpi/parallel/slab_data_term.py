@@ -34,7 +34,13 @@ from ptmpi.operators.fft import FarField
 from ptmpi.operators.ptycho import Ptycho, guard_probe
 from ptmpi.operators.tomo import Projector
 from ptmpi.parallel.comm import Comm
-from ptmpi.parallel.data_term import WIDE, FrameReductions, SumBuffer, probe_from_views, reduced_sum
+from ptmpi.parallel.data_term import (
+    WIDE,
+    FrameReductions,
+    SumBuffer,
+    probe_from_views,
+    reduced_sum,
+)
 from ptmpi.parallel.volume import VolumeSpace
 
 
