@@ -10,8 +10,8 @@ frames' temporaries and fewer volumes.
 ============  ==========================  ==========================  =====================
 algorithm     volume phase                frame phase                 per projector nnz
 ============  ==========================  ==========================  =====================
-APT           ``17.7 V + 4.9 Fb``         ``9.3 V + 7.0 Fb``          ``68 B``
-APTs          ``8.9 V + 4.9 Fb``          ``2.7 V + 7.0 Fb``          ``45 B``
+APT           ``15.7 V + 5.0 Fb``         ``12.9 V + 7.0 Fb``         ``78 B``
+APTs          ``9.8 V + 5.1 Fb``          ``5.8 V + 7.0 Fb``          ``50 B``
 two-step      ``16 V + 4 Fb``             ``2 V + 16 Fb``             ``40 B``
 ============  ==========================  ==========================  =====================
 
@@ -25,14 +25,15 @@ rank with the input and the process) against whole-run ``tracemalloc`` peaks of 
 1.44 GiB and peak resident sizes of 0.71 / 1.55 GiB. Until this fit ptycho2d used the
 two-step figures, 1.8-2.9 times too high there.
 
-APT's volumes are u, the previous u, the CG vectors (x, r, s, d, A d, b), p and lam1 (3 V
-each) and the complex128 sums of the normal operator; APTs has no p, lam1 or TV step. The
+APT's volumes are u, the previous u, the CG vectors (x, r, d, A d, b), p and lam1 (3 V
+each) and the complex128 sums of the normal operator (kept between calls: 2 V through the
+iteration); APTs has no p, lam1 or TV step. The
 frames are the counts, their square roots, z, lam2, D u, z + lam2 and the prox temporaries.
 The projector holds the float32 matrix and its transpose in CSR and the wider copies the
 normal operator sums with; it has about ``2.2 n^2`` non-zeros per local angle.
-With the numpy fallback (no Numba, ``PTMPI_NUMBA=0``, or GPU arrays) a few more
-temporaries are alive: APT ``19.4 V + 6.0 Fb`` / ``9.3 V + 9.1 Fb`` / ``69 B``, APTs
-``7.9 V + 7.6 Fb`` / ``2.9 V + 9.1 Fb`` / ``42 B``. Add the input block as read and, with
+With the numpy fallback (no Numba, ``PTMPI_NUMBA=0``, or GPU arrays) more temporaries are
+alive: APT ``24.1 V + 6.1 Fb`` / ``12.1 V + 11.2 Fb`` / ``71 B``, APTs ``14.8 V + 5.1 Fb``
+/ ``5.7 V + 11.2 Fb`` / ``45 B``. Add the input block as read and, with
 ground truth, one volume. Sub-pixel scan positions add ``1 Fb`` to both phases: the cached
 probe of every frame (measured +0.84 to +1.00 Fb for APT and APTs, kernels and numpy).
 
@@ -64,10 +65,13 @@ Largest misfit of the rounded coefficients: APT 2.3% (kernels) / 4.5% (numpy), A
 2.4%, two-step 2.0% / 1.4%; a test checks APT and APTs on a geometry outside the fit. The
 sub-pixel ``1 Fb`` is carried over from the linear model, not measured for exp.
 
-The APT and APTs coefficients are least-squares fits to ``tracemalloc`` peaks of two-iteration
-runs at 32^3-96^3 with 4-48 angles and far-field stacks from 0.1 to 14 volumes (largest
-misfit 3.5%); a test checks them on a geometry outside the fit, and ``ptmpi bench`` prints
-the prediction beside the measured peak.
+The APT and APTs coefficients are the same fits (:mod:`ptmpi.bench.memory_fit`, ``linear``)
+to ``tracemalloc`` peaks of two-iteration runs on 14 geometries at 32^3-96^3 with 4-48
+angles and far-field stacks from 0.1 to 14 volumes (``docs/results/memory/
+linear-peaks.jsonl``; largest misfit of the rounded coefficients 3.3%, kernels, and 0.9%,
+numpy), refitted when the CG loop began to keep its buffers; a test checks them on a
+geometry outside the fit, and ``ptmpi bench`` prints the prediction beside the measured
+peak.
 The angle x slab layout (``--slabs S``, :mod:`ptmpi.parallel.volume`) holds the volumes of
 its slab only, so ``V`` becomes ``V_S = ceil(nz / S) n^2`` (truth included), while the
 projector covers the angles of the rank's angle group (``N_THETA_GROUP``, about ``S`` times
@@ -77,9 +81,9 @@ buffer ``2 N_THETA_GROUP ceil(nz / S) n`` complex, the rows of ``W`` (real), and
 full-height projections and their send buffer ``2 N_THETA_LOCAL nz n`` complex. Writing
 the output gathers the volume on rank 0 after the iterations (``V`` beside ``u``'s slab, the
 frames and the input: below the iteration's peak up to ``S`` of about 16; not counted).
-At 384^3 with 12 angles (2028 frames of 64^2) on 4 ranks, ``S = 4``, the plan is 2.52 GiB
-per rank and the measured peak resident size of two iterations 2.57 GiB (the replicated
-plan: 8.24 GiB).
+At 384^3 with 12 angles (2028 frames of 64^2) on 4 ranks, ``S = 4``, the plan is 2.35 GiB
+per rank and the measured peak resident size of two iterations 2.32-2.33 GiB (the
+replicated plan: 7.4 GiB).
 
 To the arrays add the process baseline (interpreter, numpy, scipy, MPI), measured at run
 time as the resident size before the data are read, and what the first solve loads beyond
@@ -111,10 +115,10 @@ FIRST_SOLVE_BYTES = {True: 80 * 2**20, False: 22 * 2**20}
 
 # (volume phase: V, Fb), (frame phase: V, Fb), bytes per projector non-zero
 _COEFFICIENTS = {
-    (True, "apt"): ((17.7, 4.9), (9.3, 7.0), 68),
-    (True, "apts"): ((8.9, 4.9), (2.7, 7.0), 45),
-    (False, "apt"): ((19.4, 6.0), (9.3, 9.1), 69),
-    (False, "apts"): ((7.9, 7.6), (2.9, 9.1), 42),
+    (True, "apt"): ((15.7, 5.0), (12.9, 7.0), 78),
+    (True, "apts"): ((9.8, 5.1), (5.8, 7.0), 50),
+    (False, "apt"): ((24.1, 6.1), (12.1, 11.2), 71),
+    (False, "apts"): ((14.8, 5.1), (5.7, 11.2), 45),
 }
 _TWO_STEP = ((16.0, 4.0), (2.0, 16.0), 40)
 

@@ -1,4 +1,4 @@
-"""Peaks that :mod:`ptmpi.memory`'s exp-model coefficients are fitted to.
+"""Peaks that :mod:`ptmpi.memory`'s coefficients are fitted to.
 
 ``python -m ptmpi.bench.memory_fit OUT.jsonl`` simulates exp-model series over a spread of
 geometries, measures the ``tracemalloc`` peak of a short exp solve (two joint iterations
@@ -6,6 +6,9 @@ after a short initialisation, whose peak does not depend on the iteration counts
 APTs and the two-step, with the compiled kernels and with the numpy fallback, and appends
 one JSON line per run; :func:`fit` refits the coefficients from such a file (the peaks
 the coefficients were fitted to: ``docs/results/memory/exp-peaks.jsonl``).
+``python -m ptmpi.bench.memory_fit OUT.jsonl linear`` does the same for the linear model's
+APT and APTs (two-iteration solves; ``Pb`` is then 0: ``docs/results/memory/
+linear-peaks.jsonl``).
 """
 
 from __future__ import annotations
@@ -60,6 +63,43 @@ def measure_exp(problem, algorithm: str) -> int:
         tracemalloc.stop()
 
 
+# linear model (n, nz, angles, step, probe size): 32^3-96^3, 4-48 angles, frame stacks from
+# about a tenth of the volume to 14 volumes
+LINEAR_GEOMETRIES = [
+    (32, 32, 4, 8, 16), (32, 24, 16, 2, 16), (32, 32, 48, 4, 8), (40, 40, 8, 4, 16),
+    (48, 32, 6, 8, 8), (48, 48, 16, 6, 24), (56, 40, 4, 2, 24), (64, 64, 4, 16, 16),
+    (64, 48, 12, 8, 16), (64, 32, 8, 4, 32), (64, 64, 48, 16, 32), (80, 80, 12, 20, 40),
+    (96, 64, 8, 24, 48), (96, 96, 12, 24, 48),
+]
+
+
+def linear_problem(n, nz, angles, step, probe):
+    """A noise-free linear-model series as a one-rank LocalProblem."""
+    from ptmpi.sim.presets import SimulationSettings
+    from ptmpi.sim.simulate import simulate
+    from ptmpi.solvers.admm import LocalProblem
+
+    data = simulate(SimulationSettings(n=n, nz=nz, n_angles=angles, step=step,
+                                       probe_size=probe, fwhm=max(probe / 4, 3.0)))
+    counts = np.fft.ifftshift(data.counts, axes=(-2, -1)).astype(np.float32)
+    return LocalProblem(data.volume.shape, np.deg2rad(data.angles_deg), counts,
+                        data.positions_px, data.frame_offset, data.probe)
+
+
+def measure_linear(problem, algorithm: str) -> int:
+    """Peak bytes of arrays allocated by a two-iteration linear solve (``tracemalloc``)."""
+    from ptmpi.parallel import SerialComm
+    from ptmpi.solvers.admm import SolverSettings, solve
+
+    tracemalloc.start()
+    try:
+        base = tracemalloc.get_traced_memory()[0]
+        solve(problem, SolverSettings(algorithm=algorithm, iterations=2), SerialComm())
+        return int(tracemalloc.get_traced_memory()[1] - base)
+    finally:
+        tracemalloc.stop()
+
+
 def units(problem, itemsize: int = 8) -> dict:
     """V, Fb, Pb (bytes) and projector non-zeros of one problem."""
     from ptmpi.memory import NNZ_PER_VOXEL_ANGLE
@@ -109,25 +149,32 @@ def fit(rows, algorithm: str, compiled: bool, rounds: int = 20):
     return coef, np.array([predict(coef, r) for r in rows]) / y - 1
 
 
-def main(path: str) -> None:
+def main(path: str, model: str = "exp") -> None:
     from ptmpi.operators import kernels
 
+    if model not in ("exp", "linear"):
+        raise SystemExit(f"memory_fit: model must be exp or linear, not {model!r}")
+    make, measure, geometries, algorithms = (
+        (exp_problem, measure_exp, GEOMETRIES, ("apt", "apts", "two-step")) if model == "exp"
+        else (linear_problem, measure_linear, LINEAR_GEOMETRIES, ("apt", "apts")))
     compiled_modes = [True, False] if kernels.ENABLED else [False]
     # compile the kernels first: Numba's compiler allocates through Python too
-    measure_exp(exp_problem(16, 8, 2, 4, 8), "apt")
+    measure(make(16, 8, 2, 4, 8), "apt")
     with open(path, "a") as out:
-        for geometry in GEOMETRIES:
-            problem = exp_problem(*geometry)
+        for geometry in geometries:
+            problem = make(*geometry)
             for compiled in compiled_modes:
                 kernels.ENABLED = compiled
-                for algorithm in ("apt", "apts", "two-step"):
+                for algorithm in algorithms:
                     row = {"geometry": geometry, "algorithm": algorithm,
                            "compiled": compiled, **units(problem),
-                           "peak": measure_exp(problem, algorithm)}
+                           "peak": measure(problem, algorithm)}
+                    if model == "linear":
+                        row["Pb"] = 0
                     out.write(json.dumps(row) + "\n")
                     out.flush()
             kernels.ENABLED = compiled_modes[0]
 
 
 if __name__ == "__main__":
-    main(sys.argv[1])
+    main(*sys.argv[1:3])

@@ -45,7 +45,7 @@ Memory per rank: :func:`ptmpi.memory.predict_arrays`' APT coefficients (compiled
 complex64) with ``V`` the rank's slab (``nz/S`` slices) and ``Fb`` its frames (the largest
 count over slabs: when slabs are thinner than the scan step some hold no window tops and
 others a whole scan row), the projector's sparse matrix per local angle (about ``2.2 n^2``
-non-zeros at 68 B, the same for every slice, so it does not shrink with ``S``: it grows with
+non-zeros at 78 B, the same for every slice, so it does not shrink with ``S``: it grows with
 the angles per rank, ``n_angles S / P``), the input counts, and for ``S > 1`` the halo
 buffers (two ghost slices and the projection rows received). The process baseline
 (a few hundred MiB) is left out.
