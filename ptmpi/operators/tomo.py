@@ -22,9 +22,9 @@ chunks of eight (:func:`ptmpi.operators.kernels.chunk_rows`): a tile stays in th
 own cache while all its weights are applied, and each bin's sum goes on from tile to tile
 in index order. The back-projection sums each pixel from the rows of the bins it meets,
 with the weights of ``P^T``, and :meth:`Projector.normal` weights a block's projections in
-cache and sums them straight back, so the projections never reach main memory. Without Numba (and for CuPy) the same
-products are scipy's sparse-times-dense on transposed slabs whose dense operand is about
-``SLAB_BYTES``; on a GPU one slab holds all slices.
+cache and sums them straight back, so the projections never reach main memory. Without
+Numba (and for CuPy) the same products are scipy's sparse-times-dense on transposed slabs
+whose dense operand is about ``SLAB_BYTES``; on a GPU one slab holds all slices.
 """
 
 from __future__ import annotations
