@@ -32,18 +32,23 @@ GEOMETRIES = [
 ]
 
 
-def exp_problem(n, nz, angles, step, probe):
-    """A noise-free exp-model series (projected phase 3 pi) as a one-rank LocalProblem."""
+def _problem(n, nz, angles, step, probe, **model):
+    """A noise-free simulated series as a one-rank LocalProblem (``model``: extra
+    :class:`SimulationSettings` fields)."""
     from ptmpi.sim.presets import SimulationSettings
     from ptmpi.sim.simulate import simulate
     from ptmpi.solvers.admm import LocalProblem
 
     data = simulate(SimulationSettings(n=n, nz=nz, n_angles=angles, step=step,
-                                       probe_size=probe, fwhm=max(probe / 4, 3.0), model="exp",
-                                       max_phase=3 * math.pi))
+                                       probe_size=probe, fwhm=max(probe / 4, 3.0), **model))
     counts = np.fft.ifftshift(data.counts, axes=(-2, -1)).astype(np.float32)
     return LocalProblem(data.volume.shape, np.deg2rad(data.angles_deg), counts,
                         data.positions_px, data.frame_offset, data.probe)
+
+
+def exp_problem(n, nz, angles, step, probe):
+    """A noise-free exp-model series (projected phase 3 pi) as a one-rank LocalProblem."""
+    return _problem(n, nz, angles, step, probe, model="exp", max_phase=3 * math.pi)
 
 
 def measure_exp(problem, algorithm: str) -> int:
@@ -75,15 +80,7 @@ LINEAR_GEOMETRIES = [
 
 def linear_problem(n, nz, angles, step, probe):
     """A noise-free linear-model series as a one-rank LocalProblem."""
-    from ptmpi.sim.presets import SimulationSettings
-    from ptmpi.sim.simulate import simulate
-    from ptmpi.solvers.admm import LocalProblem
-
-    data = simulate(SimulationSettings(n=n, nz=nz, n_angles=angles, step=step,
-                                       probe_size=probe, fwhm=max(probe / 4, 3.0)))
-    counts = np.fft.ifftshift(data.counts, axes=(-2, -1)).astype(np.float32)
-    return LocalProblem(data.volume.shape, np.deg2rad(data.angles_deg), counts,
-                        data.positions_px, data.frame_offset, data.probe)
+    return _problem(n, nz, angles, step, probe)
 
 
 def measure_linear(problem, algorithm: str) -> int:
