@@ -64,6 +64,9 @@ TILE = 8
 # transposed at once and read through the shared cache once per angle).
 TILE_BYTES = 384 * 2**10
 MIN_TILE_ROWS = 8
+# log 2 in two parts, the first with trailing zero bits (e * LN2_HI is exact)
+LN2_HI = 6.93147180369123816490e-01
+LN2_LO = 1.90821492927058770002e-10
 
 
 def available(*arrays) -> bool:
@@ -444,62 +447,141 @@ if numba is not None:
             rho = step
         return rho
 
-    @_jit
-    def _data_split(d, lam2, f, valid, r2, ipm, z, eps_g, z_old, stats, tol):
-        # z = prox_G(d - lam2) (see ptmpi.solvers.prox), then lam2 += z - d; frame by frame.
-        # valid: (0, m, m) for no mask, (1, m, m) for one mask, else one per frame; z = zt
-        # where it is False, and f is not read there.
-        # Plain products and square roots only: abs() and ** go through slow library calls.
-        n_frames, m, _ = d.shape
+    # IEEE division (inf or nan, no Python exception and so no test before each one), for
+    # kernels whose loops must vectorize across a division.
+    _jit_ieee = numba.njit(cache=True, fastmath=False, boundscheck=False, nogil=True,
+                           error_model="numpy")
+
+    @_jit_ieee
+    def _log_row(x, n, bits, out):
+        # out[j] = log(x[j]) (float64, j < n) in loops that vectorize, where the library's
+        # log is one call per value: x = 2^e m with m in [sqrt(1/2), sqrt(2)), log m =
+        # 2 atanh(s), s = (m - 1) / (m + 1), |s| < 0.172, by its series to s^23 (error
+        # below 3e-16 of log x). x positive and normal; inf and nan are passed through.
+        xb = x.view(np.int64)
+        for j in range(n):
+            b = xb[j]
+            out[j] = np.float64((b >> 52) - 1023)
+            bits[j] = (b & 0x000FFFFFFFFFFFFF) | 0x3FF0000000000000
+        mv = bits.view(np.float64)
+        for j in range(n):
+            m = mv[j]
+            e = out[j]
+            big = m > 1.4142135623730951
+            m = 0.5 * m if big else m
+            e = e + 1.0 if big else e
+            s = (m - 1.0) / (m + 1.0)
+            s2 = s * s
+            p = 1.0 / 23.0
+            p = p * s2 + 1.0 / 21.0
+            p = p * s2 + 1.0 / 19.0
+            p = p * s2 + 1.0 / 17.0
+            p = p * s2 + 1.0 / 15.0
+            p = p * s2 + 1.0 / 13.0
+            p = p * s2 + 1.0 / 11.0
+            p = p * s2 + 1.0 / 9.0
+            p = p * s2 + 1.0 / 7.0
+            p = p * s2 + 1.0 / 5.0
+            p = p * s2 + 1.0 / 3.0
+            v = (e * LN2_HI + (2.0 * s + 2.0 * s * s2 * p)) + e * LN2_LO
+            xj = x[j]
+            out[j] = v if xj < np.inf else xj
+
+    @_jit_ieee
+    def _data_split(d, lam2, f, valid, r2, ipm, z, eps_g, z_old, stats, tol, a2, rho, t, g2,
+                    bits):
+        # z = prox_G(d - lam2) (see ptmpi.solvers.prox), then lam2 += z - d; frame by frame,
+        # each pixel row in loops that vectorize (the Newton root of the smoothed
+        # likelihood excepted). d, lam2, z, z_old: real views (n_frames, m, 2 m); valid:
+        # (0, m, m) for no mask, (1, m, m) for one mask, else one per frame; z = zt where
+        # it is False, and f is not read there. Scratch: a2 (m, m) real, |zt|^2 of the
+        # frame; rho (m,) real; t (m,), g2 (m,) float64, bits (m,) int64.
+        # The arithmetic is that of the scalar form before (which unified zt * scale and
+        # zt * 0 + rho to complex128): the products in the frames' precision, z - d and the
+        # update of lam2 in float64, at masked pixels in the frames' precision.
+        # Statistics: float64 sums per row over interleaved partial sums (_lane_sum).
+        n_frames, m, _ = f.shape
         n_valid = valid.shape[0]
         n_old = z_old.shape[0]
         eps = np.finfo(f.dtype).eps
         one = f.dtype.type(1)
+        zero = f.dtype.type(0)
+        s0 = 0.0
+        s1 = 0.0
+        s2 = 0.0
         for fr in range(n_frames):
             vf = fr if n_valid > 1 else 0
-            peak2 = f.dtype.type(0)
+            peak2 = zero
             for i in range(m):
                 for j in range(m):
-                    zt = d[fr, i, j] - lam2[fr, i, j]
-                    peak2 = max(peak2, zt.real * zt.real + zt.imag * zt.imag)
+                    zr = d[fr, i, 2 * j] - lam2[fr, i, 2 * j]
+                    zi = d[fr, i, 2 * j + 1] - lam2[fr, i, 2 * j + 1]
+                    a2[i, j] = zr * zr + zi * zi
+                for j in range(m):
+                    peak2 = max(peak2, a2[i, j])
             tiny = 64 * eps * np.sqrt(peak2)
             for i in range(m):
+                if eps_g > 0:
+                    for j in range(m):
+                        if n_valid == 0 or valid[vf, i, j]:
+                            rho[j] = _prox_modulus(np.sqrt(a2[i, j]), f[fr, i, j], r2, ipm,
+                                                   eps_g, one, tol)
+                elif ipm:  # the closed forms of _prox_modulus, in its types
+                    for j in range(m):
+                        rm = r2 * np.sqrt(a2[i, j])
+                        rho[j] = ((rm + np.sqrt(rm * rm + 4 * (one + r2) * f[fr, i, j]))
+                                  / (2 * (one + r2)))
+                else:
+                    for j in range(m):
+                        rho[j] = (np.sqrt(f[fr, i, j]) + r2 * np.sqrt(a2[i, j])) / (one + r2)
                 for j in range(m):
-                    dij = d[fr, i, j]
-                    zt = dij - lam2[fr, i, j]
-                    if n_valid > 0 and not valid[vf, i, j]:
-                        z[fr, i, j] = zt
-                        lam2[fr, i, j] += zt - dij
-                        r = zt - dij
-                        stats[0] += r.real * r.real + r.imag * r.imag
-                        if n_old > 0:
-                            r = zt - z_old[fr, i, j]
-                            stats[1] += r.real * r.real + r.imag * r.imag
-                        continue
-                    mag = np.sqrt(zt.real * zt.real + zt.imag * zt.imag)
-                    fij = f[fr, i, j]
-                    rho = f.dtype.type(_prox_modulus(mag, fij, r2, ipm, eps_g, one, tol))
-                    if mag > tiny:
-                        scale = rho / mag
-                        zij = zt * scale
-                    else:
-                        zij = zt * 0 + rho
-                    z[fr, i, j] = zij
-                    r = zij - dij
-                    lam2[fr, i, j] += r
-                    stats[0] += r.real * r.real + r.imag * r.imag
-                    if n_old > 0:
-                        r = zij - z_old[fr, i, j]
-                        stats[1] += r.real * r.real + r.imag * r.imag
-                    # likelihood of the model d (the objective at the current u)
-                    g2 = dij.real * dij.real + dij.imag * dij.imag + eps_g
-                    fe = fij + eps_g
-                    if ipm:
-                        stats[2] += 0.5 * (g2 - (fe * np.log(max(g2, 1e-300)) if fe > 0
-                                                 else 0.0))
-                    else:
-                        dr = np.sqrt(g2) - np.sqrt(fe)
-                        stats[2] += 0.5 * dr * dr
+                    dr = d[fr, i, 2 * j]
+                    di = d[fr, i, 2 * j + 1]
+                    zr = dr - lam2[fr, i, 2 * j]
+                    zi = di - lam2[fr, i, 2 * j + 1]
+                    mag = np.sqrt(a2[i, j])
+                    use = n_valid == 0 or valid[vf, i, j]
+                    scale = rho[j] / mag
+                    wr = np.float64(zr * scale - zi * zero)
+                    wi = np.float64(zr * zero + zi * scale)
+                    if not mag > tiny:
+                        wr = np.float64(rho[j])
+                        wi = 0.0
+                    rr = wr - dr
+                    ri = wi - di
+                    if not use:
+                        wr = np.float64(zr)
+                        wi = np.float64(zi)
+                        rr = np.float64(zr - dr)
+                        ri = np.float64(zi - di)
+                    z[fr, i, 2 * j] = wr
+                    z[fr, i, 2 * j + 1] = wi
+                    lam2[fr, i, 2 * j] += rr
+                    lam2[fr, i, 2 * j + 1] += ri
+                    t[j] = rr * rr + ri * ri
+                    g2[j] = max(dr * dr + di * di + eps_g, 1e-300)
+                s0 += _lane_sum(t, m)
+                if n_old > 0:
+                    for j in range(m):
+                        rr = np.float64(z[fr, i, 2 * j]) - z_old[fr, i, 2 * j]
+                        ri = np.float64(z[fr, i, 2 * j + 1]) - z_old[fr, i, 2 * j + 1]
+                        t[j] = rr * rr + ri * ri
+                    s1 += _lane_sum(t, m)
+                # likelihood of the model d over the valid pixels (the objective at u)
+                if ipm:
+                    _log_row(g2, m, bits, t)
+                    for j in range(m):
+                        fe = f[fr, i, j] + eps_g
+                        v = 0.5 * (g2[j] - (fe * t[j] if fe > 0 else 0.0))
+                        t[j] = v if n_valid == 0 or valid[vf, i, j] else 0.0
+                else:
+                    for j in range(m):
+                        dd = np.sqrt(g2[j]) - np.sqrt(f[fr, i, j] + eps_g)
+                        t[j] = 0.5 * dd * dd if n_valid == 0 or valid[vf, i, j] else 0.0
+                s2 += _lane_sum(t, m)
+        stats[0] += s0
+        stats[1] += s1
+        stats[2] += s2
 
     @_jit
     def _data_split_modes(d, lam2, f, valid, r2, ipm, z, eps_g, z_old, stats, tol):
@@ -834,10 +916,13 @@ def data_split(d, lam2, f, r2: float, likelihood: str, valid=None, epsilon: floa
     ``valid``: optional detector mask, bool ``(M, M)`` or ``(N_FRAMES, M, M)`` (True =
     measured); at invalid pixels ``z = d - lam2`` and ``f`` is not read.
     """
-    if not lam2.flags.c_contiguous:
-        raise ValueError("data_split: lam2 must be C-contiguous (updated in place)")
-    z = np.empty_like(d)
+    if not lam2.flags.c_contiguous or lam2.dtype != d.dtype:
+        raise ValueError("data_split: lam2 must be C-contiguous (updated in place) and of "
+                         "d's dtype")
+    d = np.ascontiguousarray(d)
+    z = np.empty(d.shape, dtype=d.dtype)
     rdtype = f.dtype.type
+    wide = np.finfo(d.dtype).dtype  # the real type of d's parts (of f's, as a rule)
     m = d.shape[-1]
     if valid is None:
         valid = np.ones((0, m, m), dtype=np.bool_)
@@ -848,10 +933,12 @@ def data_split(d, lam2, f, r2: float, likelihood: str, valid=None, epsilon: floa
             raise ValueError(f"data_split: valid of shape {valid.shape} for {d.shape[0]} "
                              "frames")
     out = np.zeros(3, dtype=np.float64)
-    old = (np.zeros((0, m, m), dtype=d.dtype) if z_old is None
-           else np.ascontiguousarray(z_old, dtype=d.dtype))
-    _data_split(np.ascontiguousarray(d), lam2, np.ascontiguousarray(f), valid, rdtype(r2),
-                likelihood == "ipm", z, float(epsilon), old, out, prox_tol(f.dtype))
+    old = (np.zeros((0, m, 2 * m), dtype=wide) if z_old is None
+           else _real_view(np.ascontiguousarray(z_old, dtype=d.dtype)))
+    _data_split(d.view(wide), lam2.view(wide), np.ascontiguousarray(f), valid, rdtype(r2),
+                likelihood == "ipm", z.view(wide), float(epsilon), old, out, prox_tol(f.dtype),
+                np.empty((m, m), dtype=rdtype), np.zeros(m, dtype=rdtype), np.empty(m),
+                np.empty(m), np.empty(m, dtype=np.int64))
     if stats is not None:
         stats[:] = out
     return z
