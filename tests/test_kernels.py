@@ -271,3 +271,72 @@ def test_data_split_statistics_in_double(likelihood, epsilon, rng, numpy_only):
     np.testing.assert_allclose(lam, lam_ref, rtol=0, atol=1e-13 * np.abs(z_ref).max())
     np.testing.assert_allclose(stats, stats_ref, rtol=1e-13)
     assert stats[2] != 0 and stats[1] > 0
+
+
+def test_step_sums_are_those_of_slice_vdot(rng, cdtype, numpy_only):
+    """The iteration's step and its sums in one pass: the step, ||step||^2, ||u||^2 and
+    <prev, step> per slice bit for bit as slice_vdot's, the step written over prev."""
+    from ptmpi.parallel.volume import VolumeSpace
+
+    u, u_old, prev = (random_array((5, 7, 9), cdtype, rng) for _ in range(3))
+    expected = u - u_old
+    sums = np.stack([kernels.slice_vdot(expected, expected)[:, 0],
+                     kernels.slice_vdot(u, u)[:, 0], kernels.slice_vdot(prev, expected)[:, 0]],
+                    axis=1)
+    buffer = prev.copy()
+    step, out = kernels.step_sums(u, u_old, buffer)
+    assert step is buffer and np.array_equal(step, expected)
+    assert np.array_equal(out, sums)
+    step, out = kernels.step_sums(u, u_old)
+    assert np.array_equal(step, expected) and np.array_equal(out[:, :2], sums[:, :2])
+    assert not out[:, 2].any()
+    # VolumeSpace.step: the norms and <prev, step> of norm() and vdot(), on either path
+    volume = VolumeSpace(u.shape)
+    reference = (np.linalg.norm(expected), np.linalg.norm(u), np.vdot(prev, expected).real)
+    for path in ("compiled", "numpy"):
+        if path == "numpy":
+            numpy_only()
+        buffer = prev.copy()
+        step, du, un, back = volume.step(u, u_old, buffer)
+        assert step is buffer and np.array_equal(step, expected)
+        assert (du, un) == (volume.norm(expected), volume.norm(u))
+        assert back == volume.vdot(prev, expected).real
+        np.testing.assert_allclose((du, un, back), reference, rtol=1e-5)
+
+
+def _lane_sums(terms):
+    """Reference of the kernels' per-slice sums: term i of a slice into partial sum
+    i % SUM_LANES, each partial in index order, the partials added in order."""
+    out = []
+    for row in terms.reshape(terms.shape[0], -1):
+        partial = [0.0] * kernels.SUM_LANES
+        for i, value in enumerate(row.tolist()):
+            partial[i % kernels.SUM_LANES] += value
+        total = 0.0
+        for value in partial:
+            total += value
+        out.append(total)
+    return np.array(out)
+
+
+@pytest.mark.parametrize("shape", [(3, 7, 9), (2, 8, 8), (2, 1, 5)])
+def test_volume_sums_follow_the_lane_order(shape, rng):
+    """slice_vdot, cg_start, residual_update and step_sums all form their sums in the one
+    order the docstrings state (so that fused and plain CG agree bit for bit), including
+    a slice whose size is not a multiple of the lanes."""
+    x, y = (random_array(shape, np.complex64, rng) for _ in range(2))
+    inv = rng.random(shape).astype(np.float32)
+    wide = [a.astype(np.complex128) for a in (x, y)]
+    re = wide[0].real * wide[1].real + wide[0].imag * wide[1].imag
+    im = wide[0].real * wide[1].imag - wide[0].imag * wide[1].real
+    sums = kernels.slice_vdot(x, y)
+    assert np.array_equal(sums[:, 0], _lane_sums(re))
+    assert np.array_equal(sums[:, 1], _lane_sums(im))
+    r, d, start = kernels.cg_start(x, y, inv)
+    rw, dw = r.astype(np.complex128), d.astype(np.complex128)
+    assert np.array_equal(start[:, 0], _lane_sums(rw.real * dw.real + rw.imag * dw.imag))
+    assert np.array_equal(start[:, 1], _lane_sums(wide[0].real ** 2 + wide[0].imag ** 2))
+    rs = kernels.residual_update(r, y, 0.3, inv)
+    s = (inv * r).astype(np.complex128)
+    rw = r.astype(np.complex128)
+    assert np.array_equal(rs, _lane_sums(rw.real * s.real + rw.imag * s.imag))

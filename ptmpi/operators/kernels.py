@@ -21,6 +21,7 @@ arithmetic it feeds).
 - :func:`cg_start`: CG's first ``r = b - Ax``, ``d = M r`` and their sums in one pass;
   :func:`residual_update`: CG's ``r -= a Ad`` and ``<r, M r>`` in one pass;
   :func:`step_and_direction` its ``x += a d`` and ``d = M r + b d`` in another.
+- :func:`step_sums`: an iteration's step ``u - u_old`` and the sums of its metrics.
 """
 
 from __future__ import annotations
@@ -57,6 +58,8 @@ def prox_tol(dtype) -> float:
 # enough streams for the caches, a cache line or more of a row per pixel).
 LANES = 64
 CHUNK = 8
+# Partial sums of a volume's per-slice sums (see _lane_total below).
+SUM_LANES = 32
 TILE = 8
 # The forward projection sums a block of slices over tiles of pixel rows whose transposed
 # block takes about TILE_BYTES, so that it stays in the core's own cache while all its
@@ -660,46 +663,64 @@ if numba is not None:
         for i in range(out.size):
             out[i] = a * wide[i] + b * extra[i]
 
+    # Sums over a volume are formed per slice (block), each over SUM_LANES interleaved
+    # float64 partial sums: element i of a block goes to partial i % SUM_LANES, each
+    # partial in index order, and the partials are added in order. A block's sum then
+    # depends on the block alone (not on how slices are split over ranks), and the loops
+    # vectorize (one running sum cannot: each addition waits for the one before).
+    # Indices are unsigned, so that Numba adds no wraparound test that would stop them.
+
+    @_jit
+    def _lane_total(acc):
+        s = 0.0
+        for lane in range(SUM_LANES):
+            s += acc[lane]
+        return s
+
     @_jit
     def _cg_start(b, ax, inv_diag, precondition, r, d, out):
         # r = b - ax, d = M r; out[k] = (Re <r, M r>, <b, b>) over block k (a slice), with
-        # _slice_vdot's arithmetic (float64 products, index order)
+        # _slice_vdot's arithmetic
         m = b.size // out.shape[0]
+        acc = numba.carray(_lanes_on_stack(out.dtype), LANES)
         for k in range(out.shape[0]):
-            rs = 0.0
-            bb = 0.0
-            for i in range(k * m, (k + 1) * m):
-                bi = b[i]
-                ri = bi - ax[i]
-                r[i] = ri
-                si = inv_diag[i] * ri if precondition else ri
-                d[i] = si
-                rs += (np.float64(ri.real) * np.float64(si.real)
-                       + np.float64(ri.imag) * np.float64(si.imag))
-                bb += (np.float64(bi.real) * np.float64(bi.real)
-                       + np.float64(bi.imag) * np.float64(bi.imag))
-            out[k, 0] = rs
-            out[k, 1] = bb
+            for lane in range(2 * SUM_LANES):
+                acc[lane] = 0.0
+            for j0 in range(0, m, SUM_LANES):
+                base = k * m + j0
+                for lane in range(min(SUM_LANES, m - j0)):
+                    i = np.uint64(base + lane)
+                    bi = b[i]
+                    ri = bi - ax[i]
+                    r[i] = ri
+                    si = inv_diag[i] * ri if precondition else ri
+                    d[i] = si
+                    acc[lane] += (np.float64(ri.real) * np.float64(si.real)
+                                  + np.float64(ri.imag) * np.float64(si.imag))
+                    acc[SUM_LANES + lane] += (np.float64(bi.real) * np.float64(bi.real)
+                                              + np.float64(bi.imag) * np.float64(bi.imag))
+            out[k, 0] = _lane_total(acc[:SUM_LANES])
+            out[k, 1] = _lane_total(acc[SUM_LANES:])
 
     @_jit
     def _residual_update(r, ad, alpha, inv_diag, precondition, out):
         # r -= alpha ad; out[k] = Re <r, M r> over block k of r.size // out.size elements
         # (a slice, or the whole vector), M = diag(inv_diag) or 1
         m = r.size // out.size
+        acc = numba.carray(_lanes_on_stack(out.dtype), LANES)
         for k in range(out.size):
-            acc = 0.0
-            if precondition:
-                for i in range(k * m, (k + 1) * m):
+            for lane in range(SUM_LANES):
+                acc[lane] = 0.0
+            for j0 in range(0, m, SUM_LANES):
+                base = k * m + j0
+                for lane in range(min(SUM_LANES, m - j0)):
+                    i = np.uint64(base + lane)
                     ri = r[i] - alpha * ad[i]
                     r[i] = ri
-                    si = inv_diag[i] * ri
-                    acc += ri.real * si.real + ri.imag * si.imag
-            else:
-                for i in range(k * m, (k + 1) * m):
-                    ri = r[i] - alpha * ad[i]
-                    r[i] = ri
-                    acc += ri.real * ri.real + ri.imag * ri.imag
-            out[k] = acc
+                    si = inv_diag[i] * ri if precondition else ri
+                    acc[lane] += (np.float64(ri.real) * np.float64(si.real)
+                                  + np.float64(ri.imag) * np.float64(si.imag))
+            out[k] = _lane_total(acc)
 
     @_jit
     def _step_and_direction(x, d, r, inv_diag, precondition, alpha, beta, direction):
@@ -720,20 +741,63 @@ if numba is not None:
 
     @_jit
     def _slice_vdot(x, y, out):
-        # out[k] = (Re, Im) of sum conj(x) y over block k, in float64, in index order
+        # out[k] = (Re, Im) of sum conj(x) y over block k, in float64 (SUM_LANES partials)
         m = x.size // out.shape[0]
+        acc = numba.carray(_lanes_on_stack(out.dtype), LANES)
         for k in range(out.shape[0]):
-            re = 0.0
-            im = 0.0
-            for i in range(k * m, (k + 1) * m):
-                ar = np.float64(x[i].real)
-                ai = np.float64(x[i].imag)
-                br = np.float64(y[i].real)
-                bi = np.float64(y[i].imag)
-                re += ar * br + ai * bi
-                im += ar * bi - ai * br
-            out[k, 0] = re
-            out[k, 1] = im
+            for lane in range(2 * SUM_LANES):
+                acc[lane] = 0.0
+            for j0 in range(0, m, SUM_LANES):
+                base = k * m + j0
+                for lane in range(min(SUM_LANES, m - j0)):
+                    i = np.uint64(base + lane)
+                    ar = np.float64(x[i].real)
+                    ai = np.float64(x[i].imag)
+                    br = np.float64(y[i].real)
+                    bi = np.float64(y[i].imag)
+                    acc[lane] += ar * br + ai * bi
+                    acc[SUM_LANES + lane] += ar * bi - ai * br
+            out[k, 0] = _lane_total(acc[:SUM_LANES])
+            out[k, 1] = _lane_total(acc[SUM_LANES:])
+
+    @_jit
+    def _step_sums(u, u_old, step, has_prev, out):
+        # step = u - u_old, written over the previous step (has_prev: each element read
+        # first); out[k] = (||step||^2, ||u||^2, Re <previous step, step>) over block k, with
+        # _slice_vdot's arithmetic
+        m = u.size // out.shape[0]
+        acc = numba.carray(_lanes_on_stack(out.dtype), LANES)
+        ps = numba.carray(_lanes_on_stack(out.dtype), LANES)
+        for k in range(out.shape[0]):
+            for lane in range(2 * SUM_LANES):
+                acc[lane] = 0.0
+                ps[lane] = 0.0
+            for j0 in range(0, m, SUM_LANES):
+                base = k * m + j0
+                width = min(SUM_LANES, m - j0)
+                if has_prev:
+                    for lane in range(width):
+                        i = np.uint64(base + lane)
+                        pi = step[i]
+                        si = u[i] - u_old[i]
+                        ps[lane] += (np.float64(pi.real) * np.float64(si.real)
+                                     + np.float64(pi.imag) * np.float64(si.imag))
+                        step[i] = si
+                else:
+                    for lane in range(width):
+                        i = np.uint64(base + lane)
+                        step[i] = u[i] - u_old[i]
+                for lane in range(width):
+                    i = np.uint64(base + lane)
+                    si = step[i]
+                    ui = u[i]
+                    acc[lane] += (np.float64(si.real) * np.float64(si.real)
+                                  + np.float64(si.imag) * np.float64(si.imag))
+                    acc[SUM_LANES + lane] += (np.float64(ui.real) * np.float64(ui.real)
+                                              + np.float64(ui.imag) * np.float64(ui.imag))
+            out[k, 0] = _lane_total(acc[:SUM_LANES])
+            out[k, 1] = _lane_total(acc[SUM_LANES:])
+            out[k, 2] = _lane_total(ps[:SUM_LANES])
 
     @_jit
     def _scaled_residual(u, t, zr, zi):
@@ -816,6 +880,27 @@ def slice_vdot(x, y):
         _slice_vdot(np.ascontiguousarray(x).reshape(-1), np.ascontiguousarray(y).reshape(-1),
                     out)
     return out
+
+
+def step_sums(u, u_old, prev=None):
+    """The step ``u - u_old`` and, per slice (axis 0), ``||step||^2``, ``||u||^2`` and
+    ``Re <prev, step>`` as ``(nz, 3)`` float64 (the sums of :func:`slice_vdot`; the third 0
+    without ``prev``), in one pass. The step is written over ``prev`` when it is given
+    (C-contiguous, of ``u``'s dtype and shape), else into a new array."""
+    reuse = (prev is not None and prev.flags.c_contiguous and prev.dtype == u.dtype
+             and prev.shape == u.shape)
+    if reuse:
+        step = prev
+    else:
+        step = np.empty(u.shape, dtype=u.dtype)
+        if prev is not None:
+            step[...] = prev
+    out = np.zeros((u.shape[0], 3), dtype=np.float64)
+    if u.size:
+        _step_sums(np.ascontiguousarray(u).reshape(-1),
+                   np.ascontiguousarray(u_old, dtype=u.dtype).reshape(-1), step.reshape(-1),
+                   prev is not None, out)
+    return step, out
 
 
 def scaled_residual(u, t, zeta: complex) -> tuple[float, float]:

@@ -554,11 +554,9 @@ def solve(problem: LocalProblem, settings: SolverSettings, comm: Comm,
         # Metrics of the iterate u_{k+1}: one reduction of the local sums of the data term.
         num = r_factor_sums(modulus(d) if n_modes > 1 else d, sqrt_f=sqrt_f, valid=valid)[0]
         num, primal_z2, dual_z2, likelihood = data.reduce([num, *stats_z])
-        step = u - u_old
-        du = volume.norm(step)
-        un = volume.norm(u)
-        turn = (None if prev_step is None
-                else step_cosine(float(volume.vdot(prev_step, step).real), du, prev_du))
+        # the step is written over the previous one (its cosine with it taken first)
+        step, du, un, back = volume.step(u, u_old, prev_step)
+        turn = None if prev_step is None else step_cosine(back, du, prev_du)
         if turn is not None:
             turns.append(turn)
         prev_step, prev_du = step, du
