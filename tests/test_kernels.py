@@ -340,3 +340,24 @@ def test_volume_sums_follow_the_lane_order(shape, rng):
     s = (inv * r).astype(np.complex128)
     rw = r.astype(np.complex128)
     assert np.array_equal(rs, _lane_sums(rw.real * s.real + rw.imag * s.imag))
+
+
+@pytest.mark.parametrize("shape", [(6, 7, 9), (1, 1, 1), (2, 1, 3), (4, 3, 2), (3, 2, 1)])
+def test_combine_neg_laplacian_is_combine_of_the_laplacian(shape, rng, cdtype, numpy_only):
+    """The u-system's operator in one pass: a * wide + b (-Lap u), value for value as the
+    two kernels it replaces, and within rounding of the numpy steps."""
+    u = random_array(shape, cdtype, rng)
+    wide = random_array(shape, np.complex128, rng)
+    fused = Gradient(shape).normal_plus(u, wide, 0.3, 0.7)
+    assert fused.dtype == u.dtype
+    assert np.array_equal(fused, kernels.combine(wide, 0.3, kernels.neg_laplacian(u), 0.7,
+                                                 u.dtype))
+    out = np.empty_like(u)
+    assert kernels.combine_neg_laplacian(wide, 0.3, u, 0.7, out) is out
+    assert np.array_equal(out, fused)
+    with pytest.raises(ValueError, match="must not be u"):
+        kernels.combine_neg_laplacian(wide, 0.3, u, 0.7, u)
+    numpy_only()
+    reference = Gradient(shape).normal_plus(u, wide, 0.3, 0.7)
+    tol = 1e-6 if cdtype == np.complex64 else 1e-14
+    assert np.abs(fused - reference).max() <= tol * np.abs(reference).max()

@@ -144,8 +144,9 @@ def _grid(comm, slabs):
 @pytest.mark.mpi(ranks=[2, 4], timeout=120, unit="s")
 @pytest.mark.parametrize("nz", [NZ, 5])
 def test_halo_gradient_equals_serial(mpi_ranks, nz):
-    """grad, -div, -Lap, -div(a + b) and the TV split on slabs (5 slices over 4 ranks: one
-    slice per slab but the first) equal the serial operators' slabs exactly."""
+    """grad, -div, -Lap, a wide - b Lap, -div(a + b) and the TV split on slabs (5 slices
+    over 4 ranks: one slice per slab but the first) equal the serial operators' slabs
+    exactly."""
     comm = MPIComm()
     shape = (nz, N, N)
     for slabs in sorted({comm.size, 2}):
@@ -157,6 +158,9 @@ def test_halo_gradient_equals_serial(mpi_ranks, nz):
         assert np.array_equal(sg.fwd(ul), vol.local(serial.fwd(u)))
         assert np.array_equal(sg.adj(gl), vol.local(serial.adj(g)))
         assert np.array_equal(sg.normal(ul), vol.local(serial.normal(u)))
+        wide = random_volume(shape, 7).astype(np.complex128)
+        assert np.array_equal(sg.normal_plus(ul, np.ascontiguousarray(vol.local(wide)), 0.7, 0.2),
+                              vol.local(serial.normal_plus(u, wide, 0.7, 0.2)))
         assert np.array_equal(sg.adj_sum(gl, 2 * gl), vol.local(serial.adj_sum(g, 2 * g)))
         assert np.array_equal(sg.normal_diagonal(np, np.float32),
                               vol.local(serial.normal_diagonal(np, np.float32)))

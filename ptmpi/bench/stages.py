@@ -10,7 +10,8 @@ it) is charged to itself only. Stages:
 ``fft``        the far-field batches ``F`` and ``F^H``
 ``windowing``  ``omega * S_j`` and its adjoint (gather / scatter-add of the frames)
 ``cg``         CG's own vector work (axpys, inner products), the Laplacian excluded
-``tv``         gradient, divergence, Laplacian and the isotropic shrink
+``tv``         gradient, divergence, Laplacian (in CG's operator, with its sum with the
+               data term's) and the isotropic shrink
 ``prox``       the closed-form z-step
 ``allreduce``  every reduction across ranks, including waiting for the slowest rank
 ``other``      the rest of the iteration (multiplier updates, metrics)
@@ -74,6 +75,7 @@ def instrumented(comm, xp):
         (Ptycho, "fwd", "windowing"), (Ptycho, "adj", "windowing"),
         (Ptycho, "extract", "windowing"), (Ptycho, "scatter", "windowing"),
         (Gradient, "fwd", "tv"), (Gradient, "adj", "tv"), (Gradient, "normal", "tv"),
+        (Gradient, "normal_plus", "tv"),
         (Gradient, "adj_sum", "tv"), (admm, "update_tv_split", "tv"),
         (admm, "shrink_isotropic", "tv"), (admm, "prox_data", "prox"),
         (admm, "update_data_split", "prox"),

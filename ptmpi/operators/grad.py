@@ -49,6 +49,17 @@ class Gradient:
             return kernels.neg_laplacian(u, out)
         return self.adj(self.fwd(u))
 
+    def normal_plus(self, u, wide, a: float, b: float, out=None):
+        """``a * wide + b * grad^H grad u`` rounded once to ``u``'s dtype (``wide``: a sum
+        in a wider dtype, e.g. the data term's normal operator): one compiled pass on the
+        host when available (into ``out`` when given), else the sum of :meth:`normal`."""
+        if kernels.available(u, wide):
+            return kernels.combine_neg_laplacian(wide, a, u, b, out)
+        total = wide.astype(u.dtype)
+        total *= a
+        total += b * self.normal(u)
+        return total
+
     def adj_sum(self, a, b):
         """``adj(a + b) = -div(a + b)`` (one compiled pass on the host when available)."""
         if kernels.available(a, b):

@@ -17,7 +17,8 @@ arithmetic it feeds).
   :func:`data_split_modes` the same for incoherent probe modes.
 - :func:`tv_step`, :func:`neg_div_sum`, :func:`combine`: the TV split step, the
   divergence in the right-hand side and the rounding of the reduced sums.
-- :func:`neg_laplacian`: ``grad^H grad u = -Lap u`` (Neumann) in one pass.
+- :func:`neg_laplacian`: ``grad^H grad u = -Lap u`` (Neumann) in one pass;
+  :func:`combine_neg_laplacian` the u-system's ``a * wide + b * (-Lap u)`` in one pass.
 - :func:`cg_start`: CG's first ``r = b - Ax``, ``d = M r`` and their sums in one pass;
   :func:`residual_update`: CG's ``r -= a Ad`` and ``<r, M r>`` in one pass;
   :func:`step_and_direction` its ``x += a d`` and ``d = M r + b d`` in another.
@@ -269,6 +270,47 @@ if numba is not None:
                     out[k, i, j] += u[k, i, j] - u[k, i, j - 2]
                 for j in range(w - 2):
                     out[k, i, j] += u[k, i, j] - u[k, i, j + 2]
+
+    @_jit
+    def _laplacian_at(u, p, okm, okp, oim, oip, ojm, ojp):
+        # -Lap u at flat index p of a real view, _neg_laplacian's terms in its order; an
+        # offset of 0 (no neighbour there) adds an exact zero
+        x = u[np.uint64(p)]
+        t = u.dtype.type(0)
+        t += x - u[np.uint64(p - okm)]
+        t += x - u[np.uint64(p + okp)]
+        t += x - u[np.uint64(p - oim)]
+        t += x - u[np.uint64(p + oip)]
+        t += x - u[np.uint64(p - ojm)]
+        t += x - u[np.uint64(p + ojp)]
+        return t
+
+    @_jit
+    def _combine_neg_laplacian(wide, a, u, b, out, nz, ny, w):
+        # out = a wide + b (-Lap u) in one pass (flat real views of (nz, ny, w) arrays, u's
+        # x-neighbours 2 apart): _combine of _neg_laplacian's result, value for value. The
+        # offsets of a row's neighbours are fixed along the row, so that the loop over
+        # its interior vectorizes.
+        plane = ny * w
+        for k in range(nz):
+            okm = plane if k > 0 else 0
+            okp = plane if k < nz - 1 else 0
+            for i in range(ny):
+                oim = w if i > 0 else 0
+                oip = w if i < ny - 1 else 0
+                row = k * plane + i * w
+                for j in range(min(2, w)):
+                    p = row + j
+                    t = _laplacian_at(u, p, okm, okp, oim, oip, 0, 2 if j < w - 2 else 0)
+                    out[np.uint64(p)] = a * wide[np.uint64(p)] + b * t
+                for j in range(2, w - 2):
+                    p = row + j
+                    t = _laplacian_at(u, p, okm, okp, oim, oip, 2, 2)
+                    out[np.uint64(p)] = a * wide[np.uint64(p)] + b * t
+                for j in range(max(2, w - 2), w):
+                    p = row + j
+                    t = _laplacian_at(u, p, okm, okp, oim, oip, 2, 0)
+                    out[np.uint64(p)] = a * wide[np.uint64(p)] + b * t
 
     @_jit
     def _neg_div_sum(a, b, out):
@@ -827,6 +869,23 @@ def neg_laplacian(u, out=None):
     optional C-contiguous result array (overwritten)."""
     out = result_array(out, u.shape, u.dtype)
     _neg_laplacian(_real_view(u), out.view(np.finfo(u.dtype).dtype))
+    return out
+
+
+def combine_neg_laplacian(wide, a: float, u, b: float, out=None):
+    """``a * wide + b * (-Lap u)`` rounded once to ``u``'s dtype, in one pass: the same
+    values as :func:`combine` of :func:`neg_laplacian`'s result (``wide``: e.g. the
+    complex128 sum of a normal operator; ``out``: optional C-contiguous result array, not
+    ``u``)."""
+    out = result_array(out, u.shape, u.dtype)
+    if out is u:
+        raise ValueError("combine_neg_laplacian: out must not be u")
+    real = np.finfo(u.dtype).dtype
+    wide = np.ascontiguousarray(wide, dtype=np.result_type(wide.dtype, u.dtype))
+    nz, ny, nx = u.shape
+    _combine_neg_laplacian(wide.reshape(-1).view(np.finfo(wide.dtype).dtype), float(a),
+                           _real_view(u).reshape(-1), float(b), out.reshape(-1).view(real),
+                           nz, ny, 2 * nx)
     return out
 
 

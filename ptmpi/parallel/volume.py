@@ -232,6 +232,33 @@ class SlabGradient:
     def normal(self, u, out=None):
         return self._apply(lambda op, x, out=None: op.normal(x, out), [u], 1, 1, out)
 
+    def normal_plus(self, u, wide, a: float, b: float, out=None):
+        """:meth:`Gradient.normal_plus` on the slab (``wide``: this slab's part): the slab's
+        first and last slices are recomputed from windows with the halos of ``u`` (and
+        zero slices of ``wide`` beside them, whose results are dropped)."""
+        out = Gradient(u.shape).normal_plus(u, wide, a, b, out)
+        if not self.volume.split:
+            return out
+        xp = get_xp(out)
+        head, tail = self.volume.halos(u, 1, 1)
+        nzl = self.shape[0]
+        for k in sorted({0, nzl - 1}):
+            lo, hi = max(0, k - 1), min(nzl, k + 2)
+            parts, spread = [u[lo:hi]], [wide[lo:hi]]
+            offset = k - lo
+            if k == 0 and head is not None:
+                parts.insert(0, head)
+                spread.insert(0, xp.zeros_like(wide[:1]))
+                offset += 1
+            if k == nzl - 1 and tail is not None:
+                parts.append(tail)
+                spread.append(xp.zeros_like(wide[:1]))
+            window = xp.ascontiguousarray(xp.concatenate(parts, axis=0))
+            value = Gradient(window.shape).normal_plus(
+                window, xp.ascontiguousarray(xp.concatenate(spread, axis=0)), a, b)
+            out[k] = value[offset]
+        return out
+
     def adj_sum(self, a, b):
         return self._apply(lambda op, x, y: op.adj_sum(x, y), [a, b], 1, 1)
 

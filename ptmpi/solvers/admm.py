@@ -461,17 +461,16 @@ def solve(problem: LocalProblem, settings: SolverSettings, comm: Comm,
 
     update_preconditioner()
 
-    # The TV term of normal_op is written into a volume kept between calls, and the
-    # result over it (CG uses each result before its next call): the CG loop then makes
-    # no new volume, each of which would be mapped and faulted in afresh.
+    # normal_op writes its result into a volume kept between calls (CG uses each result
+    # before its next call): the CG loop then makes no new volume, each of which would be
+    # mapped and faulted in afresh.
     kept = {}
 
     def normal_op(x):
-        tv_term = grad.normal(x, kept.get("tv")) if r1 > 0 else None
-        result = _scaled_sum(data.normal(x), r2, tv_term, r1, dtype, tv_term)
-        if result is tv_term:
-            kept["tv"] = result
-        return result
+        if r1 <= 0:
+            return _scaled_sum(data.normal(x), r2, None, r1, dtype)
+        kept["out"] = grad.normal_plus(x, data.normal(x), r2, r1, kept.get("out"))
+        return kept["out"]
 
     sqrt_f_sum = data.reduce(float(xp.sum(sqrt_f, dtype=xp.float64)))
     t_start = time.perf_counter() - (state.history["wall_s"][-1] if state.history["wall_s"] else 0)
