@@ -320,22 +320,28 @@ def test_exp_apt_recovers_the_drift():
 def test_exp_apt_recovers_a_drift_of_4_px_on_an_overlapping_scan():
     """The acceptance case of the exp model at the demo's size, with a probe that overlaps
     its neighbours (FWHM 8 at step 8; the demo's FWHM 4 barely does, module notes of
-    align.py): shifts to 0.1 px and the SNR within 1.5 dB of the drift-free data."""
+    align.py): shifts to 0.1 px on every one of four noise draws, and the SNR within
+    1.5 dB of the drift-free data's as the median of the four. (The gap of one draw is
+    chaotic: rounding-level changes in CG's sums moved it from 1.44 to 1.55 dB on seed 0
+    and from 2.56 to -0.26 dB on seed 2.)"""
     from ptmpi.sim.presets import PRESETS
 
-    base = dataclasses.replace(PRESETS["demo"], fwhm=8.0, eta=100.0, model="exp")
-    drifted = simulate(dataclasses.replace(base, drift=4.0))
-    clean = simulate(base)
-    theta = np.deg2rad(drifted.angles_deg)
-    aligned, _ = solve_exp(local_problem(drifted), ExpSolverSettings(iterations=30, align=True),
-                           SerialComm())
-    reference, _ = solve_exp(local_problem(clean), ExpSolverSettings(iterations=30),
-                             SerialComm())
-    before = gauge_free_error(np.zeros((8, 2)), drifted.shifts_px, theta)
-    after = gauge_free_error(aligned.shifts_local, drifted.shifts_px, theta)
-    assert before > 1.5 and after < 0.1, (before, after)
-    gap = reference.history["snr_db"][-1] - aligned.history["snr_db"][-1]
-    assert gap < 1.5, gap
+    gaps = []
+    for seed in range(4):
+        base = dataclasses.replace(PRESETS["demo"], fwhm=8.0, eta=100.0, model="exp",
+                                   seed=seed)
+        drifted = simulate(dataclasses.replace(base, drift=4.0))
+        clean = simulate(base)
+        theta = np.deg2rad(drifted.angles_deg)
+        aligned, _ = solve_exp(local_problem(drifted),
+                               ExpSolverSettings(iterations=30, align=True), SerialComm())
+        reference, _ = solve_exp(local_problem(clean), ExpSolverSettings(iterations=30),
+                                 SerialComm())
+        before = gauge_free_error(np.zeros((8, 2)), drifted.shifts_px, theta)
+        after = gauge_free_error(aligned.shifts_local, drifted.shifts_px, theta)
+        assert before > 1.5 and after < 0.1, (seed, before, after)
+        gaps.append(reference.history["snr_db"][-1] - aligned.history["snr_db"][-1])
+    assert np.median(gaps) < 1.5, gaps
 
 
 # ------------------------------------------------------------- checkpoint, output
