@@ -932,8 +932,9 @@ def step_and_direction(x, d, r, alpha, beta=None, inv_diag=None) -> None:
 
 
 def slice_vdot(x, y):
-    """``vdot(x[k], y[k])`` for every slice ``k`` of axis 0, summed in float64 in index
-    order: ``(nz, 2)`` float64, real and imaginary parts."""
+    """``vdot(x[k], y[k])`` for every slice ``k`` of axis 0, summed in float64 over
+    ``SUM_LANES`` interleaved partial sums (see ``_lane_total``): ``(nz, 2)`` float64, real
+    and imaginary parts."""
     out = np.zeros((x.shape[0], 2), dtype=np.float64)
     if x.size:
         _slice_vdot(np.ascontiguousarray(x).reshape(-1), np.ascontiguousarray(y).reshape(-1),

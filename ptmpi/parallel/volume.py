@@ -68,7 +68,8 @@ class VolumeSpace:
         return x[..., self.z0:self.z1, :, :]
 
     # -- reductions over the slabs ---------------------------------------------------
-    # Sums over the volume are formed per slice (float64, in index order) and the slices'
+    # Sums over the volume are formed per slice (float64, over the interleaved partial
+    # sums of kernels.SUM_LANES, each in index order) and the slices'
     # sums are added in slice order on every rank: the result does not depend on how the
     # slices are split into slabs, bit for bit. (The nonconvex iteration amplifies rounding
     # differences of CG's scalars from 1e-7 to 1e-3 within a few iterations.)
