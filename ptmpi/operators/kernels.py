@@ -720,27 +720,34 @@ if numba is not None:
         return s
 
     @_jit
+    def _zero(acc):
+        for lane in range(acc.size):
+            acc[lane] = 0.0
+
+    @_jit
+    def _re_dot(a, b):
+        # Re(conj(a) b) in float64
+        return (np.float64(a.real) * np.float64(b.real)
+                + np.float64(a.imag) * np.float64(b.imag))
+
+    @_jit
     def _cg_start(b, ax, inv_diag, precondition, r, d, out):
         # r = b - ax, d = M r; out[k] = (Re <r, M r>, <b, b>) over block k (a slice), with
         # _slice_vdot's arithmetic
         m = b.size // out.shape[0]
         acc = numba.carray(_lanes_on_stack(out.dtype), LANES)
         for k in range(out.shape[0]):
-            for lane in range(2 * SUM_LANES):
-                acc[lane] = 0.0
-            for j0 in range(0, m, SUM_LANES):
-                base = k * m + j0
-                for lane in range(min(SUM_LANES, m - j0)):
-                    i = np.uint64(base + lane)
+            _zero(acc)
+            for i0 in range(k * m, (k + 1) * m, SUM_LANES):
+                for lane in range(min(SUM_LANES, (k + 1) * m - i0)):
+                    i = np.uint64(i0 + lane)
                     bi = b[i]
                     ri = bi - ax[i]
                     r[i] = ri
                     si = inv_diag[i] * ri if precondition else ri
                     d[i] = si
-                    acc[lane] += (np.float64(ri.real) * np.float64(si.real)
-                                  + np.float64(ri.imag) * np.float64(si.imag))
-                    acc[SUM_LANES + lane] += (np.float64(bi.real) * np.float64(bi.real)
-                                              + np.float64(bi.imag) * np.float64(bi.imag))
+                    acc[lane] += _re_dot(ri, si)
+                    acc[SUM_LANES + lane] += _re_dot(bi, bi)
             out[k, 0] = _lane_total(acc[:SUM_LANES])
             out[k, 1] = _lane_total(acc[SUM_LANES:])
 
@@ -751,17 +758,14 @@ if numba is not None:
         m = r.size // out.size
         acc = numba.carray(_lanes_on_stack(out.dtype), LANES)
         for k in range(out.size):
-            for lane in range(SUM_LANES):
-                acc[lane] = 0.0
-            for j0 in range(0, m, SUM_LANES):
-                base = k * m + j0
-                for lane in range(min(SUM_LANES, m - j0)):
-                    i = np.uint64(base + lane)
+            _zero(acc)
+            for i0 in range(k * m, (k + 1) * m, SUM_LANES):
+                for lane in range(min(SUM_LANES, (k + 1) * m - i0)):
+                    i = np.uint64(i0 + lane)
                     ri = r[i] - alpha * ad[i]
                     r[i] = ri
                     si = inv_diag[i] * ri if precondition else ri
-                    acc[lane] += (np.float64(ri.real) * np.float64(si.real)
-                                  + np.float64(ri.imag) * np.float64(si.imag))
+                    acc[lane] += _re_dot(ri, si)
             out[k] = _lane_total(acc)
 
     @_jit
@@ -787,18 +791,15 @@ if numba is not None:
         m = x.size // out.shape[0]
         acc = numba.carray(_lanes_on_stack(out.dtype), LANES)
         for k in range(out.shape[0]):
-            for lane in range(2 * SUM_LANES):
-                acc[lane] = 0.0
-            for j0 in range(0, m, SUM_LANES):
-                base = k * m + j0
-                for lane in range(min(SUM_LANES, m - j0)):
-                    i = np.uint64(base + lane)
-                    ar = np.float64(x[i].real)
-                    ai = np.float64(x[i].imag)
-                    br = np.float64(y[i].real)
-                    bi = np.float64(y[i].imag)
-                    acc[lane] += ar * br + ai * bi
-                    acc[SUM_LANES + lane] += ar * bi - ai * br
+            _zero(acc)
+            for i0 in range(k * m, (k + 1) * m, SUM_LANES):
+                for lane in range(min(SUM_LANES, (k + 1) * m - i0)):
+                    i = np.uint64(i0 + lane)
+                    a = x[i]
+                    c = y[i]
+                    acc[lane] += _re_dot(a, c)
+                    acc[SUM_LANES + lane] += (np.float64(a.real) * np.float64(c.imag)
+                                              - np.float64(a.imag) * np.float64(c.real))
             out[k, 0] = _lane_total(acc[:SUM_LANES])
             out[k, 1] = _lane_total(acc[SUM_LANES:])
 
@@ -811,32 +812,24 @@ if numba is not None:
         acc = numba.carray(_lanes_on_stack(out.dtype), LANES)
         ps = numba.carray(_lanes_on_stack(out.dtype), LANES)
         for k in range(out.shape[0]):
-            for lane in range(2 * SUM_LANES):
-                acc[lane] = 0.0
-                ps[lane] = 0.0
-            for j0 in range(0, m, SUM_LANES):
-                base = k * m + j0
-                width = min(SUM_LANES, m - j0)
+            _zero(acc)
+            _zero(ps)
+            for i0 in range(k * m, (k + 1) * m, SUM_LANES):
+                width = min(SUM_LANES, (k + 1) * m - i0)
                 if has_prev:
                     for lane in range(width):
-                        i = np.uint64(base + lane)
-                        pi = step[i]
+                        i = np.uint64(i0 + lane)
                         si = u[i] - u_old[i]
-                        ps[lane] += (np.float64(pi.real) * np.float64(si.real)
-                                     + np.float64(pi.imag) * np.float64(si.imag))
+                        ps[lane] += _re_dot(step[i], si)
                         step[i] = si
                 else:
                     for lane in range(width):
-                        i = np.uint64(base + lane)
+                        i = np.uint64(i0 + lane)
                         step[i] = u[i] - u_old[i]
                 for lane in range(width):
-                    i = np.uint64(base + lane)
-                    si = step[i]
-                    ui = u[i]
-                    acc[lane] += (np.float64(si.real) * np.float64(si.real)
-                                  + np.float64(si.imag) * np.float64(si.imag))
-                    acc[SUM_LANES + lane] += (np.float64(ui.real) * np.float64(ui.real)
-                                              + np.float64(ui.imag) * np.float64(ui.imag))
+                    i = np.uint64(i0 + lane)
+                    acc[lane] += _re_dot(step[i], step[i])
+                    acc[SUM_LANES + lane] += _re_dot(u[i], u[i])
             out[k, 0] = _lane_total(acc[:SUM_LANES])
             out[k, 1] = _lane_total(acc[SUM_LANES:])
             out[k, 2] = _lane_total(ps[:SUM_LANES])
