@@ -298,7 +298,7 @@ def test_step_sums_are_those_of_slice_vdot(rng, cdtype, numpy_only):
             numpy_only()
         buffer = prev.copy()
         step, du, un, back = volume.step(u, u_old, buffer)
-        assert step is buffer and np.array_equal(step, expected)
+        assert (step is buffer) == (path == "compiled") and np.array_equal(step, expected)
         assert (du, un) == (volume.norm(expected), volume.norm(u))
         assert back == volume.vdot(prev, expected).real
         np.testing.assert_allclose((du, un, back), reference, rtol=1e-5)

@@ -115,18 +115,15 @@ class VolumeSpace:
     def step(self, u, u_old, prev=None):
         """An iteration's step and its metrics over the whole volume: returns ``(step,
         ||step||, ||u||, Re <prev, step>)`` (the last 0.0 without ``prev``), with the sums
-        of :meth:`norm` and :meth:`vdot`. The step is written over ``prev`` (the previous
-        step, no longer needed) where it can be, so that no new volume is made."""
+        of :meth:`norm` and :meth:`vdot`. On the host the step is written over ``prev`` (the
+        previous step, no longer needed) where it can be, so that no new volume is made."""
         if kernels.available(u, u_old) and (prev is None or kernels.available(prev)):
             step, parts = kernels.step_sums(u, u_old, prev)
             sums = self.total(parts)
-        else:
-            xp = get_xp(u, u_old)
-            usable = prev is not None and prev.shape == u.shape and prev.dtype == u.dtype
-            back = None if prev is None else self.vdot(prev, u - u_old).real
-            step = xp.subtract(u, u_old, out=prev) if usable else u - u_old
+        else:  # (a new step array: the device's memory pool reuses the old one's)
+            step = u - u_old
             sums = (self.total(slice_vdot(step, step))[0], self.total(slice_vdot(u, u))[0],
-                    0.0 if back is None else back)
+                    0.0 if prev is None else self.vdot(prev, step).real)
         return (step, math.sqrt(max(float(sums[0]), 0.0)), math.sqrt(max(float(sums[1]), 0.0)),
                 float(sums[2]))
 

@@ -307,12 +307,12 @@ def resolve(settings: SolverSettings, norm: float, noise_amplitude: float = 0.0,
             "epsilon": float(epsilon)}
 
 
-def _scaled_sum(wide_sum, r2: float, tv_term, r1: float, dtype, out=None):
+def _scaled_sum(wide_sum, r2: float, tv_term, r1: float, dtype):
     """``r2 * wide_sum + r1 * tv_term`` rounded once to ``dtype`` (``tv_term`` may be
-    None): the u-system's operator and right-hand side from the reduced data term.
-    ``out``: where the compiled kernel writes it (it may be ``tv_term``)."""
+    None): the u-system's right-hand side (and operator without TV) from the reduced data
+    term."""
     if tv_term is not None and kernels.available(wide_sum, tv_term):
-        return kernels.combine(wide_sum, r2, tv_term, r1, dtype, out)
+        return kernels.combine(wide_sum, r2, tv_term, r1, dtype)
     total = wide_sum.astype(dtype)
     total *= r2
     if tv_term is not None:
