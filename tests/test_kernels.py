@@ -361,3 +361,23 @@ def test_combine_neg_laplacian_is_combine_of_the_laplacian(shape, rng, cdtype, n
     reference = Gradient(shape).normal_plus(u, wide, 0.3, 0.7)
     tol = 1e-6 if cdtype == np.complex64 else 1e-14
     assert np.abs(fused - reference).max() <= tol * np.abs(reference).max()
+
+
+@pytest.mark.parametrize("ipm", [True, False])
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_newton_roots_of_a_row_are_those_of_each_pixel(ipm, dtype, rng):
+    """The smoothed likelihood's z-step solves a row's Newton roots together (frozen pixel
+    by pixel once converged, LANES at a time): each root bit for bit the scalar one's,
+    masked pixels untouched, on a row longer than LANES with zero counts and zero input."""
+    m = 2 * kernels.LANES + 11
+    a2 = (rng.random(m) * 400).astype(dtype)
+    f = rng.poisson(a2).astype(dtype)
+    a2[:3], f[3:6] = 0, 0
+    use = rng.random(m) > 0.1
+    r2, one, eps, tol = dtype(0.1), dtype(1), 10.0, kernels.prox_tol(dtype)
+    rho = np.full(m, -7.0, dtype=dtype)
+    kernels._prox_modulus_row(a2, f, use, r2, ipm, eps, one, tol, rho)
+    expected = [dtype(kernels._prox_modulus(np.sqrt(a2[j]), f[j], r2, ipm, eps, one, tol))
+                for j in range(m)]
+    assert np.array_equal(rho[use], np.array(expected, dtype=dtype)[use])
+    assert np.all(rho[~use] == -7.0) and (~use).any()

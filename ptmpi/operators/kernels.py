@@ -498,6 +498,61 @@ if numba is not None:
                            error_model="numpy")
 
     @_jit_ieee
+    def _prox_modulus_row(a2, f, use, r2, ipm, eps_g, one, tol, rho):
+        # _prox_modulus for every pixel of a row (a2: |zt|^2, f: counts; use: False where
+        # the pixel is masked, rho left as it is there), LANES pixels at a time: the same
+        # Newton steps per pixel, each pixel's iteration frozen once it has converged, in
+        # loops over the pixels that vectorize (the state sits in scratch rows on the
+        # stack, which alias nothing); a group stops when every pixel in it has.
+        x = numba.carray(_lanes_on_stack(np.float64), LANES)
+        lo = numba.carray(_lanes_on_stack(np.float64), LANES)
+        hi = numba.carray(_lanes_on_stack(np.float64), LANES)
+        c = numba.carray(_lanes_on_stack(np.float64), LANES)
+        rm = numba.carray(_lanes_on_stack(np.float64), LANES)
+        done = numba.carray(_lanes_on_stack(np.float64), LANES)
+        for j0 in range(0, rho.size, LANES):
+            width = min(LANES, rho.size - j0)
+            for j in range(width):
+                a = np.sqrt(a2[j0 + j])
+                rm[j] = r2 * a
+                c[j] = f[j0 + j] + eps_g
+                lo[j] = 0.0
+                hi[j] = max(a, np.sqrt(f[j0 + j]))
+                x[j] = hi[j]
+                done[j] = 0.0 if use[j0 + j] else 1.0
+            for _ in range(60):
+                active = 0
+                for j in range(width):
+                    r = x[j]
+                    q2 = r * r + eps_g
+                    if ipm:
+                        k = c[j] / q2
+                        dk = -2.0 * r * c[j] / (q2 * q2)
+                    else:
+                        q = np.sqrt(q2)
+                        k = np.sqrt(c[j]) / q
+                        dk = -r * k / q2
+                    phi = r * (1.0 + r2 - k) - rm[j]
+                    h = r if phi > 0 else hi[j]
+                    low = lo[j] if phi > 0 else r
+                    dphi = 1.0 + r2 - k - r * dk
+                    step = r - phi / dphi if dphi > 0 else -1.0
+                    if abs(step - r) > 4e-16 * h and (step <= low or step >= h):
+                        step = 0.5 * (low + h)
+                    live = done[j] == 0.0
+                    x[j] = step if live else r
+                    hi[j] = h if live else hi[j]
+                    lo[j] = low if live else lo[j]
+                    stop = abs(step - r) <= tol * h
+                    done[j] = 1.0 if (stop or not live) else 0.0
+                    active += 0 if (stop or not live) else 1
+                if active == 0:
+                    break
+            for j in range(width):
+                if use[j0 + j]:
+                    rho[j0 + j] = x[j]
+
+    @_jit_ieee
     def _log_row(x, n, bits, out):
         # out[j] = log(x[j]) (float64, j < n) in loops that vectorize, where the library's
         # log is one call per value: x = 2^e m with m in [sqrt(1/2), sqrt(2)), log m =
@@ -534,13 +589,13 @@ if numba is not None:
 
     @_jit_ieee
     def _data_split(d, lam2, f, valid, r2, ipm, z, eps_g, z_old, stats, tol, a2, rho, t, g2,
-                    bits):
+                    bits, mask):
         # z = prox_G(d - lam2) (see ptmpi.solvers.prox), then lam2 += z - d; frame by frame,
-        # each pixel row in loops that vectorize (the Newton root of the smoothed
-        # likelihood excepted). d, lam2, z, z_old: real views (n_frames, m, 2 m); valid:
+        # each pixel row in loops that vectorize (the smoothed likelihood's Newton roots
+        # too, _prox_modulus_row). d, lam2, z, z_old: real views (n_frames, m, 2 m); valid:
         # (0, m, m) for no mask, (1, m, m) for one mask, else one per frame; z = zt where
-        # it is False, and f is not read there. Scratch: a2 (m, m) real, |zt|^2 of the
-        # frame; rho (m,) real; t (m,), g2 (m,) float64, bits (m,) int64.
+        # it is False (its root is not sought there). Scratch: a2 (m, m) real, |zt|^2 of the
+        # frame; rho (m,) real; t (m,), g2 (m,) float64, bits (m,) int64; mask (m,) bool.
         # The arithmetic is that of the scalar form before (which unified zt * scale and
         # zt * 0 + rho to complex128): the products in the frames' precision, z - d and the
         # update of lam2 in float64, at masked pixels in the frames' precision.
@@ -568,9 +623,8 @@ if numba is not None:
             for i in range(m):
                 if eps_g > 0:
                     for j in range(m):
-                        if n_valid == 0 or valid[vf, i, j]:
-                            rho[j] = _prox_modulus(np.sqrt(a2[i, j]), f[fr, i, j], r2, ipm,
-                                                   eps_g, one, tol)
+                        mask[j] = n_valid == 0 or valid[vf, i, j]
+                    _prox_modulus_row(a2[i], f[fr, i], mask, r2, ipm, eps_g, one, tol, rho)
                 elif ipm:  # the closed forms of _prox_modulus, in its types
                     for j in range(m):
                         rm = r2 * np.sqrt(a2[i, j])
@@ -1076,7 +1130,7 @@ def data_split(d, lam2, f, r2: float, likelihood: str, valid=None, epsilon: floa
     _data_split(d.view(wide), lam2.view(wide), np.ascontiguousarray(f), valid, rdtype(r2),
                 likelihood == "ipm", z.view(wide), float(epsilon), old, out, prox_tol(f.dtype),
                 np.empty((m, m), dtype=rdtype), np.zeros(m, dtype=rdtype), np.empty(m),
-                np.empty(m), np.empty(m, dtype=np.int64))
+                np.empty(m), np.empty(m, dtype=np.int64), np.empty(m, dtype=np.bool_))
     if stats is not None:
         stats[:] = out
     return z
