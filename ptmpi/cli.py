@@ -267,6 +267,12 @@ def settings_from_args(args, model: str = "linear"):
     if modes is not None and modes > 1 and model == "exp":
         raise ValueError(f"--probe-modes {modes}: several probe modes are supported with the "
                          "linear model only; use --probe-modes 1 with --model exp")
+    if model != "exp" and getattr(args, "support", None) is not None:
+        raise ValueError("--support applies to --model exp only (the linear model has no "
+                         "empty-space value of u)")
+    if model == "exp" and getattr(args, "start", None) == "coarse":
+        raise ValueError("--start coarse applies to the linear model only; --model exp "
+                         "starts from per-angle ptychography and a phase-gradient tomography")
     if model != "exp" and getattr(args, "cg_tol", None) is not None:
         raise ValueError("--cg-tol applies to --model exp only (the linear u-step takes "
                          "--cg-iterations warm-started CG steps)")
@@ -280,7 +286,7 @@ def settings_from_args(args, model: str = "linear"):
             "algorithm": algorithm, "iterations": args.iterations, "tol": args.tol,
             "likelihood": args.likelihood, "tv_weight": args.tv_weight, "r1": args.r1,
             "r2": args.r2, "cg_iterations": args.cg_iterations,
-            "cg_tol": getattr(args, "cg_tol", None),
+            "cg_tol": getattr(args, "cg_tol", None), "support": getattr(args, "support", None),
             "refine_probe": args.refine_probe, "epsilon": getattr(args, "epsilon", None),
             "adapt_penalties": {"on": True, "off": False}.get(getattr(args, "adapt_r2", None)),
             **_align_fields(args, algorithm),
@@ -648,6 +654,10 @@ def build_parser() -> argparse.ArgumentParser:
                         "is this fraction of the right-hand side, up to 64 iterations "
                         "(default 0: exactly --cg-iterations; 0.2 helps where the joint "
                         "R-factor stalls far above the initialisation's, see README)")
+    p.add_argument("--support", choices=["fov", "none"],
+                   help="--model exp: fov (default) keeps u = 0, empty space, on the voxels "
+                        "that some angle misses entirely (outside the field of view, about "
+                        "the inscribed cylinder); none lets every voxel take a value")
     p.add_argument("--start", choices=["ones", "coarse"],
                    help="apt/apts starting point: ones (the paper's u = 1) or coarse "
                         "(solve at half the size first, then interpolate)")

@@ -106,6 +106,25 @@ def projection_matrix(n: int, theta: np.ndarray, dtype=np.float32):
     return matrix
 
 
+def footprint_on_detector(n: int, theta) -> np.ndarray:
+    """Per voxel of an ``(n, n)`` slice, the smallest fraction of its footprint that falls
+    on the detector (``|s| <= n/2``) over the angles ``theta``: ``(n, n)`` float64, 1 for
+    no angle. A voxel with fraction 0 is missed entirely at some angle; those with a
+    positive fraction at every angle make the field of view of the scan (for angles over
+    ``[0, pi)``, about the inscribed cylinder, radius ``n/2`` plus part of a voxel)."""
+    theta = np.asarray(theta, dtype=np.float64).ravel()
+    coord = np.arange(n, dtype=np.float64) - 0.5 * (n - 1)
+    y, x = np.meshgrid(coord, coord, indexing="ij")
+    seen = np.ones((n, n))
+    for th in theta:
+        cos, sin = np.cos(th), np.sin(th)
+        wa, wb = max(abs(cos), abs(sin)), min(abs(cos), abs(sin))
+        s0 = x * cos + y * sin
+        inside = footprint_cdf(0.5 * n - s0, wa, wb) - footprint_cdf(-0.5 * n - s0, wa, wb)
+        seen = np.minimum(seen, inside)
+    return seen
+
+
 class Projector:
     """Projector ``P_theta`` for a set of angles, with its exact adjoint.
 

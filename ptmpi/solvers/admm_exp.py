@@ -188,6 +188,10 @@ from ptmpi.solvers.prox import (
 logger = logging.getLogger(__name__)
 
 ALGORITHMS = ("apt", "apts", "two-step")
+SUPPORTS = ("fov", "none")
+#: A voxel is in the field of view when at least this fraction of its footprint falls on
+#: the detector at every angle (any positive fraction; the margin absorbs rounding).
+FOV_MIN_FRACTION = 1e-6
 
 
 @dataclasses.dataclass(frozen=True)
@@ -304,12 +308,17 @@ class ExpSolverSettings(AlignOptions):
     per-angle phase offset, which the far-field intensities cannot see. In the joint
     iterations as a projected Newton step (:func:`gauss_newton` with ``active_set``), in
     the initialisation by clipping."""
+    support: str = "fov"
+    """``fov``: ``u = 0`` (empty space) outside the field of view, the voxels that some
+    measured angle misses entirely (:func:`field_of_view`); ``none``: every voxel free."""
 
     def __post_init__(self):
         if self.algorithm not in ALGORITHMS:
             raise ValueError(f"algorithm must be one of {ALGORITHMS}, got {self.algorithm!r}")
         if self.likelihood not in LIKELIHOODS:
             raise ValueError(f"likelihood must be one of {LIKELIHOODS}, got {self.likelihood!r}")
+        if self.support not in SUPPORTS:
+            raise ValueError(f"support must be one of {SUPPORTS}, got {self.support!r}")
         if self.u_fit not in ("gradient", "exp"):
             raise ValueError(f"u_fit must be gradient or exp, got {self.u_fit!r}")
         if self.init_iterations < 0 or self.init_gn_iterations < 1:
@@ -412,6 +421,26 @@ def gauge_phases(psi_local, reference_local):
     return xp.where(mag > 0, inner / xp.where(mag > 0, mag, 1), 1).astype(psi_local.dtype)
 
 
+def field_of_view(model: ExpModel, settings: ExpSolverSettings, comm: SerialComm, xp,
+                  rdtype):
+    """The support of ``u``: ``(n, n)`` 0/1 of ``rdtype`` (the same for every slice), 1 where
+    a voxel is seen at every angle of every rank (part of its footprint on the detector,
+    :func:`~ptmpi.operators.tomo.footprint_on_detector`); None with ``support="none"``.
+
+    A voxel that some angle misses is constrained by the other angles alone, and the data
+    do not see a constant phase added to one angle's image: without the support the
+    reconstruction filled the corners of the slices and a ring around the sample with a
+    phase that no angle contradicts (module notes)."""
+    if settings.support == "none":
+        return None
+    from ptmpi.operators.tomo import footprint_on_detector
+
+    n = model.projector.shape[-1]
+    missed = (footprint_on_detector(n, model.projector.theta) <= FOV_MIN_FRACTION)
+    missed = comm.allreduce_sum(missed.astype(np.float64))  # angles are split over ranks
+    return to_device((missed == 0).astype(rdtype), xp)
+
+
 def nonnegative_part(u):
     """``max(Re u, 0) + i max(Im u, 0)``: X-ray phase shift and attenuation are >= 0."""
     xp = get_xp(u)
@@ -457,7 +486,8 @@ def cg_rule(settings: ExpSolverSettings) -> str:
 def gauss_newton(model: ExpModel, u, target_local, rho: float, grad: Gradient, tv_rhs,
                  r1: float, comm: SerialComm, gn_iterations: int, cg_iterations: int, *,
                  fit: str = "exp", nonnegative: bool = False, active_set: bool = False,
-                 cg_tol: float = 0.0, cg_max_iterations: int = 0, counts: list | None = None):
+                 cg_tol: float = 0.0, cg_max_iterations: int = 0, counts: list | None = None,
+                 support=None):
     """Gauss-Newton steps of the u-step; returns the new ``u`` and ``exp(i P u)``.
 
     Each step solves, by ``cg_iterations`` CG steps from ``du = 0`` (with ``cg_tol > 0``
@@ -479,6 +509,9 @@ def gauss_newton(model: ExpModel, u, target_local, rho: float, grad: Gradient, t
     Newton step (Bertsekas 1982). Clipping the unconstrained step instead lets CG move
     the free voxels to make up for values the clip then removes: that step is no descent
     step of the constrained subproblem, and the iteration cycles on the clipped voxels.
+    ``support`` (:func:`field_of_view`, 0/1 per ``(y, x)``): each step ends with ``u = 0``
+    outside it, after a step solved on all voxels (holding those voxels at 0 in the CG
+    solve instead, as for the bound above, ended lower: module notes).
     """
     dtype = u.dtype
     wide = np.complex128
@@ -515,6 +548,8 @@ def gauss_newton(model: ExpModel, u, target_local, rho: float, grad: Gradient, t
         u = u + du
         if nonnegative:
             u = nonnegative_part(u)
+        if support is not None:
+            u = u * support
         t = model.transmission(u)
     return u, t
 
@@ -544,7 +579,8 @@ def initial_volume(model: ExpModel, problem: LocalProblem, settings: ExpSolverSe
     u, _ = gauss_newton(model, u, images.v_local, 1.0, Gradient(problem.volume_shape), None,
                         0.0, comm, settings.init_gn_iterations, settings.cg_iterations,
                         fit="gradient", nonnegative=settings.nonnegative,
-                        cg_tol=settings.cg_tol, cg_max_iterations=settings.cg_max_iterations)
+                        cg_tol=settings.cg_tol, cg_max_iterations=settings.cg_max_iterations,
+                        support=field_of_view(model, settings, comm, xp, real_dtype(dtype)))
     r_factor = images.history["r_factor"][-1] if images.history["r_factor"] else math.nan
     logger.info("exp model initialisation: %d per-angle ptychography iterations (R-factor "
                 "%.4g), phase-gradient tomography by %d Gauss-Newton steps",
@@ -607,6 +643,12 @@ def solve_exp(problem: LocalProblem, settings: ExpSolverSettings, comm: SerialCo
         logger.info("TV weight per iteration: min(%.4g, %.4g x TV(u) / voxels), the shrink "
                     "threshold below %g of the mean |grad u|", tv_weight, texture_cap,
                     settings.tv_texture_factor)
+    support = field_of_view(model, settings, comm, xp, real_dtype(dtype))
+    if support is not None:
+        inside = int(round(float(support.sum())))
+        params["fov_voxels_per_slice"] = inside
+        logger.info("field of view: %d of %d voxels per slice are seen at every angle; u = 0 "
+                    "outside (--support none frees them)", inside, support.size)
 
     t_init = time.perf_counter()
     if state is None:
@@ -739,7 +781,8 @@ def solve_exp(problem: LocalProblem, settings: ExpSolverSettings, comm: SerialCo
                             settings.gn_iterations, settings.cg_iterations,
                             fit=settings.u_fit, nonnegative=settings.nonnegative,
                             active_set=settings.nonnegative, cg_tol=settings.cg_tol,
-                            cg_max_iterations=settings.cg_max_iterations, counts=cg_counts)
+                            cg_max_iterations=settings.cg_max_iterations, counts=cg_counts,
+                            support=support)
         # Step 4: multipliers (and the TV split).
         state.mu_local += psi - t
         if apt and r1 > 0:
