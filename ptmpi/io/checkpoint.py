@@ -70,7 +70,9 @@ RESUMABLE_CHANGES = ("iterations", "tol", "start", "start_iterations", "start_le
 ADDED_SETTINGS = {"align": False, "align_every": 3, "align_start": 2, "align_max": None,
                   "align_gauge": "volume",
                   # the exp model's u-step: exactly cg_iterations CG steps before cg_tol
-                  "cg_tol": 0.0, "cg_max_iterations": 64}
+                  "cg_tol": 0.0, "cg_max_iterations": 64,
+                  # the exp model's field-of-view support: none before it existed
+                  "support": "none"}
 
 
 class CheckpointWriteError(OSError):
