@@ -288,6 +288,7 @@ def settings_from_args(args, model: str = "linear"):
             "r2": args.r2, "cg_iterations": args.cg_iterations,
             "cg_tol": getattr(args, "cg_tol", None), "support": getattr(args, "support", None),
             "refine_probe": args.refine_probe, "epsilon": getattr(args, "epsilon", None),
+            "init_gn_iterations": getattr(args, "tomo_iterations", None),
             "adapt_penalties": {"on": True, "off": False}.get(getattr(args, "adapt_r2", None)),
             **_align_fields(args, algorithm),
         }
@@ -681,7 +682,10 @@ def build_parser() -> argparse.ArgumentParser:
                         "current volume (volume, default) or are removed from the shifts "
                         "after every update (zero)")
     p.add_argument("--tomo-iterations", type=_COUNT,
-                   help="two-step: CG iterations of the tomography (default 10)")
+                   help="two-step: CG iterations of the tomography (default 10); --model "
+                        "exp: Gauss-Newton steps of the initialisation's phase-gradient "
+                        "tomography (default 20 per 32 voxels of the volume's width, at "
+                        "least 20)")
     p.add_argument("--damping", type=_POSITIVE,
                    help="two-step/ptycho2d: damping of the image update, as a fraction of "
                         "the mean illumination (default 0.1)")

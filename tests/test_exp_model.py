@@ -34,6 +34,7 @@ from ptmpi.solvers.admm_exp import (
     ExpSolverSettings,
     bound_free,
     field_of_view,
+    init_gn_steps,
     gauss_newton,
     mean_gradient,
     resolve_exp,
@@ -346,7 +347,13 @@ def test_simulate_records_the_model_and_reconstruct_defaults_to_it(exp_file, tmp
     with h5py.File(out, "r") as f:
         params = json.loads(f["entry_1/process_1/parameters"][()])
         assert params["model"] == "exp" and params["rho"] > 0
+        assert params["support"] == "fov" and params["init_gn_steps"] == 20
         assert list(f["entry_1/ptmpi/metrics/iteration"][...]) == [1, 2, 3]
+    assert main(["reconstruct", str(exp_file), "-o", str(out), "--iterations", "1",
+                 "--no-figures", "--force", "--tomo-iterations", "3"]) == 0
+    with h5py.File(out, "r") as f:
+        params = json.loads(f["entry_1/process_1/parameters"][()])
+        assert params["init_gn_iterations"] == 3 and params["init_gn_steps"] == 3
     out_linear = tmp_path / "rec-linear.h5"
     assert main(["reconstruct", str(exp_file), "-o", str(out_linear), "--iterations", "2",
                  "--no-figures", "--model", "linear"]) == 0
@@ -655,6 +662,14 @@ def test_footprint_on_detector_is_the_least_column_sum_of_the_projector_over_ang
     radius = np.hypot(*np.meshgrid(c, c, indexing="ij"))
     inside = seen > FOV_MIN_FRACTION
     assert inside[radius <= n / 2].all() and not inside[radius > n / 2 + 0.75].any()
+
+
+def test_initialisation_steps_grow_with_the_width_of_the_volume():
+    assert [init_gn_steps(ExpSolverSettings(), n) for n in (16, 32, 48, 64, 128)] == [
+        20, 20, 30, 40, 80]
+    assert init_gn_steps(ExpSolverSettings(init_gn_iterations=7), 128) == 7
+    with pytest.raises(ValueError, match="init_gn_iterations"):
+        ExpSolverSettings(init_gn_iterations=0)
 
 
 def test_exp_solver_keeps_empty_space_outside_the_field_of_view():

@@ -205,6 +205,9 @@ logger = logging.getLogger(__name__)
 
 ALGORITHMS = ("apt", "apts", "two-step")
 SUPPORTS = ("fov", "none")
+#: Phase-gradient Gauss-Newton steps of the initialisation per 32 voxels of the volume's
+#: width (:func:`init_gn_steps`).
+INIT_GN_PER_32 = 20
 #: A voxel is in the field of view when at least this fraction of its footprint falls on
 #: the detector at every angle (any positive fraction; the margin absorbs rounding).
 FOV_MIN_FRACTION = 1e-6
@@ -290,8 +293,9 @@ class ExpSolverSettings(AlignOptions):
     tomography every iteration (:func:`gauge_phases`)."""
     init_iterations: int = 50
     """Per-angle ptychography iterations of the initialisation (0: start from ``u = 0``)."""
-    init_gn_iterations: int = 20
-    """Phase-gradient Gauss-Newton steps of the initial tomography (:func:`gauss_newton`)."""
+    init_gn_iterations: int | None = None
+    """Phase-gradient Gauss-Newton steps of the initial tomography (:func:`gauss_newton`);
+    None: :func:`init_gn_steps` of the volume's width (20 per 32 voxels, at least 20)."""
     u_fit: str = "exp"
     """u-step objective of the joint iterations (:func:`gauss_newton`): ``exp`` or
     ``gradient`` (the phase-gradient fit of the initialisation; in the joint iterations it
@@ -337,7 +341,8 @@ class ExpSolverSettings(AlignOptions):
             raise ValueError(f"support must be one of {SUPPORTS}, got {self.support!r}")
         if self.u_fit not in ("gradient", "exp"):
             raise ValueError(f"u_fit must be gradient or exp, got {self.u_fit!r}")
-        if self.init_iterations < 0 or self.init_gn_iterations < 1:
+        if self.init_iterations < 0 or (self.init_gn_iterations is not None
+                                        and self.init_gn_iterations < 1):
             raise ValueError("init_iterations must be >= 0 and init_gn_iterations >= 1")
         if self.iterations < 0 or self.cg_iterations < 1 or self.gn_iterations < 1:
             raise ValueError("iterations must be >= 0, cg_iterations and gn_iterations >= 1")
@@ -435,6 +440,16 @@ def gauge_phases(psi_local, reference_local):
     inner = xp.sum(xp.conj(psi_local) * reference_local, axis=(-2, -1), dtype=np.complex128)
     mag = xp.abs(inner)
     return xp.where(mag > 0, inner / xp.where(mag > 0, mag, 1), 1).astype(psi_local.dtype)
+
+
+def init_gn_steps(settings: ExpSolverSettings, n: int) -> int:
+    """The initialisation's phase-gradient Gauss-Newton steps for a volume ``n`` wide:
+    ``settings.init_gn_iterations`` when set, else :data:`INIT_GN_PER_32` per 32 voxels
+    of ``n``, at least :data:`INIT_GN_PER_32` (module notes: the fit's lowest spatial
+    frequencies converge slowest, and more so the wider the volume)."""
+    if settings.init_gn_iterations is not None:
+        return settings.init_gn_iterations
+    return max(INIT_GN_PER_32, round(INIT_GN_PER_32 * n / 32))
 
 
 def field_of_view(model: ExpModel, settings: ExpSolverSettings, comm: SerialComm, xp,
@@ -592,15 +607,16 @@ def initial_volume(model: ExpModel, problem: LocalProblem, settings: ExpSolverSe
                             problem.frame_offset_local, ptycho_settings, comm,
                             valid_local=problem.valid_local)
     u = xp.zeros(problem.volume_shape, dtype=dtype)
+    gn_steps = init_gn_steps(settings, problem.volume_shape[-1])
     u, _ = gauss_newton(model, u, images.v_local, 1.0, Gradient(problem.volume_shape), None,
-                        0.0, comm, settings.init_gn_iterations, settings.cg_iterations,
+                        0.0, comm, gn_steps, settings.cg_iterations,
                         fit="gradient", nonnegative=settings.nonnegative,
                         cg_tol=settings.cg_tol, cg_max_iterations=settings.cg_max_iterations,
                         support=field_of_view(model, settings, comm, xp, real_dtype(dtype)))
     r_factor = images.history["r_factor"][-1] if images.history["r_factor"] else math.nan
     logger.info("exp model initialisation: %d per-angle ptychography iterations (R-factor "
                 "%.4g), phase-gradient tomography by %d Gauss-Newton steps",
-                settings.init_iterations, r_factor, settings.init_gn_iterations)
+                settings.init_iterations, r_factor, gn_steps)
     return u, to_device(images.omega, xp).astype(dtype), r_factor
 
 
@@ -659,6 +675,7 @@ def solve_exp(problem: LocalProblem, settings: ExpSolverSettings, comm: SerialCo
         logger.info("TV weight per iteration: min(%.4g, %.4g x TV(u) / voxels), the shrink "
                     "threshold below %g of the mean |grad u|", tv_weight, texture_cap,
                     settings.tv_texture_factor)
+    params["init_gn_steps"] = init_gn_steps(settings, problem.volume_shape[-1])
     support = field_of_view(model, settings, comm, xp, real_dtype(dtype))
     if support is not None:
         inside = int(round(float(support.sum())))
