@@ -253,23 +253,25 @@ def test_resume_refuses_another_input_or_configuration(case, checkpointed, tmp_p
 def test_settings_added_later_take_the_value_older_checkpoints_ran_with():
     """An exp checkpoint from before ``cg_tol`` ran exactly ``cg_iterations`` CG steps: it
     resumes with the default (0) and is refused, with that named, with ``--cg-tol 0.2``;
-    from before ``support`` it ran without one, and resumes with ``--support none`` only.
+    from before ``support`` it ran without one and with 20 initialisation steps, and
+    resumes with ``--support none --tomo-iterations 20`` only.
     A linear checkpoint has no such setting and none is compared."""
     from ptmpi.io.checkpoint import config_differences
     from ptmpi.solvers.admm_exp import ExpSolverSettings
 
     class Header:
-        settings = {k: v for k, v in ExpSolverSettings(support="none").to_dict().items()
+        settings = {k: v for k, v in ExpSolverSettings(support="none", init_gn_iterations=20)
+                    .to_dict().items()
                     if (not k.startswith("cg_") or k == "cg_iterations") and k != "support"}
         dtype = "complex64"
 
-    old = ExpSolverSettings(support="none")
+    old = ExpSolverSettings(support="none", init_gn_iterations=20)
     assert config_differences(Header, old.to_dict(), np.complex64) == []
     assert config_differences(Header, dataclasses.replace(old, cg_tol=0.2).to_dict(),
                               np.complex64) == ["cg_tol: 0.0 there, 0.2 now"]
-    # ... and without the field-of-view support, which the new default would change
-    assert config_differences(Header, ExpSolverSettings().to_dict(),
-                              np.complex64) == ["support: none there, fov now"]
+    # ... without the field-of-view support, and with 20 initialisation steps at any size
+    assert config_differences(Header, ExpSolverSettings().to_dict(), np.complex64) == [
+        "init_gn_iterations: 20 there, None now", "support: none there, fov now"]
 
     class LinearHeader:
         settings = SolverSettings().to_dict()
