@@ -586,7 +586,7 @@ def gauss_newton(model: ExpModel, u, target_local, rho: float, grad: Gradient, t
         if nonnegative:
             u = nonnegative_part(u)
         if support is not None:
-            u = u * support
+            u *= support  # u is this step's own array (u + du, or its clipped copy)
         t = model.transmission(u)
     return u, t
 
