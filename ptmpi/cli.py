@@ -264,9 +264,6 @@ def settings_from_args(args, model: str = "linear"):
 
     algorithm = args.algorithm or "apt"
     modes = getattr(args, "probe_modes", None)
-    if modes is not None and modes > 1 and model == "exp":
-        raise ValueError(f"--probe-modes {modes}: several probe modes are supported with the "
-                         "linear model only; use --probe-modes 1 with --model exp")
     if model != "exp" and getattr(args, "support", None) is not None:
         raise ValueError("--support applies to --model exp only (the linear model has no "
                          "empty-space value of u)")
@@ -291,6 +288,7 @@ def settings_from_args(args, model: str = "linear"):
             "init_gn_iterations": getattr(args, "tomo_iterations", None),
             "adapt_penalties": {"on": True, "off": False}.get(getattr(args, "adapt_r2", None)),
             **_align_fields(args, algorithm),
+            "probe_modes": modes,
         }
         if algorithm == "two-step":  # the initialisation alone
             fields.update(iterations=1, init_iterations=args.iterations,
@@ -690,9 +688,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="two-step/ptycho2d: damping of the image update, as a fraction of "
                         "the mean illumination (default 0.1)")
     p.add_argument("--probe-modes", type=_POSITIVE_INT, metavar="K",
-                   help="K incoherent probe modes (mixed-state ptychography, linear model "
-                        "only; default 1, the coherent probe); --refine-probe refines them "
-                        "all")
+                   help="K incoherent probe modes (mixed-state ptychography; default 1, "
+                        "the coherent probe); --refine-probe refines them all")
     p.add_argument("--double", action="store_true", help="complex128 instead of complex64")
     p.add_argument("--dry-run", action="store_true",
                    help="validate the input and output, print the memory each rank needs, "

@@ -148,8 +148,8 @@ def predict_arrays(volume_shape, n_frames_local: int, probe_size: int, n_theta_l
     ``compiled`` selects the coefficients of the compiled kernels (default: whether they
     are enabled in this process) or of the numpy fallback (also GPU arrays); ``subpixel``:
     the scan has sub-pixel positions (one shifted probe per frame); ``modes``: incoherent
-    probe modes (linear model), each with its own far fields, multipliers and shifted
-    probes; ``model``: the forward model, ``linear`` or ``exp`` (apt, apts and two-step);
+    probe modes, each with its own far fields, multipliers and shifted probes; ``model``:
+    the forward model, ``linear`` or ``exp`` (apt, apts and two-step);
     ``slabs``: z-slabs of the angle x slab layout (apt, apts, linear model), with
     ``n_theta_group`` the angles of the rank's angle group (part ``transposes``).
     """
@@ -163,7 +163,9 @@ def predict_arrays(volume_shape, n_frames_local: int, probe_size: int, n_theta_l
         if algorithm not in ("apt", "apts", "two-step"):
             raise ValueError(f"unknown algorithm {algorithm!r} for the exp model")
         volume_phase, frame_phase, per_nnz = _EXP_COEFFICIENTS[bool(compiled), algorithm]
-        units = np.array([nz * ny * nx, n_frames_local * probe_size * probe_size,
+        # With K probe modes every frame-sized array of the solver is counted K times
+        # (conservative: the counts and the mask are not per mode).
+        units = np.array([nz * ny * nx, n_frames_local * probe_size * probe_size * modes,
                           n_theta_local * nz * nx], dtype=float) * itemsize
         frames = units[1]
         solver = max(float(np.dot(volume_phase, units)), float(np.dot(frame_phase, units))) + (

@@ -93,6 +93,11 @@ class ModePtycho:
         for k, op in enumerate(self.modes):
             op.probe = probes[k]
 
+    def moved(self, positions) -> ModePtycho:
+        """The same modes and image at other ``positions`` (e.g. aligned ones)."""
+        first = self.modes[0]
+        return ModePtycho(self._probes, positions, first.frame_offset, first.image_shape)
+
     def extract(self, v):
         """Windows ``S v`` without probe, ``(N_FRAMES, M, M)`` (common to all modes)."""
         return self.modes[0].extract(v)

@@ -17,6 +17,7 @@ import numpy as np
 
 from ptmpi.backend import get_xp, real_dtype, to_device
 from ptmpi.operators.fft import FarField
+from ptmpi.operators.modes import ModePtycho
 from ptmpi.operators.ptycho import Ptycho
 from ptmpi.operators.tomo import Projector
 
@@ -59,15 +60,27 @@ class ExpModel:
 
     Same parameters as :class:`ptmpi.operators.model.JointModel`. ``ptycho`` and
     ``farfield`` are the linear part ``Q psi = F(omega * S_j psi)`` acting on transmission
-    images ``psi`` ``(N_THETA, nz, n)``.
+    images ``psi`` ``(N_THETA, nz, n)``; with ``K`` incoherent probe modes (a ``(K, M, M)``
+    probe) ``ptycho`` is a :class:`~ptmpi.operators.modes.ModePtycho` and the far fields
+    are ``(K, N_FRAMES, M, M)``.
     """
 
     def __init__(self, shape, theta, probe, positions, frame_offset, dtype=np.complex64):
         self.shape = tuple(int(s) for s in shape)
         self.dtype = np.dtype(dtype)
         self.projector = Projector(self.shape, theta, dtype=self.dtype)
-        self.ptycho = Ptycho(probe, positions, frame_offset, (self.shape[0], self.shape[2]))
+        image_shape = (self.shape[0], self.shape[2])
+        if probe.ndim == 3:
+            self.ptycho = ModePtycho(probe, positions, frame_offset, image_shape)
+        else:
+            self.ptycho = Ptycho(probe, positions, frame_offset, image_shape)
         self.farfield = FarField()
+
+    @property
+    def geometry(self) -> Ptycho:
+        """The scan geometry: windows, fractions, frame angles (with probe modes, that of
+        mode 0's operator)."""
+        return self.ptycho.geometry if isinstance(self.ptycho, ModePtycho) else self.ptycho
 
     def set_probe(self, probe) -> None:
         self.ptycho.probe = probe
@@ -77,8 +90,9 @@ class ExpModel:
         self.ptycho = self.ptycho.moved(positions)
 
     def illumination(self, xp=np):
-        """``W_t = sum_j S_j^H |omega|^2`` per local angle: ``(N_THETA, nz, n)`` real;
-        ``Q^H Q = W`` (``F`` unitary), a diagonal operator on transmission images."""
+        """``W_t = sum_j S_j^H |omega|^2`` per local angle (summed over the modes):
+        ``(N_THETA, nz, n)`` real; ``Q^H Q = W`` (``F`` unitary), a diagonal operator on
+        transmission images."""
         probe = to_device(self.ptycho.probe, xp)
         saved, self.ptycho.probe = self.ptycho.probe, probe
         try:
@@ -91,11 +105,13 @@ class ExpModel:
         return transmission(self.projector, u)
 
     def views(self, psi):
-        """``Q psi = F(omega * S_j psi)``: ``(N_THETA, nz, n) -> (N_FRAMES, M, M)``."""
+        """``Q psi = F(omega * S_j psi)``: ``(N_THETA, nz, n) -> (N_FRAMES, M, M)``
+        (``(K, N_FRAMES, M, M)`` with ``K`` probe modes)."""
         return self.farfield.fwd(self.ptycho.fwd(psi))
 
     def views_adj(self, d):
-        """``Q^H d = sum_j S_j^H(conj(omega) F^H d_j)``: the exact adjoint of :meth:`views`."""
+        """``Q^H d = sum_j S_j^H(conj(omega) F^H d_j)`` (summed over the modes): the exact
+        adjoint of :meth:`views`."""
         return self.ptycho.adj(self.farfield.adj(d))
 
     def fwd(self, u):
