@@ -397,9 +397,6 @@ def reconstruct(input_path: str, output_path: str, settings, comm: Comm, *,
     if getattr(settings, "start", "ones") == "coarse" and modes > 1:
         raise RunError("--start coarse with --probe-modes > 1 is not supported yet: "
                        "use the default start")
-    if getattr(settings, "align", False) and modes > 1:
-        raise RunError("--align with --probe-modes > 1 is not supported yet: align one "
-                       "mode first, then refine the modes from the aligned positions")
     data, start, stop = _validate_and_read(input_path, output_path, algorithm, comm, force,
                                            dtype, figures=figures, split_ok=split_ok,
                                            modes=modes, model="exp" if exp else "linear",

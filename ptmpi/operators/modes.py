@@ -74,6 +74,14 @@ class ModePtycho:
         """The scan geometry (mode 0's operator): windows, fractions, ``unshift_sum``."""
         return self.modes[0]
 
+    # The scan geometry's attributes, shared by the modes (read-only).
+    m = property(lambda self: self.modes[0].m)
+    positions = property(lambda self: self.modes[0].positions)
+    fractions = property(lambda self: self.modes[0].fractions)
+    angle = property(lambda self: self.modes[0].angle)
+    frame_offset = property(lambda self: self.modes[0].frame_offset)
+    image_shape = property(lambda self: self.modes[0].image_shape)
+
     @property
     def data_shape(self) -> tuple[int, int, int, int]:
         return (self.n_modes, *self.modes[0].data_shape)
@@ -95,8 +103,7 @@ class ModePtycho:
 
     def moved(self, positions) -> ModePtycho:
         """The same modes and image at other ``positions`` (e.g. aligned ones)."""
-        first = self.modes[0]
-        return ModePtycho(self._probes, positions, first.frame_offset, first.image_shape)
+        return ModePtycho(self._probes, positions, self.frame_offset, self.image_shape)
 
     def extract(self, v):
         """Windows ``S v`` without probe, ``(N_FRAMES, M, M)`` (common to all modes)."""

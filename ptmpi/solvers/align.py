@@ -113,6 +113,13 @@ shift trades against them. Fewer or smaller Gauss-Newton steps, more early resta
 updates every iteration or only once the volume changes slowly, the ``zero`` gauge: no
 gain (README).
 
+**Probe modes.** With ``K`` incoherent modes (:mod:`ptmpi.operators.modes`) the misfit is
+that of the model modulus ``sqrt(sum_k |D_k|^2)``, whose derivative along a shift is
+``Re(sum_k conj(D_k) dD_k) / |D|``, each mode's ``dD_k`` the Fourier derivative of that
+moved mode (:func:`moved_frames`, :func:`amplitude_objective`); ``z`` and ``lam2`` are
+rephased mode by mode (:func:`rephase_far_fields`), and the guard band applies to every
+mode.
+
 **Limit.** A shift is never larger than ``max_px`` (default half the probe width) per axis
 and never moves a window off the image; a shift that would grow past either is stopped
 there with a warning (once per angle), not an error.
@@ -128,6 +135,7 @@ import numpy as np
 
 from ptmpi.backend import get_xp, to_device, to_host
 from ptmpi.operators.fft import fft2
+from ptmpi.operators.modes import modulus
 from ptmpi.operators.ptycho import _ramps, guard_probe, is_guarded, split_positions
 
 logger = logging.getLogger(__name__)
@@ -224,14 +232,16 @@ def moved_frames(images_local, ptycho, d_local, derivatives: bool = False):
     windows = moved.extract(images_local)
     m = moved.m
     dtype = windows.dtype
+    # (M, M), or (K, 1, M, M) for K probe modes: the derivatives are then per mode
     spectrum = fft2(to_device(moved.probe, xp).astype(dtype))
+    spectrum = spectrum[None] if spectrum.ndim == 2 else spectrum[:, None]
     ramp_r, ramp_c = _ramps(moved.fractions, m, xp, dtype)
     k = to_device((-2j * np.pi * np.fft.fftfreq(m)).astype(dtype), xp)
     dpsi = []
     for axis in (0, 1):
         rr = ramp_r * k[None, :] if axis == 0 else ramp_r
         rc = ramp_c * k[None, :] if axis == 1 else ramp_c
-        dprobe = fft2(spectrum[None] * rr[:, :, None] * rc[:, None, :], inverse=True)
+        dprobe = fft2(spectrum * rr[:, :, None] * rc[:, None, :], inverse=True)
         dpsi.append(dprobe * windows)
     return psi, moved, dpsi
 
@@ -281,7 +291,8 @@ def amplitude_objective(images_local, ptycho, d_local, sqrt_f_local, valid_local
     n_theta = images_local.shape[0]
     out = moved_frames(images_local, ptycho, d_local, derivatives=gradient)
     far = fft2(out[0])
-    amplitude = xp.abs(far)
+    modes = far.ndim == 4  # K probe modes: the model modulus sqrt(sum_k |D_k|^2)
+    amplitude = modulus(far) if modes else xp.abs(far)
     residual = amplitude - sqrt_f_local
     if valid_local is not None:
         residual = xp.where(valid_local, residual, 0)
@@ -293,8 +304,12 @@ def amplitude_objective(images_local, ptycho, d_local, sqrt_f_local, valid_local
     if not gradient:
         return misfit
     nonzero = amplitude > 0
-    unit = xp.where(nonzero, far / xp.where(nonzero, amplitude, 1), 0)
-    jac = [(xp.conj(unit) * fft2(dpsi)).real for dpsi in out[2]]
+    if modes:  # d|D|/dd = Re(sum_k conj(D_k) dD_k) / |D|
+        inverse = xp.where(nonzero, 1 / xp.where(nonzero, amplitude, 1), 0)
+        jac = [(xp.conj(far) * fft2(dpsi)).real.sum(axis=0) * inverse for dpsi in out[2]]
+    else:
+        unit = xp.where(nonzero, far / xp.where(nonzero, amplitude, 1), 0)
+        jac = [(xp.conj(unit) * fft2(dpsi)).real for dpsi in out[2]]
     if valid_local is not None:
         jac = [xp.where(valid_local, j, 0) for j in jac]
     grad = np.stack([2 * per_angle(jac[k] * residual) for k in (0, 1)], axis=1)
@@ -448,11 +463,11 @@ def rephase_far_fields(arrays, old_positions, new_positions) -> None:
     moved = np.flatnonzero(np.any(change != 0, axis=1))
     if moved.size == 0:
         return
-    for x in arrays:
+    for x in arrays:  # (N_FRAMES, M, M), or (K, N_FRAMES, M, M) with K probe modes
         xp = get_xp(x)
         ramp_r, ramp_c = _ramps(change[moved], x.shape[-1], xp, x.dtype)
         index = to_device(moved, xp)
-        x[index] = x[index] * ramp_r[:, :, None] * ramp_c[:, None, :]
+        x[..., index, :, :] = x[..., index, :, :] * ramp_r[:, :, None] * ramp_c[:, None, :]
 
 
 class Aligner:
