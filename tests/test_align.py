@@ -305,6 +305,34 @@ def test_the_restart_after_the_shifts_settle_gets_the_whole_budget(linear_runs):
     assert iteration_cap(60, {}) == 60 and iteration_cap(60, {"align_restart_at": 9}) == 69
 
 
+def test_the_shifts_wait_after_the_restart_until_the_r_factor_is_back(linear_runs):
+    """After the settled restart no update runs until the R-factor is back at or below
+    its value at the restart (the shifts were settled against that volume), at most for
+    half the budget; :func:`held` decides from the state alone."""
+    from ptmpi.solvers.align import held
+
+    state = linear_runs["align"]
+    params, history = state.params, state.history
+    restart_at = params["align_restart_at"]
+    iterations = list(history["iteration"])
+    r = list(history["r_factor"])
+    assert params["align_hold_r"] == r[iterations.index(restart_at)]
+    assert params["align_hold_until"] == restart_at + 30  # half of the 60 iterations
+    back = next(i for i, value in zip(iterations, r, strict=True)
+                if i > restart_at and value <= params["align_hold_r"])
+    assert back > restart_at + 1  # the restarted volume starts worse
+    for it in range(restart_at + 1, restart_at + 40):  # the history as it stood then
+        then = {k: history[k][:iterations.index(it) + 1] for k in ("iteration", "r_factor")}
+        assert held(it, params, then) == (it < back and it < restart_at + 30), it
+    assert not held(restart_at + 1, {}, history)  # no restart, no hold
+    # synthetic: released only by an R at or below the restart's, or by the limit
+    hist = {"iteration": [1, 2, 3, 4], "r_factor": [0.5, 0.9, 0.6, 0.5]}
+    pars = {"align_restart_at": 1, "align_hold_r": 0.5, "align_hold_until": 10}
+    assert held(4, pars, {k: v[:3] for k, v in hist.items()})
+    assert not held(5, pars, hist)
+    assert not held(10, pars, {k: v[:3] for k, v in hist.items()})
+
+
 def test_shifts_that_never_settle_restart_after_two_thirds_of_the_budget(monkeypatch):
     """Shifts that moved (0.6 px) and then jitter by 0.1 px per update never settle: the
     restart comes at two thirds of the budget (30 iterations, an update each), not before,

@@ -738,3 +738,36 @@ def test_exp_continuation_lowers_the_r_factor_at_low_dose():
     assert r_on[-1] < r_off[-1]
     assert r_on[-1] < 0.40
     assert snr_on > 7.5
+
+
+def test_exp_r2_rule_is_the_linear_models_on_sum_p_w_p():
+    """Default ``r2 = min(r2_default_max, r2_factor d / L)`` with ``L`` the largest
+    eigenvalue and ``d`` the mean diagonal of ``sum_t P_t^H W_t P_t``, both checked against
+    the dense matrix (block diagonal over slices); the cap keeps small volumes at 0.1."""
+    data = simulate(exp_settings(n=12, nz=8, n_angles=10, step=3, probe_size=8, fwhm=3.0))
+    theta = np.deg2rad(data.angles_deg)
+    model = ExpModel(data.volume.shape, theta, data.probe.astype(np.complex128),
+                     data.positions_px, data.frame_offset, dtype=np.complex128)
+    weight = model.illumination(np)  # (A, nz, n)
+    p = projection_matrix(12, theta, np.float64).toarray().reshape(10, 12, 144)
+    blocks = [sum(p[t].T @ (weight[t, z][:, None] * p[t]) for t in range(10))
+              for z in range(8)]
+    largest = max(np.linalg.eigvalsh(b).max() for b in blocks)
+    mean_diagonal = np.mean([np.diag(b) for b in blocks])
+    settings = ExpSolverSettings(iterations=0, init_iterations=0, r2_default_max=10.0,
+                                 power_iterations=200)
+    _, params = solve_exp(problem_of(data), settings, SerialComm(), dtype=np.complex128)
+    # (power iteration: 200 steps reach the largest eigenvalue to 2e-6 here, the slices'
+    # largest eigenvalues being close)
+    assert params["norm_PhWP"] == pytest.approx(largest, rel=1e-5)
+    assert params["mean_diagonal_PhWP"] == pytest.approx(mean_diagonal, rel=1e-9)
+    assert params["r2"] == pytest.approx(20 * mean_diagonal / largest, rel=1e-5)
+    assert params["rho"] == pytest.approx(2 * params["r2"] * weight.max(), rel=1e-6)
+    assert "20 d / L" in params["r2_rule"]
+    # capped at 0.1 (this small volume: L / d is below 200), and --r2 overrides the rule
+    _, capped = solve_exp(problem_of(data), dataclasses.replace(
+        settings, r2_default_max=0.1), SerialComm())
+    assert capped["r2"] == 0.1 and largest / mean_diagonal < 200
+    _, fixed = solve_exp(problem_of(data), dataclasses.replace(settings, r2=0.3),
+                         SerialComm())
+    assert fixed["r2"] == 0.3 and fixed["r2_rule"] == "set explicitly (--r2)"

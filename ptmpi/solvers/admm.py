@@ -489,7 +489,7 @@ def solve(problem: LocalProblem, settings: SolverSettings, comm: Comm,
     if r2 != params["r2"]:
         update_preconditioner()
     while state.iteration < iteration_cap(settings.iterations, state.params):
-        if aligner is not None and aligner.due(state.iteration):
+        if aligner is not None and aligner.due(state.iteration, state):
             data.set_positions(aligner.update(state, data.model.projector.fwd(state.u),
                                               data.model.ptycho, sqrt_f, valid,
                                               state.iteration))

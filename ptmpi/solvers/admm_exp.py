@@ -66,9 +66,15 @@ Distribution and precision as in :mod:`ptmpi.solvers.admm`: angles are split ove
 formed in complex128 and Allreduced once per application, so results depend on the rank
 count only through float rounding.
 
-Default penalties (:func:`resolve_exp`), from the data: ``r2 = 0.1`` (dimensionless, as
-in the linear model); ``rho = rho_factor * r2 * max W`` (2: the psi-step weighs the
-tomography twice the brightest-lit data; 0.5 and 5 converged more slowly or unevenly on
+Default penalties (:func:`resolve_exp`), from the data: ``r2`` by the linear model's rule,
+``min(0.1, 20 d / L)`` with ``L = ||sum_t P_t^H W_t P_t||`` and ``d`` the mean of its
+diagonal (``L / d`` grows with the length of a ray through the volume: 117 on the 32^3
+demo, which keeps the paper's 0.1, 292 at 64^3 and 577 at 128^3 in the paper geometry,
+0.069 and 0.035; measured: +0.5 / +1.0 dB at 64^3 eta 100 / noise-free, 18.29 -> 20.67
+dB on the 128^3 default geometry, +0.1-0.3 dB on the overlapping 128^3 scans, every
+32^3-48^3 case unchanged; README, The exponential model);
+``rho = rho_factor * r2 * max W`` (2: the psi-step weighs the tomography twice the
+brightest-lit data; 0.5 and 5 converged more slowly or unevenly on
 the 3 pi case); ``L = rho ||sum_t P_t^H P_t||`` is the curvature of the u-subproblem at
 ``u = 0``; ``r1 = r1_factor * L`` and ``tv_weight = tv_threshold * r1`` (the shrink
 threshold ``tv_weight / r1`` is in radians per voxel). On photon counts (every valid count
@@ -255,7 +261,13 @@ class ExpSolverSettings(AlignOptions):
     r1: float | None = None
     """Penalty of ``p = grad u``; default ``r1_factor * L``."""
     r2: float | None = None
-    """Penalty of ``z = Q psi`` (dimensionless); default 0.1."""
+    """Penalty of ``z = Q psi`` (dimensionless); default the linear model's rule
+    ``min(r2_default_max, r2_factor d / L)``, ``d`` the mean diagonal and ``L`` the norm of
+    ``sum_t P_t^H W_t P_t`` (module notes)."""
+    r2_factor: float = 20.0
+    """See ``r2`` (the linear solver's factor)."""
+    r2_default_max: float = 0.1
+    """See ``r2``: the paper's value, which volumes up to about 48^3 keep."""
     rho: float | None = None
     """Penalty of ``psi = exp(i P u)``; default ``rho_factor * r2 * max W``."""
     cg_iterations: int = 8
@@ -405,16 +417,19 @@ class ExpADMMState(ADMMState):
     mu_local: object = None
 
 
-def projector_norm(model: ExpModel, comm: SerialComm, iterations: int, xp, dtype) -> float:
-    """``||sum_t P_t^H P_t||`` over all ranks' angles, by power iteration."""
+def projector_norm(model: ExpModel, comm: SerialComm, iterations: int, xp, dtype,
+                   weight=None) -> float:
+    """``||sum_t P_t^H P_t||`` over all ranks' angles, by power iteration; with ``weight``
+    (``W``, ``(N_THETA_LOCAL, nz, n)``) ``||sum_t P_t^H W_t P_t||``."""
     nz, n, _ = model.shape
     rng = np.random.default_rng(0)  # same start vector on every rank
     x = to_device(rng.standard_normal((nz, n, n)).astype(dtype), xp)
     x /= xp.linalg.norm(x)
-    ones = xp.ones(model.projector.data_shape, dtype=real_dtype(dtype))
+    if weight is None:
+        weight = xp.ones(model.projector.data_shape, dtype=real_dtype(dtype))
     value = 0.0
     for _ in range(max(1, iterations)):
-        y = comm.allreduce_sum(model.projector.normal(x, ones, np.complex128)).astype(dtype)
+        y = comm.allreduce_sum(model.projector.normal(x, weight, np.complex128)).astype(dtype)
         value = float(xp.linalg.norm(y))
         if value == 0.0:
             break
@@ -423,7 +438,8 @@ def projector_norm(model: ExpModel, comm: SerialComm, iterations: int, xp, dtype
 
 
 def resolve_exp(settings: ExpSolverSettings, weight_max: float, norm_php: float,
-                noise_amplitude: float = 0.0, typical_diagonal: float = 0.0) -> dict:
+                noise_amplitude: float = 0.0, typical_diagonal: float = 0.0,
+                norm_phwp: float = 0.0, mean_diagonal: float = 0.0) -> dict:
     """The penalties actually used: explicit settings, else the data-scaled defaults
     (module docstring). ``noise_amplitude`` is the amplitude noise of the data (1/2 for
     photon counts, 0 for noise-free data): on counts the default TV weight is
@@ -433,8 +449,20 @@ def resolve_exp(settings: ExpSolverSettings, weight_max: float, norm_php: float,
     noise-free data, so the shrink threshold grows with the noise), and the default
     likelihood smoothing ``epsilon`` is ``epsilon_counts``. With the default weight
     ``tv_texture_cap = tv_texture_factor * d`` (any data): the solver uses at most that
-    times the mean ``|grad u|`` of the previous iterate."""
-    r2 = settings.r2 if settings.r2 is not None else 0.1
+    times the mean ``|grad u|`` of the previous iterate. ``norm_phwp`` and
+    ``mean_diagonal``: ``L = ||sum_t P_t^H W_t P_t||`` and the mean of its diagonal, for the
+    default ``r2 = min(r2_default_max, r2_factor d / L)`` (``r2_default_max`` where either
+    is not known)."""
+    if settings.r2 is not None:
+        r2, r2_rule = settings.r2, "set explicitly (--r2)"
+    elif norm_phwp > 0 and mean_diagonal > 0:
+        r2 = min(settings.r2_default_max, settings.r2_factor * mean_diagonal / norm_phwp)
+        r2_rule = (f"r2 = min({settings.r2_default_max:g}, {settings.r2_factor:g} d / L) = "
+                   f"{r2:.4g} (d = mean diagonal of sum P^H W P = {mean_diagonal:.4g}, L = "
+                   f"||sum P^H W P|| = {norm_phwp:.4g}, L / d = "
+                   f"{norm_phwp / mean_diagonal:.4g})")
+    else:
+        r2, r2_rule = settings.r2_default_max, f"{settings.r2_default_max:g} (no data)"
     rho = settings.rho if settings.rho is not None else settings.rho_factor * r2 * weight_max
     curvature = rho * norm_php
     tv_weight = r1 = texture_cap = 0.0
@@ -453,6 +481,8 @@ def resolve_exp(settings: ExpSolverSettings, weight_max: float, norm_php: float,
     if epsilon is None:
         epsilon = settings.epsilon_counts if noise_amplitude > 0 else 0.0
     return {"tv_weight": float(tv_weight), "r1": float(r1), "r2": float(r2),
+            "r2_rule": r2_rule, "norm_PhWP": float(norm_phwp),
+            "mean_diagonal_PhWP": float(mean_diagonal),
             "rho": float(rho), "max_W": float(weight_max), "norm_PhP": float(norm_php),
             "curvature": float(curvature), "noise_amplitude": float(noise_amplitude),
             "median_diagonal_PhWP": float(typical_diagonal),
@@ -694,12 +724,16 @@ def solve_exp(problem: LocalProblem, settings: ExpSolverSettings, comm: SerialCo
         # (module notes: the mean is dominated by the brightly lit voxels of sparse scans).
         # It also scales the texture cap of the default APT weight, on any data.
         # (In the weights' own precision and not cached: no matrix beyond the solver's.)
-        needed = counting or (apt and settings.tv_weight is None)
+        needed = counting or (apt and settings.tv_weight is None) or settings.r2 is None
         diagonal = comm.allreduce_sum(model.projector.adj_squared_weights(
             weight, keep=False)) if needed else None
         typical_diagonal = float(get_xp(diagonal).median(diagonal)) if needed else 0.0
+        # The r2 rule of the linear model: L / d of sum_t P_t^H W_t P_t (module notes).
+        mean_diagonal = float(diagonal.mean()) if settings.r2 is None else 0.0
+        norm_w = projector_norm(model, comm, settings.power_iterations, xp, dtype,
+                                weight) if settings.r2 is None else 0.0
         params = resolve_exp(settings, w_max, norm, 0.5 if counting else 0.0,
-                             typical_diagonal)
+                             typical_diagonal, norm_w, mean_diagonal)
     tv_weight, r1, r2, rho = params["tv_weight"], params["r1"], params["r2"], params["rho"]
     epsilon = params.get("epsilon", 0.0)
     # The TV weight used is min(tv_weight, texture_cap * TV(u) / voxels), TV(u) of the
@@ -711,6 +745,8 @@ def solve_exp(problem: LocalProblem, settings: ExpSolverSettings, comm: SerialCo
         "up to %d iterations", settings.algorithm.upper(), settings.likelihood.upper(),
         params["max_W"], params["norm_PhP"], rho, r2, tv_weight, r1, epsilon,
         settings.gn_iterations, cg_rule(settings), settings.iterations)
+    if "r2_rule" in params:
+        logger.info("r2: %s", params["r2_rule"])
     if texture_cap > 0:
         logger.info("TV weight per iteration: min(%.4g, %.4g x TV(u) / voxels), the shrink "
                     "threshold below %g of the mean |grad u|", tv_weight, texture_cap,
@@ -800,7 +836,7 @@ def solve_exp(problem: LocalProblem, settings: ExpSolverSettings, comm: SerialCo
     prev_step = state.step
     prev_du = float(xp.linalg.norm(prev_step)) if prev_step is not None else 0.0
     while state.iteration < iteration_cap(settings.iterations, state.params):
-        if aligner is not None and aligner.due(state.iteration):
+        if aligner is not None and aligner.due(state.iteration, state):
             positions = aligner.update(state, t, model.ptycho, sqrt_f, valid, state.iteration)
             model.set_positions(positions)
             if aligner.restart:  # the volume of misaligned data is dropped (align.py)

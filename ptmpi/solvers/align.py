@@ -197,6 +197,10 @@ class AlignSettings:
     remove_translations: bool = False
     """Remove the unobservable part from the shifts after every update
     (:func:`remove_unobservable`); off: the current volume holds it (module notes)."""
+    hold: bool = True
+    """After the settled restart, no update until the R-factor is back below its value at
+    the restart (or half the budget has passed): the shifts were settled against that
+    volume, and the restarted one is worse until then (module notes)."""
 
     def __post_init__(self):
         if self.every < 1 or self.start < 0 or self.gn_iterations < 1:
@@ -524,9 +528,14 @@ class Aligner:
         shifts_local = np.asarray(shifts_local, dtype=np.float64).reshape(-1, 2)
         return self.recorded + shifts_local[self.angle]
 
-    def due(self, iteration: int) -> bool:
+    def due(self, iteration: int, state=None) -> bool:
+        """Whether an update is due at ``iteration``; ``state``: the solver's state, whose
+        parameters and R-factor history decide the hold after the settled restart
+        (:func:`held`)."""
         s = self.settings
-        return iteration >= s.start and (iteration - s.start) % s.every == 0
+        if not (iteration >= s.start and (iteration - s.start) % s.every == 0):
+            return False
+        return state is None or not held(iteration, state.params, state.history)
 
     def gather(self, shifts_local) -> np.ndarray:
         """All ranks' shifts ``(A, 2)``, in angle order, on every rank."""
@@ -599,6 +608,11 @@ class Aligner:
                 # The reconstruction from the aligned positions gets the whole iteration
                 # budget (iteration_cap): the iterations before it only served the shifts.
                 state.params["align_restart_at"] = int(iteration)
+                r_then = getattr(state, "history", {}).get("r_factor") or []
+                if s.hold and r_then:
+                    state.params["align_hold_r"] = float(r_then[-1])
+                    state.params["align_hold_until"] = int(iteration) + (
+                        s.budget // 2 if s.budget else 10**9)
                 why = ("the shifts have settled" if largest < s.settle_px else
                        "two thirds of the iterations are spent (the shifts still move by "
                        f"{largest:.3g} px)")
@@ -632,6 +646,22 @@ class Aligner:
         state.shifts_local = np.asarray(state.shifts_local, dtype=np.float64).reshape(-1, 2)
         if np.any(state.shifts_local != 0):
             set_positions(self.positions(state.shifts_local))
+
+
+def held(iteration: int, params: dict, history: dict) -> bool:
+    """True while the shift updates wait after the settled restart (``hold``): until an
+    iteration after the restart has an R-factor at or below the one the run had when it
+    restarted (``params["align_hold_r"]``), and at most until
+    ``params["align_hold_until"]``. A function of the state alone, so a resumed run holds
+    alike (the R-factor is the same number on every rank)."""
+    hold_r = params.get("align_hold_r")
+    if hold_r is None or iteration >= params.get("align_hold_until", 0):
+        return False
+    restart_at = params.get("align_restart_at", 0)
+    since = [r for i, r in zip(history.get("iteration", []), history.get("r_factor", []),
+                               strict=True)
+             if i > restart_at]
+    return not any(r <= hold_r for r in since)
 
 
 def iteration_cap(iterations: int, params: dict) -> int:
