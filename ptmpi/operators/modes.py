@@ -253,6 +253,19 @@ def initial_modes(probe, n_modes: int, power: float = DEFAULT_MODE_POWER):
     return to_device(out.astype(probe.dtype), xp)
 
 
+def solver_modes(probe, n_modes: int):
+    """The probe a solver with ``n_modes`` modes starts from: ``probe`` itself for one
+    mode, an ``(M, M)`` probe expanded by :func:`initial_modes`, a ``(K, M, M)`` one as
+    given (``K`` must be ``n_modes``; ValueError otherwise)."""
+    if n_modes <= 1:
+        return probe
+    if probe.ndim == 2:
+        probe = initial_modes(probe, n_modes)
+    if probe.shape[0] != n_modes:
+        raise ValueError(f"{probe.shape[0]} probe modes given, settings ask for {n_modes}")
+    return probe
+
+
 def power_fractions(probes) -> np.ndarray:
     """Each mode's share of the total power ``sum |omega_k|^2`` (numpy float64)."""
     host = to_device(probes, np).astype(np.complex128).reshape(probes.shape[0], -1)

@@ -58,7 +58,7 @@ from ptmpi.mask import valid_only
 from ptmpi.metrics import r_factor_sums, r_factor_value
 from ptmpi.operators import kernels
 from ptmpi.operators.grad import Gradient
-from ptmpi.operators.modes import initial_modes, mix_modes, modulus
+from ptmpi.operators.modes import mix_modes, modulus, solver_modes
 from ptmpi.operators.ptycho import guard_probe, is_guarded
 from ptmpi.parallel.comm import Comm
 from ptmpi.parallel.data_term import DataTerm, probe_from_views  # noqa: F401
@@ -372,8 +372,7 @@ def solve(problem: LocalProblem, settings: SolverSettings, comm: Comm,
     apt = settings.algorithm == "apt"
     probe = to_device(problem.probe, xp).astype(dtype)
     n_modes = settings.probe_modes
-    if n_modes > 1 and probe.ndim == 2:
-        probe = initial_modes(probe, n_modes)
+    probe = solver_modes(probe, n_modes)
     # --align with a guarded probe: every probe update keeps the guard (align.py notes)
     guard = settings.align and is_guarded(problem.probe)
     if layout is not None and layout.n_slabs > 1:

@@ -206,7 +206,7 @@ from ptmpi.mask import valid_only
 from ptmpi.metrics import r_factor_sums, r_factor_value
 from ptmpi.operators.fft import fft2
 from ptmpi.operators.grad import Gradient
-from ptmpi.operators.modes import initial_modes, mix_modes, modulus, orthogonalise
+from ptmpi.operators.modes import mix_modes, modulus, orthogonalise, solver_modes
 from ptmpi.operators.ptycho import guard_probe, is_guarded
 from ptmpi.operators.transmission import (
     ExpModel,
@@ -694,10 +694,7 @@ def solve_exp(problem: LocalProblem, settings: ExpSolverSettings, comm: SerialCo
     probe = to_device(problem.probe, xp).astype(dtype)
     n_modes = settings.probe_modes
     if n_modes > 1:
-        if probe.ndim == 2:
-            probe = initial_modes(probe, n_modes)
-        if probe.shape[0] != n_modes:
-            raise ValueError(f"{probe.shape[0]} probe modes given, settings ask for {n_modes}")
+        probe = solver_modes(probe, n_modes)
         problem = dataclasses.replace(problem, probe=probe)  # the initialisation's start
     # --align with a guarded probe: every probe update keeps the guard (align.py notes)
     guard = settings.align and is_guarded(problem.probe)

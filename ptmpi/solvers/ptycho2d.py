@@ -45,7 +45,7 @@ from ptmpi.backend import get_xp, real_dtype, synchronize, to_device
 from ptmpi.mask import valid_only
 from ptmpi.metrics import r_factor_sums, r_factor_value
 from ptmpi.operators.fft import FarField
-from ptmpi.operators.modes import ModePtycho, initial_modes, mix_modes, modulus, orthogonalise
+from ptmpi.operators.modes import ModePtycho, mix_modes, modulus, orthogonalise, solver_modes
 from ptmpi.operators.ptycho import Ptycho, guard_probe
 from ptmpi.operators.tomo import Projector
 from ptmpi.parallel.comm import SerialComm
@@ -161,11 +161,7 @@ def solve_ptycho2d(v0_local, f_local, probe, positions_local, frame_offset_local
     rdtype = real_dtype(dtype)
     omega = to_device(probe, xp).astype(dtype)
     n_modes = settings.probe_modes
-    if n_modes > 1:
-        if omega.ndim == 2:
-            omega = initial_modes(omega, n_modes)
-        if omega.shape[0] != n_modes:
-            raise ValueError(f"{omega.shape[0]} probe modes given, settings ask for {n_modes}")
+    omega = solver_modes(omega, n_modes)
     if settings.probe_guard:
         omega = guard_probe(omega)
     if n_modes > 1:
