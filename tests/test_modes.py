@@ -393,16 +393,22 @@ def mixed_tomo():
     """A small tomography series measured with two incoherent modes (as ``mixed``)."""
     from ptmpi.operators.model import JointModel
 
-    data = simulate(SimulationSettings(n=24, nz=16, n_angles=6, step=3, probe_size=12,
-                                       fwhm=3.0))
+    return two_mode_series(SimulationSettings(n=24, nz=16, n_angles=6, step=3,
+                                              probe_size=12, fwhm=3.0), JointModel)
+
+
+def two_mode_series(settings, model_class):
+    """``(data, theta, f)``: the simulation of ``settings`` and its counts measured with two
+    incoherent modes, the probe (75% of the power) and the probe times a vertical Hermite
+    pattern (25%), noise-free, through ``model_class`` (linear or exp model)."""
+    data = simulate(settings)
     theta = np.deg2rad(data.angles_deg)
     probe = data.probe.astype(np.complex128)
     second = probe * hermite_patterns(probe, 2)[1]
     second *= np.sqrt(np.vdot(probe, probe).real / 3 / np.vdot(second, second).real)
-    model = JointModel(data.volume.shape, theta, np.stack([probe, second]), data.positions_px,
-                       data.frame_offset, dtype=np.complex128)
-    f = intensity(model.fwd(data.volume.astype(np.complex128)))
-    return data, theta, f
+    model = model_class(data.volume.shape, theta, np.stack([probe, second]),
+                        data.positions_px, data.frame_offset, dtype=np.complex128)
+    return data, theta, intensity(model.fwd(data.volume.astype(np.complex128)))
 
 
 def test_apt_with_two_modes_fits_mixed_state_data_better(mixed_tomo):
@@ -559,15 +565,9 @@ def mixed_exp():
     Hermite pattern (25%), noise-free."""
     from ptmpi.operators.transmission import ExpModel
 
-    data = simulate(SimulationSettings(n=24, nz=16, n_angles=8, step=3, probe_size=12,
-                                       fwhm=3.0, model="exp", max_phase=2.0))
-    theta = np.deg2rad(data.angles_deg)
-    probe = data.probe.astype(np.complex128)
-    second = probe * hermite_patterns(probe, 2)[1]
-    second *= np.sqrt(np.vdot(probe, probe).real / 3 / np.vdot(second, second).real)
-    model = ExpModel(data.volume.shape, theta, np.stack([probe, second]), data.positions_px,
-                     data.frame_offset, dtype=np.complex128)
-    return data, theta, intensity(model.fwd(data.volume.astype(np.complex128)))
+    return two_mode_series(SimulationSettings(n=24, nz=16, n_angles=8, step=3,
+                                              probe_size=12, fwhm=3.0, model="exp",
+                                              max_phase=2.0), ExpModel)
 
 
 def test_exp_apt_with_modes_fits_mixed_state_data_better(mixed_exp):
