@@ -77,7 +77,7 @@ from ptmpi.solvers.prox import (
     update_data_split,
     update_tv_split,
 )
-from ptmpi.solvers.regularisation import default_tv_weight
+from ptmpi.solvers.regularisation import default_r2, default_tv_weight
 
 logger = logging.getLogger(__name__)
 
@@ -291,10 +291,8 @@ def resolve(settings: SolverSettings, norm: float, noise_amplitude: float = 0.0,
     else:
         if not mean_diagonal or mean_diagonal <= 0 or norm <= 0:
             raise ValueError("the default r2 needs the norm and the mean diagonal of D^H D")
-        r2 = min(settings.r2_default_max, settings.r2_factor * mean_diagonal / norm)
-        r2_rule = (f"r2 = min({settings.r2_default_max:g}, {settings.r2_factor:g} d / L) = "
-                   f"{r2:.4g} (d = mean diagonal of D^H D = {mean_diagonal:.4g}, L = "
-                   f"||D^H D|| = {norm:.4g}, L / d = {norm / mean_diagonal:.4g})")
+        r2, r2_rule = default_r2(settings.r2_factor, settings.r2_default_max, norm,
+                                 mean_diagonal)
     epsilon = settings.epsilon
     if epsilon is None:
         epsilon = settings.epsilon_counts if noise_amplitude > 0 else 0.0

@@ -181,10 +181,10 @@ there. The initialisation's per-angle ptychography runs with the same modes (exp
 from one probe by :func:`~ptmpi.operators.modes.initial_modes`) and refines them with
 ``refine_probe``; with ``probe_joint`` each joint iteration updates every mode by the
 closed form from its own far fields, then rotates the modes into their orthogonal basis
-and mixes ``z`` and ``lam2`` by the same unitary (the model is unchanged by it). A second
+and mixes ``lam2`` by the same unitary (the model is unchanged by it). A second
 mode of zero power reproduces the one-probe run (tests); on mixed-state data 3 modes gave
-22.8 dB where one gave 3.6 (README, Incoherent probe modes). ``--align`` with modes is
-not built (refused in :mod:`ptmpi.reconstruct`).
+22.8 dB where one gave 3.6 (README, Incoherent probe modes). ``--align`` works with modes
+(:mod:`ptmpi.solvers.align`, Probe modes).
 
 Metrics per iteration as the linear solver (SPEC 5): R-factor of ``D(omega, u)``,
 relative change of ``u``, and ``snr_db(u, u_true)`` when the truth is known (the truth
@@ -227,6 +227,7 @@ from ptmpi.solvers.prox import (
     update_data_split,
     update_tv_split,
 )
+from ptmpi.solvers.regularisation import default_r2
 
 logger = logging.getLogger(__name__)
 
@@ -456,11 +457,8 @@ def resolve_exp(settings: ExpSolverSettings, weight_max: float, norm_php: float,
     if settings.r2 is not None:
         r2, r2_rule = settings.r2, "set explicitly (--r2)"
     elif norm_phwp > 0 and mean_diagonal > 0:
-        r2 = min(settings.r2_default_max, settings.r2_factor * mean_diagonal / norm_phwp)
-        r2_rule = (f"r2 = min({settings.r2_default_max:g}, {settings.r2_factor:g} d / L) = "
-                   f"{r2:.4g} (d = mean diagonal of sum P^H W P = {mean_diagonal:.4g}, L = "
-                   f"||sum P^H W P|| = {norm_phwp:.4g}, L / d = "
-                   f"{norm_phwp / mean_diagonal:.4g})")
+        r2, r2_rule = default_r2(settings.r2_factor, settings.r2_default_max, norm_phwp,
+                                 mean_diagonal, "sum P^H W P")
     else:
         r2, r2_rule = settings.r2_default_max, f"{settings.r2_default_max:g} (no data)"
     rho = settings.rho if settings.rho is not None else settings.rho_factor * r2 * weight_max
@@ -876,12 +874,12 @@ def solve_exp(problem: LocalProblem, settings: ExpSolverSettings, comm: SerialCo
             views = model.ptycho.extract(psi)
             if n_modes > 1:
                 # each mode by the closed form from its own far fields, then the modes
-                # rotated into their orthogonal basis and the per-mode fields with them
+                # rotated into their orthogonal basis and lam2 with them (z is replaced
+                # by the z-step below)
                 omega = probe_modes_from_views(views, fft2(target, inverse=True), comm,
                                                ptycho=model.geometry)
                 state.omega, mixing = orthogonalise(omega.astype(dtype))
                 state.lam2_local = mix_modes(state.lam2_local, mixing)
-                state.z_local = mix_modes(state.z_local, mixing)
             else:
                 state.omega = probe_from_views(views, target, comm,
                                                ptycho=model.ptycho).astype(dtype)

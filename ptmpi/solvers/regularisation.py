@@ -57,3 +57,17 @@ def default_tv_weight(tv_factor: float, tv_noise_factor: float, norm: float,
         reason = (f"noise-free data: tv_weight = {tv_factor:g} L = {clean:.4g} "
                   f"(L = ||D^H D|| = {norm:.4g})")
     return float(weight), reason
+
+
+def default_r2(r2_factor: float, r2_default_max: float, norm: float, mean_diagonal: float,
+               operator: str = "D^H D") -> tuple[float, str]:
+    """The default ``r2 = min(r2_default_max, r2_factor d / L)`` and a one-line statement
+    of it: ``L = norm`` and ``d = mean_diagonal`` of the data's normal operator, named
+    ``operator`` in the statement (``D^H D`` for the linear model, ``sum P^H W P`` for the
+    exponential model's tomography). ``L / d`` grows with the length of a ray through the
+    volume (README, Reconstruction: the ``r2`` rule)."""
+    r2 = min(r2_default_max, r2_factor * mean_diagonal / norm)
+    rule = (f"r2 = min({r2_default_max:g}, {r2_factor:g} d / L) = {r2:.4g} (d = mean "
+            f"diagonal of {operator} = {mean_diagonal:.4g}, L = ||{operator}|| = {norm:.4g}, "
+            f"L / d = {norm / mean_diagonal:.4g})")
+    return float(r2), rule
