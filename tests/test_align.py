@@ -359,6 +359,36 @@ def test_shifts_that_never_settle_restart_after_two_thirds_of_the_budget(monkeyp
     assert iteration_cap(30, state.params) == 50
 
 
+def test_a_settled_restart_follows_an_early_one_even_back_near_zero(monkeypatch):
+    """Shifts that jump (an early restart), come back near where they started and settle:
+    the volume was rebuilt while they moved, so the settled restart still comes, once."""
+    import types
+
+    import ptmpi.solvers.align as align
+
+    aligner = align.Aligner(align.AlignSettings(every=1, start=0, budget=30,
+                                                early_restarts=1),
+                            np.linspace(0, np.pi, 4, endpoint=False), np.full((4, 2), 4.0),
+                            np.arange(5), (16, 16), 8, SerialComm())
+    state = types.SimpleNamespace(shifts_local=None, params={},
+                                  z_local=np.zeros((4, 8, 8), complex),
+                                  lam2_local=np.zeros((4, 8, 8), complex))
+    aligner.attach(state, lambda positions: None)
+    steps = iter([np.full((4, 2), 0.6), np.full((4, 2), -0.3), np.full((4, 2), -0.25)]
+                 + [np.full((4, 2), 0.01)] * 10)
+    monkeypatch.setattr(align, "gauss_newton_shifts", lambda *a, **k: (next(steps), None))
+    monkeypatch.setattr(align, "guarded", lambda ptycho: ptycho)
+    restarts = []
+    for iteration in range(12):
+        aligner.update(state, None, None, None, iteration=iteration)
+        if aligner.restart:
+            restarts.append(iteration)
+    assert restarts == [0, 3]  # early (0.6 px), then settled at 0.08 px from the start
+    assert state.params["align_early_restarts"] == 1
+    assert state.params["align_restart_at"] == 3
+    assert np.sqrt(np.mean(np.asarray(state.shifts_local) ** 2)) < 0.5
+
+
 def test_alignment_does_not_wander_on_drift_free_data():
     data = simulate(drift_settings(0.0))
     state, _ = run_linear(data, True)
