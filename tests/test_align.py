@@ -331,29 +331,37 @@ def test_the_shifts_wait_after_the_restart_until_the_r_factor_is_back(linear_run
     assert not held(10, pars, {k: v[:3] for k, v in hist.items()})
 
 
-def test_shifts_that_never_settle_restart_after_two_thirds_of_the_budget(monkeypatch):
-    """Shifts that moved (0.6 px) and then jitter by 0.1 px per update never settle: the
-    restart comes at two thirds of the budget (30 iterations, an update each), not before,
-    and only once."""
+def scripted_restarts(monkeypatch, steps, iterations: int, **settings):
+    """Run an :class:`Aligner` of 4 angles whose shift step returns ``steps`` in turn (one
+    update per iteration); returns the iterations that restarted and the state."""
     import types
 
     import ptmpi.solvers.align as align
 
-    aligner = align.Aligner(align.AlignSettings(every=1, start=0, budget=30),
+    aligner = align.Aligner(align.AlignSettings(every=1, start=0, budget=30, **settings),
                             np.linspace(0, np.pi, 4, endpoint=False), np.full((4, 2), 4.0),
                             np.arange(5), (16, 16), 8, SerialComm())
     state = types.SimpleNamespace(shifts_local=None, params={},
                                   z_local=np.zeros((4, 8, 8), complex),
                                   lam2_local=np.zeros((4, 8, 8), complex))
     aligner.attach(state, lambda positions: None)
-    steps = iter([np.full((4, 2), 0.6)] + [np.full((4, 2), (-1) ** k * 0.1) for k in range(40)])
+    steps = iter([np.full((4, 2), step) for step in steps])
     monkeypatch.setattr(align, "gauss_newton_shifts", lambda *a, **k: (next(steps), None))
     monkeypatch.setattr(align, "guarded", lambda ptycho: ptycho)
     restarts = []
-    for iteration in range(30):
+    for iteration in range(iterations):
         aligner.update(state, None, None, None, iteration=iteration)
         if aligner.restart:
             restarts.append(iteration)
+    return restarts, state
+
+
+def test_shifts_that_never_settle_restart_after_two_thirds_of_the_budget(monkeypatch):
+    """Shifts that moved (0.6 px) and then jitter by 0.1 px per update never settle: the
+    restart comes at two thirds of the budget (30 iterations, an update each), not before,
+    and only once."""
+    restarts, state = scripted_restarts(
+        monkeypatch, [0.6] + [(-1) ** k * 0.1 for k in range(40)], 30)
     assert restarts == [20]
     assert state.params["align_restart_at"] == 20
     assert iteration_cap(30, state.params) == 50
@@ -362,27 +370,8 @@ def test_shifts_that_never_settle_restart_after_two_thirds_of_the_budget(monkeyp
 def test_a_settled_restart_follows_an_early_one_even_back_near_zero(monkeypatch):
     """Shifts that jump (an early restart), come back near where they started and settle:
     the volume was rebuilt while they moved, so the settled restart still comes, once."""
-    import types
-
-    import ptmpi.solvers.align as align
-
-    aligner = align.Aligner(align.AlignSettings(every=1, start=0, budget=30,
-                                                early_restarts=1),
-                            np.linspace(0, np.pi, 4, endpoint=False), np.full((4, 2), 4.0),
-                            np.arange(5), (16, 16), 8, SerialComm())
-    state = types.SimpleNamespace(shifts_local=None, params={},
-                                  z_local=np.zeros((4, 8, 8), complex),
-                                  lam2_local=np.zeros((4, 8, 8), complex))
-    aligner.attach(state, lambda positions: None)
-    steps = iter([np.full((4, 2), 0.6), np.full((4, 2), -0.3), np.full((4, 2), -0.25)]
-                 + [np.full((4, 2), 0.01)] * 10)
-    monkeypatch.setattr(align, "gauss_newton_shifts", lambda *a, **k: (next(steps), None))
-    monkeypatch.setattr(align, "guarded", lambda ptycho: ptycho)
-    restarts = []
-    for iteration in range(12):
-        aligner.update(state, None, None, None, iteration=iteration)
-        if aligner.restart:
-            restarts.append(iteration)
+    restarts, state = scripted_restarts(monkeypatch, [0.6, -0.3, -0.25] + [0.01] * 10, 12,
+                                        early_restarts=1)
     assert restarts == [0, 3]  # early (0.6 px), then settled at 0.08 px from the start
     assert state.params["align_early_restarts"] == 1
     assert state.params["align_restart_at"] == 3
