@@ -681,6 +681,35 @@ def initial_volume(model: ExpModel, problem: LocalProblem, settings: ExpSolverSe
     return u, to_device(images.omega, xp).astype(dtype), r_factor
 
 
+def penalties_from_data(model: ExpModel, f_local, settings: ExpSolverSettings,
+                        comm: SerialComm, xp, dtype) -> dict:
+    """:func:`resolve_exp` on the data and the model at its current positions (the
+    illumination, ``||P^H P||``, the diagonal and norm of ``sum_t P_t^H W_t P_t``)."""
+    apt = settings.algorithm == "apt"
+    weight = model.illumination(xp)
+    w_max = comm.allreduce_scalar(float(weight.max()) if weight.size else 0.0, "max")
+    norm = projector_norm(model, comm, settings.power_iterations, xp, dtype)
+    # Photon-counting data (all valid counts whole numbers): Poisson noise of
+    # amplitude about 1/2, as in the linear solver.
+    counting = float(xp.all(f_local == xp.rint(f_local))) if f_local.size else 1.0
+    counting = comm.allreduce_scalar(counting, "min") > 0
+    # The noise level of a typical voxel of u: sigma / sqrt(d), d the median diagonal
+    # of the u-step's data curvature J^H J = sum_t P_t^H |t|^2 W_t P_t at |t| = 1
+    # (module notes: the mean is dominated by the brightly lit voxels of sparse scans).
+    # It also scales the texture cap of the default APT weight, on any data.
+    # (In the weights' own precision and not cached: no matrix beyond the solver's.)
+    needed = counting or (apt and settings.tv_weight is None) or settings.r2 is None
+    diagonal = comm.allreduce_sum(model.projector.adj_squared_weights(
+        weight, keep=False)) if needed else None
+    typical_diagonal = float(get_xp(diagonal).median(diagonal)) if needed else 0.0
+    # The r2 rule of the linear model: L / d of sum_t P_t^H W_t P_t (module notes).
+    mean_diagonal = float(diagonal.mean()) if settings.r2 is None else 0.0
+    norm_w = projector_norm(model, comm, settings.power_iterations, xp, dtype,
+                            weight) if settings.r2 is None else 0.0
+    return resolve_exp(settings, w_max, norm, 0.5 if counting else 0.0,
+                       typical_diagonal, norm_w, mean_diagonal)
+
+
 def solve_exp(problem: LocalProblem, settings: ExpSolverSettings, comm: SerialComm,
               *, xp=np, dtype=np.complex64, state: ExpADMMState | None = None,
               callback: Callable[[ExpADMMState, dict], None] | None = None
@@ -708,27 +737,7 @@ def solve_exp(problem: LocalProblem, settings: ExpSolverSettings, comm: SerialCo
     if state is not None and state.params:
         params = dict(state.params)
     else:
-        w_max = comm.allreduce_scalar(float(weight.max()) if weight.size else 0.0, "max")
-        norm = projector_norm(model, comm, settings.power_iterations, xp, dtype)
-        # Photon-counting data (all valid counts whole numbers): Poisson noise of
-        # amplitude about 1/2, as in the linear solver.
-        counting = float(xp.all(f_local == xp.rint(f_local))) if f_local.size else 1.0
-        counting = comm.allreduce_scalar(counting, "min") > 0
-        # The noise level of a typical voxel of u: sigma / sqrt(d), d the median diagonal
-        # of the u-step's data curvature J^H J = sum_t P_t^H |t|^2 W_t P_t at |t| = 1
-        # (module notes: the mean is dominated by the brightly lit voxels of sparse scans).
-        # It also scales the texture cap of the default APT weight, on any data.
-        # (In the weights' own precision and not cached: no matrix beyond the solver's.)
-        needed = counting or (apt and settings.tv_weight is None) or settings.r2 is None
-        diagonal = comm.allreduce_sum(model.projector.adj_squared_weights(
-            weight, keep=False)) if needed else None
-        typical_diagonal = float(get_xp(diagonal).median(diagonal)) if needed else 0.0
-        # The r2 rule of the linear model: L / d of sum_t P_t^H W_t P_t (module notes).
-        mean_diagonal = float(diagonal.mean()) if settings.r2 is None else 0.0
-        norm_w = projector_norm(model, comm, settings.power_iterations, xp, dtype,
-                                weight) if settings.r2 is None else 0.0
-        params = resolve_exp(settings, w_max, norm, 0.5 if counting else 0.0,
-                             typical_diagonal, norm_w, mean_diagonal)
+        params = penalties_from_data(model, f_local, settings, comm, xp, dtype)
     tv_weight, r1, r2, rho = params["tv_weight"], params["r1"], params["r2"], params["rho"]
     epsilon = params.get("epsilon", 0.0)
     # The TV weight used is min(tv_weight, texture_cap * TV(u) / voxels), TV(u) of the
@@ -783,7 +792,9 @@ def solve_exp(problem: LocalProblem, settings: ExpSolverSettings, comm: SerialCo
             ("snr_db",) if truth is not None else ()):
         state.history.setdefault(key, [])
 
-    aligner = make_aligner(settings, problem, comm, early_restarts=3)
+    # The final pass of --align where the shifts moved by more than 0.03 px RMS after the
+    # settled restart (align.py notes: 128^3, 0.06 px off cost 1.7 dB against 0.04 px).
+    aligner = make_aligner(settings, problem, comm, early_restarts=3, final_px=0.03)
     if aligner is not None:
         aligner.attach(state, model.set_positions)
         weight = model.illumination(xp)
@@ -830,26 +841,41 @@ def solve_exp(problem: LocalProblem, settings: ExpSolverSettings, comm: SerialCo
         state.params["mean_gradient"] = mean_gradient(grad, state.u)
     prev_step = state.step
     prev_du = float(xp.linalg.norm(prev_step)) if prev_step is not None else 0.0
-    while state.iteration < iteration_cap(settings.iterations, state.params):
-        if aligner is not None and aligner.due(state.iteration, state):
-            positions = aligner.update(state, t, model.ptycho, sqrt_f, valid, state.iteration)
-            model.set_positions(positions)
-            if aligner.restart:  # the volume of misaligned data is dropped (align.py)
-                state.u = xp.zeros(problem.volume_shape, dtype=dtype)
-                if settings.init_iterations > 0:
-                    aligned = dataclasses.replace(problem, positions_local=positions,
-                                                  probe=state.omega)
-                    state.u, state.omega, state.params["init_r_factor"] = initial_volume(
-                        model, aligned, settings, comm, xp, dtype)
-                    state.params["init_at"] = state.iteration
-                    model.set_probe(state.omega)
-                t = model.transmission(state.u)
-                state.psi_local, state.z_local = t.copy(), model.views(t)
-                for name in ("lam2_local", "mu_local", "p", "lam1"):
-                    if getattr(state, name) is not None:
-                        getattr(state, name)[...] = 0
-                if tv_stats is not None:
-                    state.params["mean_gradient"] = mean_gradient(grad, state.u)
+    final = False  # the final pass of --align is due (align.py)
+    while True:
+        if state.iteration >= iteration_cap(settings.iterations, state.params):
+            if not (aligner is not None and aligner.final_pass(state, state.iteration)):
+                break
+            final = True
+        restart = final
+        if aligner is not None and not final and aligner.due(state.iteration, state):
+            model.set_positions(aligner.update(state, t, model.ptycho, sqrt_f, valid,
+                                               state.iteration))
+            restart = aligner.restart
+            weight = model.illumination(xp)
+        if restart:  # the volume of misaligned data is dropped (align.py)
+            final = False
+            positions = aligner.positions(state.shifts_local)
+            state.u = xp.zeros(problem.volume_shape, dtype=dtype)
+            if settings.init_iterations > 0:
+                aligned = dataclasses.replace(problem, positions_local=positions,
+                                              probe=state.omega)
+                state.u, state.omega, state.params["init_r_factor"] = initial_volume(
+                    model, aligned, settings, comm, xp, dtype)
+                state.params["init_at"] = state.iteration
+                model.set_probe(state.omega)
+            t = model.transmission(state.u)
+            state.psi_local, state.z_local = t.copy(), model.views(t)
+            for name in ("lam2_local", "mu_local", "p", "lam1"):
+                if getattr(state, name) is not None:
+                    getattr(state, name)[...] = 0
+            if tv_stats is not None:
+                state.params["mean_gradient"] = mean_gradient(grad, state.u)
+            # the penalties back to their start, like everything else
+            r2, rho, r1, scale = r2 / scale, rho / scale, r1 / scale, 1.0
+            turns.clear()
+            state.step, prev_step, prev_du = None, None, 0.0
+            state.params["turns"], state.params["penalty_scale"] = [], scale
             weight = model.illumination(xp)
         u_old = state.u
         cg_counts = []
@@ -949,7 +975,9 @@ def solve_exp(problem: LocalProblem, settings: ExpSolverSettings, comm: SerialCo
                         "%g times their start (r2 = %.4g)", state.iteration, scale, r2)
         warn_if_stalled(state, settings)
         if end_of_iteration(state, row, callback, settings.tol, settings.tol_window):
-            break
+            if not (aligner is not None and aligner.final_pass(state, state.iteration)):
+                break
+            final = True
     start = state.params.get("init_r_factor")
     if start and math.isfinite(start) and state.history["r_factor"]:
         state.params["r_factor_over_init"] = state.history["r_factor"][-1] / start
