@@ -474,6 +474,17 @@ def reconstruct(input_path: str, output_path: str, settings, comm: Comm, *,
     return {"iterations": len(history["iteration"]), "parameters": params, **summary}
 
 
+def align_passes(settings) -> int:
+    """The most iterations a solve can run, in units of ``settings.iterations``: with
+    ``--align`` the settled restart gets the whole budget again, and the exp model's final
+    pass once more (:mod:`ptmpi.solvers.align`)."""
+    from ptmpi.solvers.admm_exp import ExpSolverSettings
+
+    if not getattr(settings, "align", False):
+        return 1
+    return 3 if isinstance(settings, ExpSolverSettings) else 2
+
+
 def _check_restart(input_path, output_path, settings, dtype, comm, checkpoint, resume,
                    force):
     """Rank 0's checks of the checkpoint (:func:`ptmpi.restart.checkpoint_problems`), before
@@ -505,9 +516,9 @@ def _check_restart(input_path, output_path, settings, dtype, comm, checkpoint, r
                 path, input_path=input_path, output_path=output_path, resume=resume,
                 force=force, settings=settings.to_dict(), dtype=dtype,
                 # --align: a restart after the shifts settle extends the run by up to
-                # its own iteration count (align.iteration_cap)
-                iterations=settings.iterations * (2 if getattr(settings, "align", False)
-                                                  else 1), checksum=checksum)
+                # its own iteration count (align.iteration_cap), the exp model's final
+                # pass by as much again
+                iterations=settings.iterations * align_passes(settings), checksum=checksum)
     problems, header = comm.bcast((problems, header))
     _agree(comm, problems)
     return path, header, checksum

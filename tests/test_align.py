@@ -565,6 +565,26 @@ def test_checkpoint_and_resume_keep_the_shifts(linear_drift, tmp_path):
     assert np.array_equal(resumed.u, full.u)
 
 
+def test_a_checkpoint_from_the_exp_final_pass_resumes(tmp_path):
+    """The final pass takes an exp run past twice its iterations (here 112 of 40): its
+    checkpoint resumes, to the same result (the bound of a resumable checkpoint used to be
+    twice the iterations)."""
+    data, ck = tmp_path / "d.h5", tmp_path / "ck.h5"
+    assert main(["simulate", "-o", str(data), "--model", "exp", "--n", "24", "--nz", "16",
+                 "--angles", "8", "--step", "4", "--probe-size", "8", "--fwhm", "3",
+                 "--seed", "3", "--jitter", "0.3", "--drift", "1.5"]) == 0
+    common = [str(data), "--no-figures", "--align", "--iterations", "40", "--checkpoint",
+              str(ck)]
+    full, again = tmp_path / "full.h5", tmp_path / "again.h5"
+    assert main(["reconstruct", *common, "-o", str(full)]) == 0
+    with h5py.File(ck, "r") as f:
+        assert int(f.attrs["iteration"]) > 80
+    assert main(["reconstruct", *common, "-o", str(again), "--resume"]) == 0
+    with h5py.File(full, "r") as fa, h5py.File(again, "r") as fb:
+        for name in ("entry_1/image_1/data", "entry_1/ptmpi/shifts_px"):
+            assert np.array_equal(fa[name][...], fb[name][...]), name
+
+
 def test_reconstruct_writes_the_shifts(tmp_path):
     data = simulate(dataclasses.replace(drift_settings(1.5), eta=200.0))
     path = tmp_path / "in.h5"
