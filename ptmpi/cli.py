@@ -666,7 +666,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="update the probe every iteration")
     p.add_argument("--align", action="store_true", default=None,
                    help="refine a (row, col) shift per angle inside the joint iterations "
-                        "(sample drift); written to /entry_1/ptmpi/shifts_px")
+                        "(sample drift); written to /entry_1/ptmpi/shifts_px. Restarts "
+                        "from the aligned positions run up to 2x --iterations (exp model: "
+                        "3x, its final pass)")
     p.add_argument("--align-every", type=_POSITIVE_INT, metavar="N",
                    help="--align: iterations between shift updates (default 3)")
     p.add_argument("--align-start", type=_COUNT, metavar="K",
