@@ -681,12 +681,11 @@ def initial_volume(model: ExpModel, problem: LocalProblem, settings: ExpSolverSe
     return u, to_device(images.omega, xp).astype(dtype), r_factor
 
 
-def penalties_from_data(model: ExpModel, f_local, settings: ExpSolverSettings,
+def penalties_from_data(model: ExpModel, weight, f_local, settings: ExpSolverSettings,
                         comm: SerialComm, xp, dtype) -> dict:
-    """:func:`resolve_exp` on the data and the model at its current positions (the
-    illumination, ``||P^H P||``, the diagonal and norm of ``sum_t P_t^H W_t P_t``)."""
+    """:func:`resolve_exp` on the data and the model with its illumination ``weight``
+    (``||P^H P||``, the diagonal and norm of ``sum_t P_t^H W_t P_t``)."""
     apt = settings.algorithm == "apt"
-    weight = model.illumination(xp)
     w_max = comm.allreduce_scalar(float(weight.max()) if weight.size else 0.0, "max")
     norm = projector_norm(model, comm, settings.power_iterations, xp, dtype)
     # Photon-counting data (all valid counts whole numbers): Poisson noise of
@@ -737,7 +736,7 @@ def solve_exp(problem: LocalProblem, settings: ExpSolverSettings, comm: SerialCo
     if state is not None and state.params:
         params = dict(state.params)
     else:
-        params = penalties_from_data(model, f_local, settings, comm, xp, dtype)
+        params = penalties_from_data(model, weight, f_local, settings, comm, xp, dtype)
     tv_weight, r1, r2, rho = params["tv_weight"], params["r1"], params["r2"], params["rho"]
     epsilon = params.get("epsilon", 0.0)
     # The TV weight used is min(tv_weight, texture_cap * TV(u) / voxels), TV(u) of the
@@ -848,11 +847,11 @@ def solve_exp(problem: LocalProblem, settings: ExpSolverSettings, comm: SerialCo
                 break
             final = True
         restart = final
-        if aligner is not None and not final and aligner.due(state.iteration, state):
+        moved = aligner is not None and not final and aligner.due(state.iteration, state)
+        if moved:
             model.set_positions(aligner.update(state, t, model.ptycho, sqrt_f, valid,
                                                state.iteration))
             restart = aligner.restart
-            weight = model.illumination(xp)
         if restart:  # the volume of misaligned data is dropped (align.py)
             final = False
             positions = aligner.positions(state.shifts_local)
@@ -876,6 +875,7 @@ def solve_exp(problem: LocalProblem, settings: ExpSolverSettings, comm: SerialCo
             turns.clear()
             state.step, prev_step, prev_du = None, None, 0.0
             state.params["turns"], state.params["penalty_scale"] = [], scale
+        if moved or restart:  # new positions, or the initialisation's probe
             weight = model.illumination(xp)
         u_old = state.u
         cg_counts = []
