@@ -464,32 +464,25 @@ def test_exp_apt_recovers_the_drift():
     assert after < 0.3 * before, (before, after)
 
 
-def test_the_exp_final_pass_is_a_fresh_run_at_the_shifts_reached(monkeypatch):
+def test_the_exp_final_pass_is_a_fresh_run_at_the_shifts_reached():
     """Shifts that moved after the settled restart (by more than ``final_px``) get a final
     pass: the reconstruction restarts from its initial state with them held fixed and the
     whole budget, and that pass is the run without --align from those positions with the
-    penalties the aligned run started with (no iterate, multiplier or penalty raise of the
-    earlier passes survives it); a resume at its start or inside it is the uninterrupted
-    run, bit for bit."""
+    aligned run's ``r2`` (no iterate, multiplier or penalty raise of the earlier passes
+    survives it; its other penalties are those of the positions reached); a resume at its
+    start or inside it is the uninterrupted run, bit for bit."""
     import copy
-
-    import ptmpi.solvers.admm_exp as admm_exp
 
     data = simulate(drift_settings(1.5, model="exp"))
     settings = ExpSolverSettings(iterations=40, init_iterations=20, init_gn_iterations=8,
                                  align=True, align_start=2, align_every=3)
-    saved, penalties = {}, []
-    original = admm_exp.penalties_from_data
-
-    def recorded(*args, **kwargs):
-        penalties.append(original(*args, **kwargs))
-        return dict(penalties[0])
+    saved, first = {}, {}
 
     def keep(state, row):  # what a checkpoint at the end of these iterations holds
+        first.setdefault("params", dict(state.params))
         if state.iteration in (66, 80):
             saved[state.iteration] = copy.deepcopy(state)
 
-    monkeypatch.setattr(admm_exp, "penalties_from_data", recorded)
     aligned, _ = solve_exp(local_problem(data), settings, SerialComm(), dtype=np.complex128,
                            callback=keep)
     final_at = aligned.params["align_final_at"]
@@ -504,11 +497,15 @@ def test_the_exp_final_pass_is_a_fresh_run_at_the_shifts_reached(monkeypatch):
     angle = np.repeat(np.arange(N_ANGLES), np.diff(data.frame_offset))
     fixed = dataclasses.replace(
         problem, positions_local=problem.positions_local + aligned.shifts_local[angle])
-    fresh, _ = solve_exp(fixed, dataclasses.replace(settings, align=False), SerialComm(),
-                         dtype=np.complex128)
-    # the fresh run's own penalties differ (they follow the sub-pixel positions): it was
-    # given the aligned run's
-    assert penalties[-1]["rho"] != penalties[0]["rho"]
+    fresh, _ = solve_exp(fixed, dataclasses.replace(settings, align=False,
+                                                    r2=first["params"]["r2"]),
+                         SerialComm(), dtype=np.complex128)
+    # the penalties follow the positions (the sub-pixel fractions change the illumination),
+    # r2 stays
+    assert aligned.params["r2"] == first["params"]["r2"] == fresh.params["r2"]
+    assert aligned.params["rho"] != first["params"]["rho"]
+    for key in ("rho", "r1", "tv_weight", "tv_texture_cap"):
+        assert aligned.params[key] == fresh.params[key], key
     for key in ("r_factor", "snr_db"):
         np.testing.assert_allclose(aligned.history[key][final_at:], fresh.history[key],
                                    rtol=1e-9, err_msg=key)

@@ -709,6 +709,22 @@ def penalties_from_data(model: ExpModel, weight, f_local, settings: ExpSolverSet
                        typical_diagonal, norm_w, mean_diagonal)
 
 
+#: The penalties a restart of ``--align`` takes from the positions it restarts from.
+RESTART_KEYS = ("tv_weight", "r1", "rho", "curvature", "max_W", "median_diagonal_PhWP",
+                "tv_texture_cap")
+
+
+def restart_penalties(model: ExpModel, weight, f_local, settings: ExpSolverSettings,
+                      params: dict, comm: SerialComm, xp, dtype) -> dict:
+    """The penalties of a restart at new (aligned) positions: those of a run started there
+    (:func:`penalties_from_data` with the illumination ``weight`` of those positions), but
+    with the ``r2`` of ``params`` (the recorded positions'; module notes of
+    :mod:`ptmpi.solvers.align`). Returns the :data:`RESTART_KEYS` entries."""
+    kept = dataclasses.replace(settings, r2=params["r2"])
+    new = penalties_from_data(model, weight, f_local, kept, comm, xp, dtype)
+    return {key: new[key] for key in RESTART_KEYS}
+
+
 def solve_exp(problem: LocalProblem, settings: ExpSolverSettings, comm: SerialComm,
               *, xp=np, dtype=np.complex64, state: ExpADMMState | None = None,
               callback: Callable[[ExpADMMState, dict], None] | None = None
@@ -877,6 +893,14 @@ def solve_exp(problem: LocalProblem, settings: ExpSolverSettings, comm: SerialCo
             state.params["turns"], state.params["penalty_scale"] = [], scale
         if moved or restart:  # new positions, or the initialisation's probe
             weight = model.illumination(xp)
+        if restart:  # and the penalties of the positions restarted from (align.py notes)
+            state.params.update(restart_penalties(model, weight, f_local, settings,
+                                                  state.params, comm, xp, dtype))
+            tv_weight, r1, rho = (state.params[k] for k in ("tv_weight", "r1", "rho"))
+            texture_cap = state.params["tv_texture_cap"] if apt else 0.0
+            logger.info("iteration %d: penalties at these positions: rho = %.4g, tv_weight = "
+                        "%.4g, r1 = %.4g, TV weight at most %.4g x TV(u) / voxels (r2 = %.4g "
+                        "kept)", state.iteration, rho, tv_weight, r1, texture_cap, r2)
         u_old = state.u
         cg_counts = []
         target = state.z_local + state.lam2_local

@@ -57,11 +57,22 @@ give 18.0 dB (0.06 px) and 19.7 dB (0.04 px). So where the shifts have moved by 
 ``final_px`` (0.03 px) RMS between the settled restart and the end of its budget, the
 solver restarts once more from its initial state at the shifts reached, holds them fixed
 and gets the whole budget again (:meth:`Aligner.final_pass`): the run without ``--align``
-from those positions with the penalties of the recorded ones (tested). Every restart
-sets the penalties back to their start (a raise before it used to survive it) and keeps
-those computed at the recorded positions: recomputed at the final positions (``r2``
-follows the sub-pixel fractions through the illumination) they cost the noise-free 64^3
-case 0.8 dB (24.09 against 24.90) and changed the demo seeds by +0.03 to +0.15 dB.
+from those positions with the aligned run's ``r2`` (tested).
+
+**Penalties at a restart (exp model).** Every restart sets the penalty raises back (a raise
+before it used to survive it) and takes the penalties of the positions it restarts from,
+as a run started there would (:func:`ptmpi.solvers.admm_exp.restart_penalties`), except
+``r2``. They follow the geometry: ``rho`` and ``r1`` the largest illumination, the TV
+weight's noise term and its texture cap the median diagonal ``d`` of
+``sum_t P_t^H W_t P_t``, which grows where the scan grids of the angles stop lining up
+(sparse low-dose 64^3 case: the TV weight 1.23 at the recorded whole-pixel positions,
+1.70 at the aligned ones). Restarts used to keep those of the recorded positions: the
+64^3 low-dose seeds 0-2 then ended 0.56 px / 10.01 dB, 0.26 / 9.32 and 0.46 / 7.86, now
+0.16 / 10.96, 0.23 / 10.78 and 0.26 / 9.08 (drift-free 10.40 / 11.40 / 10.60). ``r2``
+stays that of the recorded positions: its rule's ``L`` (:mod:`ptmpi.solvers.regularisation`)
+drops where the grids are offset per angle (2.7e4 -> 1.8e4 there), and the lower value was
+the better one wherever measured (recomputed too: 10.39 / 9.31 / 8.51 dB; noise-free 64^3
+24.08 against 24.60).
 
 **Unobservable translations.** A translation of the volume by ``(tz, ty, tx)`` moves the
 projection at angle ``theta`` by ``(tz, tx cos theta + ty sin theta)``. With an empty
