@@ -635,9 +635,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--tv-weight", type=_NON_NEGATIVE, help="TV weight lambda (default: from data)")
     p.add_argument("--r1", type=_NON_NEGATIVE, help="penalty of p = grad u (default: from data)")
     p.add_argument("--r2", type=_POSITIVE,
-                   help="penalty of z = D u (default APT/APTs: min(0.1, 20 d / L) from "
-                        "the data, d and L the mean diagonal and norm of D^H D; "
-                        "ptycho2d, exp: 0.1)")
+                   help="penalty of z = D u (default APT/APTs: min(0.1, 20 d / L, 4.8 / n) "
+                        "from the data, d and L the mean diagonal and norm of D^H D (exp: "
+                        "of sum P^H W P), n the volume's width; ptycho2d: 0.1)")
     p.add_argument("--adapt-r2", choices=["auto", "on", "off"],
                    help="raise r2 when the iterates cycle (default auto: on for photon "
                         "counts, off for noise-free data; two-step/ptycho2d: on; --model "

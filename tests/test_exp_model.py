@@ -741,9 +741,10 @@ def test_exp_continuation_lowers_the_r_factor_at_low_dose():
 
 
 def test_exp_r2_rule_is_the_linear_models_on_sum_p_w_p():
-    """Default ``r2 = min(r2_default_max, r2_factor d / L)`` with ``L`` the largest
-    eigenvalue and ``d`` the mean diagonal of ``sum_t P_t^H W_t P_t``, both checked against
-    the dense matrix (block diagonal over slices); the cap keeps small volumes at 0.1."""
+    """Default ``r2 = min(r2_default_max, r2_factor d / L, r2_ray_factor / n)`` with ``L``
+    the largest eigenvalue and ``d`` the mean diagonal of ``sum_t P_t^H W_t P_t``, both
+    checked against the dense matrix (block diagonal over slices); the cap keeps small
+    volumes at 0.1."""
     data = simulate(exp_settings(n=12, nz=8, n_angles=10, step=3, probe_size=8, fwhm=3.0))
     theta = np.deg2rad(data.angles_deg)
     model = ExpModel(data.volume.shape, theta, data.probe.astype(np.complex128),
@@ -755,7 +756,7 @@ def test_exp_r2_rule_is_the_linear_models_on_sum_p_w_p():
     largest = max(np.linalg.eigvalsh(b).max() for b in blocks)
     mean_diagonal = np.mean([np.diag(b) for b in blocks])
     settings = ExpSolverSettings(iterations=0, init_iterations=0, r2_default_max=10.0,
-                                 power_iterations=200)
+                                 r2_ray_factor=0.0, power_iterations=200)
     _, params = solve_exp(problem_of(data), settings, SerialComm(), dtype=np.complex128)
     # (power iteration: 200 steps reach the largest eigenvalue to 2e-6 here, the slices'
     # largest eigenvalues being close)
@@ -768,6 +769,11 @@ def test_exp_r2_rule_is_the_linear_models_on_sum_p_w_p():
     _, capped = solve_exp(problem_of(data), dataclasses.replace(
         settings, r2_default_max=0.1), SerialComm())
     assert capped["r2"] == 0.1 and largest / mean_diagonal < 200
+    # and bounded by the ray length, 4.8 / n (here n = 12: 0.4)
+    _, ray = solve_exp(problem_of(data), dataclasses.replace(settings, r2_ray_factor=4.8),
+                       SerialComm())
+    assert ray["r2"] == pytest.approx(0.4) and 20 * mean_diagonal / largest > 0.4
+    assert "4.8 / n" in ray["r2_rule"]
     _, fixed = solve_exp(problem_of(data), dataclasses.replace(settings, r2=0.3),
                          SerialComm())
     assert fixed["r2"] == 0.3 and fixed["r2_rule"] == "set explicitly (--r2)"

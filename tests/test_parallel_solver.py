@@ -370,7 +370,7 @@ def test_the_r2_rule_does_not_depend_on_the_rank_count(mpi_ranks):
     and, after 10 iterations, the same volume as one process."""
     comm = MPIComm()
     data = simulate_on_root(comm)
-    settings = SolverSettings(iterations=10, r2_default_max=10.0)
+    settings = SolverSettings(iterations=10, r2_default_max=10.0, r2_ray_factor=0.0)
     state_ser, params_ser = solve(local_problem(data, 0, N_ANGLES), settings, SerialComm())
     a0, a1 = block_partition(N_ANGLES, comm.size, comm.rank)
     state_par, params_par = solve(local_problem(data, a0, a1), settings, comm)

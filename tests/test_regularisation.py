@@ -85,3 +85,21 @@ def test_resolve_chooses_r2_from_the_operator():
     assert given["r2"] == 0.1 and given["r2_rule"] == "set explicitly (--r2)"
     with pytest.raises(ValueError, match="mean diagonal"):
         resolve(SolverSettings(), 519.3, 0.0, None)
+
+
+def test_the_r2_rule_is_bounded_by_the_ray_length():
+    """``r2 <= r2_ray_factor / n`` (``n`` the volume's lateral size): it leaves the paper's
+    grids at their ``20 d / L`` (128^3 step 32, and 64^3 step 16: the values the rule gave
+    before the bound) and lowers the ``r2`` of scans with a smaller ``L / d`` (the 128^3
+    overlapping-probe geometry, FWHM 32: ``L / d`` 243.4); small volumes keep the cap."""
+    grid = resolve(SolverSettings(), 519.3, 0.0, 0.8995, width=128)
+    assert grid["r2"] == pytest.approx(20 * 0.8995 / 519.3, rel=1e-12)
+    assert grid["r2_rule"].startswith("r2 = min(0.1, 20 d / L, 4.8 / n)")
+    assert "n = 128" in grid["r2_rule"]
+    assert resolve(SolverSettings(), 270.0, 0.0, 0.925, width=64)["r2"] == pytest.approx(
+        20 * 0.925 / 270.0, rel=1e-12)
+    overlapping = resolve(SolverSettings(), 1095.0, 0.0, 4.499, width=128)
+    assert overlapping["r2"] == pytest.approx(4.8 / 128) and 20 * 4.499 / 1095.0 > 0.08
+    assert resolve(SolverSettings(), 109.2, 0.0, 0.9295, width=32)["r2"] == 0.1
+    free = resolve(SolverSettings(r2_ray_factor=0), 1095.0, 0.0, 4.499, width=128)
+    assert free["r2"] == pytest.approx(20 * 4.499 / 1095.0) and "/ n" not in free["r2_rule"]

@@ -63,7 +63,7 @@ LAYOUT_VERSION = 1
 #: only how a run from iteration 0 starts (a resume starts from the checkpoint; its
 #: penalties, ``r2`` included, come from the checkpoint's parameters).
 RESUMABLE_CHANGES = ("iterations", "tol", "start", "start_iterations", "start_levels",
-                     "r2_factor", "r2_default_max")
+                     "r2_factor", "r2_default_max", "r2_ray_factor")
 
 #: Settings added after checkpoints were first written, with the value that a checkpoint
 #: without them ran with (so that those checkpoints still resume).

@@ -104,8 +104,8 @@ class SolverSettings(AlignOptions):
     r1: float | None = None
     """Penalty of ``p = grad u``; default ``tv_weight / shrink_threshold``."""
     r2: float | None = None
-    """Penalty of ``z = D u`` (dimensionless); default ``min(r2_default_max, r2_factor d / L)``
-    (:func:`resolve`)."""
+    """Penalty of ``z = D u`` (dimensionless); default
+    ``min(r2_default_max, r2_factor d / L, r2_ray_factor / n)`` (:func:`resolve`)."""
     epsilon: float | None = None
     """Smoothing ``eps`` of the likelihood (the paper's ``B_eps``); default from the data:
     ``epsilon_counts`` for photon-counting data, 0 for noise-free data."""
@@ -158,6 +158,10 @@ class SolverSettings(AlignOptions):
     on the paper's geometry (README)."""
     r2_default_max: float = 0.1
     """See ``r2_factor``: the paper's value, which volumes up to about 48^3 keep."""
+    r2_ray_factor: float = 4.8
+    """The default ``r2`` is at most ``r2_ray_factor / n``, ``n`` the volume's lateral size
+    (0: no such bound): scans that light the angles unlike the paper's grids (dense,
+    overlapping, offset) lower ``L / d`` and would get a larger ``r2`` (README)."""
     power_iterations: int = 10
     """Power iterations used to estimate ``L``."""
     start: str = "ones"
@@ -248,7 +252,7 @@ class ADMMState:
 
 
 def resolve(settings: SolverSettings, norm: float, noise_amplitude: float = 0.0,
-            mean_diagonal: float | None = None) -> dict:
+            mean_diagonal: float | None = None, width: int = 0) -> dict:
     """The penalties actually used: explicit settings, else the data-scaled defaults.
 
     Rule (documented in the README):
@@ -266,11 +270,14 @@ def resolve(settings: SolverSettings, norm: float, noise_amplitude: float = 0.0,
       fixed fraction of the unit background of ``u``), or ``r1_factor * L`` without TV;
     - ``r2`` is dimensionless (both ``G`` have unit curvature in ``|z|``), so it does not
       follow the dose; it follows the shape of ``D^H D``:
-      ``r2 = min(r2_default_max, r2_factor d / L)``. ``L / d`` (the curvature of the
-      smoothest mode over that of one voxel) grows with the length of a ray through the
-      volume, and the best fixed ``r2`` fell with it on noise-free data (about 0.1 at 48^3,
-      0.05 at 96^3, 0.03-0.05 at 128^3; 12 angles, 200 iterations); volumes up to about
-      48^3 keep the paper's 0.1 (README).
+      ``r2 = min(r2_default_max, r2_factor d / L, r2_ray_factor / n)``. ``L / d`` (the
+      curvature of the smoothest mode over that of one voxel) grows with the length of a
+      ray through the volume, and the best fixed ``r2`` fell with it on noise-free data
+      (about 0.1 at 48^3, 0.05 at 96^3, 0.03-0.05 at 128^3; 12 angles, 200 iterations);
+      volumes up to about 48^3 keep the paper's 0.1. Scans that light the angles unlike
+      the paper's lined-up grids (dense, overlapping, offset) have a smaller ``L / d`` at
+      the same ray length, and the bound ``r2_ray_factor / n`` (``n = width``, the
+      volume's lateral size) keeps them from a larger ``r2`` (README).
     """
     apts = settings.algorithm == "apts"
     tv_weight = r1 = 0.0
@@ -292,7 +299,8 @@ def resolve(settings: SolverSettings, norm: float, noise_amplitude: float = 0.0,
         if not mean_diagonal or mean_diagonal <= 0 or norm <= 0:
             raise ValueError("the default r2 needs the norm and the mean diagonal of D^H D")
         r2, r2_rule = default_r2(settings.r2_factor, settings.r2_default_max, norm,
-                                 mean_diagonal)
+                                 mean_diagonal, ray_factor=settings.r2_ray_factor,
+                                 width=width)
     epsilon = settings.epsilon
     if epsilon is None:
         epsilon = settings.epsilon_counts if noise_amplitude > 0 else 0.0
@@ -403,7 +411,7 @@ def solve(problem: LocalProblem, settings: SolverSettings, comm: Comm,
         # the mean diagonal of D^H D sets r2 (and on counts the TV weight); APT keeps the
         # squared projector for its Jacobi preconditioner, for APTs it is a one-off
         params = resolve(settings, norm, 0.5 if counting else 0.0,
-                         volume.mean(data.diagonal(keep=apt)))
+                         volume.mean(data.diagonal(keep=apt)), problem.volume_shape[-1])
     logger.info(
         "%s, %s likelihood: ||D^H D|| = %.4g, %s data; tv_weight = %.4g, r1 = %.4g, "
         "r2 = %.4g, %d CG iterations, up to %d iterations", settings.algorithm.upper(),

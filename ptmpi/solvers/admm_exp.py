@@ -67,12 +67,13 @@ formed in complex128 and Allreduced once per application, so results depend on t
 count only through float rounding.
 
 Default penalties (:func:`resolve_exp`), from the data: ``r2`` by the linear model's rule,
-``min(0.1, 20 d / L)`` with ``L = ||sum_t P_t^H W_t P_t||`` and ``d`` the mean of its
-diagonal (``L / d`` grows with the length of a ray through the volume: 117 on the 32^3
-demo, which keeps the paper's 0.1, 292 at 64^3 and 577 at 128^3 in the paper geometry,
-0.069 and 0.035; measured: +0.5 / +1.0 dB at 64^3 eta 100 / noise-free, 18.29 -> 20.67
-dB on the 128^3 default geometry, +0.1-0.3 dB on the overlapping 128^3 scans, every
-32^3-48^3 case unchanged; README, The exponential model);
+``min(0.1, 20 d / L, 4.8 / n)`` with ``L = ||sum_t P_t^H W_t P_t||``, ``d`` the mean of its
+diagonal and ``n`` the volume's width (``L / d`` grows with the length of a ray through
+the volume: 117 on the 32^3 demo, which keeps the paper's 0.1, 292 at 64^3 and 577 at
+128^3 in the paper geometry, 0.069 and 0.035; measured: +0.5 / +1.0 dB at 64^3 eta 100 /
+noise-free, 18.29 -> 20.67 dB on the 128^3 default geometry, every 32^3-48^3 case
+unchanged; the bound ``4.8 / n`` for scans lit unlike the paper's grids, e.g. the
+overlapping 128^3 scans, 0.082 -> 0.0375; README, The exponential model);
 ``rho = rho_factor * r2 * max W`` (2: the psi-step weighs the tomography twice the
 brightest-lit data; 0.5 and 5 converged more slowly or unevenly on
 the 3 pi case); ``L = rho ||sum_t P_t^H P_t||`` is the curvature of the u-subproblem at
@@ -263,12 +264,14 @@ class ExpSolverSettings(AlignOptions):
     """Penalty of ``p = grad u``; default ``r1_factor * L``."""
     r2: float | None = None
     """Penalty of ``z = Q psi`` (dimensionless); default the linear model's rule
-    ``min(r2_default_max, r2_factor d / L)``, ``d`` the mean diagonal and ``L`` the norm of
-    ``sum_t P_t^H W_t P_t`` (module notes)."""
+    ``min(r2_default_max, r2_factor d / L, r2_ray_factor / n)``, ``d`` the mean diagonal and
+    ``L`` the norm of ``sum_t P_t^H W_t P_t``, ``n`` the volume's width (module notes)."""
     r2_factor: float = 20.0
     """See ``r2`` (the linear solver's factor)."""
     r2_default_max: float = 0.1
     """See ``r2``: the paper's value, which volumes up to about 48^3 keep."""
+    r2_ray_factor: float = 4.8
+    """See ``r2`` (the linear solver's bound ``r2_ray_factor / n``)."""
     rho: float | None = None
     """Penalty of ``psi = exp(i P u)``; default ``rho_factor * r2 * max W``."""
     cg_iterations: int = 8
@@ -440,7 +443,7 @@ def projector_norm(model: ExpModel, comm: SerialComm, iterations: int, xp, dtype
 
 def resolve_exp(settings: ExpSolverSettings, weight_max: float, norm_php: float,
                 noise_amplitude: float = 0.0, typical_diagonal: float = 0.0,
-                norm_phwp: float = 0.0, mean_diagonal: float = 0.0) -> dict:
+                norm_phwp: float = 0.0, mean_diagonal: float = 0.0, width: int = 0) -> dict:
     """The penalties actually used: explicit settings, else the data-scaled defaults
     (module docstring). ``noise_amplitude`` is the amplitude noise of the data (1/2 for
     photon counts, 0 for noise-free data): on counts the default TV weight is
@@ -452,13 +455,14 @@ def resolve_exp(settings: ExpSolverSettings, weight_max: float, norm_php: float,
     ``tv_texture_cap = tv_texture_factor * d`` (any data): the solver uses at most that
     times the mean ``|grad u|`` of the previous iterate. ``norm_phwp`` and
     ``mean_diagonal``: ``L = ||sum_t P_t^H W_t P_t||`` and the mean of its diagonal, for the
-    default ``r2 = min(r2_default_max, r2_factor d / L)`` (``r2_default_max`` where either
-    is not known)."""
+    default ``r2 = min(r2_default_max, r2_factor d / L, r2_ray_factor / width)``
+    (``r2_default_max`` where ``L`` or ``d`` is not known; ``width`` the volume's lateral
+    size, 0: no ray bound)."""
     if settings.r2 is not None:
         r2, r2_rule = settings.r2, "set explicitly (--r2)"
     elif norm_phwp > 0 and mean_diagonal > 0:
         r2, r2_rule = default_r2(settings.r2_factor, settings.r2_default_max, norm_phwp,
-                                 mean_diagonal, "sum P^H W P")
+                                 mean_diagonal, "sum P^H W P", settings.r2_ray_factor, width)
     else:
         r2, r2_rule = settings.r2_default_max, f"{settings.r2_default_max:g} (no data)"
     rho = settings.rho if settings.rho is not None else settings.rho_factor * r2 * weight_max
@@ -706,7 +710,7 @@ def penalties_from_data(model: ExpModel, weight, f_local, settings: ExpSolverSet
     norm_w = projector_norm(model, comm, settings.power_iterations, xp, dtype,
                             weight) if settings.r2 is None else 0.0
     return resolve_exp(settings, w_max, norm, 0.5 if counting else 0.0,
-                       typical_diagonal, norm_w, mean_diagonal)
+                       typical_diagonal, norm_w, mean_diagonal, model.shape[-1])
 
 
 #: The penalties a restart of ``--align`` takes from the positions it restarts from.

@@ -60,14 +60,23 @@ def default_tv_weight(tv_factor: float, tv_noise_factor: float, norm: float,
 
 
 def default_r2(r2_factor: float, r2_default_max: float, norm: float, mean_diagonal: float,
-               operator: str = "D^H D") -> tuple[float, str]:
-    """The default ``r2 = min(r2_default_max, r2_factor d / L)`` and a one-line statement
-    of it: ``L = norm`` and ``d = mean_diagonal`` of the data's normal operator, named
-    ``operator`` in the statement (``D^H D`` for the linear model, ``sum P^H W P`` for the
-    exponential model's tomography). ``L / d`` grows with the length of a ray through the
-    volume (README, Reconstruction: the ``r2`` rule)."""
+               operator: str = "D^H D", ray_factor: float = 0.0,
+               width: int = 0) -> tuple[float, str]:
+    """The default ``r2 = min(r2_default_max, r2_factor d / L, ray_factor / n)`` and a
+    one-line statement of it: ``L = norm`` and ``d = mean_diagonal`` of the data's normal
+    operator, named ``operator`` in the statement (``D^H D`` for the linear model,
+    ``sum P^H W P`` for the exponential model's tomography), ``n = width`` the volume's
+    lateral size (a ray's length; ``ray_factor`` 0: no such bound). On scan grids that line
+    up across the angles ``L / d`` grows with the length of a ray, and ``r2_factor d / L``
+    is close to ``4.4 / n``; grids that do not (dense, overlapping, offset, jittered or
+    spiral scans) lower ``L / d``, and ``ray_factor / n`` bounds the ``r2`` they would
+    get (README, Reconstruction: the ``r2`` rule)."""
     r2 = min(r2_default_max, r2_factor * mean_diagonal / norm)
-    rule = (f"r2 = min({r2_default_max:g}, {r2_factor:g} d / L) = {r2:.4g} (d = mean "
+    ray = ray_factor > 0 and width > 0
+    if ray:
+        r2 = min(r2, ray_factor / width)
+    bound = f", {ray_factor:g} / n" if ray else ""
+    rule = (f"r2 = min({r2_default_max:g}, {r2_factor:g} d / L{bound}) = {r2:.4g} (d = mean "
             f"diagonal of {operator} = {mean_diagonal:.4g}, L = ||{operator}|| = {norm:.4g}, "
-            f"L / d = {norm / mean_diagonal:.4g})")
+            f"L / d = {norm / mean_diagonal:.4g}" + (f", n = {width}" if ray else "") + ")")
     return float(r2), rule
