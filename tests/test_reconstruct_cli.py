@@ -30,7 +30,7 @@ def test_reconstruct_writes_spec4_output_and_figures(data_file, tmp_path, capsys
         params = json.loads(proc["parameters"][()])
         assert params["algorithm"] == "apt" and params["tv_weight"] > 0
         # the r2 rule is stored with its terms (a small volume keeps the paper's 0.1)
-        assert params["r2_rule"].startswith("r2 = min(0.1, 20 d / L) = 0.1 ")
+        assert params["r2_rule"].startswith("r2 = min(0.1, 20 d / L, 4.8 / n) = 0.1 ")
         assert params["r2"] == 0.1 and params["mean_diagonal_DhD"] > 0
         assert proc["n_ranks"][()] == 1
         assert proc["input_checksum"][()].decode().startswith("sha256:")
