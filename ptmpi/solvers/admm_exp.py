@@ -686,12 +686,14 @@ def initial_volume(model: ExpModel, problem: LocalProblem, settings: ExpSolverSe
 
 
 def penalties_from_data(model: ExpModel, weight, f_local, settings: ExpSolverSettings,
-                        comm: SerialComm, xp, dtype) -> dict:
+                        comm: SerialComm, xp, dtype, norm_php: float | None = None) -> dict:
     """:func:`resolve_exp` on the data and the model with its illumination ``weight``
-    (``||P^H P||``, the diagonal and norm of ``sum_t P_t^H W_t P_t``)."""
+    (``||P^H P||``, unless given as ``norm_php``: it does not depend on the positions; the
+    diagonal and norm of ``sum_t P_t^H W_t P_t``)."""
     apt = settings.algorithm == "apt"
     w_max = comm.allreduce_scalar(float(weight.max()) if weight.size else 0.0, "max")
-    norm = projector_norm(model, comm, settings.power_iterations, xp, dtype)
+    norm = (norm_php if norm_php is not None
+            else projector_norm(model, comm, settings.power_iterations, xp, dtype))
     # Photon-counting data (all valid counts whole numbers): Poisson noise of
     # amplitude about 1/2, as in the linear solver.
     counting = float(xp.all(f_local == xp.rint(f_local))) if f_local.size else 1.0
@@ -725,7 +727,8 @@ def restart_penalties(model: ExpModel, weight, f_local, settings: ExpSolverSetti
     with the ``r2`` of ``params`` (the recorded positions'; module notes of
     :mod:`ptmpi.solvers.align`). Returns the :data:`RESTART_KEYS` entries."""
     kept = dataclasses.replace(settings, r2=params["r2"])
-    new = penalties_from_data(model, weight, f_local, kept, comm, xp, dtype)
+    new = penalties_from_data(model, weight, f_local, kept, comm, xp, dtype,
+                              norm_php=params["norm_PhP"])
     return {key: new[key] for key in RESTART_KEYS}
 
 
