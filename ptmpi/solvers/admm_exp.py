@@ -893,8 +893,9 @@ def solve_exp(problem: LocalProblem, settings: ExpSolverSettings, comm: SerialCo
                     getattr(state, name)[...] = 0
             if tv_stats is not None:
                 state.params["mean_gradient"] = mean_gradient(grad, state.u)
-            # the penalties back to their start, like everything else
-            r2, rho, r1, scale = r2 / scale, rho / scale, r1 / scale, 1.0
+            # the penalties back to their start, like everything else (rho, r1 and the TV
+            # weight: those of these positions, below)
+            r2, scale = r2 / scale, 1.0
             turns.clear()
             state.step, prev_step, prev_du = None, None, 0.0
             state.params["turns"], state.params["penalty_scale"] = [], scale
