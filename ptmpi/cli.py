@@ -270,6 +270,9 @@ def settings_from_args(args, model: str = "linear"):
     if model == "exp" and getattr(args, "start", None) == "coarse":
         raise ValueError("--start coarse applies to the linear model only; --model exp "
                          "starts from per-angle ptychography and a phase-gradient tomography")
+    if getattr(args, "tv_continuation", None) is not None and (
+            model == "exp" or algorithm != "apt"):
+        raise ValueError("--tv-continuation applies to APT with the linear model only")
     if model != "exp" and getattr(args, "cg_tol", None) is not None:
         raise ValueError("--cg-tol applies to --model exp only (the linear u-step takes "
                          "--cg-iterations warm-started CG steps)")
@@ -304,6 +307,7 @@ def settings_from_args(args, model: str = "linear"):
             "adapt_r2": {"on": True, "off": False}.get(getattr(args, "adapt_r2", None)),
             "start": getattr(args, "start", None),
             "start_iterations": getattr(args, "start_iterations", None),
+            "tv_continuation": getattr(args, "tv_continuation", None),
             **_align_fields(args, algorithm),
             "probe_modes": modes,
         }
@@ -627,7 +631,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="forward model: linear (the paper's) or exp (t = exp(i P u), SPEC 8); "
                         "default: what the input file records, else linear")
     p.add_argument("--iterations", type=_POSITIVE_INT,
-                   help="ADMM iterations (default 200 for apt/apts, 100 for two-step/ptycho2d)")
+                   help="ADMM iterations, an upper bound: runs stop on convergence (--tol) "
+                        "(default 600 for apt/apts, 200 with --model exp, 100 for "
+                        "two-step/ptycho2d)")
     p.add_argument("--tol", type=_NON_NEGATIVE,
                    help="stop when the relative change of u has stayed below this for 5 "
                         "iterations (default 1e-4; 0: run all --iterations)")
@@ -642,6 +648,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="raise r2 when the iterates cycle (default auto: on for photon "
                         "counts, off for noise-free data; two-step/ptycho2d: on; --model "
                         "exp: r2, rho and r1 raised together, on unless off)")
+    p.add_argument("--tv-continuation", choices=["auto", "on", "off"],
+                   help="APT, linear model: lower the TV weight from iteration 100 by 1%% "
+                        "per iteration down to a tenth of it (default auto: on for "
+                        "noise-free data with the default TV weight)")
     p.add_argument("--epsilon", type=_NON_NEGATIVE,
                    help="smoothing of the likelihood, in counts per pixel (default 10 for "
                         "photon counts, 0 for noise-free data; two-step/ptycho2d: 0)")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import numpy as np
@@ -103,3 +104,83 @@ def test_the_r2_rule_is_bounded_by_the_ray_length():
     assert resolve(SolverSettings(), 109.2, 0.0, 0.9295, width=32)["r2"] == 0.1
     free = resolve(SolverSettings(r2_ray_factor=0), 1095.0, 0.0, 4.499, width=128)
     assert free["r2"] == pytest.approx(20 * 4.499 / 1095.0) and "/ n" not in free["r2_rule"]
+
+
+def test_tv_continuation_is_chosen_for_noise_free_data_with_the_default_weight():
+    """Noise-free data with the default TV weight get the continuation, down to
+    ``max(0.1 tv_weight, 1e-3 d)``; photon counts, an explicit weight, APTs and ``off`` do
+    not; ``on`` forces it."""
+    clean = resolve(SolverSettings(), 519.3, 0.0, 0.8995, width=128)  # 128^3, step 32
+    assert clean["tv_continuation_start"] == SolverSettings().tv_continuation_start
+    assert clean["tv_continuation_rate"] == SolverSettings().tv_continuation_rate
+    # down to 1e-3 d (a third of the weight here), not to a tenth of it
+    assert clean["tv_continuation_min"] == pytest.approx(1e-3 * 0.8995, rel=1e-12)
+    assert clean["tv_continuation_min"] > 0.1 * clean["tv_weight"]
+    assert "noise-free" in clean["tv_continuation"]
+    assert "= 0.0008995 (" in clean["tv_continuation"]
+    # where the weight is below 1e-3 d already (32^3 demo: L / d 118), it stays
+    assert "tv_continuation_start" not in resolve(SolverSettings(), 109.2, 0.0, 0.9295)
+    tenth = resolve(SolverSettings(tv_continuation_voxel=0), 519.3, 0.0, 0.8995)
+    assert tenth["tv_continuation_min"] == pytest.approx(0.1 * tenth["tv_weight"])
+    for settings, noise in ((SolverSettings(), 0.5), (SolverSettings(tv_weight=0.01), 0.0),
+                            (SolverSettings(algorithm="apts"), 0.0),
+                            (SolverSettings(tv_continuation="off"), 0.0)):
+        assert "tv_continuation_start" not in resolve(settings, 519.3, noise, 0.8995)
+    forced = resolve(SolverSettings(tv_continuation="on", tv_weight=0.01), 519.3, 0.5, 0.9)
+    assert forced["tv_continuation_rate"] == SolverSettings().tv_continuation_rate
+    with pytest.raises(ValueError, match="tv_continuation"):
+        SolverSettings(tv_continuation="yes")
+    with pytest.raises(ValueError, match="rate"):
+        SolverSettings(tv_continuation_rate=1.5)
+
+
+def test_tv_weight_schedule():
+    """``tv_weight * max(floor, rate^(k - start))`` past ``start``, counted from the last
+    restart of ``--align``; unchanged without a continuation."""
+    from ptmpi.solvers.admm import tv_weight_at
+
+    params = {"tv_weight": 2.0, "tv_continuation_start": 10, "tv_continuation_rate": 0.5,
+              "tv_continuation_min": 0.2}
+    assert [tv_weight_at(params, k) for k in (0, 10, 11, 12, 13, 14, 100)] == [
+        2.0, 2.0, 1.0, 0.5, 0.25, 0.2, 0.2]
+    assert tv_weight_at({**params, "align_restart_at": 30}, 42) == 0.5
+    assert tv_weight_at({"tv_weight": 2.0}, 1000) == 2.0
+
+
+def _noise_free_problem():
+    sim = simulate(SimulationSettings(n=16, nz=16, n_angles=4, step=4, probe_size=8,
+                                      fwhm=3.0, eta=None, seed=2))
+    return LocalProblem(
+        volume_shape=sim.volume.shape, theta_local=np.deg2rad(sim.angles_deg),
+        f_local=np.fft.ifftshift(sim.counts, axes=(-2, -1)),
+        positions_local=sim.positions_px, frame_offset_local=sim.frame_offset,
+        probe=sim.probe, truth_volume=sim.volume)
+
+
+def test_solve_follows_the_tv_schedule_and_resumes_it_exactly():
+    """The weight of every iteration is stored in the history and follows the schedule;
+    the objective uses it; a run resumed inside the schedule continues the uninterrupted
+    one bit for bit; ``off`` keeps the weight."""
+    import copy
+
+    problem = _noise_free_problem()
+    settings = SolverSettings(iterations=12, tol=0, tv_continuation_start=4,
+                              tv_continuation_rate=0.8, tv_continuation_floor=0.3,
+                              tv_continuation_voxel=0.0)
+    state, params = solve(problem, settings, SerialComm(), dtype=np.complex128)
+    weights = state.history["tv_weight"]
+    expected = [params["tv_weight"] * max(0.3, 0.8 ** (k - 4)) if k > 4 else
+                params["tv_weight"] for k in range(12)]
+    assert weights == pytest.approx(expected, rel=1e-12)
+    assert weights[-1] == pytest.approx(0.3 * params["tv_weight"])
+    half, _ = solve(problem, dataclasses.replace(settings, iterations=6), SerialComm(),
+                    dtype=np.complex128)
+    resumed, _ = solve(problem, settings, SerialComm(), dtype=np.complex128,
+                       state=copy.deepcopy(half))
+    assert np.array_equal(resumed.u, state.u)
+    assert resumed.history["tv_weight"] == weights
+    fixed, fixed_params = solve(problem, dataclasses.replace(settings, tv_continuation="off"),
+                                SerialComm(), dtype=np.complex128)
+    assert "tv_continuation" not in fixed_params
+    assert fixed.history["tv_weight"] == [fixed_params["tv_weight"]] * 12
+    assert not np.array_equal(fixed.u, state.u)

@@ -63,7 +63,9 @@ LAYOUT_VERSION = 1
 #: only how a run from iteration 0 starts (a resume starts from the checkpoint; its
 #: penalties, ``r2`` included, come from the checkpoint's parameters).
 RESUMABLE_CHANGES = ("iterations", "tol", "start", "start_iterations", "start_levels",
-                     "r2_factor", "r2_default_max", "r2_ray_factor")
+                     "r2_factor", "r2_default_max", "r2_ray_factor", "tv_continuation",
+                     "tv_continuation_start", "tv_continuation_rate",
+                     "tv_continuation_floor", "tv_continuation_voxel")
 
 #: Settings added after checkpoints were first written, with the value that a checkpoint
 #: without them ran with (so that those checkpoints still resume).

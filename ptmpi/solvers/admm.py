@@ -90,8 +90,10 @@ class SolverSettings(AlignOptions):
 
     algorithm: str = "apt"
     """``apt`` (with TV) or ``apts`` (``tv_weight = r1 = 0``)."""
-    iterations: int = 200
-    """Maximum number of outer ADMM iterations."""
+    iterations: int = 600
+    """Maximum number of outer ADMM iterations (the run stops earlier on convergence,
+    ``tol``). 600 since the TV continuation: noise-free data keep improving long after
+    200 (README, Reconstruction)."""
     tol: float = 1e-4
     """Stop when the relative change ``||u_k - u_{k+1}|| / ||u_{k+1}||`` has stayed below it
     for ``tol_window`` iterations (0: run all ``iterations``)."""
@@ -132,6 +134,26 @@ class SolverSettings(AlignOptions):
     mean diagonal of ``D^H D`` (:mod:`ptmpi.solvers.regularisation`)."""
     shrink_threshold: float = 0.05
     """Default ``tv_weight / r1``."""
+    tv_continuation: str = "auto"
+    """Lower the TV weight as the iteration proceeds (``auto``: on noise-free data when
+    the weight is the default one; ``on``; ``off``). At iteration ``k`` past
+    ``tv_continuation_start`` the weight is ``tv_weight * tv_continuation_rate ** (k -
+    tv_continuation_start)``, but not below ``max(tv_continuation_floor * tv_weight,
+    tv_continuation_voxel * d)`` (``d`` the mean diagonal of ``D^H D``); ``r1`` stays, so
+    the shrink threshold falls with it. Why: on exact data TV only has to fill what the
+    data do not measure; the noise-free weight ``tv_factor * L``, which fills it quickly,
+    grows with the length of a ray relative to what one voxel is measured with (``L / d``)
+    and later holds the iterate away from the data (README, Reconstruction: TV
+    continuation)."""
+    tv_continuation_start: int = 100
+    """See ``tv_continuation``."""
+    tv_continuation_rate: float = 0.99
+    """See ``tv_continuation``."""
+    tv_continuation_floor: float = 0.1
+    """See ``tv_continuation``."""
+    tv_continuation_voxel: float = 1e-3
+    """See ``tv_continuation``: the TV threshold of a voxel, ``tv_weight / d``, stays at
+    least this fraction of the unit background; a weight already below it stays."""
     adapt_r2: bool | None = None
     """Raise ``r2`` when the iteration cycles (see ``penalty_window``). Default: for
     photon-counting data only; on noise-free data the slow alternation of the iterates
@@ -194,6 +216,13 @@ class SolverSettings(AlignOptions):
             raise ValueError("start_iterations must be >= 0 and start_levels >= 1")
         if self.probe_modes < 1:
             raise ValueError(f"probe_modes must be >= 1, got {self.probe_modes}")
+        if self.tv_continuation not in ("auto", "on", "off"):
+            raise ValueError("tv_continuation must be 'auto', 'on' or 'off', got "
+                             f"{self.tv_continuation!r}")
+        if not (0 < self.tv_continuation_rate <= 1 and 0 <= self.tv_continuation_floor <= 1
+                and self.tv_continuation_start >= 0 and self.tv_continuation_voxel >= 0):
+            raise ValueError("tv_continuation needs 0 < rate <= 1, 0 <= floor <= 1, "
+                             "voxel >= 0 and start >= 0")
 
     def to_dict(self) -> dict:
         out = dataclasses.asdict(self)
@@ -306,11 +335,43 @@ def resolve(settings: SolverSettings, norm: float, noise_amplitude: float = 0.0,
         epsilon = settings.epsilon_counts if noise_amplitude > 0 else 0.0
     if not apts and tv_weight > 0 and r1 == 0:
         raise ValueError("APT with tv_weight > 0 needs r1 > 0")
-    return {"tv_weight": float(tv_weight), "tv_weight_rule": reason if not apts else "apts",
-            "r1": float(r1), "r2": float(r2), "r2_rule": r2_rule,
-            "norm_DhD": norm, "mean_diagonal_DhD": mean_diagonal,
-            "noise_amplitude": noise_amplitude,
-            "epsilon": float(epsilon)}
+    params = {"tv_weight": float(tv_weight), "tv_weight_rule": reason if not apts else "apts",
+              "r1": float(r1), "r2": float(r2), "r2_rule": r2_rule,
+              "norm_DhD": norm, "mean_diagonal_DhD": mean_diagonal,
+              "noise_amplitude": noise_amplitude,
+              "epsilon": float(epsilon)}
+    continuation = settings.tv_continuation == "on" or (
+        settings.tv_continuation == "auto" and settings.tv_weight is None
+        and noise_amplitude == 0)
+    if not apts and tv_weight > 0 and continuation:
+        start, rate = settings.tv_continuation_start, settings.tv_continuation_rate
+        floor = max(settings.tv_continuation_floor * tv_weight,
+                    settings.tv_continuation_voxel * (mean_diagonal or 0.0))
+        if floor < tv_weight:
+            why = ("noise-free data" if settings.tv_continuation == "auto"
+                   else "--tv-continuation on")
+            params.update(tv_continuation=(
+                f"tv_weight * {rate:g}^(k - {start}) from iteration {start}, down to "
+                f"max({settings.tv_continuation_floor:g} tv_weight, "
+                f"{settings.tv_continuation_voxel:g} d) = {floor:.4g} ({why})"),
+                tv_continuation_start=int(start), tv_continuation_rate=float(rate),
+                tv_continuation_min=float(floor))
+    return params
+
+
+def tv_weight_at(params: dict, iteration: int) -> float:
+    """The TV weight of iteration ``iteration`` (counted from 0, or from the last restart
+    of ``--align``): ``params["tv_weight"]``, lowered by the TV continuation when the
+    parameters hold one (:class:`SolverSettings`, ``tv_continuation``)."""
+    weight = params["tv_weight"]
+    start = params.get("tv_continuation_start")
+    if start is None:
+        return weight
+    k = iteration - int(params.get("align_restart_at", 0)) - start
+    if k <= 0:
+        return weight
+    rate, floor = params["tv_continuation_rate"], params["tv_continuation_min"]
+    return max(floor, weight * rate ** k)
 
 
 def _scaled_sum(wide_sum, r2: float, tv_term, r1: float, dtype):
@@ -422,6 +483,8 @@ def solve(problem: LocalProblem, settings: SolverSettings, comm: Comm,
         logger.info("TV weight: %s", params["tv_weight_rule"])
     if params.get("r2_rule"):
         logger.info("r2: %s", params["r2_rule"])
+    if params.get("tv_continuation"):
+        logger.info("TV continuation: %s", params["tv_continuation"])
     tv_weight, r1, r2 = params["tv_weight"], params["r1"], params["r2"]
     epsilon = params.get("epsilon", 0.0)
 
@@ -523,6 +586,7 @@ def solve(problem: LocalProblem, settings: SolverSettings, comm: Comm,
                 z_old = mix_modes(z_old, data.mode_mixing)
             update_preconditioner()
         # Step 2: z and p; step 3: their multipliers.
+        tv_weight = tv_weight_at(params, state.iteration)
         d = data.fwd(u)
         # Over-relaxation (alpha = 1 is the paper's ADMM): mix in the previous split value.
         alpha = settings.relaxation
@@ -582,6 +646,7 @@ def solve(problem: LocalProblem, settings: SolverSettings, comm: Comm,
             # Objective of problem (3) at u: sum G(D u) + tv_weight TV(u).
             "objective": likelihood + tv_weight * float(stats_p[2]),
             "r2": r2,
+            "tv_weight": tv_weight,
         }
         if truth is not None:
             row["snr_db"] = _snr(u, truth, volume)
