@@ -63,19 +63,22 @@ def save_slices(path: Path, volume: np.ndarray, truth: np.ndarray | None = None,
 
 
 def save_convergence(path: Path, metrics: dict, title: str = "") -> None:
-    """R-factor, relative change, ADMM residuals and (when known) SNR per iteration."""
+    """R-factor, relative change, ADMM residuals, (when known) SNR and (when it changes:
+    the TV continuation) the TV weight per iteration."""
     plt = _pyplot()
     keys = [k for k in ("r_factor", "rel_change", "residuals", "snr_db")
             if (k in metrics and len(metrics[k])) or (k == "residuals" and "primal_z" in metrics)]
+    if len(set(np.asarray(metrics.get("tv_weight", []), dtype=float).tolist())) > 1:
+        keys.append("tv_weight")
     fig, axes = plt.subplots(1, len(keys), figsize=(4 * len(keys), 3), squeeze=False)
     it = np.asarray(metrics["iteration"])
     labels = {"r_factor": "R-factor", "rel_change": "relative change", "snr_db": "SNR (dB)",
-              "residuals": "ADMM residuals"}
+              "residuals": "ADMM residuals", "tv_weight": "TV weight"}
     for ax, key in zip(axes[0], keys, strict=True):
         if key == "residuals":
             plot_residuals(ax, it, metrics)
         else:
-            ax.plot(it, metrics[key])
+            ax.plot(it[:len(metrics[key])], metrics[key])
         if key != "snr_db":
             ax.set_yscale("log")
         ax.set_xlabel("iteration")

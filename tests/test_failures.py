@@ -278,6 +278,8 @@ CASES = [
          ["--slabs 2", "--model exp", "--slabs 1"]),
     Case("cg-tol-with-the-linear-model", _rec("--cg-tol", "0.1"),
          ["--cg-tol", "--model exp only", "--cg-iterations"]),
+    Case("tv-continuation-with-apts", _rec("--tv-continuation", "on", "--algorithm", "apts"),
+         ["--tv-continuation", "APT with the linear model only"]),
     # --- bad flag values: usage errors
     Case("slabs-zero", _rec("--slabs", "0"), ["--slabs", "positive integer or auto", "'0'"],
          code=2),
