@@ -632,7 +632,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "default: what the input file records, else linear")
     p.add_argument("--iterations", type=_POSITIVE_INT,
                    help="ADMM iterations, an upper bound: runs stop on convergence (--tol) "
-                        "(default 600 for apt/apts, 200 with --model exp, 100 for "
+                        "(default 1000 for apt/apts, 200 with --model exp, 100 for "
                         "two-step/ptycho2d)")
     p.add_argument("--tol", type=_NON_NEGATIVE,
                    help="stop when the relative change of u has stayed below this for 5 "
@@ -646,12 +646,14 @@ def build_parser() -> argparse.ArgumentParser:
                         "of sum P^H W P), n the volume's width; ptycho2d: 0.1)")
     p.add_argument("--adapt-r2", choices=["auto", "on", "off"],
                    help="raise r2 when the iterates cycle (default auto: on for photon "
-                        "counts, off for noise-free data; two-step/ptycho2d: on; --model "
-                        "exp: r2, rho and r1 raised together, on unless off)")
+                        "counts; on noise-free data only in the final phase of the TV "
+                        "continuation; two-step/ptycho2d: on; --model exp: r2, rho and r1 "
+                        "raised together, on unless off)")
     p.add_argument("--tv-continuation", choices=["auto", "on", "off"],
                    help="APT, linear model: lower the TV weight from iteration 100 by 1%% "
-                        "per iteration down to a tenth of it (default auto: on for "
-                        "noise-free data with the default TV weight)")
+                        "per iteration down to max(0.1 tv_weight, 1e-3 d), then let r2 "
+                        "adapt from half the iterations (default auto: on for noise-free "
+                        "data with the default TV weight)")
     p.add_argument("--epsilon", type=_NON_NEGATIVE,
                    help="smoothing of the likelihood, in counts per pixel (default 10 for "
                         "photon counts, 0 for noise-free data; two-step/ptycho2d: 0)")

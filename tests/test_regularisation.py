@@ -118,6 +118,11 @@ def test_tv_continuation_is_chosen_for_noise_free_data_with_the_default_weight()
     assert clean["tv_continuation_min"] > 0.1 * clean["tv_weight"]
     assert "noise-free" in clean["tv_continuation"]
     assert "= 0.0008995 (" in clean["tv_continuation"]
+    # the floor is reached at iteration 100 + ceil(log(0.3464) / log(0.99)) = 206; r2
+    # adapts from the later of that and half the budget
+    assert clean["r2_adapt_from"] == 500 and "r2 adapted from iteration 500" in clean[
+        "tv_continuation"]
+    assert resolve(SolverSettings(iterations=200), 519.3, 0.0, 0.8995)["r2_adapt_from"] == 206
     # where the weight is below 1e-3 d already (32^3 demo: L / d 118), it stays
     assert "tv_continuation_start" not in resolve(SolverSettings(), 109.2, 0.0, 0.9295)
     tenth = resolve(SolverSettings(tv_continuation_voxel=0), 519.3, 0.0, 0.8995)
@@ -145,6 +150,18 @@ def test_tv_weight_schedule():
         2.0, 2.0, 1.0, 0.5, 0.25, 0.2, 0.2]
     assert tv_weight_at({**params, "align_restart_at": 30}, 42) == 0.5
     assert tv_weight_at({"tv_weight": 2.0}, 1000) == 2.0
+
+
+def test_settling_phase():
+    """r2 adapts from ``r2_adapt_from`` on (after the last ``--align`` restart), never
+    without a continuation."""
+    from ptmpi.solvers.admm import settling
+
+    params = {"r2_adapt_from": 300}
+    assert [settling(params, k) for k in (0, 299, 300, 600)] == [False, False, True, True]
+    assert not settling({**params, "align_restart_at": 50}, 349)
+    assert settling({**params, "align_restart_at": 50}, 350)
+    assert not settling({}, 10**6)
 
 
 def _noise_free_problem():

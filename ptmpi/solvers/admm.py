@@ -90,10 +90,10 @@ class SolverSettings(AlignOptions):
 
     algorithm: str = "apt"
     """``apt`` (with TV) or ``apts`` (``tv_weight = r1 = 0``)."""
-    iterations: int = 600
+    iterations: int = 1000
     """Maximum number of outer ADMM iterations (the run stops earlier on convergence,
-    ``tol``). 600 since the TV continuation: noise-free data keep improving long after
-    200 (README, Reconstruction)."""
+    ``tol``). 1000 since the TV continuation: noise-free data keep improving long after
+    200, and settle in the second half (README, Reconstruction)."""
     tol: float = 1e-4
     """Stop when the relative change ``||u_k - u_{k+1}|| / ||u_{k+1}||`` has stayed below it
     for ``tol_window`` iterations (0: run all ``iterations``)."""
@@ -156,8 +156,10 @@ class SolverSettings(AlignOptions):
     least this fraction of the unit background; a weight already below it stays."""
     adapt_r2: bool | None = None
     """Raise ``r2`` when the iteration cycles (see ``penalty_window``). Default: for
-    photon-counting data only; on noise-free data the slow alternation of the iterates
-    decays and raising ``r2`` there cost 1.3-1.7 dB at 200 iterations (README)."""
+    photon-counting data, and on noise-free data in the final phase of the TV continuation
+    (from ``params["r2_adapt_from"]``: the later of the iteration where the weight reaches
+    its floor and half of ``iterations``); before it, raising ``r2`` on noise-free data
+    stops their slow approach (1.3-1.7 dB at 200 iterations at 128^3, README)."""
     early_stop: bool | None = None
     """APTs on photon-counting data: stop once the R-factor has stayed more than 1% above its
     minimum for ``penalty_window`` iterations and return the iterate of the minimum (APTs
@@ -350,13 +352,28 @@ def resolve(settings: SolverSettings, norm: float, noise_amplitude: float = 0.0,
         if floor < tv_weight:
             why = ("noise-free data" if settings.tv_continuation == "auto"
                    else "--tv-continuation on")
+            # the weight reaches its floor at iteration `reached`; from the later of that
+            # and half the budget, r2 is raised where the iterates cycle (the adaptive r2
+            # of photon counts), so that the run settles at the final weight
+            reached = start + (math.ceil(math.log(floor / tv_weight) / math.log(rate))
+                               if rate < 1 else 0)
+            settle = max(reached, settings.iterations // 2)
             params.update(tv_continuation=(
                 f"tv_weight * {rate:g}^(k - {start}) from iteration {start}, down to "
                 f"max({settings.tv_continuation_floor:g} tv_weight, "
-                f"{settings.tv_continuation_voxel:g} d) = {floor:.4g} ({why})"),
+                f"{settings.tv_continuation_voxel:g} d) = {floor:.4g} ({why}); r2 "
+                f"adapted from iteration {settle}"),
                 tv_continuation_start=int(start), tv_continuation_rate=float(rate),
-                tv_continuation_min=float(floor))
+                tv_continuation_min=float(floor), r2_adapt_from=int(settle))
     return params
+
+
+def settling(params: dict, iteration: int) -> bool:
+    """Whether iteration ``iteration`` of a noise-free run with the TV continuation is in
+    its final phase, where ``r2`` adapts as for photon counts (``params["r2_adapt_from"]``,
+    counted from the last restart of ``--align``; :func:`resolve`)."""
+    start = params.get("r2_adapt_from")
+    return start is not None and iteration >= start + int(params.get("align_restart_at", 0))
 
 
 def tv_weight_at(params: dict, iteration: int) -> float:
@@ -654,7 +671,8 @@ def solve(problem: LocalProblem, settings: SolverSettings, comm: Comm,
             state.history.setdefault(key, []).append(value)
         window = settings.penalty_window
         rel = state.history["rel_change"]
-        adapt = settings.adapt_r2 if settings.adapt_r2 is not None else counting
+        adapt = settings.adapt_r2 if settings.adapt_r2 is not None else (
+            counting or settling(params, state.iteration))
         # Decided before the callback, so that a checkpoint written there holds the
         # raised penalty and resumes exactly (it did not: a raise at a checkpoint's
         # iteration was lost on resume).
