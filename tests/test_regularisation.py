@@ -201,3 +201,26 @@ def test_solve_follows_the_tv_schedule_and_resumes_it_exactly():
     assert "tv_continuation" not in fixed_params
     assert fixed.history["tv_weight"] == [fixed_params["tv_weight"]] * 12
     assert not np.array_equal(fixed.u, state.u)
+
+
+def test_noise_free_runs_adapt_r2_once_the_weight_has_settled():
+    """From ``r2_adapt_from`` (the later of the floor of the weight and half the budget)
+    ``r2`` adapts as on photon counts: on this small noise-free case the steps alternate
+    after it and ``r2`` is raised (measured: at iterations 53 and 73); never before it,
+    and never with ``--adapt-r2 off``."""
+    sim = simulate(SimulationSettings(n=24, nz=24, n_angles=6, step=6, probe_size=12,
+                                      fwhm=2.6, eta=None, seed=0))
+    problem = LocalProblem(
+        volume_shape=sim.volume.shape, theta_local=np.deg2rad(sim.angles_deg),
+        f_local=np.fft.ifftshift(sim.counts, axes=(-2, -1)), positions_local=sim.positions_px,
+        frame_offset_local=sim.frame_offset, probe=sim.probe)
+    settings = SolverSettings(iterations=80, tol=0, tv_continuation_start=4,
+                              tv_continuation_rate=0.8, tv_continuation_voxel=0.0)
+    state, params = solve(problem, settings, SerialComm(), dtype=np.complex128)
+    assert params["r2_adapt_from"] == 40  # the floor (0.1x) at 4 + 11 = 15, half of 80
+    r2 = state.history["r2"]
+    assert r2[:40] == [params["r2"]] * 40
+    assert r2[-1] >= 2 * params["r2"]
+    fixed, _ = solve(problem, dataclasses.replace(settings, adapt_r2=False), SerialComm(),
+                     dtype=np.complex128)
+    assert fixed.history["r2"] == [params["r2"]] * 80
