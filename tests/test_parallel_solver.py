@@ -476,3 +476,24 @@ def test_apt_with_one_angle_splits_its_frames_and_resumes(mpi_ranks, shared_tmp)
     assert rel(u_ser, np.ones(SHAPE)) > 1e-3
     assert rel(u_par, u_ser) < 1e-6
     assert np.max(np.abs(r_par - r_ser) / r_ser) < 1e-6
+
+
+@pytest.mark.mpi(ranks=[3], timeout=120, unit="s")
+def test_tv_continuation_and_settling_do_not_depend_on_the_rank_count(mpi_ranks):
+    """Noise-free data with the TV continuation (its floor lowered so that this tiny case
+    has one) and the settling phase from iteration 15: 1 and 3 ranks use the same weight
+    and ``r2`` at every iteration and end at the same volume."""
+    comm = MPIComm()
+    data = simulate_on_root(comm, tiny_settings(eta=None))
+    settings = SolverSettings(iterations=30, tol=0.0, tv_continuation_start=4,
+                              tv_continuation_rate=0.8, tv_continuation_voxel=0.0)
+    state_ser, params_ser = solve(local_problem(data, 0, N_ANGLES), settings, SerialComm())
+    a0, a1 = block_partition(N_ANGLES, comm.size, comm.rank)
+    state_par, params_par = solve(local_problem(data, a0, a1), settings, comm)
+    comm.barrier()
+    assert params_ser["r2_adapt_from"] == params_par["r2_adapt_from"] == 15
+    assert state_par.history["tv_weight"] == pytest.approx(state_ser.history["tv_weight"],
+                                                           rel=1e-6)
+    assert state_ser.history["tv_weight"][-1] < 0.2 * params_ser["tv_weight"]
+    assert state_par.history["r2"] == pytest.approx(state_ser.history["r2"], rel=1e-6)
+    assert rel(state_par.u, state_ser.u) < 1e-4
