@@ -213,6 +213,157 @@ def test_gauss_newton_recovers_shifts_from_the_true_volume(linear_drift):
     assert np.sqrt(np.mean((shifts - data.shifts_px) ** 2)) < 0.02
 
 
+def _aligner_near_truth(data, wrong: int, error: float):
+    """An :class:`Aligner` after its settled restart at iteration 10, with every shift
+    true but angle ``wrong``'s column off by ``error`` px; the reprojections of the true
+    volume at those positions and the frames there."""
+    import types
+
+    import ptmpi.solvers.align as align
+
+    p = local_problem(data)
+    aligner = align.Aligner(align.AlignSettings(outlier_factor=10.0, outlier_after=5,
+                                                leave_out_iterations=7, budget=40),
+                            p.theta_local, p.positions_local, p.frame_offset_local,
+                            (NZ, N), M, SerialComm())
+    shifts = np.array(data.shifts_px, dtype=np.float64)
+    shifts[wrong, 1] += error
+    state = types.SimpleNamespace(
+        shifts_local=shifts, iteration=16,
+        params={"align_restarted": True, "align_restart_at": 10},
+        history={"r_factor": [0.1]}, z_local=np.zeros((p.f_local.shape[0], M, M), complex),
+        lam2_local=np.zeros((p.f_local.shape[0], M, M), complex))
+    aligner.attach(state, lambda positions: None)
+    model = JointModel(p.volume_shape, p.theta_local, p.probe,
+                       aligner.positions(shifts), p.frame_offset_local, dtype=np.complex128)
+    return aligner, state, model.projector.fwd(data.volume), model.ptycho, np.sqrt(p.f_local)
+
+
+def test_an_outlying_angle_is_left_out_and_refitted(linear_drift):
+    """Leave-one-out re-fit (align.py): an angle whose misfit per count is far above the
+    median angle's is flagged once, ``outlier_after`` iterations after the settled
+    restart; its frames are left out for ``leave_out_iterations``; the re-fit then moves
+    its shift alone, to the one of the volume given, and sets the restart, the budget and
+    the hold."""
+    from ptmpi.solvers.align import leaving_out
+
+    data = linear_drift
+    aligner, state, images, ptycho, sqrt_f = _aligner_near_truth(data, wrong=3, error=0.4)
+    misfit = amplitude_objective(images, ptycho, np.zeros((N_ANGLES, 2)), sqrt_f,
+                                 gradient=False)
+    # too early (less than outlier_after = 5 iterations after the restart at 10): nothing
+    aligner._check_outliers(state, misfit, sqrt_f, None, ptycho, 14)
+    assert "align_leave_out" not in state.params and not aligner.restart
+    aligner._check_outliers(state, misfit, sqrt_f, None, ptycho, 16)
+    params = state.params
+    assert params["align_leave_out"] == [3] and aligner.restart
+    per_count = np.array(params["align_outlier_misfit"])
+    assert per_count[3] > 10 * np.median(per_count)
+    assert params["align_leave_out_at"] == params["align_restart_at"] == 16
+    assert params["align_leave_out_until"] == 23 and params["align_leave_out_r"] == 0.1
+    assert [leaving_out(params, it) for it in (15, 16, 22, 23)] == [False, True, True, False]
+    frames = aligner.left_out_frames(params, 16)
+    assert np.array_equal(frames, aligner.angle == 3)
+    assert aligner.left_out_frames(params, 23) is None
+    assert not aligner.due(18, state) and not aligner.refit_due(state)
+    state.iteration = 23
+    assert aligner.refit_due(state)
+    before = np.array(state.shifts_local)
+    aligner.restart = False
+    aligner.refit(state, images, ptycho, sqrt_f, None, 23)
+    after = np.asarray(state.shifts_local)
+    assert np.array_equal(np.delete(after, 3, axis=0), np.delete(before, 3, axis=0))
+    assert np.max(np.abs(after[3] - data.shifts_px[3])) < 0.01, after[3] - data.shifts_px[3]
+    assert aligner.restart and not aligner.refit_due(state)
+    assert params["align_refit_at"] == params["align_restart_at"] == 23
+    assert params["align_hold_r"] == 0.1 and params["align_hold_until"] == 23 + 20
+    assert iteration_cap(40, params) == 63
+    # checked once: a later update flags nothing more
+    aligner.restart = False
+    aligner._check_outliers(state, misfit, sqrt_f, None, ptycho, 40)
+    assert params["align_leave_out"] == [3] and not aligner.restart
+
+
+def test_no_angle_is_left_out_when_the_misfits_are_alike(linear_drift):
+    """Every angle 0.05 px off, the median misfit per count is like each angle's: the
+    check records that it ran and leaves nothing out; a factor 0 never checks."""
+    import ptmpi.solvers.align as align
+
+    data = linear_drift
+    aligner, state, images, ptycho, sqrt_f = _aligner_near_truth(data, wrong=3, error=0.0)
+    d = np.full((N_ANGLES, 2), 0.05)
+    misfit = amplitude_objective(images, ptycho, d, sqrt_f, gradient=False)
+    aligner._check_outliers(state, misfit, sqrt_f, None, ptycho, 16)
+    assert state.params["align_leave_out"] == [] and not aligner.restart
+    assert not align.leaving_out(state.params, 17)
+    off = align.Aligner(dataclasses.replace(aligner.settings, outlier_factor=0.0),
+                        aligner.theta_global, aligner.recorded, aligner.frame_offset,
+                        (NZ, N), M, SerialComm())
+    state.params = {"align_restarted": True, "align_restart_at": 10}
+    off.attach(state, lambda positions: None)
+    off._check_outliers(state, misfit * 0 + np.eye(N_ANGLES)[3], sqrt_f, None, ptycho, 16)
+    assert "align_leave_out" not in state.params
+
+
+def test_the_leave_out_phase_of_the_solver(linear_drift):
+    """In the solver (small thresholds so that it happens here: every angle above the
+    median is "outlying"): the leave-out comes once, after ``align_outlier_after``
+    iterations past the settled restart, lasts ``align_leave_out_iterations``, restarts
+    from ``u = 1`` at both ends, and the run after the re-fit gets the whole budget."""
+    extra = dict(align_outlier_factor=1.0, align_outlier_after=6,
+                 align_leave_out_iterations=5)
+    state, _ = run_linear(linear_drift, True, iterations=40, **extra)
+    params = state.params
+    restart, at = params["align_leave_out_at"], params["align_refit_at"]
+    assert params["align_leave_out"], params.get("align_outlier_misfit")
+    assert at == restart + 5 and params["align_restart_at"] == at
+    assert state.iteration == 40 + at
+    assert state.history["iteration"] == list(range(1, 41 + at))
+    # each restart starts again from u = 1: the R-factor jumps up at both
+    r = state.history["r_factor"]
+    assert r[restart] > 2 * r[restart - 1] and r[at] > 2 * r[at - 1]
+    snr = snr_db(state.u, linear_drift.volume)
+    plain, _ = run_linear(linear_drift, True, iterations=40)
+    assert "align_leave_out" not in plain.params or plain.params["align_leave_out"] == []
+    assert snr > snr_db(plain.u, linear_drift.volume) - 1.0
+
+
+def test_a_resume_inside_the_leave_out_phase_continues_it(linear_drift, tmp_path):
+    """A checkpoint written while the outlying angles are left out resumes with them left
+    out: the uninterrupted run, bit for bit."""
+    extra = dict(align_outlier_factor=1.0, align_outlier_after=6,
+                 align_leave_out_iterations=5)
+    full, _ = run_linear(linear_drift, True, iterations=40, **extra)
+    stop = full.params["align_leave_out_at"] + 2
+    kept = {}
+
+    def keep(state, row):
+        if state.iteration == stop:
+            kept["state"] = dataclasses.replace(
+                state, u=state.u.copy(), z_local=state.z_local.copy(),
+                lam2_local=state.lam2_local.copy(), p=state.p.copy(),
+                lam1=state.lam1.copy(), step=state.step.copy(),
+                shifts_local=np.array(state.shifts_local), params=dict(state.params),
+                history={k: list(v) for k, v in state.history.items()})
+
+    settings = SolverSettings(iterations=40, tol=0, align=True, align_start=2,
+                              align_every=3, **extra)
+    solve(local_problem(linear_drift), settings, SerialComm(), dtype=np.complex128,
+          callback=keep)
+    path = tmp_path / "ck.h5"
+    n_frames = int(linear_drift.frame_offset[-1])
+    write_checkpoint(path, kept["state"], SerialComm(), settings=settings.to_dict(),
+                     dtype=np.complex128, input_checksum="x", frame_start=0,
+                     n_frames=n_frames, angle_start=0, n_angles=N_ANGLES)
+    back = read_checkpoint(path, 0, n_frames, angle_start=0, angle_stop=N_ANGLES)
+    resumed, _ = solve(local_problem(linear_drift), settings, SerialComm(),
+                       dtype=np.complex128, state=back)
+    assert resumed.params["align_refit_at"] == full.params["align_refit_at"]
+    assert np.array_equal(resumed.shifts_local, full.shifts_local)
+    assert np.array_equal(resumed.u, full.u)
+    assert resumed.history["r_factor"] == full.history["r_factor"]
+
+
 def test_rephased_far_fields_follow_the_moved_frames():
     """Frames moved by d (the image left in place) equal, in the far field, the frames at
     the old positions of the image moved by -d, times the ramp of the change of their

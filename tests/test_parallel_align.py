@@ -68,3 +68,27 @@ def test_the_exp_final_pass_on_two_ranks_matches_the_serial_run(mpi_ranks):
     assert abs(state.history["snr_db"][-1] - serial.history["snr_db"][-1]) < 0.1
     assert state.history["r_factor"][-1] == pytest.approx(serial.history["r_factor"][-1],
                                                           rel=5e-3)
+
+
+@pytest.mark.mpi(ranks=[2], timeout=300, unit="s")
+def test_the_leave_out_phase_on_two_ranks_matches_the_serial_run(mpi_ranks):
+    """The leave-one-out re-fit (small thresholds so that it happens on this case): the
+    same angles are left out at the same iterations on 2 ranks as in the serial run, each
+    rank masking the frames of its own, and the shifts and the volume are the serial
+    ones up to the rounding that 83 iterations of the nonconvex iteration amplify (1.1e-8
+    relative here; the same run without the leave-out, 72 iterations: 1.9e-7)."""
+    comm = MPIComm()
+    data = comm.bcast(simulate(drift_settings(1.5)) if comm.is_root else None)
+    settings = SolverSettings(iterations=40, tol=0, align=True, align_start=2,
+                              align_every=3, align_outlier_factor=1.0,
+                              align_outlier_after=6, align_leave_out_iterations=5)
+    serial, _ = solve(local_problem(data), settings, SerialComm(), dtype=np.complex128)
+    a0, a1 = block_partition(N_ANGLES, comm.size, comm.rank)
+    state, _ = solve(local_problem(data, a0, a1), settings, comm, dtype=np.complex128)
+    assert serial.params["align_leave_out"]
+    for key in ("align_leave_out", "align_leave_out_at", "align_refit_at"):
+        assert state.params[key] == serial.params[key], key
+    shifts = np.concatenate(comm.allgather(state.shifts_local))
+    assert np.max(np.abs(shifts - serial.shifts_local)) < 1e-8
+    assert np.linalg.norm(state.u - serial.u) < 1e-6 * np.linalg.norm(serial.u)
+    assert state.history["r_factor"] == pytest.approx(serial.history["r_factor"], rel=1e-6)

@@ -74,7 +74,11 @@ ADDED_SETTINGS = {"align": False, "align_every": 3, "align_start": 2, "align_max
                   # the exp model's u-step: exactly cg_iterations CG steps before cg_tol
                   "cg_tol": 0.0, "cg_max_iterations": 64,
                   # the exp model's field-of-view support: none before it existed
-                  "support": "none"}
+                  "support": "none",
+                  # --align's leave-one-out re-fit (linear model): a resumed run of an
+                  # earlier release checks for outlying angles as a new one does
+                  "align_outlier_factor": 10.0, "align_outlier_after": 100,
+                  "align_leave_out_iterations": 100}
 
 
 class CheckpointWriteError(OSError):

@@ -64,7 +64,7 @@ from ptmpi.parallel.comm import Comm
 from ptmpi.parallel.data_term import DataTerm, probe_from_views  # noqa: F401
 from ptmpi.parallel.volume import SlabGradient, VolumeSpace
 from ptmpi.progress import REPLICATED
-from ptmpi.solvers.align import AlignOptions, iteration_cap, make_aligner
+from ptmpi.solvers.align import AlignOptions, iteration_cap, leaving_out, make_aligner
 from ptmpi.solvers.cg import conjugate_gradient
 from ptmpi.solvers.penalty import cycling, step_cosine
 from ptmpi.solvers.prox import (
@@ -195,6 +195,16 @@ class SolverSettings(AlignOptions):
     """``start = coarse``: iterations (at most) of each coarse level."""
     start_levels: int = 1
     """``start = coarse``: number of coarse levels (each halves the volume)."""
+    align_outlier_factor: float = 10.0
+    """``--align``: at the first shift update ``align_outlier_after`` iterations after
+    the settled restart, an angle whose amplitude misfit per count is above this multiple
+    of the median angle's is re-fitted against a volume built without it over
+    ``align_leave_out_iterations`` iterations; the reconstruction then restarts with
+    every angle (:mod:`ptmpi.solvers.align`, leave-one-out re-fit; 0: never)."""
+    align_outlier_after: int = 100
+    """See ``align_outlier_factor``."""
+    align_leave_out_iterations: int = 100
+    """See ``align_outlier_factor``."""
     probe_modes: int = 1
     """Incoherent probe modes ``K`` (mixed-state, :mod:`ptmpi.operators.modes`): ``z`` and
     ``lam2`` then hold one far field per mode, ``(K, N_FRAMES_LOCAL, M, M)``."""
@@ -473,9 +483,25 @@ def solve(problem: LocalProblem, settings: SolverSettings, comm: Comm,
                         dtype=dtype)
         volume = VolumeSpace(problem.volume_shape)
         grad = Gradient(problem.volume_shape)
-    valid = None if problem.valid_local is None else to_device(problem.valid_local, xp)
-    f_local = valid_only(to_device(problem.f_local, xp).astype(rdtype), valid)
-    sqrt_f = xp.sqrt(f_local)
+    valid_all = None if problem.valid_local is None else to_device(problem.valid_local, xp)
+    f_all = valid_only(to_device(problem.f_local, xp).astype(rdtype), valid_all)
+    sqrt_f_all = xp.sqrt(f_all)
+
+    def masked(left_out):
+        """The mask, counts, amplitudes and the sum of the amplitudes (for the R-factor;
+        collective) with the frames ``left_out`` ((N_FRAMES_LOCAL,) bool, or None) taken
+        out of the likelihood: the leave-one-out volume of ``--align`` (align.py)."""
+        if left_out is None or not left_out.any():
+            v, f, sf = valid_all, f_all, sqrt_f_all
+        else:
+            v = xp.broadcast_to(to_device(~left_out, xp)[:, None, None], f_all.shape).copy()
+            if valid_all is not None:
+                v &= valid_all
+            f = valid_only(f_all, v)
+            sf = xp.sqrt(f)
+        return v, f, sf, data.reduce(float(xp.sum(sf, dtype=xp.float64)))
+
+    valid, f_local, sqrt_f, sqrt_f_sum = masked(None)
     truth = (None if problem.truth_volume is None
              else to_device(volume.local(problem.truth_volume), xp))
 
@@ -524,7 +550,11 @@ def solve(problem: LocalProblem, settings: SolverSettings, comm: Comm,
             ("snr_db",) if truth is not None else ()):
         state.history.setdefault(key, [])
 
-    aligner = make_aligner(settings, problem, comm)
+    aligner = make_aligner(settings, problem, comm,
+                           outlier_factor=settings.align_outlier_factor,
+                           outlier_after=settings.align_outlier_after,
+                           leave_out_iterations=settings.align_leave_out_iterations)
+    left_out_now = False
     if aligner is not None:
         aligner.attach(state, data.set_positions)
 
@@ -557,7 +587,6 @@ def solve(problem: LocalProblem, settings: SolverSettings, comm: Comm,
         kept["out"] = grad.normal_plus(x, data.normal(x), r2, r1, kept.get("out"))
         return kept["out"]
 
-    sqrt_f_sum = data.reduce(float(xp.sum(sqrt_f, dtype=xp.float64)))
     t_start = time.perf_counter() - (state.history["wall_s"][-1] if state.history["wall_s"] else 0)
     stats_z = np.zeros(3)  # local [||z - D u||^2, ||z - z_old||^2, sum G(D u)]
     stats_p = np.zeros(3)  # [||p - grad u||^2, ||p - p_old||^2, TV(u)] (replicated)
@@ -574,10 +603,18 @@ def solve(problem: LocalProblem, settings: SolverSettings, comm: Comm,
     if r2 != params["r2"]:
         update_preconditioner()
     while state.iteration < iteration_cap(settings.iterations, state.params):
-        if aligner is not None and aligner.due(state.iteration, state):
-            data.set_positions(aligner.update(state, data.model.projector.fwd(state.u),
-                                              data.model.ptycho, sqrt_f, valid,
-                                              state.iteration))
+        refit = aligner is not None and aligner.refit_due(state)
+        if refit or (aligner is not None and aligner.due(state.iteration, state)):
+            images = data.model.projector.fwd(state.u)
+            if refit:  # the left-out angles against the volume built without them
+                valid, f_local, sqrt_f, sqrt_f_sum = masked(None)
+                left_out_now = False
+                positions = aligner.refit(state, images, data.model.ptycho, sqrt_f, valid,
+                                          state.iteration)
+            else:
+                positions = aligner.update(state, images, data.model.ptycho, sqrt_f, valid,
+                                           state.iteration)
+            data.set_positions(positions)
             if aligner.restart:  # the volume of misaligned data is dropped (align.py)
                 state.u = xp.ones(volume.local_shape, dtype=dtype)
                 state.z_local, state.step, prev_step = data.fwd(state.u), None, None
@@ -587,6 +624,10 @@ def solve(problem: LocalProblem, settings: SolverSettings, comm: Comm,
                 r2, best = params["r2"], None  # (APTs: the best iterate so far is gone)
                 turns.clear()
             update_preconditioner()
+        if aligner is not None and leaving_out(state.params, state.iteration) != left_out_now:
+            left_out_now = not left_out_now  # the same on every rank (replicated params)
+            valid, f_local, sqrt_f, sqrt_f_sum = masked(
+                aligner.left_out_frames(state.params, state.iteration))
         u_old = state.u
         z_old = state.z_local
         target = state.z_local + state.lam2_local

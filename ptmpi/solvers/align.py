@@ -239,10 +239,22 @@ class AlignSettings:
     settled restart and the end of its budget, the reconstruction restarts once more from
     its initial state at the shifts reached, holds them fixed and gets the whole budget
     again (module notes; 0: never)."""
+    outlier_factor: float = 0.0
+    """Leave-one-out re-fit: at the first update ``outlier_after`` iterations after the
+    settled restart, an angle whose amplitude misfit per count is above this multiple of
+    the median over all angles is re-fitted against a volume built without it (module
+    notes; 0: never)."""
+    outlier_after: int = 100
+    """See ``outlier_factor``."""
+    leave_out_iterations: int = 100
+    """Iterations of the volume built without the outlying angles (``outlier_factor``)."""
 
     def __post_init__(self):
         if self.every < 1 or self.start < 0 or self.gn_iterations < 1:
             raise ValueError("align: every and gn_iterations must be >= 1, start >= 0")
+        if self.outlier_factor < 0 or self.outlier_after < 0 or self.leave_out_iterations < 1:
+            raise ValueError("align: outlier_factor and outlier_after must be >= 0, "
+                             "leave_out_iterations >= 1")
         if self.max_px is not None and not self.max_px > 0:
             raise ValueError(f"align: max_px must be > 0, got {self.max_px}")
         if not self.step_px > 0:
@@ -367,6 +379,11 @@ def amplitude_objective(images_local, ptycho, d_local, sqrt_f_local, valid_local
 #: angles): with an exact ``<`` such near-ties near convergence decided differently on 1
 #: and 2 ranks, and the shifts differed by 3e-8 px where the volumes agreed to 2e-9.
 MISFIT_RTOL = 1e-12
+
+
+#: The leave-one-out check (:meth:`Aligner._check_outliers`) flags no angle whose
+#: amplitude misfit per count is below this (amplitudes within about 3e-5 of the data).
+MISFIT_FLOOR = 1e-9
 
 
 def lower(new, old):
@@ -574,7 +591,8 @@ class Aligner:
         if not (iteration >= s.start and (iteration - s.start) % s.every == 0):
             return False
         return state is None or not (held(iteration, state.params, state.history)
-                                     or "align_final_at" in state.params)
+                                     or "align_final_at" in state.params
+                                     or leaving_out(state.params, iteration))
 
     def gather(self, shifts_local) -> np.ndarray:
         """All ranks' shifts ``(A, 2)``, in angle order, on every rank."""
@@ -591,17 +609,8 @@ class Aligner:
         Returns the new model positions."""
         s = self.settings
         old_shifts = np.asarray(state.shifts_local, dtype=np.float64).reshape(-1, 2)
-        search = guarded(ptycho)
-        d, _ = gauss_newton_shifts(images_local, search, sqrt_f_local, valid_local,
-                                   s.gn_iterations, s.step_px,
-                                   search_px=s.search_px if self.restarted else 0.0,
-                                   bounds=(self.lo - old_shifts, self.hi - old_shifts))
-        if search is not ptycho:  # an unguarded probe: the model's own misfit decides
-            before = amplitude_objective(images_local, ptycho, np.zeros_like(d),
-                                         sqrt_f_local, valid_local, gradient=False)
-            after = amplitude_objective(images_local, ptycho, d, sqrt_f_local, valid_local,
-                                        gradient=False)
-            d[~lower(after, before)] = 0
+        d, misfit = self._step(images_local, ptycho, sqrt_f_local, valid_local, old_shifts,
+                               s.search_px if self.restarted else 0.0)
         # Gauge (all angles, identically on every rank), then the limits.
         total = self.gather(old_shifts + d)
         if s.remove_translations:
@@ -667,11 +676,131 @@ class Aligner:
                         "its initial state with them%s", iteration, why, moved,
                         f" (up to iteration {iteration + s.budget})" if self.restarted
                         and s.budget else "")
+        if not self.restart:
+            self._check_outliers(state, misfit, sqrt_f_local, valid_local, ptycho, iteration)
         old_positions = self.positions(old_shifts)
         new_positions = self.positions(clipped)
         rephase_far_fields([state.z_local, state.lam2_local], old_positions, new_positions)
         state.shifts_local = clipped
         return new_positions
+
+    def _step(self, images_local, ptycho, sqrt_f_local, valid_local, old_shifts,
+              search_px: float = 0.0):
+        """The Gauss-Newton increments of this rank's shifts and each angle's misfit
+        there: the search on the guarded frames; with an unguarded probe an angle's step
+        is kept only where the model's own misfit drops (module notes, whole pixels)."""
+        s = self.settings
+        search = guarded(ptycho)
+        d, misfit = gauss_newton_shifts(images_local, search, sqrt_f_local, valid_local,
+                                        s.gn_iterations, s.step_px, search_px=search_px,
+                                        bounds=(self.lo - old_shifts, self.hi - old_shifts))
+        if search is not ptycho:  # an unguarded probe: the model's own misfit decides
+            before = amplitude_objective(images_local, ptycho, np.zeros_like(d),
+                                         sqrt_f_local, valid_local, gradient=False)
+            after = amplitude_objective(images_local, ptycho, d, sqrt_f_local, valid_local,
+                                        gradient=False)
+            d[~lower(after, before)] = 0
+        return d, misfit
+
+    def _check_outliers(self, state, misfit_local, sqrt_f_local, valid_local, ptycho,
+                        iteration: int) -> None:
+        """Once, at the first update ``outlier_after`` iterations after the settled
+        restart: the angles whose misfit per count exceeds ``outlier_factor`` times the
+        median (module notes, leave-one-out re-fit). Where there are any, marks the state
+        (``params["align_leave_out"]`` and the phase's iterations) and asks the solver to
+        restart from its initial state without their frames (``self.restart``)."""
+        s = self.settings
+        params = state.params
+        if not (s.outlier_factor > 0 and self.restarted and "align_leave_out" not in params
+                and iteration >= int(params.get("align_restart_at", 0)) + s.outlier_after):
+            return
+        xp = get_xp(sqrt_f_local)
+        counts = sqrt_f_local**2 if valid_local is None else xp.where(valid_local,
+                                                                      sqrt_f_local**2, 0)
+        counts = _per_angle(to_host(xp.sum(counts, axis=(1, 2), dtype=xp.float64)), ptycho,
+                            self.n_theta_local)
+        local = np.where(counts > 0, np.asarray(misfit_local, dtype=np.float64)
+                         / np.where(counts > 0, counts, 1), 0.0)
+        per_count = np.concatenate([np.asarray(x, dtype=np.float64).reshape(-1)
+                                    for x in self.comm.allgather(local)])
+        median = float(np.median(per_count))
+        # a misfit per count below MISFIT_FLOOR is rounding (amplitudes within 3e-5), not
+        # an outlier, however small the median
+        outliers = [int(t) for t in np.flatnonzero(
+            per_count > max(s.outlier_factor * median, MISFIT_FLOOR))]
+        if per_count.size < 4:
+            outliers = []  # too few angles for a median to mean anything
+        params["align_leave_out"] = outliers
+        params["align_outlier_misfit"] = per_count.tolist()
+        if not outliers:
+            logger.info("iteration %d: no outlying angle (misfit per count at most %.3g "
+                        "times the median angle's)", iteration,
+                        float(per_count.max() / median) if median > 0 else 1.0)
+            return
+        history_r = getattr(state, "history", {}).get("r_factor") or []
+        params["align_leave_out_at"] = params["align_restart_at"] = int(iteration)
+        params["align_leave_out_until"] = int(iteration) + s.leave_out_iterations
+        params["align_leave_out_r"] = float(history_r[-1]) if history_r else math.inf
+        self.restart = True
+        logger.info(
+            "iteration %d: angle(s) %s fit the data %s times worse per count than the "
+            "median angle; the reconstruction restarts without them for %d iterations and "
+            "their shifts are then re-fitted against that volume", iteration,
+            ", ".join(str(t) for t in outliers),
+            ", ".join(f"{per_count[t] / median:.3g}" if median > 0 else "infinitely"
+                      for t in outliers),
+            s.leave_out_iterations)
+
+    def left_out_frames(self, params: dict, iteration: int) -> np.ndarray | None:
+        """``(N_FRAMES_LOCAL,)`` bool: this rank's frames of the angles left out at
+        ``iteration`` (:func:`leaving_out`); None when none are."""
+        if not leaving_out(params, iteration):
+            return None
+        first = self._first()
+        local = np.isin(np.arange(first, first + self.n_theta_local),
+                        params["align_leave_out"])
+        return local[self.angle]
+
+    def refit_due(self, state) -> bool:
+        """Whether the volume built without the outlying angles is complete (its
+        ``leave_out_iterations`` done) and their shifts are to be re-fitted."""
+        params = state.params
+        return bool(params.get("align_leave_out")) and "align_refit_at" not in params and (
+            state.iteration >= params["align_leave_out_until"])
+
+    def refit(self, state, images_local, ptycho, sqrt_f_local, valid_local=None,
+              iteration: int = 0) -> np.ndarray:
+        """Re-fit the shifts of the left-out angles against the reprojections
+        ``images_local`` of the volume built without them (all data in ``sqrt_f_local``
+        and ``valid_local``); the others stay. The solver then restarts from its initial
+        state with every angle (``self.restart``), which gets the whole budget again and
+        holds the shift updates until its R-factor is back at the one before the
+        leave-out (:func:`held`). Returns the new model positions."""
+        s = self.settings
+        params = state.params
+        old_shifts = np.asarray(state.shifts_local, dtype=np.float64).reshape(-1, 2)
+        d, _ = self._step(images_local, ptycho, sqrt_f_local, valid_local, old_shifts)
+        first = self._first()
+        d[~np.isin(np.arange(first, first + self.n_theta_local),
+                   params["align_leave_out"])] = 0
+        new = np.clip(old_shifts + d, self.lo, self.hi)
+        before, after = self.gather(old_shifts), self.gather(new)
+        for t in params["align_leave_out"]:
+            logger.info("iteration %d: angle %d re-fitted without its own data: shift "
+                        "(%.3f, %.3f) -> (%.3f, %.3f) px", iteration, t, *before[t],
+                        *after[t])
+        params["align_refit_at"] = params["align_restart_at"] = int(iteration)
+        if s.hold:
+            params["align_hold_r"] = params["align_leave_out_r"]
+            params["align_hold_until"] = int(iteration) + (s.budget // 2 if s.budget
+                                                           else 10**9)
+        self.last_restart = new.copy()
+        params["align_last_restart"] = after.tolist()
+        self.restart = True
+        rephase_far_fields([state.z_local, state.lam2_local], self.positions(old_shifts),
+                           self.positions(new))
+        state.shifts_local = new
+        return self.positions(new)
 
     def final_pass(self, state, iteration: int) -> bool:
         """At the end of the settled restart's budget (collective): True, with the state
@@ -713,6 +842,14 @@ class Aligner:
             set_positions(self.positions(state.shifts_local))
 
 
+def leaving_out(params: dict, iteration: int) -> bool:
+    """Whether iteration ``iteration`` builds the volume without the outlying angles
+    (``params["align_leave_out"]``, :meth:`Aligner._check_outliers`), before their
+    re-fit."""
+    return (bool(params.get("align_leave_out")) and "align_refit_at" not in params
+            and params["align_leave_out_at"] <= iteration < params["align_leave_out_until"])
+
+
 def held(iteration: int, params: dict, history: dict) -> bool:
     """True while the shift updates wait after the settled restart (``hold``): until an
     iteration after the restart has an R-factor at or below the one the run had when it
@@ -740,10 +877,13 @@ def iteration_cap(iterations: int, params: dict) -> int:
 
 
 def make_aligner(settings, problem, comm, restart: bool = True,
-                 early_restarts: int = 0, final_px: float = 0.0) -> Aligner | None:
+                 early_restarts: int = 0, final_px: float = 0.0,
+                 outlier_factor: float = 0.0, outlier_after: int = 100,
+                 leave_out_iterations: int = 100) -> Aligner | None:
     """The :class:`Aligner` of a solve when ``settings.align`` is set (None otherwise);
     ``restart``: whether the solver restarts once the shifts have settled;
-    ``early_restarts``, ``final_px``: see :class:`AlignSettings`."""
+    ``early_restarts``, ``final_px``, ``outlier_factor``, ``outlier_after``,
+    ``leave_out_iterations``: see :class:`AlignSettings`."""
     if not getattr(settings, "align", False):
         return None
     if settings.align_gauge not in ("volume", "zero"):
@@ -754,7 +894,10 @@ def make_aligner(settings, problem, comm, restart: bool = True,
                           budget=int(settings.iterations),
                           restart_px=AlignSettings.restart_px if restart else 0.0,
                           early_restarts=early_restarts,
-                          final_px=final_px if restart else 0.0)
+                          final_px=final_px if restart else 0.0,
+                          outlier_factor=outlier_factor if restart else 0.0,
+                          outlier_after=outlier_after,
+                          leave_out_iterations=leave_out_iterations)
     nz, _, n = problem.volume_shape
     return Aligner(align, problem.theta_local, problem.positions_local,
                    problem.frame_offset_local, (nz, n), int(problem.probe.shape[-1]), comm)
