@@ -77,7 +77,7 @@ ADDED_SETTINGS = {"align": False, "align_every": 3, "align_start": 2, "align_max
                   "support": "none",
                   # --align's leave-one-out re-fit (linear model): a resumed run of an
                   # earlier release checks for outlying angles as a new one does
-                  "align_outlier_factor": 10.0, "align_outlier_after": 100,
+                  "align_outlier_factor": 2.0, "align_outlier_after": 100,
                   "align_leave_out_iterations": 100}
 
 

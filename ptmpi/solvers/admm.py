@@ -195,7 +195,7 @@ class SolverSettings(AlignOptions):
     """``start = coarse``: iterations (at most) of each coarse level."""
     start_levels: int = 1
     """``start = coarse``: number of coarse levels (each halves the volume)."""
-    align_outlier_factor: float = 10.0
+    align_outlier_factor: float = 2.0
     """``--align``: at the first shift update ``align_outlier_after`` iterations after
     the settled restart, an angle whose amplitude misfit per count is above this multiple
     of the median angle's is re-fitted against a volume built without it over
