@@ -245,7 +245,7 @@ def test_an_outlying_angle_is_left_out_and_refitted(linear_drift):
     restart; its frames are left out for ``leave_out_iterations``; the re-fit then moves
     its shift alone, to the one of the volume given, and sets the restart, the budget and
     the hold."""
-    from ptmpi.solvers.align import leaving_out
+    from ptmpi.solvers.align import leaving_out, refit_pending
 
     data = linear_drift
     aligner, state, images, ptycho, sqrt_f = _aligner_near_truth(data, wrong=3, error=0.4)
@@ -262,6 +262,7 @@ def test_an_outlying_angle_is_left_out_and_refitted(linear_drift):
     assert params["align_leave_out_at"] == params["align_restart_at"] == 16
     assert params["align_leave_out_until"] == 23 and params["align_leave_out_r"] == 0.1
     assert [leaving_out(params, it) for it in (15, 16, 22, 23)] == [False, True, True, False]
+    assert refit_pending(params)  # the solver does not stop (tol, APTs' early stop) now
     frames = aligner.left_out_frames(params, 16)
     assert np.array_equal(frames, aligner.angle == 3)
     assert aligner.left_out_frames(params, 23) is None
@@ -274,7 +275,7 @@ def test_an_outlying_angle_is_left_out_and_refitted(linear_drift):
     after = np.asarray(state.shifts_local)
     assert np.array_equal(np.delete(after, 3, axis=0), np.delete(before, 3, axis=0))
     assert np.max(np.abs(after[3] - data.shifts_px[3])) < 0.01, after[3] - data.shifts_px[3]
-    assert aligner.restart and not aligner.refit_due(state)
+    assert aligner.restart and not aligner.refit_due(state) and not refit_pending(params)
     assert params["align_refit_at"] == params["align_restart_at"] == 23
     assert params["align_hold_r"] == 0.1 and params["align_hold_until"] == 23 + 20
     assert iteration_cap(40, params) == 63
@@ -303,6 +304,15 @@ def test_no_angle_is_left_out_when_the_misfits_are_alike(linear_drift):
     off.attach(state, lambda positions: None)
     off._check_outliers(state, misfit * 0 + np.eye(N_ANGLES)[3], sqrt_f, None, ptycho, 16)
     assert "align_leave_out" not in state.params
+    # nor where the budget cannot hold the leave-out and the re-fit after it
+    short = align.Aligner(dataclasses.replace(aligner.settings, budget=7),
+                          aligner.theta_global, aligner.recorded, aligner.frame_offset,
+                          (NZ, N), M, SerialComm())
+    short.attach(state, lambda positions: None)
+    short._check_outliers(state, misfit * 0 + np.eye(N_ANGLES)[3], sqrt_f, None, ptycho, 16)
+    assert "align_leave_out" not in state.params
+    aligner._check_outliers(state, misfit * 0 + np.eye(N_ANGLES)[3], sqrt_f, None, ptycho, 16)
+    assert state.params["align_leave_out"] == [3]  # the same check with the budget of 40
 
 
 def test_the_leave_out_phase_of_the_solver(linear_drift):

@@ -64,7 +64,13 @@ from ptmpi.parallel.comm import Comm
 from ptmpi.parallel.data_term import DataTerm, probe_from_views  # noqa: F401
 from ptmpi.parallel.volume import SlabGradient, VolumeSpace
 from ptmpi.progress import REPLICATED
-from ptmpi.solvers.align import AlignOptions, iteration_cap, leaving_out, make_aligner
+from ptmpi.solvers.align import (
+    AlignOptions,
+    iteration_cap,
+    leaving_out,
+    make_aligner,
+    refit_pending,
+)
 from ptmpi.solvers.cg import conjugate_gradient
 from ptmpi.solvers.penalty import cycling, step_cosine
 from ptmpi.solvers.prox import (
@@ -733,9 +739,12 @@ def solve(problem: LocalProblem, settings: SolverSettings, comm: Comm,
                         state.iteration, r2)
         state.params["turns"] = turns[-2 * max(settings.penalty_window, 1):]
         state.params["r2_now"] = r2
-        if end_of_iteration(state, row, callback, settings.tol, settings.tol_window):
+        # no stop before the re-fit: the volume is then one built without some angles
+        pending = aligner is not None and refit_pending(state.params)
+        if end_of_iteration(state, row, callback, 0 if pending else settings.tol,
+                            settings.tol_window):
             break
-        if early_stop:
+        if early_stop and not pending:
             r_now = row["r_factor"]
             if best is None or r_now < best[0]:
                 best = (r_now, state.iteration, u.copy())

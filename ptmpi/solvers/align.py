@@ -726,8 +726,10 @@ class Aligner:
         restart from its initial state without their frames (``self.restart``)."""
         s = self.settings
         params = state.params
+        # (the budget after the leave-out's start must hold it and the re-fit)
         if not (s.outlier_factor > 0 and self.restarted and "align_leave_out" not in params
-                and iteration >= int(params.get("align_restart_at", 0)) + s.outlier_after):
+                and iteration >= int(params.get("align_restart_at", 0)) + s.outlier_after
+                and (not s.budget or s.budget > s.leave_out_iterations)):
             return
         xp = get_xp(sqrt_f_local)
         counts = sqrt_f_local**2 if valid_local is None else xp.where(valid_local,
@@ -780,8 +782,7 @@ class Aligner:
         """Whether the volume built without the outlying angles is complete (its
         ``leave_out_iterations`` done) and their shifts are to be re-fitted."""
         params = state.params
-        return bool(params.get("align_leave_out")) and "align_refit_at" not in params and (
-            state.iteration >= params["align_leave_out_until"])
+        return refit_pending(params) and state.iteration >= params["align_leave_out_until"]
 
     def refit(self, state, images_local, ptycho, sqrt_f_local, valid_local=None,
               iteration: int = 0) -> np.ndarray:
@@ -857,12 +858,18 @@ class Aligner:
             set_positions(self.positions(state.shifts_local))
 
 
+def refit_pending(params: dict) -> bool:
+    """Whether angles were left out (``params["align_leave_out"]``) and not yet re-fitted:
+    until then the volume is one built without them, and the solver must not stop."""
+    return bool(params.get("align_leave_out")) and "align_refit_at" not in params
+
+
 def leaving_out(params: dict, iteration: int) -> bool:
     """Whether iteration ``iteration`` builds the volume without the outlying angles
     (``params["align_leave_out"]``, :meth:`Aligner._check_outliers`), before their
     re-fit."""
-    return (bool(params.get("align_leave_out")) and "align_refit_at" not in params
-            and params["align_leave_out_at"] <= iteration < params["align_leave_out_until"])
+    return refit_pending(params) and (
+        params["align_leave_out_at"] <= iteration < params["align_leave_out_until"])
 
 
 def held(iteration: int, params: dict, history: dict) -> bool:
