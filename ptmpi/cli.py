@@ -267,9 +267,10 @@ def settings_from_args(args, model: str = "linear"):
     if model != "exp" and getattr(args, "support", None) is not None:
         raise ValueError("--support applies to --model exp only (the linear model has no "
                          "empty-space value of u)")
-    if model == "exp" and getattr(args, "start", None) == "coarse":
-        raise ValueError("--start coarse applies to the linear model only; --model exp "
-                         "starts from per-angle ptychography and a phase-gradient tomography")
+    if model == "exp" and getattr(args, "start", None) in ("coarse", "two-step"):
+        raise ValueError(f"--start {args.start} applies to the linear model only; --model "
+                         "exp starts from per-angle ptychography and a phase-gradient "
+                         "tomography")
     if getattr(args, "tv_continuation", None) is not None and (
             model == "exp" or algorithm != "apt"):
         raise ValueError("--tv-continuation applies to APT with the linear model only")
@@ -669,11 +670,13 @@ def build_parser() -> argparse.ArgumentParser:
                    help="--model exp: fov (default) keeps u = 0, empty space, on the voxels "
                         "that some angle misses entirely (outside the field of view, about "
                         "the inscribed cylinder); none lets every voxel take a value")
-    p.add_argument("--start", choices=["ones", "coarse"],
-                   help="apt/apts starting point: ones (the paper's u = 1) or coarse "
-                        "(solve at half the size first, then interpolate)")
+    p.add_argument("--start", choices=["ones", "coarse", "two-step"],
+                   help="apt/apts starting point: ones (the paper's u = 1), coarse "
+                        "(solve at half the size first, then interpolate) or two-step (the "
+                        "2-step result: per-angle ptychography, then tomography)")
     p.add_argument("--start-iterations", type=_COUNT,
-                   help="--start coarse: iterations at half the size (default 100)")
+                   help="--start coarse: iterations at half the size; two-step: per-angle "
+                        "ptychography iterations (default 100)")
     p.add_argument("--refine-probe", action="store_true", default=None,
                    help="update the probe every iteration")
     p.add_argument("--align", action="store_true", default=None,

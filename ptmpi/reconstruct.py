@@ -196,8 +196,8 @@ def _slab_refusal(algorithm, settings, exp: bool, gpu: bool) -> str | None:
         return "--align"
     if getattr(settings, "probe_modes", 1) > 1:
         return "--probe-modes > 1"
-    if getattr(settings, "start", "ones") == "coarse":
-        return "--start coarse"
+    if getattr(settings, "start", "ones") != "ones":
+        return f"--start {settings.start}"
     return None  # --gpu: one GPU per rank, MPI buffers staged through host memory
 
 
@@ -394,9 +394,9 @@ def reconstruct(input_path: str, output_path: str, settings, comm: Comm, *,
         path, header, checksum = _check_restart(input_path, output_path, settings, dtype, comm,
                                                 checkpoint, resume, force)
     modes = getattr(settings, "probe_modes", 1)
-    if getattr(settings, "start", "ones") == "coarse" and modes > 1:
-        raise RunError("--start coarse with --probe-modes > 1 is not supported yet: "
-                       "use the default start")
+    if getattr(settings, "start", "ones") != "ones" and modes > 1:
+        raise RunError(f"--start {settings.start} with --probe-modes > 1 is not supported "
+                       "yet: use the default start")
     data, start, stop = _validate_and_read(input_path, output_path, algorithm, comm, force,
                                            dtype, figures=figures, split_ok=split_ok,
                                            modes=modes, model="exp" if exp else "linear",
@@ -599,6 +599,10 @@ def _run_joint(data, start, stop, settings, comm, xp, dtype, progress, state=Non
         from ptmpi.solvers.start import coarse_start
 
         state, start_info = coarse_start(problem, settings, comm, xp=xp, dtype=dtype)
+    elif state is None and getattr(settings, "start", "ones") == "two-step":
+        from ptmpi.solvers.start import two_step_start
+
+        state, start_info = two_step_start(problem, settings, comm, xp=xp, dtype=dtype)
     try:
         state, params = run(problem, settings, comm, xp=xp, dtype=dtype, state=state,
                             callback=callback, **({"layout": grid} if grid else {}))

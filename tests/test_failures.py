@@ -280,6 +280,10 @@ CASES = [
          ["--cg-tol", "--model exp only", "--cg-iterations"]),
     Case("tv-continuation-with-apts", _rec("--tv-continuation", "on", "--algorithm", "apts"),
          ["--tv-continuation", "APT with the linear model only"]),
+    Case("two-step-start-with-exp-model", _rec("--start", "two-step", "--model", "exp"),
+         ["--start two-step", "linear model only"]),
+    Case("two-step-start-with-probe-modes", _rec("--start", "two-step", "--probe-modes", "2"),
+         ["--start two-step", "--probe-modes > 1", "not supported"]),
     # --- bad flag values: usage errors
     Case("slabs-zero", _rec("--slabs", "0"), ["--slabs", "positive integer or auto", "'0'"],
          code=2),

@@ -44,3 +44,25 @@ def test_coarse_start_on_blocks_matches_the_serial_one(mpi_ranks):
     np.testing.assert_allclose(state_par.z_local, state_ser.z_local[f0:f1], rtol=0,
                                atol=1e-8 * np.abs(state_ser.z_local).max())
     assert all(np.array_equal(u, u_all[0]) for u in u_all)
+
+
+@pytest.mark.mpi(ranks=[2], timeout=60, unit="s")
+def test_two_step_start_on_blocks_matches_the_serial_one(mpi_ranks):
+    """The 2-step start: each rank's per-angle ptychography of its own angles, the
+    tomography summed over ranks; the serial volume and far fields."""
+    from ptmpi.solvers.start import two_step_start
+
+    comm = MPIComm()
+    data = simulate(SimulationSettings(n=16, nz=16, n_angles=N_ANGLES, step=4, probe_size=16,
+                                       fwhm=4.0, eta=50.0, seed=3)) if comm.is_root else None
+    data = comm.bcast(data)
+    settings = SolverSettings(start="two-step", start_iterations=8)
+    state_ser, _ = two_step_start(_local(data, 0, N_ANGLES), settings, SerialComm(),
+                                  dtype=np.complex128)
+    a0, a1 = block_partition(N_ANGLES, comm.size, comm.rank)
+    state_par, _ = two_step_start(_local(data, a0, a1), settings, comm, dtype=np.complex128)
+    assert np.linalg.norm(state_par.u - state_ser.u) < 1e-8 * np.linalg.norm(state_ser.u)
+    assert np.linalg.norm(state_ser.u - 1) > 1e-2 * np.linalg.norm(state_ser.u)
+    f0, f1 = int(data.frame_offset[a0]), int(data.frame_offset[a1])
+    np.testing.assert_allclose(state_par.z_local, state_ser.z_local[f0:f1], rtol=0,
+                               atol=1e-8 * np.abs(state_ser.z_local).max())

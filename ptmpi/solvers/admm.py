@@ -195,10 +195,11 @@ class SolverSettings(AlignOptions):
     power_iterations: int = 10
     """Power iterations used to estimate ``L``."""
     start: str = "ones"
-    """Starting point: ``ones`` (the paper's ``u = 1``) or ``coarse`` (coarse-to-fine,
-    :mod:`ptmpi.solvers.start`)."""
+    """Starting point: ``ones`` (the paper's ``u = 1``), ``coarse`` (coarse-to-fine) or
+    ``two-step`` (the 2-step result), :mod:`ptmpi.solvers.start`."""
     start_iterations: int = 100
-    """``start = coarse``: iterations (at most) of each coarse level."""
+    """``start = coarse``: iterations (at most) of each coarse level; ``two-step``: the
+    per-angle ptychography iterations of the 2-step method."""
     start_levels: int = 1
     """``start = coarse``: number of coarse levels (each halves the volume)."""
     align_outlier_factor: float = 2.0
@@ -228,8 +229,9 @@ class SolverSettings(AlignOptions):
                 raise ValueError(f"{name} must be >= 0, got {value}")
         if self.r2 is not None and self.r2 <= 0:
             raise ValueError(f"r2 must be > 0, got {self.r2}")
-        if self.start not in ("ones", "coarse"):
-            raise ValueError(f"start must be 'ones' or 'coarse', got {self.start!r}")
+        if self.start not in ("ones", "coarse", "two-step"):
+            raise ValueError(f"start must be 'ones', 'coarse' or 'two-step', got "
+                             f"{self.start!r}")
         if self.start_iterations < 0 or self.start_levels < 1:
             raise ValueError("start_iterations must be >= 0 and start_levels >= 1")
         if self.probe_modes < 1:

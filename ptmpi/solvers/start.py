@@ -1,4 +1,13 @@
-"""Starting points of APT / APTs other than the paper's ``u = 1``: coarse-to-fine.
+"""Starting points of APT / APTs other than the paper's ``u = 1``: coarse-to-fine and the
+2-step result.
+
+``two-step`` (:func:`two_step_start`) runs the 2-step method on the same data (per-angle
+ptychography from the empty-sample projections, each image matched to its empty-sample
+projection by one complex factor, then least-squares tomography: the ``--algorithm
+two-step`` pipeline) and starts from its volume with ``z = D u``, ``p = grad u`` and both
+multipliers 0. On the paper's step 32 / 12 angles at 128^3 the 2-step volume scores 18.4
+dB after about 2 s (2 ranks), and APT from it reaches 21 dB after 50 iterations instead
+of 78 (README, Results).
 
 ``coarse`` solves the same problem on a volume of half the size and interpolates the
 result as the start at full size. The coarse problem is made from the data themselves,
@@ -44,8 +53,9 @@ from ptmpi.parallel.data_term import DataTerm
 
 logger = logging.getLogger(__name__)
 
-STARTS = ("ones", "coarse")
-"""``ones``: the paper's ``u = 1``; ``coarse``: coarse-to-fine (this module)."""
+STARTS = ("ones", "coarse", "two-step")
+"""``ones``: the paper's ``u = 1``; ``coarse``: coarse-to-fine; ``two-step``: the 2-step
+result (this module)."""
 
 INNER_FRACTION = 0.5
 """The coarse likelihood uses only the cropped frequencies within this fraction of the
@@ -220,4 +230,52 @@ def coarse_start(problem, settings, comm, *, xp=np, dtype=np.complex64, level: i
                 info["start_iterations_done"], info["start_wall_s"],
                 f"; interpolated start {info['start_snr_db']:.2f} dB"
                 if "start_snr_db" in info else "")
+    return state, info
+
+
+def two_step_start(problem, settings, comm, *, xp=np, dtype=np.complex64):
+    """Run the 2-step method on ``problem`` (``settings.start_iterations`` per-angle
+    ptychography iterations with ``settings.likelihood``, the probe as given, then the
+    tomography of :func:`~ptmpi.solvers.ptycho2d.tomography_cg`) and return the
+    :class:`ADMMState` to start APT / APTs from, with a dict that describes what was done
+    (stored with the run's parameters)."""
+    from ptmpi.operators.tomo import Projector
+    from ptmpi.solvers.admm import ADMMState
+    from ptmpi.solvers.ptycho2d import (
+        Ptycho2DSettings,
+        align_global_factor,
+        solve_ptycho2d,
+        tomography_cg,
+    )
+
+    t0 = time.perf_counter()
+    projector = Projector(tuple(problem.volume_shape), problem.theta_local, dtype)
+    empty = projector.fwd(xp.ones(tuple(problem.volume_shape), dtype=dtype))
+    ptycho = Ptycho2DSettings(iterations=settings.start_iterations,
+                              likelihood=settings.likelihood)
+    logger.info("2-step start: per-angle ptychography, %d iterations, then %d CG "
+                "iterations of tomography", ptycho.iterations, ptycho.tomo_iterations)
+    images = solve_ptycho2d(empty, to_device(problem.f_local, xp), problem.probe,
+                            problem.positions_local, problem.frame_offset_local, ptycho,
+                            comm, valid_local=problem.valid_local).v_local
+    u = tomography_cg(projector, align_global_factor(images, empty), comm,
+                      ptycho.tomo_iterations).astype(dtype)
+    omega = to_device(problem.probe, xp).astype(dtype)
+    data = DataTerm(problem.volume_shape, problem.theta_local, omega,
+                    problem.positions_local, problem.frame_offset_local, comm, xp=xp,
+                    dtype=dtype)
+    z = data.fwd(u)
+    apt = settings.algorithm == "apt"
+    state = ADMMState(u=u, z_local=z, lam2_local=xp.zeros_like(z),
+                      p=Gradient(u.shape).fwd(u) if apt else None,
+                      lam1=xp.zeros((3, *u.shape), dtype=dtype) if apt else None,
+                      omega=omega)
+    info = {"start": "two-step", "start_iterations_done": int(ptycho.iterations),
+            "start_wall_s": time.perf_counter() - t0}
+    if problem.truth_volume is not None:
+        from ptmpi.metrics import snr_db
+
+        info["start_snr_db"] = snr_db(u, to_device(problem.truth_volume, xp))
+    logger.info("2-step start: %.1f s%s", info["start_wall_s"],
+                f"; start {info['start_snr_db']:.2f} dB" if "start_snr_db" in info else "")
     return state, info
