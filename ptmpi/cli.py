@@ -271,6 +271,10 @@ def settings_from_args(args, model: str = "linear"):
         raise ValueError(f"--start {args.start} applies to the linear model only; --model "
                          "exp starts from per-angle ptychography and a phase-gradient "
                          "tomography")
+    if getattr(args, "align", None) and getattr(args, "start", None) in ("coarse",
+                                                                         "two-step"):
+        raise ValueError(f"--start {args.start} is not combined with --align yet (the "
+                         "restart from the aligned positions starts from u = 1): drop one")
     if getattr(args, "tv_continuation", None) is not None and (
             model == "exp" or algorithm != "apt"):
         raise ValueError("--tv-continuation applies to APT with the linear model only")

@@ -280,6 +280,8 @@ CASES = [
          ["--cg-tol", "--model exp only", "--cg-iterations"]),
     Case("tv-continuation-with-apts", _rec("--tv-continuation", "on", "--algorithm", "apts"),
          ["--tv-continuation", "APT with the linear model only"]),
+    Case("two-step-start-with-align", _rec("--start", "two-step", "--align"),
+         ["--start two-step", "--align"]),
     Case("two-step-start-with-exp-model", _rec("--start", "two-step", "--model", "exp"),
          ["--start two-step", "linear model only"]),
     Case("two-step-start-with-probe-modes", _rec("--start", "two-step", "--probe-modes", "2"),
