@@ -7,7 +7,7 @@ projection by one complex factor, then least-squares tomography: the ``--algorit
 two-step`` pipeline) and starts from its volume with ``z = D u``, ``p = grad u`` and both
 multipliers 0. On the paper's step 32 / 12 angles at 128^3 the 2-step volume scores 18.4
 dB after about 2 s (2 ranks), and APT from it reaches 21 dB after 50 iterations instead
-of 78 (README, Results).
+of 78 (README, Reconstruction: Starting point).
 
 ``coarse`` solves the same problem on a volume of half the size and interpolates the
 result as the start at full size. The coarse problem is made from the data themselves,
@@ -170,13 +170,30 @@ def coarse_problem(problem):
     )
 
 
+def start_state(u, omega, problem, settings, comm):
+    """The paper's initialisation at the volume ``u`` (full size, on the device of the
+    run) and probe ``omega``: ``z = D u``, ``p = grad u`` (APT), both multipliers 0."""
+    from ptmpi.solvers.admm import ADMMState
+
+    xp = get_xp(u)
+    data = DataTerm(problem.volume_shape, problem.theta_local, omega,
+                    problem.positions_local, problem.frame_offset_local, comm, xp=xp,
+                    dtype=u.dtype)
+    z = data.fwd(u)
+    apt = settings.algorithm == "apt"
+    return ADMMState(u=u, z_local=z, lam2_local=xp.zeros_like(z),
+                     p=Gradient(u.shape).fwd(u) if apt else None,
+                     lam1=xp.zeros((3, *u.shape), dtype=u.dtype) if apt else None,
+                     omega=omega)
+
+
 def coarse_start(problem, settings, comm, *, xp=np, dtype=np.complex64, level: int = 1):
     """Solve the coarse problem and return the full-size :class:`ADMMState` to start from,
     and a dict that describes what was done (stored with the run's parameters).
 
     Returns ``(None, info)`` when the problem does not halve (:func:`can_coarsen`).
     """
-    from ptmpi.solvers.admm import ADMMState, solve
+    from ptmpi.solvers.admm import solve
 
     m = problem.probe.shape[-1]
     if not can_coarsen(problem.volume_shape, m) or settings.start_iterations < 1:
@@ -203,15 +220,7 @@ def coarse_start(problem, settings, comm, *, xp=np, dtype=np.complex64, level: i
     u = upsample_volume(state_c.u, tuple(problem.volume_shape))
     probe = to_device(problem.probe, xp).astype(dtype)
     omega = fine_probe(state_c.omega, probe) if settings.refine_probe else probe
-    data = DataTerm(problem.volume_shape, problem.theta_local, omega,
-                    problem.positions_local, problem.frame_offset_local, comm, xp=xp,
-                    dtype=dtype)
-    z = data.fwd(u)
-    apt = settings.algorithm == "apt"
-    state = ADMMState(u=u, z_local=z, lam2_local=xp.zeros_like(z),
-                      p=Gradient(u.shape).fwd(u) if apt else None,
-                      lam1=xp.zeros((3, *u.shape), dtype=dtype) if apt else None,
-                      omega=omega)
+    state = start_state(u, omega, problem, settings, comm)
     history = state_c.history
     info = {
         "start": "coarse",
@@ -240,7 +249,6 @@ def two_step_start(problem, settings, comm, *, xp=np, dtype=np.complex64):
     :class:`ADMMState` to start APT / APTs from, with a dict that describes what was done
     (stored with the run's parameters)."""
     from ptmpi.operators.tomo import Projector
-    from ptmpi.solvers.admm import ADMMState
     from ptmpi.solvers.ptycho2d import (
         Ptycho2DSettings,
         align_global_factor,
@@ -260,16 +268,8 @@ def two_step_start(problem, settings, comm, *, xp=np, dtype=np.complex64):
                             comm, valid_local=problem.valid_local).v_local
     u = tomography_cg(projector, align_global_factor(images, empty), comm,
                       ptycho.tomo_iterations).astype(dtype)
-    omega = to_device(problem.probe, xp).astype(dtype)
-    data = DataTerm(problem.volume_shape, problem.theta_local, omega,
-                    problem.positions_local, problem.frame_offset_local, comm, xp=xp,
-                    dtype=dtype)
-    z = data.fwd(u)
-    apt = settings.algorithm == "apt"
-    state = ADMMState(u=u, z_local=z, lam2_local=xp.zeros_like(z),
-                      p=Gradient(u.shape).fwd(u) if apt else None,
-                      lam1=xp.zeros((3, *u.shape), dtype=dtype) if apt else None,
-                      omega=omega)
+    state = start_state(u, to_device(problem.probe, xp).astype(dtype), problem, settings,
+                        comm)
     info = {"start": "two-step", "start_iterations_done": int(ptycho.iterations),
             "start_wall_s": time.perf_counter() - t0}
     if problem.truth_volume is not None:
