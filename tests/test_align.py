@@ -242,47 +242,60 @@ def _aligner_near_truth(data, wrong: int, error: float):
 def test_an_outlying_angle_is_left_out_and_refitted(linear_drift):
     """Leave-one-out re-fit (align.py): an angle whose misfit per count is far above the
     median angle's is flagged once, ``outlier_after`` iterations after the settled
-    restart; its frames are left out for ``leave_out_iterations``; the re-fit then moves
-    its shift alone, to the one of the volume given, and sets the restart, the budget and
-    the hold."""
-    from ptmpi.solvers.align import leaving_out, refit_pending
-
+    restart, for a volume built without its frames; the re-fit then moves its shift
+    alone, to the one of the volume given, and sets the restart, the budget and the
+    hold."""
     data = linear_drift
     aligner, state, images, ptycho, sqrt_f = _aligner_near_truth(data, wrong=3, error=0.4)
     misfit = amplitude_objective(images, ptycho, np.zeros((N_ANGLES, 2)), sqrt_f,
                                  gradient=False)
     # too early (less than outlier_after = 5 iterations after the restart at 10): nothing
     aligner._check_outliers(state, misfit, sqrt_f, None, ptycho, 14)
-    assert "align_leave_out" not in state.params and not aligner.restart
+    assert "align_leave_out" not in state.params and aligner.leave_out is None
     aligner._check_outliers(state, misfit, sqrt_f, None, ptycho, 16)
     params = state.params
-    assert params["align_leave_out"] == [3] and aligner.restart
+    assert params["align_leave_out"] == [3] and aligner.leave_out == [3]
+    assert not aligner.restart  # the run's own state stays until the re-fit
     per_count = np.array(params["align_outlier_misfit"])
     assert per_count[3] > 10 * np.median(per_count)
-    assert params["align_leave_out_at"] == params["align_restart_at"] == 16
-    assert params["align_leave_out_until"] == 23 and params["align_leave_out_r"] == 0.1
-    assert [leaving_out(params, it) for it in (15, 16, 22, 23)] == [False, True, True, False]
-    assert refit_pending(params)  # the solver does not stop (tol, APTs' early stop) now
-    frames = aligner.left_out_frames(params, 16)
-    assert np.array_equal(frames, aligner.angle == 3)
-    assert aligner.left_out_frames(params, 23) is None
-    assert not aligner.due(18, state) and not aligner.refit_due(state)
-    state.iteration = 23
-    assert aligner.refit_due(state)
+    assert params["align_leave_out_at"] == 16 and params["align_restart_at"] == 10
+    assert params["align_leave_out_r"] == 0.1
+    assert np.array_equal(aligner.left_out_frames(params), aligner.angle == 3)
     before = np.array(state.shifts_local)
-    aligner.restart = False
-    aligner.refit(state, images, ptycho, sqrt_f, None, 23)
+    aligner.refit(state, images, ptycho, sqrt_f, None, 16)
     after = np.asarray(state.shifts_local)
     assert np.array_equal(np.delete(after, 3, axis=0), np.delete(before, 3, axis=0))
     assert np.max(np.abs(after[3] - data.shifts_px[3])) < 0.01, after[3] - data.shifts_px[3]
-    assert aligner.restart and not aligner.refit_due(state) and not refit_pending(params)
-    assert params["align_refit_at"] == params["align_restart_at"] == 23
-    assert params["align_hold_r"] == 0.1 and params["align_hold_until"] == 23 + 20
-    assert iteration_cap(40, params) == 63
+    assert params["align_refit_moved"] == pytest.approx(0.4, abs=0.01)
+    assert aligner.restart and aligner.leave_out is None
+    assert params["align_refit_at"] == params["align_restart_at"] == 16
+    assert params["align_hold_r"] == 0.1 and params["align_hold_until"] == 16 + 20
+    assert iteration_cap(40, params) == 56
     # checked once: a later update flags nothing more
     aligner.restart = False
     aligner._check_outliers(state, misfit, sqrt_f, None, ptycho, 40)
-    assert params["align_leave_out"] == [3] and not aligner.restart
+    assert params["align_leave_out"] == [3] and aligner.leave_out is None
+
+
+def test_a_refit_that_moves_no_shift_confirms_them(linear_drift):
+    """A false alarm: the angle flagged is 0.05 px off, within ``confirm_px`` (0.1) of
+    where the volume without it puts it, so the shifts, the restart iteration and the
+    budget stay as they were and no restart is asked for."""
+    data = linear_drift
+    aligner, state, images, ptycho, sqrt_f = _aligner_near_truth(data, wrong=3, error=0.05)
+    misfit = amplitude_objective(images, ptycho, np.zeros((N_ANGLES, 2)), sqrt_f,
+                                 gradient=False)
+    aligner._check_outliers(state, misfit, sqrt_f, None, ptycho, 16)
+    assert aligner.leave_out == [3]
+    before = np.array(state.shifts_local)
+    positions = aligner.refit(state, images, ptycho, sqrt_f, None, 16)
+    params = state.params
+    assert np.array_equal(state.shifts_local, before)
+    assert np.array_equal(positions, aligner.positions(before))
+    assert params["align_refit_moved"] == pytest.approx(0.05, abs=0.01)
+    assert not aligner.restart and params["align_refit_at"] == 16
+    assert params["align_restart_at"] == 10 and iteration_cap(40, params) == 50
+    assert "align_hold_r" not in params
 
 
 def test_no_angle_is_left_out_when_the_misfits_are_alike(linear_drift):
@@ -295,8 +308,7 @@ def test_no_angle_is_left_out_when_the_misfits_are_alike(linear_drift):
     d = np.full((N_ANGLES, 2), 0.05)
     misfit = amplitude_objective(images, ptycho, d, sqrt_f, gradient=False)
     aligner._check_outliers(state, misfit, sqrt_f, None, ptycho, 16)
-    assert state.params["align_leave_out"] == [] and not aligner.restart
-    assert not align.leaving_out(state.params, 17)
+    assert state.params["align_leave_out"] == [] and aligner.leave_out is None
     off = align.Aligner(dataclasses.replace(aligner.settings, outlier_factor=0.0),
                         aligner.theta_global, aligner.recorded, aligner.frame_offset,
                         (NZ, N), M, SerialComm())
@@ -304,7 +316,7 @@ def test_no_angle_is_left_out_when_the_misfits_are_alike(linear_drift):
     off.attach(state, lambda positions: None)
     off._check_outliers(state, misfit * 0 + np.eye(N_ANGLES)[3], sqrt_f, None, ptycho, 16)
     assert "align_leave_out" not in state.params
-    # nor where the budget cannot hold the leave-out and the re-fit after it
+    # nor where the volume without the angle would take longer than the whole run
     short = align.Aligner(dataclasses.replace(aligner.settings, budget=7),
                           aligner.theta_global, aligner.recorded, aligner.frame_offset,
                           (NZ, N), M, SerialComm())
@@ -315,41 +327,61 @@ def test_no_angle_is_left_out_when_the_misfits_are_alike(linear_drift):
     assert state.params["align_leave_out"] == [3]  # the same check with the budget of 40
 
 
-def test_the_leave_out_phase_of_the_solver(linear_drift):
-    """In the solver (small thresholds so that it happens here: every angle above the
-    median is "outlying"): the leave-out comes once, after ``align_outlier_after``
-    iterations past the settled restart, lasts ``align_leave_out_iterations``, restarts
-    from ``u = 1`` at both ends, and the run after the re-fit gets the whole budget."""
-    extra = dict(align_outlier_factor=1.0, align_outlier_after=6,
+LEAVE_OUT = dict(align_outlier_factor=1.0, align_outlier_after=6,
                  align_leave_out_iterations=5)
-    state, _ = run_linear(linear_drift, True, iterations=40, **extra)
+"""Small thresholds so that the leave-out happens on this case: every angle above the
+median is "outlying"."""
+
+
+def test_the_leave_out_in_the_solver(linear_drift):
+    """In the solver: the check comes once, ``align_outlier_after`` iterations past the
+    settled restart; the volume without the angles is built aside (no iteration of the
+    run's own); with ``align_confirm_px`` 0 the re-fit restarts the run from ``u = 1``,
+    which gets the whole budget."""
+    state, _ = run_linear(linear_drift, True, iterations=40, align_confirm_px=0.0,
+                          **LEAVE_OUT)
     params = state.params
-    restart, at = params["align_leave_out_at"], params["align_refit_at"]
+    at = params["align_leave_out_at"]
     assert params["align_leave_out"], params.get("align_outlier_misfit")
-    assert at == restart + 5 and params["align_restart_at"] == at
+    assert params["align_refit_at"] == params["align_restart_at"] == at
+    assert params["align_refit_moved"] > 0
     assert state.iteration == 40 + at
     assert state.history["iteration"] == list(range(1, 41 + at))
-    # each restart starts again from u = 1: the R-factor jumps up at both
     r = state.history["r_factor"]
-    assert r[restart] > 2 * r[restart - 1] and r[at] > 2 * r[at - 1]
+    assert r[at] > 2 * r[at - 1]  # the restart from u = 1
     snr = snr_db(state.u, linear_drift.volume)
     plain, _ = run_linear(linear_drift, True, iterations=40, align_outlier_factor=0.0)
     assert "align_leave_out" not in plain.params
     assert snr > snr_db(plain.u, linear_drift.volume) - 1.0
 
 
-def test_a_resume_inside_the_leave_out_phase_continues_it(linear_drift, tmp_path):
-    """A checkpoint written while the outlying angles are left out resumes with them left
-    out: the uninterrupted run, bit for bit."""
-    extra = dict(align_outlier_factor=1.0, align_outlier_after=6,
-                 align_leave_out_iterations=5)
+def test_a_false_alarm_leaves_the_run_as_it_was(linear_drift):
+    """Where the re-fit moves no shift by more than ``align_confirm_px`` (here 10 px, so
+    always), the run is the one without the check, bit for bit."""
+    confirmed, _ = run_linear(linear_drift, True, iterations=40, align_confirm_px=10.0,
+                              **LEAVE_OUT)
+    plain, _ = run_linear(linear_drift, True, iterations=40, align_outlier_factor=0.0)
+    assert confirmed.params["align_leave_out"]
+    assert confirmed.params["align_refit_at"] == confirmed.params["align_leave_out_at"]
+    assert confirmed.params["align_restart_at"] == plain.params["align_restart_at"]
+    assert np.array_equal(confirmed.u, plain.u)
+    assert np.array_equal(confirmed.shifts_local, plain.shifts_local)
+    assert confirmed.history["r_factor"] == plain.history["r_factor"]
+
+
+def test_a_resume_around_the_leave_out_continues_the_run(linear_drift, tmp_path):
+    """Checkpoints written just before the check and just after the re-fit resume to the
+    uninterrupted run, bit for bit (the volume without the angles is built again from
+    the same state); a checkpoint of the previous release inside its leave-out phase
+    (angles flagged, no re-fit yet) is re-fitted at once."""
+    extra = dict(align_confirm_px=0.0, **LEAVE_OUT)
     full, _ = run_linear(linear_drift, True, iterations=40, **extra)
-    stop = full.params["align_leave_out_at"] + 2
+    at = full.params["align_leave_out_at"]
     kept = {}
 
     def keep(state, row):
-        if state.iteration == stop:
-            kept["state"] = dataclasses.replace(
+        if state.iteration in (at - 1, at + 2):
+            kept[state.iteration] = dataclasses.replace(
                 state, u=state.u.copy(), z_local=state.z_local.copy(),
                 lam2_local=state.lam2_local.copy(), p=state.p.copy(),
                 lam1=state.lam1.copy(), step=state.step.copy(),
@@ -360,18 +392,25 @@ def test_a_resume_inside_the_leave_out_phase_continues_it(linear_drift, tmp_path
                               align_every=3, **extra)
     solve(local_problem(linear_drift), settings, SerialComm(), dtype=np.complex128,
           callback=keep)
-    path = tmp_path / "ck.h5"
     n_frames = int(linear_drift.frame_offset[-1])
-    write_checkpoint(path, kept["state"], SerialComm(), settings=settings.to_dict(),
-                     dtype=np.complex128, input_checksum="x", frame_start=0,
-                     n_frames=n_frames, angle_start=0, n_angles=N_ANGLES)
-    back = read_checkpoint(path, 0, n_frames, angle_start=0, angle_stop=N_ANGLES)
+    for stop in (at - 1, at + 2):
+        path = tmp_path / f"ck{stop}.h5"
+        write_checkpoint(path, kept[stop], SerialComm(), settings=settings.to_dict(),
+                         dtype=np.complex128, input_checksum="x", frame_start=0,
+                         n_frames=n_frames, angle_start=0, n_angles=N_ANGLES)
+        back = read_checkpoint(path, 0, n_frames, angle_start=0, angle_stop=N_ANGLES)
+        resumed, _ = solve(local_problem(linear_drift), settings, SerialComm(),
+                           dtype=np.complex128, state=back)
+        assert resumed.params["align_refit_at"] == at, stop
+        assert np.array_equal(resumed.shifts_local, full.shifts_local), stop
+        assert np.array_equal(resumed.u, full.u), stop
+        assert resumed.history["r_factor"] == full.history["r_factor"], stop
+    old = kept[at - 1]
+    old.params.update(align_leave_out=[0], align_leave_out_at=at - 3,
+                      align_leave_out_until=at + 2, align_leave_out_r=1.0)
     resumed, _ = solve(local_problem(linear_drift), settings, SerialComm(),
-                       dtype=np.complex128, state=back)
-    assert resumed.params["align_refit_at"] == full.params["align_refit_at"]
-    assert np.array_equal(resumed.shifts_local, full.shifts_local)
-    assert np.array_equal(resumed.u, full.u)
-    assert resumed.history["r_factor"] == full.history["r_factor"]
+                       dtype=np.complex128, state=old)
+    assert resumed.params["align_refit_at"] == at - 1
 
 
 def test_rephased_far_fields_follow_the_moved_frames():

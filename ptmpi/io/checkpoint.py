@@ -78,7 +78,9 @@ ADDED_SETTINGS = {"align": False, "align_every": 3, "align_start": 2, "align_max
                   # --align's leave-one-out re-fit (linear model): a resumed run of an
                   # earlier release checks for outlying angles as a new one does
                   "align_outlier_factor": 2.0, "align_outlier_after": 100,
-                  "align_leave_out_iterations": 100}
+                  "align_leave_out_iterations": 100,
+                  # its re-fit restarted the reconstruction whatever the shifts did
+                  "align_confirm_px": 0.0}
 
 
 class CheckpointWriteError(OSError):

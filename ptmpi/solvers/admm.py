@@ -53,7 +53,7 @@ from collections.abc import Callable
 
 import numpy as np
 
-from ptmpi.backend import real_dtype, synchronize, to_device
+from ptmpi.backend import real_dtype, synchronize, to_device, to_host
 from ptmpi.mask import valid_only
 from ptmpi.metrics import r_factor_sums, r_factor_value
 from ptmpi.operators import kernels
@@ -67,7 +67,6 @@ from ptmpi.progress import REPLICATED
 from ptmpi.solvers.align import (
     AlignOptions,
     iteration_cap,
-    leaving_out,
     make_aligner,
     refit_pending,
 )
@@ -206,12 +205,17 @@ class SolverSettings(AlignOptions):
     """``--align``: at the first shift update ``align_outlier_after`` iterations after
     the settled restart, an angle whose amplitude misfit per count is above this multiple
     of the median angle's is re-fitted against a volume built without it over
-    ``align_leave_out_iterations`` iterations; the reconstruction then restarts with
-    every angle (:mod:`ptmpi.solvers.align`, leave-one-out re-fit; 0: never)."""
+    ``align_leave_out_iterations`` iterations, aside from the run's state; where that
+    moves its shift (``align_confirm_px``) the reconstruction restarts with every angle
+    (:mod:`ptmpi.solvers.align`, leave-one-out re-fit; 0: never)."""
     align_outlier_after: int = 100
     """See ``align_outlier_factor``."""
     align_leave_out_iterations: int = 100
     """See ``align_outlier_factor``."""
+    align_confirm_px: float = 0.1
+    """``--align``: the re-fit of the left-out angles restarts the reconstruction only
+    where it moves a shift by more than this (pixels); otherwise the run goes on
+    unchanged (a false alarm of ``align_outlier_factor``)."""
     probe_modes: int = 1
     """Incoherent probe modes ``K`` (mixed-state, :mod:`ptmpi.operators.modes`): ``z`` and
     ``lam2`` then hold one far field per mode, ``(K, N_FRAMES_LOCAL, M, M)``."""
@@ -447,6 +451,47 @@ def end_of_iteration(state: ADMMState, row: dict, callback, tol: float,
     return False
 
 
+def volume_without(problem: LocalProblem, settings: SolverSettings, comm: Comm,
+                   state: ADMMState, data, positions_local, left_out, xp, dtype):
+    """The volume of ``settings.align_leave_out_iterations`` iterations from the initial
+    state (``u = 1``) with this rank's frames ``left_out`` ((N_FRAMES_LOCAL,) bool) out
+    of the likelihood, at ``positions_local`` and with the probe of ``state``, the
+    penalties of ``state.params`` (collective): the leave-one-out volume of ``--align``
+    (:meth:`ptmpi.solvers.align.Aligner.refit`). ``state`` is not changed; the iteration
+    runs without alignment, stopping rule or probe update, and its own log is quiet."""
+    t0 = time.perf_counter()
+    m = problem.f_local.shape[-1]
+    keep = np.broadcast_to(~np.asarray(left_out, dtype=bool)[:, None, None],
+                           (left_out.size, m, m))
+    if problem.valid_local is not None:
+        keep = keep & np.asarray(to_host(problem.valid_local), dtype=bool)
+    sub = dataclasses.replace(problem, positions_local=positions_local,
+                              probe=to_host(state.omega), valid_local=np.array(keep),
+                              truth_volume=None)
+    sub_settings = dataclasses.replace(
+        settings, iterations=int(settings.align_leave_out_iterations), tol=0.0, align=False,
+        refine_probe=False, early_stop=False, start="ones")
+    u = xp.ones(state.u.shape, dtype=dtype)
+    z = data.fwd(u)
+    apt = settings.algorithm == "apt"
+    fresh = ADMMState(
+        u=u, z_local=z, lam2_local=xp.zeros_like(z),
+        p=xp.zeros((3, *u.shape), dtype=dtype) if apt else None,
+        lam1=xp.zeros((3, *u.shape), dtype=dtype) if apt else None, omega=state.omega,
+        params={key: value for key, value in state.params.items()
+                if not key.startswith("align_") and key not in ("turns", "r2_now")})
+    level = logger.level
+    logger.setLevel(logging.WARNING)
+    try:
+        built, _ = solve(sub, sub_settings, comm, xp=xp, dtype=dtype, state=fresh)
+    finally:
+        logger.setLevel(level)
+    logger.info("volume without angle(s) %s: %d iterations, R-factor %.4g (%.1f s)",
+                ", ".join(str(t) for t in state.params.get("align_leave_out", [])),
+                built.iteration, built.history["r_factor"][-1], time.perf_counter() - t0)
+    return built.u
+
+
 def solve(problem: LocalProblem, settings: SolverSettings, comm: Comm,
           *, xp=np, dtype=np.complex64, state: ADMMState | None = None,
           callback: Callable[[ADMMState, dict], None] | None = None,
@@ -495,21 +540,8 @@ def solve(problem: LocalProblem, settings: SolverSettings, comm: Comm,
     f_all = valid_only(to_device(problem.f_local, xp).astype(rdtype), valid_all)
     sqrt_f_all = xp.sqrt(f_all)
 
-    def masked(left_out):
-        """The mask, counts, amplitudes and the sum of the amplitudes (for the R-factor;
-        collective) with the frames ``left_out`` ((N_FRAMES_LOCAL,) bool, or None) taken
-        out of the likelihood: the leave-one-out volume of ``--align`` (align.py)."""
-        if left_out is None or not left_out.any():
-            v, f, sf = valid_all, f_all, sqrt_f_all
-        else:
-            v = xp.broadcast_to(to_device(~left_out, xp)[:, None, None], f_all.shape).copy()
-            if valid_all is not None:
-                v &= valid_all
-            f = valid_only(f_all, v)
-            sf = xp.sqrt(f)
-        return v, f, sf, data.reduce(float(xp.sum(sf, dtype=xp.float64)))
-
-    valid, f_local, sqrt_f, sqrt_f_sum = masked(None)
+    valid, f_local, sqrt_f = valid_all, f_all, sqrt_f_all
+    sqrt_f_sum = data.reduce(float(xp.sum(sqrt_f, dtype=xp.float64)))
     truth = (None if problem.truth_volume is None
              else to_device(volume.local(problem.truth_volume), xp))
 
@@ -561,8 +593,8 @@ def solve(problem: LocalProblem, settings: SolverSettings, comm: Comm,
     aligner = make_aligner(settings, problem, comm,
                            outlier_factor=settings.align_outlier_factor,
                            outlier_after=settings.align_outlier_after,
-                           leave_out_iterations=settings.align_leave_out_iterations)
-    left_out_now = False
+                           leave_out_iterations=settings.align_leave_out_iterations,
+                           confirm_px=settings.align_confirm_px)
     if aligner is not None:
         aligner.attach(state, data.set_positions)
 
@@ -611,17 +643,24 @@ def solve(problem: LocalProblem, settings: SolverSettings, comm: Comm,
     if r2 != params["r2"]:
         update_preconditioner()
     while state.iteration < iteration_cap(settings.iterations, state.params):
-        refit = aligner is not None and aligner.refit_due(state)
+        # (a previous release's checkpoint inside its leave-out phase: the volume is one
+        # built without the outlying angles, which are re-fitted against it at once)
+        refit = aligner is not None and refit_pending(state.params)
         if refit or (aligner is not None and aligner.due(state.iteration, state)):
             images = data.model.projector.fwd(state.u)
-            if refit:  # the left-out angles against the volume built without them
-                valid, f_local, sqrt_f, sqrt_f_sum = masked(None)
-                left_out_now = False
+            if refit:
                 positions = aligner.refit(state, images, data.model.ptycho, sqrt_f, valid,
                                           state.iteration)
             else:
                 positions = aligner.update(state, images, data.model.ptycho, sqrt_f, valid,
                                            state.iteration)
+                if aligner.leave_out:  # the outlying angles against a volume without them
+                    data.set_positions(positions)
+                    without = volume_without(problem, settings, comm, state, data, positions,
+                                             aligner.left_out_frames(state.params), xp, dtype)
+                    positions = aligner.refit(state, data.model.projector.fwd(without),
+                                              data.model.ptycho, sqrt_f, valid,
+                                              state.iteration)
             data.set_positions(positions)
             if aligner.restart:  # the volume of misaligned data is dropped (align.py)
                 state.u = xp.ones(volume.local_shape, dtype=dtype)
@@ -632,10 +671,6 @@ def solve(problem: LocalProblem, settings: SolverSettings, comm: Comm,
                 r2, best = params["r2"], None  # (APTs: the best iterate so far is gone)
                 turns.clear()
             update_preconditioner()
-        if aligner is not None and leaving_out(state.params, state.iteration) != left_out_now:
-            left_out_now = not left_out_now  # the same on every rank (replicated params)
-            valid, f_local, sqrt_f, sqrt_f_sum = masked(
-                aligner.left_out_frames(state.params, state.iteration))
         u_old = state.u
         z_old = state.z_local
         target = state.z_local + state.lam2_local
@@ -741,12 +776,9 @@ def solve(problem: LocalProblem, settings: SolverSettings, comm: Comm,
                         state.iteration, r2)
         state.params["turns"] = turns[-2 * max(settings.penalty_window, 1):]
         state.params["r2_now"] = r2
-        # no stop before the re-fit: the volume is then one built without some angles
-        pending = aligner is not None and refit_pending(state.params)
-        if end_of_iteration(state, row, callback, 0 if pending else settings.tol,
-                            settings.tol_window):
+        if end_of_iteration(state, row, callback, settings.tol, settings.tol_window):
             break
-        if early_stop and not pending:
+        if early_stop:
             r_now = row["r_factor"]
             if best is None or r_now < best[0]:
                 best = (r_now, state.iteration, u.copy())
