@@ -79,8 +79,9 @@ ADDED_SETTINGS = {"align": False, "align_every": 3, "align_start": 2, "align_max
                   # earlier release checks for outlying angles as a new one does
                   "align_outlier_factor": 2.0, "align_outlier_after": 100,
                   "align_leave_out_iterations": 100,
-                  # its re-fit restarted the reconstruction whatever the shifts did
-                  "align_confirm_px": 0.0}
+                  # (and its re-fit, which restarted whatever the shifts did, confirms
+                  # the shifts as a new run's does)
+                  "align_confirm_px": 0.1}
 
 
 class CheckpointWriteError(OSError):
