@@ -174,6 +174,28 @@ def test_defaults_converge_on_noisy_data(noisy_case, caplog):
 
 
 @pytest.mark.slow
+def test_noise_free_defaults_converge_without_a_tv_continuation():
+    """Noise-free data too small for the TV continuation (its floor is at the weight)
+    still swing; from ``r2_adapt_from`` (the later of half the budget and 330) r2 adapts
+    and the run stops on convergence. Without the adaptation it ends unconverged."""
+    sim = simulate(SimulationSettings(n=32, nz=16, n_angles=6, step=8, probe_size=16,
+                                      fwhm=4.0, seed=1))
+    problem = LocalProblem(
+        volume_shape=sim.volume.shape, theta_local=np.deg2rad(sim.angles_deg),
+        f_local=np.fft.ifftshift(sim.counts, axes=(-2, -1)), positions_local=sim.positions_px,
+        frame_offset_local=sim.frame_offset, probe=sim.probe, truth_volume=sim.volume)
+    state, params, steps = _run(problem, iterations=700)
+    h = state.history
+    assert "tv_continuation_start" not in params and params["r2_adapt_from"] == 350
+    assert len(h["iteration"]) < 700 and max(h["rel_change"][-5:]) < 1e-4
+    assert h["r2"][-1] > params["r2"] and h["r2"][349] == params["r2"]
+    assert h["r_factor"][-1] <= 1.01 * min(h["r_factor"])
+    fixed, _, _ = _run(problem, iterations=700, adapt_r2=False)
+    assert len(fixed.history["iteration"]) == 700 and fixed.history["rel_change"][-1] > 1e-3
+    assert h["snr_db"][-1] > fixed.history["snr_db"][-1] - 0.2
+
+
+@pytest.mark.slow
 def test_apts_stops_at_the_r_factor_minimum_on_counts(noisy_case, caplog):
     caplog.set_level(logging.WARNING, logger="ptmpi.solvers.admm")
     state, params, steps = _run(noisy_case, algorithm="apts", iterations=100)

@@ -139,6 +139,23 @@ def test_tv_continuation_is_chosen_for_noise_free_data_with_the_default_weight()
         SolverSettings(tv_continuation_rate=1.5)
 
 
+def test_noise_free_apt_without_a_continuation_settles_too():
+    """Noise-free APT without the continuation (its floor at or above the weight, as on
+    the 32^3 demo, or a weight given) adapts r2 from the later of half the budget and
+    where a continuation would reach its floor (100 + ceil(log 0.1 / log 0.99) = 330);
+    photon counts (always adaptive) and APTs get no such iteration."""
+    demo = resolve(SolverSettings(), 109.2, 0.0, 0.9295, width=32)
+    assert "tv_continuation_start" not in demo
+    assert demo["r2_adapt_from"] == 500 and "500" in demo["r2_settling"]
+    assert resolve(SolverSettings(iterations=200), 109.2, 0.0, 0.9295)["r2_adapt_from"] == 330
+    given = resolve(SolverSettings(tv_weight=0.01, iterations=2000), 519.3, 0.0, 0.8995)
+    assert given["r2_adapt_from"] == 1000
+    assert "r2_adapt_from" not in resolve(SolverSettings(), 109.2, 0.5, 0.9295)
+    assert "r2_adapt_from" not in resolve(SolverSettings(algorithm="apts"), 109.2, 0.0, 0.9295)
+    with_continuation = resolve(SolverSettings(), 519.3, 0.0, 0.8995, width=128)
+    assert "r2_settling" not in with_continuation  # its own rule, in tv_continuation
+
+
 def test_tv_weight_schedule():
     """``tv_weight * max(floor, rate^(k - start))`` past ``start``, counted from the last
     restart of ``--align``; unchanged without a continuation."""

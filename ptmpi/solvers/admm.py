@@ -161,10 +161,11 @@ class SolverSettings(AlignOptions):
     least this fraction of the unit background; a weight already below it stays."""
     adapt_r2: bool | None = None
     """Raise ``r2`` when the iteration cycles (see ``penalty_window``). Default: for
-    photon-counting data, and on noise-free data in the final phase of the TV continuation
-    (from ``params["r2_adapt_from"]``: the later of the iteration where the weight reaches
-    its floor and half of ``iterations``); before it, raising ``r2`` on noise-free data
-    stops their slow approach (1.3-1.7 dB at 200 iterations at 128^3, README)."""
+    photon-counting data, and on noise-free APT from ``params["r2_adapt_from"]``: the later
+    of half of ``iterations`` and the iteration where the TV continuation reaches its
+    floor (or would reach it, where there is none: 330 with the default schedule); before
+    it, raising ``r2`` on noise-free data stops their slow approach (1.3-1.7 dB at 200
+    iterations at 128^3, README)."""
     early_stop: bool | None = None
     """APTs on photon-counting data: stop once the R-factor has stayed more than 1% above its
     minimum for ``penalty_window`` iterations and return the iterate of the minimum (APTs
@@ -387,6 +388,17 @@ def resolve(settings: SolverSettings, norm: float, noise_amplitude: float = 0.0,
                 f"adapted from iteration {settle}"),
                 tv_continuation_start=int(start), tv_continuation_rate=float(rate),
                 tv_continuation_min=float(floor), r2_adapt_from=int(settle))
+    if not apts and noise_amplitude == 0 and "r2_adapt_from" not in params:
+        # Noise-free APT without the continuation (its floor at or above the weight, as
+        # at 32^3, or a weight given) swings too and settles at the same point: the later
+        # of half the budget and where a continuation would have reached its floor.
+        start, rate = settings.tv_continuation_start, settings.tv_continuation_rate
+        reached = start + (math.ceil(math.log(settings.tv_continuation_floor)
+                                     / math.log(rate))
+                           if 0 < rate < 1 and 0 < settings.tv_continuation_floor < 1 else 0)
+        settle = max(reached, settings.iterations // 2)
+        params.update(r2_adapt_from=int(settle), r2_settling=(
+            f"r2 adapted from iteration {settle} (noise-free data, no TV continuation)"))
     return params
 
 
@@ -568,6 +580,8 @@ def solve(problem: LocalProblem, settings: SolverSettings, comm: Comm,
         logger.info("r2: %s", params["r2_rule"])
     if params.get("tv_continuation"):
         logger.info("TV continuation: %s", params["tv_continuation"])
+    if params.get("r2_settling"):
+        logger.info("r2: %s", params["r2_settling"])
     tv_weight, r1, r2 = params["tv_weight"], params["r1"], params["r2"]
     epsilon = params.get("epsilon", 0.0)
 
