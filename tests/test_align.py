@@ -835,6 +835,27 @@ def test_align_on_the_device_path_matches_numpy(linear_drift, monkeypatch, probe
     assert np.linalg.norm(to_host(dev.u) - host.u) < 1e-8 * np.linalg.norm(host.u)
 
 
+def test_the_leave_out_on_the_device_path_matches_numpy(linear_drift, monkeypatch):
+    """The volume without the flagged angles (a nested solve with their frames masked) on
+    the strict stand-in for CuPy: the same angles, re-fit and restart as with numpy."""
+    import strict_xp
+
+    from ptmpi.backend import get_xp, to_host
+    from ptmpi.operators import kernels
+
+    monkeypatch.setattr(kernels, "ENABLED", False)  # the same array-module path on both
+    settings = SolverSettings(iterations=40, tol=0, align=True, align_start=2, align_every=3,
+                              align_confirm_px=0.0, **LEAVE_OUT)
+    problem = local_problem(linear_drift)
+    host, _ = solve(problem, settings, SerialComm(), dtype=np.complex128)
+    dev, _ = solve(problem, settings, SerialComm(), xp=strict_xp, dtype=np.complex128)
+    assert get_xp(dev.u) is strict_xp and host.params["align_leave_out"]
+    for key in ("align_leave_out", "align_leave_out_at", "align_refit_at", "align_restart_at"):
+        assert dev.params[key] == host.params[key], key
+    assert np.max(np.abs(dev.shifts_local - host.shifts_local)) < 1e-8
+    assert np.linalg.norm(to_host(dev.u) - host.u) < 1e-8 * np.linalg.norm(host.u)
+
+
 def whole_pixel_misfits(data, probe):
     """Per-angle misfit changes of all frames moved across a whole pixel (1e-4 px) and
     within one (1e-2 px), along each axis, with the model's probe ``probe``."""
