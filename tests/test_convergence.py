@@ -195,6 +195,26 @@ def test_noise_free_defaults_converge_without_a_tv_continuation():
     assert h["snr_db"][-1] > fixed.history["snr_db"][-1] - 0.2
 
 
+def test_an_r_factor_above_its_minimum_on_counts_is_explained(caplog):
+    """APT on photon counts whose R-factor ends more than 1% above its minimum logs why
+    (the L1 R-factor against the likelihood) and the objective's trend; not within 1%,
+    not on noise-free data."""
+    from ptmpi.solvers.admm import explain_r_factor
+
+    caplog.set_level(logging.INFO, logger="ptmpi.solvers.admm")
+    history = {"iteration": [1, 2, 3, 4], "r_factor": [0.20, 0.19, 0.195, 0.197],
+               "objective": [-1.0, -2.0, -3.0, -3.5]}
+    explain_r_factor(history, counts=False)
+    explain_r_factor({**history, "r_factor": [0.20, 0.19, 0.19, 0.1918]}, counts=True)
+    assert "R-factor ends" not in caplog.text
+    explain_r_factor(history, counts=True)
+    assert "R-factor ends 3.7% above its minimum (0.19 at iteration 2)" in caplog.text
+    assert "objective (likelihood + TV) ends at its minimum" in caplog.text
+    caplog.clear()
+    explain_r_factor({**history, "objective": [-1.0, -4.0, -3.0, -3.5]}, counts=True)
+    assert "does not end at its minimum either" in caplog.text
+
+
 @pytest.mark.slow
 def test_apts_stops_at_the_r_factor_minimum_on_counts(noisy_case, caplog):
     caplog.set_level(logging.WARNING, logger="ptmpi.solvers.admm")
