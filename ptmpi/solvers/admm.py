@@ -375,12 +375,11 @@ def resolve(settings: SolverSettings, norm: float, noise_amplitude: float = 0.0,
         if floor < tv_weight:
             why = ("noise-free data" if settings.tv_continuation == "auto"
                    else "--tv-continuation on")
-            # the weight reaches its floor at iteration `reached`; from the later of that
-            # and half the budget, r2 is raised where the iterates cycle (the adaptive r2
-            # of photon counts), so that the run settles at the final weight
-            reached = start + (math.ceil(math.log(floor / tv_weight) / math.log(rate))
-                               if rate < 1 else 0)
-            settle = max(reached, settings.iterations // 2)
+            # from the later of the iteration where the weight reaches its floor and half
+            # the budget, r2 is raised where the iterates cycle (the adaptive r2 of photon
+            # counts), so that the run settles at the final weight
+            settle = max(floor_reached(settings, floor / tv_weight),
+                         settings.iterations // 2)
             params.update(tv_continuation=(
                 f"tv_weight * {rate:g}^(k - {start}) from iteration {start}, down to "
                 f"max({settings.tv_continuation_floor:g} tv_weight, "
@@ -392,14 +391,19 @@ def resolve(settings: SolverSettings, norm: float, noise_amplitude: float = 0.0,
         # Noise-free APT without the continuation (its floor at or above the weight, as
         # at 32^3, or a weight given) swings too and settles at the same point: the later
         # of half the budget and where a continuation would have reached its floor.
-        start, rate = settings.tv_continuation_start, settings.tv_continuation_rate
-        reached = start + (math.ceil(math.log(settings.tv_continuation_floor)
-                                     / math.log(rate))
-                           if 0 < rate < 1 and 0 < settings.tv_continuation_floor < 1 else 0)
-        settle = max(reached, settings.iterations // 2)
+        settle = max(floor_reached(settings, settings.tv_continuation_floor),
+                     settings.iterations // 2)
         params.update(r2_adapt_from=int(settle), r2_settling=(
             f"r2 adapted from iteration {settle} (noise-free data, no TV continuation)"))
     return params
+
+
+def floor_reached(settings: SolverSettings, ratio: float) -> int:
+    """The iteration where the TV continuation's schedule has lowered the weight by
+    ``ratio`` (its floor over the weight)."""
+    rate = settings.tv_continuation_rate
+    return settings.tv_continuation_start + (
+        math.ceil(math.log(ratio) / math.log(rate)) if 0 < rate < 1 and 0 < ratio < 1 else 0)
 
 
 def settling(params: dict, iteration: int) -> bool:
