@@ -687,8 +687,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="refine a (row, col) shift per angle inside the joint iterations "
                         "(sample drift); written to /entry_1/ptmpi/shifts_px. Restarts "
                         "from the aligned positions run up to 2x --iterations (exp model: "
-                        "3x, its final pass; linear model: 3x + 100 when an outlying "
-                        "angle is re-fitted without its own data)")
+                        "3x, its final pass; linear model: 3x when an outlying angle, "
+                        "re-fitted against a volume of 100 iterations without its own "
+                        "data, moves)")
     p.add_argument("--align-every", type=_POSITIVE_INT, metavar="N",
                    help="--align: iterations between shift updates (default 3)")
     p.add_argument("--align-start", type=_COUNT, metavar="K",

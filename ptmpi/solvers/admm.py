@@ -468,7 +468,7 @@ def end_of_iteration(state: ADMMState, row: dict, callback, tol: float,
 
 
 def volume_without(problem: LocalProblem, settings: SolverSettings, comm: Comm,
-                   state: ADMMState, data, positions_local, left_out, xp, dtype):
+                   state: ADMMState, positions_local, left_out, xp, dtype):
     """The volume of ``settings.align_leave_out_iterations`` iterations from the initial
     state (``u = 1``) with this rank's frames ``left_out`` ((N_FRAMES_LOCAL,) bool) out
     of the likelihood, at ``positions_local`` and with the probe of ``state``, the
@@ -487,15 +487,11 @@ def volume_without(problem: LocalProblem, settings: SolverSettings, comm: Comm,
     sub_settings = dataclasses.replace(
         settings, iterations=int(settings.align_leave_out_iterations), tol=0.0, align=False,
         refine_probe=False, early_stop=False, start="ones")
-    u = xp.ones(state.u.shape, dtype=dtype)
-    z = data.fwd(u)
-    apt = settings.algorithm == "apt"
-    fresh = ADMMState(
-        u=u, z_local=z, lam2_local=xp.zeros_like(z),
-        p=xp.zeros((3, *u.shape), dtype=dtype) if apt else None,
-        lam1=xp.zeros((3, *u.shape), dtype=dtype) if apt else None, omega=state.omega,
-        params={key: value for key, value in state.params.items()
-                if not key.startswith("align_") and key not in ("turns", "r2_now")})
+    from ptmpi.solvers.start import start_state
+
+    fresh = start_state(xp.ones(state.u.shape, dtype=dtype), state.omega, sub, settings, comm)
+    fresh.params = {key: value for key, value in state.params.items()
+                    if not key.startswith("align_") and key not in ("turns", "r2_now")}
     level = logger.level
     logger.setLevel(logging.WARNING)
     try:
@@ -674,7 +670,7 @@ def solve(problem: LocalProblem, settings: SolverSettings, comm: Comm,
                                            state.iteration)
                 if aligner.leave_out:  # the outlying angles against a volume without them
                     data.set_positions(positions)
-                    without = volume_without(problem, settings, comm, state, data, positions,
+                    without = volume_without(problem, settings, comm, state, positions,
                                              aligner.left_out_frames(state.params), xp, dtype)
                     positions = aligner.refit(state, data.model.projector.fwd(without),
                                               data.model.ptycho, sqrt_f, valid,
