@@ -196,8 +196,8 @@ def _slab_refusal(algorithm, settings, exp: bool, gpu: bool) -> str | None:
         return "--align"
     if getattr(settings, "probe_modes", 1) > 1:
         return "--probe-modes > 1"
-    if getattr(settings, "start", "ones") != "ones":
-        return f"--start {settings.start}"
+    if getattr(settings, "start", "ones") == "coarse":
+        return "--start coarse"
     return None  # --gpu: one GPU per rank, MPI buffers staged through host memory
 
 
@@ -602,7 +602,8 @@ def _run_joint(data, start, stop, settings, comm, xp, dtype, progress, state=Non
     elif state is None and getattr(settings, "start", "ones") == "two-step":
         from ptmpi.solvers.start import two_step_start
 
-        state, start_info = two_step_start(problem, settings, comm, xp=xp, dtype=dtype)
+        state, start_info = two_step_start(problem, settings, comm, xp=xp, dtype=dtype,
+                                           layout=grid)
     try:
         state, params = run(problem, settings, comm, xp=xp, dtype=dtype, state=state,
                             callback=callback, **({"layout": grid} if grid else {}))

@@ -50,6 +50,7 @@ from ptmpi.operators.ptycho import Ptycho, guard_probe
 from ptmpi.operators.tomo import Projector
 from ptmpi.parallel.comm import SerialComm
 from ptmpi.parallel.data_term import probe_modes_from_views
+from ptmpi.parallel.volume import VolumeSpace
 from ptmpi.solvers.cg import conjugate_gradient
 from ptmpi.solvers.penalty import cycling, step_cosine
 from ptmpi.solvers.prox import LIKELIHOODS, update_data_split
@@ -313,13 +314,21 @@ def normalise_pair(v_local, omega, reference_local, comm: SerialComm,
     return out, (omega / scale).astype(omega.dtype)
 
 
-def tomography_cg(projector: Projector, v_local, comm: SerialComm, iterations: int):
-    """``min_u sum_t ||P_t u - v_t||^2`` by CG on the normal equations, from ``u = 0``."""
+def tomography_cg(projector: Projector, v_local, comm: SerialComm, iterations: int,
+                  space=None):
+    """``min_u sum_t ||P_t u - v_t||^2`` by CG on the normal equations, from ``u = 0``.
+
+    ``comm`` sums the ranks' parts of ``P^H v`` (their angles); ``space``: the volume's
+    :class:`~ptmpi.parallel.volume.VolumeSpace`, split in z-slabs where ``projector`` is
+    a slab's (default: the whole volume, unsplit). The dot products are its per-slice sums
+    in either case, so that a split volume gives the same iterates as a whole one."""
     xp = get_xp(v_local)
     dtype = v_local.dtype
+    space = VolumeSpace(projector.shape) if space is None else space
     rhs = comm.allreduce_sum(projector.adj(v_local, np.complex128)).astype(dtype)
 
     def normal(x):
         return comm.allreduce_sum(projector.adj(projector.fwd(x), np.complex128)).astype(dtype)
 
-    return conjugate_gradient(normal, rhs, xp.zeros(projector.shape, dtype=dtype), iterations)
+    return conjugate_gradient(normal, rhs, xp.zeros(projector.shape, dtype=dtype), iterations,
+                              space=space)

@@ -170,19 +170,30 @@ def coarse_problem(problem):
     )
 
 
-def start_state(u, omega, problem, settings, comm):
+def start_state(u, omega, problem, settings, comm, layout=None):
     """The paper's initialisation at the volume ``u`` (full size, on the device of the
-    run) and probe ``omega``: ``z = D u``, ``p = grad u`` (APT), both multipliers 0."""
+    run; with ``layout``, the angle x slab grid of more than one slab, this rank's z-slab)
+    and probe ``omega``: ``z = D u``, ``p = grad u`` (APT), both multipliers 0."""
     from ptmpi.solvers.admm import ADMMState
 
     xp = get_xp(u)
-    data = DataTerm(problem.volume_shape, problem.theta_local, omega,
-                    problem.positions_local, problem.frame_offset_local, comm, xp=xp,
-                    dtype=u.dtype)
+    if layout is not None and layout.n_slabs > 1:
+        from ptmpi.parallel.slab_data_term import SlabDataTerm
+        from ptmpi.parallel.volume import SlabGradient
+
+        data = SlabDataTerm(layout, problem.volume_shape, problem.theta_local, omega,
+                            problem.positions_local, problem.frame_offset_local, xp=xp,
+                            dtype=u.dtype)
+        grad = SlabGradient(data.volume)
+    else:
+        data = DataTerm(problem.volume_shape, problem.theta_local, omega,
+                        problem.positions_local, problem.frame_offset_local, comm, xp=xp,
+                        dtype=u.dtype)
+        grad = Gradient(u.shape)
     z = data.fwd(u)
     apt = settings.algorithm == "apt"
     return ADMMState(u=u, z_local=z, lam2_local=xp.zeros_like(z),
-                     p=Gradient(u.shape).fwd(u) if apt else None,
+                     p=grad.fwd(u) if apt else None,
                      lam1=xp.zeros((3, *u.shape), dtype=u.dtype) if apt else None,
                      omega=omega)
 
@@ -242,12 +253,18 @@ def coarse_start(problem, settings, comm, *, xp=np, dtype=np.complex64, level: i
     return state, info
 
 
-def two_step_start(problem, settings, comm, *, xp=np, dtype=np.complex64):
+def two_step_start(problem, settings, comm, *, xp=np, dtype=np.complex64, layout=None):
     """Run the 2-step method on ``problem`` (``settings.start_iterations`` per-angle
     ptychography iterations with ``settings.likelihood``, the probe as given, then the
     tomography of :func:`~ptmpi.solvers.ptycho2d.tomography_cg`) and return the
     :class:`ADMMState` to start APT / APTs from, with a dict that describes what was done
-    (stored with the run's parameters)."""
+    (stored with the run's parameters).
+
+    ``layout``: the angle x slab grid (:class:`~ptmpi.parallel.slab_data_term.SlabGrid`).
+    With more than one slab the volume is never held whole: each rank's images of its own
+    angles are transposed to slab rows (as the slab data term's projections are) and the
+    tomography is solved slab by slab (the projection is slice-separable), the state
+    returned on this rank's slab."""
     from ptmpi.operators.tomo import Projector
     from ptmpi.solvers.ptycho2d import (
         Ptycho2DSettings,
@@ -257,8 +274,19 @@ def two_step_start(problem, settings, comm, *, xp=np, dtype=np.complex64):
     )
 
     t0 = time.perf_counter()
-    projector = Projector(tuple(problem.volume_shape), problem.theta_local, dtype)
-    empty = projector.fwd(xp.ones(tuple(problem.volume_shape), dtype=dtype))
+    slabs = layout is not None and layout.n_slabs > 1
+    if slabs:
+        from ptmpi.parallel.slab_data_term import SlabDataTerm, to_slabs
+
+        data = SlabDataTerm(layout, problem.volume_shape, problem.theta_local,
+                            to_device(problem.probe, xp).astype(dtype),
+                            problem.positions_local, problem.frame_offset_local, xp=xp,
+                            dtype=dtype)
+        volume = data.volume
+        empty = data.project(xp.ones(volume.local_shape, dtype=dtype))
+    else:
+        projector = Projector(tuple(problem.volume_shape), problem.theta_local, dtype)
+        empty = projector.fwd(xp.ones(tuple(problem.volume_shape), dtype=dtype))
     ptycho = Ptycho2DSettings(iterations=settings.start_iterations,
                               likelihood=settings.likelihood)
     logger.info("2-step start: per-angle ptychography, %d iterations, then %d CG "
@@ -266,16 +294,26 @@ def two_step_start(problem, settings, comm, *, xp=np, dtype=np.complex64):
     images = solve_ptycho2d(empty, to_device(problem.f_local, xp), problem.probe,
                             problem.positions_local, problem.frame_offset_local, ptycho,
                             comm, valid_local=problem.valid_local).v_local
-    u = tomography_cg(projector, align_global_factor(images, empty), comm,
-                      ptycho.tomo_iterations).astype(dtype)
+    images = align_global_factor(images, empty)
+    if slabs:  # this rank's slab rows of every angle of its group; sums over the groups
+        rows = to_slabs(images, layout.group, data.counts, volume.bounds)
+        u = tomography_cg(data.projector, rows, layout.slab_comm, ptycho.tomo_iterations,
+                          space=volume).astype(dtype)
+    else:
+        u = tomography_cg(projector, images, comm, ptycho.tomo_iterations).astype(dtype)
     state = start_state(u, to_device(problem.probe, xp).astype(dtype), problem, settings,
-                        comm)
+                        comm, layout=layout)
     info = {"start": "two-step", "start_iterations_done": int(ptycho.iterations),
             "start_wall_s": time.perf_counter() - t0}
     if problem.truth_volume is not None:
         from ptmpi.metrics import snr_db
 
-        info["start_snr_db"] = snr_db(u, to_device(problem.truth_volume, xp))
+        truth = problem.truth_volume
+        if slabs:  # the SNR of the whole volume, from the slabs' sums
+            info["start_snr_db"] = snr_db(u, to_device(volume.local(truth), xp),
+                                          comm=volume.group if volume.split else None)
+        else:
+            info["start_snr_db"] = snr_db(u, to_device(truth, xp))
     logger.info("2-step start: %.1f s%s", info["start_wall_s"],
                 f"; start {info['start_snr_db']:.2f} dB" if "start_snr_db" in info else "")
     return state, info
