@@ -596,7 +596,8 @@ def test_reconstruct_gpu_slabs_writes_the_numpy_volume(mpi_ranks, device, shared
 def test_default_layout_is_one_slab_per_rank_of_the_node(mpi_ranks, shared_tmp):
     """``reconstruct`` with its default (``auto``) on 2 ranks of one node takes one z-slab
     per rank, with the volume of the replicated layout bit for bit; a run the slab grid
-    refuses (the coarse start) keeps the replicated volume."""
+    refuses (the coarse start) keeps the replicated volume; the 2-step start takes the
+    slabs, with the replicated run's volume."""
     import json
 
     from ptmpi.reconstruct import reconstruct
@@ -609,7 +610,11 @@ def test_default_layout_is_one_slab_per_rank_of_the_node(mpi_ranks, shared_tmp):
     runs = {"auto": ({}, SolverSettings(iterations=6, tol=0)),
             "replicated": ({"slabs": 1}, SolverSettings(iterations=6, tol=0)),
             "coarse": ({}, SolverSettings(iterations=2, tol=0, start="coarse",
-                                          start_iterations=2))}
+                                          start_iterations=2)),
+            "two-step": ({}, SolverSettings(iterations=4, tol=0, start="two-step",
+                                            start_iterations=4)),
+            "two-step-replicated": ({"slabs": 1}, SolverSettings(
+                iterations=4, tol=0, start="two-step", start_iterations=4))}
     for name, (kwargs, settings) in runs.items():
         reconstruct(str(path), str(shared_tmp / f"{name}.h5"), settings, comm, figures=False,
                     **kwargs)
@@ -620,5 +625,8 @@ def test_default_layout_is_one_slab_per_rank_of_the_node(mpi_ranks, shared_tmp):
             with h5py.File(shared_tmp / f"{name}.h5") as f:
                 out[name] = (json.loads(f["entry_1/process_1/parameters"][()])["slabs"],
                              f[VOLUME][()])
-        assert [out[name][0] for name in runs] == [2, 1, 1]
+        assert [out[name][0] for name in runs] == [2, 1, 1, 2, 1]
         assert np.array_equal(out["auto"][1], out["replicated"][1])
+        two, rep = out["two-step"][1], out["two-step-replicated"][1]
+        assert np.linalg.norm(two - rep) <= 1e-6 * np.linalg.norm(rep)
+        assert np.linalg.norm(two - out["auto"][1]) > 1e-3 * np.linalg.norm(rep)
