@@ -669,7 +669,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="--model exp: after --cg-iterations, continue CG until its residual "
                         "is this fraction of the right-hand side, up to 64 iterations "
                         "(default 0: exactly --cg-iterations; 0.2 helps where the joint "
-                        "R-factor stalls far above the initialisation's, see README)")
+                        "R-factor stalls far above the initialisation's, see docs/exp-model.md)")
     p.add_argument("--support", choices=["fov", "none"],
                    help="--model exp: fov (default) keeps u = 0, empty space, on the voxels "
                         "that some angle misses entirely (outside the field of view, about "

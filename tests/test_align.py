@@ -914,7 +914,7 @@ def test_exp_align_on_the_device_path_matches_numpy(monkeypatch):
     monkeypatch.setattr(kernels, "ENABLED", False)  # the same array-module path on both
     data = simulate(drift_settings(1.5, model="exp"))
     # 14 iterations: over longer runs the exp iteration amplifies the rounding in which
-    # the two array modules differ (README, rank independence of the shifts)
+    # the two array modules differ (docs/alignment.md, rank independence of the shifts)
     settings = ExpSolverSettings(iterations=14, init_iterations=20, init_gn_iterations=8,
                                  align=True, align_start=2, align_every=3)
     host, _ = solve_exp(local_problem(data), settings, SerialComm(), dtype=np.complex128)

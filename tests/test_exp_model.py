@@ -209,7 +209,7 @@ def test_exp_apt_reconstructs_a_thick_sample_and_beats_the_linear_model(thick_ca
     assert proj.real.max() > 2.9 * np.pi  # thick: the phase wraps one and a half times
 
     # The model, not the support: this phantom's blurred edge reaches past the field of
-    # view at 32^3 (2.4e-4 of its energy), which the default support sets to 0 (README:
+    # view at 32^3 (2.4e-4 of its energy), which the default support sets to 0 (docs/exp-model.md:
     # R 0.0030 and 37.7 dB with it, 0.0015 and 39.6 dB without).
     state, params = solve_exp(problem_of(data), ExpSolverSettings(iterations=30,
                                                                   support="none"),
@@ -632,14 +632,14 @@ def test_exp_tv_weight_is_capped_by_the_texture_of_the_previous_iterate():
 @pytest.mark.slow
 def test_exp_texture_cap_keeps_the_sample_on_a_sparse_low_dose_scan():
     """The demo geometry (FWHM 4 at step 8) at eta 100: a voxel's noise (0.07 rad) exceeds
-    the sample's typical gradient, and the noise rule alone flattens it (README,
-    Reconstruction: 9.56 against 12.20 dB at 200 iterations)."""
+    the sample's typical gradient, and the noise rule alone flattens it (docs/exp-model.md,
+    Texture cap: 9.56 against 12.20 dB at 200 iterations)."""
     data = simulate(dataclasses.replace(PRESETS["demo"], model="exp", eta=100.0))
     snr = {}
     for factor in (0.25, 0.0):
         # Without the field-of-view support, as measured when the cap came in; with it the
         # cap gains 0.8 dB here (15.53 against 14.74 dB), the support having removed the
-        # halo that the heavier weight had also smoothed (README, Field of view).
+        # halo that the heavier weight had also smoothed (docs/exp-model.md, Field of view).
         state, _ = solve_exp(problem_of(data),
                              ExpSolverSettings(iterations=80, tv_texture_factor=factor,
                                                support="none"),
@@ -693,7 +693,7 @@ def test_exp_solver_keeps_empty_space_outside_the_field_of_view():
 def test_exp_field_of_view_support_gains_on_a_sparse_low_dose_scan():
     """The demo geometry (FWHM 4 at step 8) at eta 100: without the support the volume
     fills the voxels outside the field of view, and a ring around the sample, with a phase
-    the data do not contradict (README: 12.18 against 16.14 dB at 200 iterations)."""
+    the data do not contradict (docs/exp-model.md: 12.18 against 16.14 dB at 200 iterations)."""
     data = simulate(dataclasses.replace(PRESETS["demo"], model="exp", eta=100.0))
     snr = {}
     for support in ("fov", "none"):

@@ -51,8 +51,8 @@ def test_the_exp_final_pass_on_two_ranks_matches_the_serial_run(mpi_ranks):
     Not bit for bit: over these 66 iterations before it the exp iteration amplifies the
     rounding of the sums over ranks (shifts 5e-15 px apart at iteration 10, 5e-8 at 40,
     3e-4 at 66; without --align the volumes are 3e-11 apart at 40 iterations and 7e-5 at
-    100, README "Rank independence of the shifts"), so the volumes end 1.2% apart, the SNR
-    0.05 dB and the R-factor 0.07%."""
+    100, docs/alignment.md "Rank independence of the shifts"), so the volumes end 1.2%
+    apart, the SNR 0.05 dB and the R-factor 0.07%."""
     comm = MPIComm()
     data = comm.bcast(simulate(drift_settings(1.5, model="exp")) if comm.is_root else None)
     settings = ExpSolverSettings(iterations=40, init_iterations=20, init_gn_iterations=8,

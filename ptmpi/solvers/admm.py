@@ -98,7 +98,7 @@ class SolverSettings(AlignOptions):
     iterations: int = 1000
     """Maximum number of outer ADMM iterations (the run stops earlier on convergence,
     ``tol``). 1000 since the TV continuation: noise-free data keep improving long after
-    200, and settle in the second half (README, Reconstruction)."""
+    200, and settle in the second half (docs/solver.md)."""
     tol: float = 1e-4
     """Stop when the relative change ``||u_k - u_{k+1}|| / ||u_{k+1}||`` has stayed below it
     for ``tol_window`` iterations (0: run all ``iterations``)."""
@@ -148,7 +148,7 @@ class SolverSettings(AlignOptions):
     the shrink threshold falls with it. Why: on exact data TV only has to fill what the
     data do not measure; the noise-free weight ``tv_factor * L``, which fills it quickly,
     grows with the length of a ray relative to what one voxel is measured with (``L / d``)
-    and later holds the iterate away from the data (README, Reconstruction: TV
+    and later holds the iterate away from the data (docs/solver.md: TV
     continuation)."""
     tv_continuation_start: int = 100
     """See ``tv_continuation``."""
@@ -165,7 +165,7 @@ class SolverSettings(AlignOptions):
     of half of ``iterations`` and the iteration where the TV continuation reaches its
     floor (or would reach it, where there is none: 330 with the default schedule); before
     it, raising ``r2`` on noise-free data stops their slow approach (1.3-1.7 dB at 200
-    iterations at 128^3, README)."""
+    iterations at 128^3, docs/solver.md)."""
     early_stop: bool | None = None
     """APTs on photon-counting data: stop once the R-factor has stayed more than 1% above its
     minimum for ``penalty_window`` iterations and return the iterate of the minimum (APTs
@@ -185,13 +185,13 @@ class SolverSettings(AlignOptions):
     r2_factor: float = 20.0
     """Default ``r2 = min(r2_default_max, r2_factor d / L)``, ``d`` the mean diagonal of
     ``D^H D`` and ``L`` its norm: 0.1 at 32^3, 0.09 at 48^3, 0.07 at 64^3, 0.035 at 128^3
-    on the paper's geometry (README)."""
+    on the paper's geometry (docs/solver.md)."""
     r2_default_max: float = 0.1
     """See ``r2_factor``: the paper's value, which volumes up to about 48^3 keep."""
     r2_ray_factor: float = 4.8
     """The default ``r2`` is at most ``r2_ray_factor / n``, ``n`` the volume's lateral size
     (0: no such bound): scans that light the angles unlike the paper's grids (dense,
-    overlapping, offset) lower ``L / d`` and would get a larger ``r2`` (README)."""
+    overlapping, offset) lower ``L / d`` and would get a larger ``r2`` (docs/solver.md)."""
     power_iterations: int = 10
     """Power iterations used to estimate ``L``."""
     start: str = "ones"
@@ -309,7 +309,7 @@ def resolve(settings: SolverSettings, norm: float, noise_amplitude: float = 0.0,
             mean_diagonal: float | None = None, width: int = 0) -> dict:
     """The penalties actually used: explicit settings, else the data-scaled defaults.
 
-    Rule (documented in the README):
+    Rule (README, Reconstruction; measured in docs/solver.md):
 
     - ``L = ||D^H D||`` scales with photon count, scan density, angles and size, so a TV
       weight ``tv_factor * L`` keeps the balance of data and regularisation independent
@@ -331,7 +331,7 @@ def resolve(settings: SolverSettings, norm: float, noise_amplitude: float = 0.0,
       volumes up to about 48^3 keep the paper's 0.1. Scans that light the angles unlike
       the paper's lined-up grids (dense, overlapping, offset) have a smaller ``L / d`` at
       the same ray length, and the bound ``r2_ray_factor / n`` (``n = width``, the
-      volume's lateral size) keeps them from a larger ``r2`` (README).
+      volume's lateral size) keeps them from a larger ``r2`` (docs/solver.md).
     """
     apts = settings.algorithm == "apts"
     tv_weight = r1 = 0.0
@@ -817,7 +817,7 @@ def solve(problem: LocalProblem, settings: SolverSettings, comm: Comm,
 
 def explain_r_factor(history: dict, counts: bool) -> None:
     """Log why the R-factor of an APT run on photon counts ends more than 1% above its
-    minimum (README, Reconstruction: the R-factor on sparse, low-dose data): it is an L1
+    minimum (docs/solver.md: the R-factor on sparse, low-dose data): it is an L1
     norm of amplitudes, smallest for a model dark where a pixel expects under about 0.7
     photons, while the solver minimises the likelihood (+ TV), which puts the expected
     count there; the objective's own trend is said beside it."""
@@ -832,5 +832,6 @@ def explain_r_factor(history: dict, counts: bool) -> None:
     logger.info("the R-factor ends %.1f%% above its minimum (%.4g at iteration %d); %s. On "
                 "photon counts the R-factor, an L1 norm of amplitudes, favours models "
                 "darker than the expected counts where pixels see under one photon "
-                "(README: the R-factor on sparse, low-dose data)", 100 * (r[-1] / min(r) - 1),
+                "(docs/solver.md: the R-factor on sparse, low-dose data)",
+                100 * (r[-1] / min(r) - 1),
                 min(r), history["iteration"][k], trend, extra=REPLICATED)

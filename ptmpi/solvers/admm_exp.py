@@ -32,7 +32,7 @@ its Gauss-Newton steps (8 CG each) are its regularisation: :func:`init_gn_steps`
 the more so the wider the volume: with 20 steps at 128^3 the joint iterations stalled
 with the error in those frequencies (default exp geometry, noise-free: 10.5 dB; 80
 steps: 18.3 dB; 128^3 at eta 100: -4.7 against 12.0 dB), while at 32^3 60 steps cost the
-low-dose cases 0.6-1.1 dB (README, The exponential model).
+low-dose cases 0.6-1.1 dB (docs/exp-model.md).
 
 One joint iteration:
 
@@ -73,7 +73,7 @@ the volume: 117 on the 32^3 demo, which keeps the paper's 0.1, 292 at 64^3 and 5
 128^3 in the paper geometry, 0.069 and 0.035; measured: +0.5 / +1.0 dB at 64^3 eta 100 /
 noise-free, 18.29 -> 20.67 dB on the 128^3 default geometry, every 32^3-48^3 case
 unchanged; the bound ``4.8 / n`` for scans lit unlike the paper's grids, e.g. the
-overlapping 128^3 scans, 0.082 -> 0.0375; README, The exponential model);
+overlapping 128^3 scans, 0.082 -> 0.0375; docs/exp-model.md);
 ``rho = rho_factor * r2 * max W`` (2: the psi-step weighs the tomography twice the
 brightest-lit data; 0.5 and 5 converged more slowly or unevenly on
 the 3 pi case); ``L = rho ||sum_t P_t^H P_t||`` is the curvature of the u-subproblem at
@@ -105,7 +105,7 @@ most ``tv_texture_factor * d * g``, ``g`` the mean ``|grad u|`` of the previous 
 on any data (on noise-free data the cap only acted on the sparse 64^3 scan, +0.4 dB).
 That is a fixed point of the iteration, not a tuned constant per case: a weight that
 flattens ``u`` lowers ``g`` and with it the cap, and the cap never exceeds the noise rule.
-Measured (README, Reconstruction): +2.4 to +2.7 dB on the demo's six seeds, +3.4 dB on
+Measured (docs/exp-model.md, Texture cap): +2.4 to +2.7 dB on the demo's six seeds, +3.4 dB on
 64^3 at FWHM 7 / step 16, +0.4 dB at FWHM 6 and on the thick 48^3 spiral, -0.2 dB on
 the 32^3 3 pi spiral at eta 100, unchanged where the noise is below the texture. Until
 this rule the term was ``tv_noise_factor * sigma^2`` with 4, then 12: one weight for
@@ -136,7 +136,7 @@ Im u >= 0`` is held) ended lower (demo 13.52 dB, 3 pi spiral at eta 100 19.23 ag
 23.34 dB): the other voxels then take up the per-angle phase. Cost: a sample reaching
 past the field of view is cut there (the 32^3 3 pi phantom's smoothed edge, 2.4e-4 of its
 energy: 37.65 against 39.55 dB after 30 noise-free iterations); ``support="none"`` is for
-such samples. README, The exponential model, has the table.
+such samples. docs/exp-model.md has the table.
 
 Penalty continuation (``adapt_penalties``, on by default): when successive steps of
 ``u`` point back and forth (mean cosine below ``-0.3`` over 10 iterations) and the
@@ -281,10 +281,10 @@ class ExpSolverSettings(AlignOptions):
     most ``cg_tol`` times the right-hand side's norm, up to ``cg_max_iterations``, in the
     initialisation's phase-gradient tomography and in the joint u-step (0: exactly
     ``cg_iterations``). Not the default: 8 steps leave 0.15-0.2 of the residual on the
-    32^3 demo and 0.3-0.65 at 128^3, but solving closer changed results both ways (README,
-    "Low dose at 128^3"): 0.2 rescues a low-dose 128^3 case whose joint iterations stall
-    from the looser start (-5.6 to 11.5 dB) and costs 4 dB on the same geometry at higher
-    doses."""
+    32^3 demo and 0.3-0.65 at 128^3, but solving closer changed results both ways
+    (docs/exp-model.md, "Low dose at 128^3"): 0.2 rescues a low-dose 128^3 case whose
+    joint iterations stall from the looser start (-5.6 to 11.5 dB) and costs 4 dB on the
+    same geometry at higher doses."""
     cg_max_iterations: int = 64
     """Upper bound on the CG iterations of one Gauss-Newton step with ``cg_tol``."""
     gn_iterations: int = 1
@@ -1022,7 +1022,7 @@ def solve_exp(problem: LocalProblem, settings: ExpSolverSettings, comm: SerialCo
 #: work end at 0.09-1.09 times it (eleven cases from 32^3 to 128^3, noise-free to eta 100;
 #: replayed on their histories, the rule never fires), and the three 128^3 ones fall by
 #: 12-108% over iterations 30-50; the low-dose 128^3 case that fails sits at 1.84 times it
-#: and fell by 0.05% over those (README, "Low dose at 128^3").
+#: and fell by 0.05% over those (docs/exp-model.md, "Low dose at 128^3").
 STALL_RATIO = 1.25
 STALL_DROP = 0.02
 STALL_WINDOW = 20
@@ -1046,6 +1046,6 @@ def warn_if_stalled(state: ExpADMMState, settings: ExpSolverSettings) -> None:
     logger.warning(
         "iteration %d: the joint R-factor, %.4g, is %.2g times the %.4g of the "
         "initialisation's per-angle ptychography and fell by %.2g%% over the last %d "
-        "iterations: the joint iterations are not descending on the data%s (README, The "
-        "exponential model: low dose at 128^3)", state.iteration, now, now / start, start,
+        "iterations: the joint iterations are not descending on the data%s (docs/exp-model.md: "
+        "low dose at 128^3)", state.iteration, now, now / start, start,
         100 * (then - now) / now, STALL_WINDOW, hint, extra=REPLICATED)

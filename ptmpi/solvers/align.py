@@ -73,8 +73,8 @@ state with their frames out of the likelihood (:meth:`Aligner.left_out_frames`) 
 (:meth:`Aligner.refit`; there -3.169 px against the true -3.176). Where a shift moves by
 more than ``confirm_px``, the solver restarts with every angle at the new shifts, which
 gets the whole budget again (24.8 dB); where none does, the check was a false alarm and
-the run goes on from its own state, as if it had not happened. README: the cases
-measured and how the factor was chosen.
+the run goes on from its own state, as if it had not happened. docs/alignment.md: the
+cases measured and how the factor was chosen.
 
 **Penalties at a restart (exp model).** Every restart sets the penalty raises back (a raise
 before it used to survive it) and takes the penalties of the positions it restarts from,
@@ -161,7 +161,7 @@ There the shifts leave even a start at the true positions (0.6-0.85 px on three 
 mean rule): the rows between the spots are barely constrained by the data, and a row
 shift trades against them. Fewer or smaller Gauss-Newton steps, more early restarts,
 updates every iteration or only once the volume changes slowly, the ``zero`` gauge: no
-gain (README).
+gain (docs/alignment.md).
 
 **Probe modes.** With ``K`` incoherent modes (:mod:`ptmpi.operators.modes`) the misfit is
 that of the model modulus ``sqrt(sum_k |D_k|^2)``, whose derivative along a shift is
@@ -668,13 +668,13 @@ class Aligner:
         # Shifts that keep moving by noise never settle: after two thirds of the budget
         # the restart is taken anyway (exp demo, eta 100, drift 4, seed 1: 0.06-0.1 px
         # RMS per update to the end, 4.94 dB against 8.85 drift-free without it; at half
-        # the budget it cut short settling shifts on seeds 0 and 2, README).
+        # the budget it cut short settling shifts on seeds 0 and 2, docs/alignment.md).
         # (and at least 10 updates: a few cannot tell noise from settling).
         late = (bool(s.budget) and 3 * iteration >= 2 * s.budget
                 and (iteration - s.start) // s.every >= 10)
         # After an early restart the volume was rebuilt while the shifts still moved: the
         # settled restart is then due even where they end near where they started
-        # (drift-free 128^3 data with --align: 14.5 dB without it, README).
+        # (drift-free 128^3 data with --align: 14.5 dB without it, docs/alignment.md).
         self.restart = bool(s.restart_px > 0 and not self.restarted and (
             ((moved > s.restart_px or early > 0) and (largest < s.settle_px or late))
             or (early < s.early_restarts and since > s.restart_px)))

@@ -23,8 +23,9 @@ projection (``L / d`` grows with the path length: 179 at 48 x 48 x 32, 577 at 12
 while the threshold acts on single voxels. The noise-free term ``tv_factor * L`` keeps the
 balance of data and TV fixed where there is no noise.
 
-``tv_noise_factor`` was calibrated on one 48 x 48 x 32 geometry at three doses (README,
-Reconstruction); the rule was then checked at 64^3 and on the paper's 128^3 noisy cases.
+``tv_noise_factor`` was calibrated on one 48 x 48 x 32 geometry at three doses
+(docs/solver.md: TV weight against the best fixed weight); the rule was then checked at
+64^3 and on the paper's 128^3 noisy cases.
 """
 
 from __future__ import annotations
@@ -70,7 +71,7 @@ def default_r2(r2_factor: float, r2_default_max: float, norm: float, mean_diagon
     up across the angles ``L / d`` grows with the length of a ray, and ``r2_factor d / L``
     is close to ``4.4 / n``; grids that do not (dense, overlapping, offset, jittered or
     spiral scans) lower ``L / d``, and ``ray_factor / n`` bounds the ``r2`` they would
-    get (README, Reconstruction: the ``r2`` rule)."""
+    get (docs/solver.md: the ``r2`` rule)."""
     r2 = min(r2_default_max, r2_factor * mean_diagonal / norm)
     ray = ray_factor > 0 and width > 0
     if ray:

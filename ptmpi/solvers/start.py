@@ -7,7 +7,7 @@ projection by one complex factor, then least-squares tomography: the ``--algorit
 two-step`` pipeline) and starts from its volume with ``z = D u``, ``p = grad u`` and both
 multipliers 0. On the paper's step 32 / 12 angles at 128^3 the 2-step volume scores 18.4
 dB after about 2 s (2 ranks), and APT from it reaches 21 dB after 50 iterations instead
-of 78 (README, Reconstruction: Starting point).
+of 78 (docs/solver.md: Starting point).
 
 ``coarse`` solves the same problem on a volume of half the size and interpolates the
 result as the start at full size. The coarse problem is made from the data themselves,
