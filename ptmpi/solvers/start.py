@@ -170,26 +170,32 @@ def coarse_problem(problem):
     )
 
 
-def start_state(u, omega, problem, settings, comm, layout=None):
+def data_term(problem, omega, comm, layout=None, *, xp=np, dtype=np.complex64):
+    """The data term of ``problem`` with the probe ``omega``: :class:`DataTerm` (replicated
+    volume), or on the angle x slab grid ``layout`` of more than one slab its
+    :class:`~ptmpi.parallel.slab_data_term.SlabDataTerm`."""
+    if layout is not None and layout.n_slabs > 1:
+        from ptmpi.parallel.slab_data_term import SlabDataTerm
+
+        return SlabDataTerm(layout, problem.volume_shape, problem.theta_local, omega,
+                            problem.positions_local, problem.frame_offset_local, xp=xp,
+                            dtype=dtype)
+    return DataTerm(problem.volume_shape, problem.theta_local, omega, problem.positions_local,
+                    problem.frame_offset_local, comm, xp=xp, dtype=dtype)
+
+
+def start_state(u, omega, problem, settings, comm, layout=None, data=None):
     """The paper's initialisation at the volume ``u`` (full size, on the device of the
     run; with ``layout``, the angle x slab grid of more than one slab, this rank's z-slab)
-    and probe ``omega``: ``z = D u``, ``p = grad u`` (APT), both multipliers 0."""
+    and probe ``omega``: ``z = D u``, ``p = grad u`` (APT), both multipliers 0. ``data``:
+    the :func:`data_term` of ``problem`` and ``omega`` where the caller has it."""
+    from ptmpi.parallel.volume import SlabGradient
     from ptmpi.solvers.admm import ADMMState
 
     xp = get_xp(u)
-    if layout is not None and layout.n_slabs > 1:
-        from ptmpi.parallel.slab_data_term import SlabDataTerm
-        from ptmpi.parallel.volume import SlabGradient
-
-        data = SlabDataTerm(layout, problem.volume_shape, problem.theta_local, omega,
-                            problem.positions_local, problem.frame_offset_local, xp=xp,
-                            dtype=u.dtype)
-        grad = SlabGradient(data.volume)
-    else:
-        data = DataTerm(problem.volume_shape, problem.theta_local, omega,
-                        problem.positions_local, problem.frame_offset_local, comm, xp=xp,
-                        dtype=u.dtype)
-        grad = Gradient(u.shape)
+    if data is None:
+        data = data_term(problem, omega, comm, layout, xp=xp, dtype=u.dtype)
+    grad = Gradient(u.shape) if isinstance(data, DataTerm) else SlabGradient(data.volume)
     z = data.fwd(u)
     apt = settings.algorithm == "apt"
     return ADMMState(u=u, z_local=z, lam2_local=xp.zeros_like(z),
@@ -265,7 +271,6 @@ def two_step_start(problem, settings, comm, *, xp=np, dtype=np.complex64, layout
     angles are transposed to slab rows (as the slab data term's projections are) and the
     tomography is solved slab by slab (the projection is slice-separable), the state
     returned on this rank's slab."""
-    from ptmpi.operators.tomo import Projector
     from ptmpi.solvers.ptycho2d import (
         Ptycho2DSettings,
         align_global_factor,
@@ -274,18 +279,16 @@ def two_step_start(problem, settings, comm, *, xp=np, dtype=np.complex64, layout
     )
 
     t0 = time.perf_counter()
-    slabs = layout is not None and layout.n_slabs > 1
+    omega = to_device(problem.probe, xp).astype(dtype)
+    data = data_term(problem, omega, comm, layout, xp=xp, dtype=dtype)
+    slabs = not isinstance(data, DataTerm)
     if slabs:
-        from ptmpi.parallel.slab_data_term import SlabDataTerm, to_slabs
+        from ptmpi.parallel.slab_data_term import to_slabs
 
-        data = SlabDataTerm(layout, problem.volume_shape, problem.theta_local,
-                            to_device(problem.probe, xp).astype(dtype),
-                            problem.positions_local, problem.frame_offset_local, xp=xp,
-                            dtype=dtype)
         volume = data.volume
         empty = data.project(xp.ones(volume.local_shape, dtype=dtype))
     else:
-        projector = Projector(tuple(problem.volume_shape), problem.theta_local, dtype)
+        projector = data.model.projector
         empty = projector.fwd(xp.ones(tuple(problem.volume_shape), dtype=dtype))
     ptycho = Ptycho2DSettings(iterations=settings.start_iterations,
                               likelihood=settings.likelihood)
@@ -301,8 +304,7 @@ def two_step_start(problem, settings, comm, *, xp=np, dtype=np.complex64, layout
                           space=volume).astype(dtype)
     else:
         u = tomography_cg(projector, images, comm, ptycho.tomo_iterations).astype(dtype)
-    state = start_state(u, to_device(problem.probe, xp).astype(dtype), problem, settings,
-                        comm, layout=layout)
+    state = start_state(u, omega, problem, settings, comm, layout=layout, data=data)
     info = {"start": "two-step", "start_iterations_done": int(ptycho.iterations),
             "start_wall_s": time.perf_counter() - t0}
     if problem.truth_volume is not None:
