@@ -443,6 +443,34 @@ def _int_list(text: str, flag: str) -> list[int]:
     return values
 
 
+def _bench_to_snr(args, comm: Comm, sizes, xp) -> int:
+    """``ptmpi bench --to-snr DB`` (:mod:`ptmpi.bench.convergence`)."""
+    import numpy as np
+
+    from ptmpi.bench import BenchCase, write_json
+    from ptmpi.bench.convergence import STARTS, format_to_snr, time_to_snr
+
+    starts = [s.strip() for s in args.starts.split(",") if s.strip()]
+    if not starts or any(s not in STARTS for s in starts):
+        raise UserError(f"--starts must list some of {', '.join(STARTS)}, got {args.starts!r}")
+    if args.slabs < 1 or comm.size % args.slabs:
+        raise UserError(f"--slabs {args.slabs}: must divide the rank count ({comm.size})")
+    if args.algorithm != "apt":
+        raise UserError("--to-snr times APT (--algorithm apt)")
+    results = []
+    for n in sizes:
+        result = time_to_snr(BenchCase(n=n, angles=args.angles, step=args.step),
+                             args.to_snr, starts, args.repeat, comm, xp=xp,
+                             dtype=np.complex128 if args.double else np.complex64,
+                             slabs=args.slabs, max_iterations=args.max_iterations)
+        results.append(result)
+        if comm.is_root:
+            print(format_to_snr(result))
+    if comm.is_root and args.json:
+        write_json({"to_snr": results}, args.json)
+    return 0
+
+
 def cmd_bench(args, comm: Comm) -> int:
     import numpy as np
 
@@ -480,6 +508,8 @@ def cmd_bench(args, comm: Comm) -> int:
             raise UserError(str(exc)) from exc
         if args.gpu:
             select_device(comm.local_rank)
+        if args.to_snr is not None:
+            return _bench_to_snr(args, comm, sizes, xp)
         if args.slabs < 1 or comm.size % args.slabs or (args.slabs > 1 and (
                 not args.iteration_only or args.gpu)):
             raise UserError(f"--slabs {args.slabs}: must divide the rank count ({comm.size}); "
@@ -770,7 +800,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--iteration-only", action="store_true",
                    help="time only the iteration (used by --scaling)")
     p.add_argument("--slabs", type=int, default=1,
-                   help="z-slabs of the angle x slab grid (with --iteration-only; default 1)")
+                   help="z-slabs of the angle x slab grid (with --iteration-only or --to-snr; "
+                        "default 1)")
     p.add_argument("--scaling", action="store_true",
                    help="strong and weak scaling over --ranks, replicated (--slabs 1) and "
                         "one slab per rank (--slabs P) (run as one process)")
@@ -784,6 +815,13 @@ def build_parser() -> argparse.ArgumentParser:
                    help="angles of the strong-scaling case (default 48)")
     p.add_argument("--weak-angles", type=int, default=12,
                    help="angles per rank of the weak-scaling case (default 12)")
+    p.add_argument("--to-snr", type=float, metavar="DB",
+                   help="instead: iterations and wall time for APT (reconstruct's defaults) "
+                        "to reach this SNR on the noise-free case of each size, per start")
+    p.add_argument("--starts", default="ones,two-step",
+                   help="--to-snr: the starts to time (default ones,two-step)")
+    p.add_argument("--max-iterations", type=_POSITIVE_INT, default=1000,
+                   help="--to-snr: give up after this many iterations (default 1000)")
     p.add_argument("--double", action="store_true", help="complex128 instead of complex64")
     p.add_argument("--gpu", action="store_true", help="one GPU per rank (CuPy)")
     p.set_defaults(func=cmd_bench)

@@ -325,3 +325,73 @@ def test_exp_and_gpu_dry_run_plans(tmp_path, capsys):
     assert f"input {format_bytes(device['input'])}, plus the process itself" in text
     assert "22 MiB for the first solve" in text  # no compiled kernels on the GPU
     assert not out.exists()
+
+
+# ---------------------------------------------------------------- bench --to-snr
+
+TO_SNR = BenchCase(n=32, angles=8)
+
+
+def _first_at(snr, target):
+    """The first iteration (counted from 1) whose SNR reaches ``target``."""
+    snr = np.asarray(snr)
+    return int(np.argmax(snr >= target)) + 1
+
+
+def test_to_snr_stops_at_the_first_iteration_that_reaches_the_target():
+    """Each start stops at the iteration where the same run without the bench first
+    reaches the target; a target out of reach is reported as not reached."""
+    import dataclasses
+
+    from ptmpi.bench import _local_problem
+    from ptmpi.bench.convergence import time_to_snr
+    from ptmpi.solvers.admm import SolverSettings, solve
+    from ptmpi.solvers.start import two_step_start
+
+    comm = SerialComm()
+    result = time_to_snr(TO_SNR, 18.0, ("ones", "two-step"), 2, comm, max_iterations=60)
+    problem, volume = _local_problem(TO_SNR, comm, np.complex64)
+    problem = dataclasses.replace(problem, truth_volume=volume)
+    rows = {row["start"]: row for row in result["starts"]}
+    for start in ("ones", "two-step"):
+        settings = SolverSettings(iterations=60, tol=0, start=start)
+        state = two_step_start(problem, settings, comm)[0] if start == "two-step" else None
+        snr = solve(problem, settings, comm, state=state)[0].history["snr_db"]
+        row = rows[start]
+        assert row["iterations"] == _first_at(snr, 18.0), start
+        assert [r["iterations"] for r in row["runs"]] == [row["iterations"]] * 2
+        assert row["snr_db"] == pytest.approx(snr[row["iterations"] - 1], abs=1e-9)
+        assert row["total_s"] >= row["wall_s"] > 0
+    assert rows["two-step"]["start_s"] > 0 and rows["ones"]["start_s"] == 0
+    assert rows["two-step"]["iterations"] < rows["ones"]["iterations"]
+    far = time_to_snr(TO_SNR, 60.0, ("ones",), 1, comm, max_iterations=3)["starts"][0]
+    assert far["iterations"] is None and far["runs"][0]["snr_db"] < 60
+
+
+def test_bench_to_snr_command_prints_a_table_and_refuses_bad_starts(tmp_path, capsys):
+    out = tmp_path / "to-snr.json"
+    assert main(["bench", "--to-snr", "18", "--sizes", "32", "--angles", "8", "--repeat",
+                 "1", "--starts", "two-step", "--json", str(out)]) == 0
+    text = capsys.readouterr().out
+    assert "APT to 18 dB" in text and "two-step" in text
+    row = json.loads(out.read_text())["to_snr"][0]["starts"][0]
+    assert row["start"] == "two-step" and row["iterations"] >= 1
+    assert main(["bench", "--to-snr", "18", "--sizes", "32", "--starts", "coarse"]) == 1
+    assert "--starts must list some of ones, two-step" in capsys.readouterr().err
+
+
+@pytest.mark.mpi(ranks=[2], timeout=180, unit="s")
+def test_to_snr_on_two_ranks_and_slabs_stops_where_one_rank_does(mpi_ranks):
+    from ptmpi.bench.convergence import time_to_snr
+    from ptmpi.parallel import MPIComm
+
+    comm = MPIComm()
+    serial = time_to_snr(TO_SNR, 18.0, ("ones", "two-step"), 1, SerialComm(),
+                         max_iterations=60)
+    for slabs in (1, 2):
+        result = time_to_snr(TO_SNR, 18.0, ("ones", "two-step"), 1, comm, slabs=slabs,
+                             max_iterations=60)
+        assert result["ranks"] == 2 and result["slabs"] == slabs
+        for row, ref in zip(result["starts"], serial["starts"], strict=True):
+            assert row["iterations"] == ref["iterations"], (slabs, row["start"])
+            assert row["snr_db"] == pytest.approx(ref["snr_db"], abs=1e-4)
