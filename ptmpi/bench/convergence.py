@@ -53,6 +53,7 @@ def time_to_snr(case, target_db: float, starts, repeat: int, comm, *, xp=np,
         from ptmpi.parallel.slab_data_term import SlabGrid
 
         layout = SlabGrid(comm, slabs)
+    grid = {"layout": layout} if layout else {}
     rows = []
     for start in starts:
         if start not in STARTS:
@@ -60,11 +61,15 @@ def time_to_snr(case, target_db: float, starts, repeat: int, comm, *, xp=np,
         # reconstruct's defaults (its iteration budget too, which sets where r2 starts to
         # settle), --tol 0; the bench stops the run itself
         settings = SolverSettings(algorithm=case.algorithm, tol=0, start=start)
+
+        def begin(settings_, start=start):
+            """The start's state (None: ``u = 1``, which ``solve`` builds)."""
+            return (two_step_start(problem, settings_, comm, xp=xp, dtype=dtype,
+                                   layout=layout)[0] if start == "two-step" else None)
+
         # warm-up (compiled kernels, FFT plans), untimed: the start and 2 iterations
         warm = dataclasses.replace(settings, iterations=2)
-        solve(problem, warm, comm, xp=xp, dtype=dtype, state=two_step_start(
-            problem, warm, comm, xp=xp, dtype=dtype, layout=layout)[0]
-              if start == "two-step" else None, **({"layout": layout} if layout else {}))
+        solve(problem, warm, comm, xp=xp, dtype=dtype, state=begin(warm), **grid)
         runs = []
         for _ in range(repeat):
             reached = {}
@@ -77,15 +82,12 @@ def time_to_snr(case, target_db: float, starts, repeat: int, comm, *, xp=np,
 
             comm.barrier()
             t0 = time.perf_counter()
-            state, start_s = None, 0.0
-            if start == "two-step":
-                state, _ = two_step_start(problem, settings, comm, xp=xp, dtype=dtype,
-                                          layout=layout)
-                start_s = time.perf_counter() - t0
+            state = begin(settings)
+            start_s = time.perf_counter() - t0 if state is not None else 0.0
             hit = False
             try:
                 solve(problem, settings, comm, xp=xp, dtype=dtype, state=state,
-                      callback=stop_at_target, **({"layout": layout} if layout else {}))
+                      callback=stop_at_target, **grid)
             except _Stop as stop:
                 hit = stop.hit
             total = time.perf_counter() - t0
