@@ -36,12 +36,13 @@ from ptmpi.operators.tomo import Projector
 from ptmpi.parallel.comm import Comm
 from ptmpi.parallel.data_term import (
     WIDE,
+    DataTerm,
     FrameReductions,
     SumBuffer,
     probe_from_views,
     reduced_sum,
 )
-from ptmpi.parallel.volume import VolumeSpace
+from ptmpi.parallel.volume import SlabGradient, VolumeSpace
 
 
 class SlabGrid:
@@ -222,6 +223,27 @@ class SlabDataTerm(FrameReductions):
             omega = guard_probe(omega)
         self.set_probe(omega)
         return omega
+
+
+def layout_terms(problem, probe, comm: Comm, layout: SlabGrid | None = None, *, xp=np,
+                 dtype=np.complex64):
+    """The data term of ``problem`` (a :class:`~ptmpi.solvers.admm.LocalProblem`) with the
+    probe ``probe``, its volume space and its gradient, for ``layout``: on the angle x slab
+    grid of more than one slab :class:`SlabDataTerm`, the slab's
+    :class:`~ptmpi.parallel.volume.VolumeSpace` and a
+    :class:`~ptmpi.parallel.volume.SlabGradient`; otherwise (None, or one slab)
+    :class:`~ptmpi.parallel.data_term.DataTerm` on ``comm``, the whole volume and its
+    :class:`~ptmpi.operators.grad.Gradient`."""
+    from ptmpi.operators.grad import Gradient
+
+    if layout is not None and layout.n_slabs > 1:
+        data = SlabDataTerm(layout, problem.volume_shape, problem.theta_local, probe,
+                            problem.positions_local, problem.frame_offset_local, xp=xp,
+                            dtype=dtype)
+        return data, data.volume, SlabGradient(data.volume)
+    data = DataTerm(problem.volume_shape, problem.theta_local, probe, problem.positions_local,
+                    problem.frame_offset_local, comm, xp=xp, dtype=dtype)
+    return data, VolumeSpace(problem.volume_shape), Gradient(problem.volume_shape)
 
 
 def random_slab(shape, z0: int, z1: int, seed: int = 0):

@@ -57,12 +57,12 @@ from ptmpi.backend import real_dtype, synchronize, to_device, to_host
 from ptmpi.mask import valid_only
 from ptmpi.metrics import r_factor_sums, r_factor_value
 from ptmpi.operators import kernels
-from ptmpi.operators.grad import Gradient
 from ptmpi.operators.modes import mix_modes, modulus, solver_modes
 from ptmpi.operators.ptycho import guard_probe, is_guarded
 from ptmpi.parallel.comm import Comm
 from ptmpi.parallel.data_term import DataTerm, probe_from_views  # noqa: F401
-from ptmpi.parallel.volume import SlabGradient, VolumeSpace
+from ptmpi.parallel.slab_data_term import layout_terms
+from ptmpi.parallel.volume import VolumeSpace
 from ptmpi.progress import REPLICATED
 from ptmpi.solvers.align import (
     AlignOptions,
@@ -534,20 +534,7 @@ def solve(problem: LocalProblem, settings: SolverSettings, comm: Comm,
     probe = solver_modes(probe, n_modes)
     # --align with a guarded probe: every probe update keeps the guard (align.py notes)
     guard = settings.align and is_guarded(problem.probe)
-    if layout is not None and layout.n_slabs > 1:
-        from ptmpi.parallel.slab_data_term import SlabDataTerm
-
-        data = SlabDataTerm(layout, problem.volume_shape, problem.theta_local, probe,
-                            problem.positions_local, problem.frame_offset_local, xp=xp,
-                            dtype=dtype)
-        volume = data.volume
-        grad = SlabGradient(volume)
-    else:
-        data = DataTerm(problem.volume_shape, problem.theta_local, probe,
-                        problem.positions_local, problem.frame_offset_local, comm, xp=xp,
-                        dtype=dtype)
-        volume = VolumeSpace(problem.volume_shape)
-        grad = Gradient(problem.volume_shape)
+    data, volume, grad = layout_terms(problem, probe, comm, layout, xp=xp, dtype=dtype)
     valid_all = None if problem.valid_local is None else to_device(problem.valid_local, xp)
     f_all = valid_only(to_device(problem.f_local, xp).astype(rdtype), valid_all)
     sqrt_f_all = xp.sqrt(f_all)

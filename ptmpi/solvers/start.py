@@ -48,8 +48,6 @@ import time
 import numpy as np
 
 from ptmpi.backend import get_xp, to_device
-from ptmpi.operators.grad import Gradient
-from ptmpi.parallel.data_term import DataTerm
 
 logger = logging.getLogger(__name__)
 
@@ -170,32 +168,17 @@ def coarse_problem(problem):
     )
 
 
-def data_term(problem, omega, comm, layout=None, *, xp=np, dtype=np.complex64):
-    """The data term of ``problem`` with the probe ``omega``: :class:`DataTerm` (replicated
-    volume), or on the angle x slab grid ``layout`` of more than one slab its
-    :class:`~ptmpi.parallel.slab_data_term.SlabDataTerm`."""
-    if layout is not None and layout.n_slabs > 1:
-        from ptmpi.parallel.slab_data_term import SlabDataTerm
-
-        return SlabDataTerm(layout, problem.volume_shape, problem.theta_local, omega,
-                            problem.positions_local, problem.frame_offset_local, xp=xp,
-                            dtype=dtype)
-    return DataTerm(problem.volume_shape, problem.theta_local, omega, problem.positions_local,
-                    problem.frame_offset_local, comm, xp=xp, dtype=dtype)
-
-
-def start_state(u, omega, problem, settings, comm, layout=None, data=None):
+def start_state(u, omega, problem, settings, comm, layout=None, terms=None):
     """The paper's initialisation at the volume ``u`` (full size, on the device of the
     run; with ``layout``, the angle x slab grid of more than one slab, this rank's z-slab)
-    and probe ``omega``: ``z = D u``, ``p = grad u`` (APT), both multipliers 0. ``data``:
-    the :func:`data_term` of ``problem`` and ``omega`` where the caller has it."""
-    from ptmpi.parallel.volume import SlabGradient
+    and probe ``omega``: ``z = D u``, ``p = grad u`` (APT), both multipliers 0. ``terms``:
+    the :func:`~ptmpi.parallel.slab_data_term.layout_terms` of ``problem`` and ``omega``
+    where the caller has them."""
+    from ptmpi.parallel.slab_data_term import layout_terms
     from ptmpi.solvers.admm import ADMMState
 
     xp = get_xp(u)
-    if data is None:
-        data = data_term(problem, omega, comm, layout, xp=xp, dtype=u.dtype)
-    grad = Gradient(u.shape) if isinstance(data, DataTerm) else SlabGradient(data.volume)
+    data, _, grad = terms or layout_terms(problem, omega, comm, layout, xp=xp, dtype=u.dtype)
     z = data.fwd(u)
     apt = settings.algorithm == "apt"
     return ADMMState(u=u, z_local=z, lam2_local=xp.zeros_like(z),
@@ -279,17 +262,15 @@ def two_step_start(problem, settings, comm, *, xp=np, dtype=np.complex64, layout
     )
 
     t0 = time.perf_counter()
-    omega = to_device(problem.probe, xp).astype(dtype)
-    data = data_term(problem, omega, comm, layout, xp=xp, dtype=dtype)
-    slabs = not isinstance(data, DataTerm)
-    if slabs:
-        from ptmpi.parallel.slab_data_term import to_slabs
+    from ptmpi.parallel.slab_data_term import layout_terms, to_slabs
 
-        volume = data.volume
-        empty = data.project(xp.ones(volume.local_shape, dtype=dtype))
-    else:
-        projector = data.model.projector
-        empty = projector.fwd(xp.ones(tuple(problem.volume_shape), dtype=dtype))
+    omega = to_device(problem.probe, xp).astype(dtype)
+    terms = layout_terms(problem, omega, comm, layout, xp=xp, dtype=dtype)
+    data, volume = terms[:2]
+    slabs = volume.split
+    # the empty sample's projections of this rank's angles (full height)
+    empty = (data.project if slabs else data.model.projector.fwd)(
+        xp.ones(volume.local_shape, dtype=dtype))
     ptycho = Ptycho2DSettings(iterations=settings.start_iterations,
                               likelihood=settings.likelihood)
     logger.info("2-step start: per-angle ptychography, %d iterations, then %d CG "
@@ -303,19 +284,17 @@ def two_step_start(problem, settings, comm, *, xp=np, dtype=np.complex64, layout
         u = tomography_cg(data.projector, rows, layout.slab_comm, ptycho.tomo_iterations,
                           space=volume).astype(dtype)
     else:
-        u = tomography_cg(projector, images, comm, ptycho.tomo_iterations).astype(dtype)
-    state = start_state(u, omega, problem, settings, comm, layout=layout, data=data)
+        u = tomography_cg(data.model.projector, images, comm,
+                          ptycho.tomo_iterations).astype(dtype)
+    state = start_state(u, omega, problem, settings, comm, layout=layout, terms=terms)
     info = {"start": "two-step", "start_iterations_done": int(ptycho.iterations),
             "start_wall_s": time.perf_counter() - t0}
     if problem.truth_volume is not None:
         from ptmpi.metrics import snr_db
 
-        truth = problem.truth_volume
-        if slabs:  # the SNR of the whole volume, from the slabs' sums
-            info["start_snr_db"] = snr_db(u, to_device(volume.local(truth), xp),
-                                          comm=volume.group if volume.split else None)
-        else:
-            info["start_snr_db"] = snr_db(u, to_device(truth, xp))
+        # the SNR of the whole volume (from the slabs' sums where it is split)
+        info["start_snr_db"] = snr_db(u, to_device(volume.local(problem.truth_volume), xp),
+                                      comm=volume.group if slabs else None)
     logger.info("2-step start: %.1f s%s", info["start_wall_s"],
                 f"; start {info['start_snr_db']:.2f} dB" if "start_snr_db" in info else "")
     return state, info
