@@ -131,12 +131,13 @@ def save_images(path: Path, images: np.ndarray, probe: np.ndarray, title: str = 
     plt.close(fig)
 
 
-def save_shifts(path: Path, angles_deg, shifts, truth=None) -> None:
+def save_shifts(path: Path, angles_deg, shifts, truth=None, std=None) -> None:
     """Per-angle shifts ``(A, 2)`` (row, col) in pixels against the angle (``--align``).
 
     With ``truth`` (simulated drift) the true shifts are drawn beside them, with their
     unobservable part (:func:`ptmpi.solvers.align.unobservable_part`) replaced by that of
-    ``shifts``, so that both follow the same convention.
+    ``shifts``, so that both follow the same convention. ``std`` ``(A, 2)``: error bars of
+    one standard error (the Cramer-Rao bound of the run's output).
     """
     from ptmpi.solvers.align import remove_unobservable
 
@@ -147,6 +148,11 @@ def save_shifts(path: Path, angles_deg, shifts, truth=None) -> None:
     fig, ax = plt.subplots(figsize=(5, 3))
     for k, (label, colour) in enumerate((("row", "C0"), ("column", "C1"))):
         ax.plot(angles_deg[order], shifts[order, k], "o-", color=colour, label=label)
+        if std is not None:
+            bars = np.asarray(std, dtype=np.float64).reshape(-1, 2)[order, k]
+            ax.errorbar(angles_deg[order], shifts[order, k],
+                        yerr=np.where(np.isfinite(bars), bars, 0), fmt="none", ecolor=colour,
+                        capsize=2, lw=1)
         if truth is not None:
             theta = np.deg2rad(angles_deg)
             ref = remove_unobservable(truth, theta) + shifts - remove_unobservable(shifts,
@@ -155,7 +161,9 @@ def save_shifts(path: Path, angles_deg, shifts, truth=None) -> None:
                     label=f"{label}, truth")
     ax.set_xlabel("angle (deg)")
     ax.set_ylabel("shift (px)")
-    ax.set_title("per-angle shifts (true minus recorded position)", fontsize=9)
+    ax.set_title("per-angle shifts (true minus recorded position)"
+                 + ("\nbars: Cramer-Rao standard error at the final volume"
+                    if std is not None else ""), fontsize=9)
     ax.set_xlim(angles_deg.min() - 5, angles_deg.max() + 25)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7)

@@ -441,10 +441,13 @@ def reconstruct(input_path: str, output_path: str, settings, comm: Comm, *,
     summary.update(result.get("final", {}))
     positions = comm.gather(np.asarray(result.get("positions_local", data.positions_local),
                                        dtype=np.float64))
-    shifts = None
+    shifts = shift_std = None
     if "shifts_local" in result:
         shifts = comm.gather(result["shifts_local"])
         shifts = np.concatenate(shifts) if comm.is_root else None
+    if "shift_std_local" in result:
+        shift_std = comm.gather(result["shift_std_local"])
+        shift_std = np.concatenate(shift_std) if comm.is_root else None
     if comm.is_root:
         write_output(
             output_path, volume=image, probe=to_host(omega), metrics=history,
@@ -454,7 +457,7 @@ def reconstruct(input_path: str, output_path: str, settings, comm: Comm, *,
             input_file=str(input_path), input_checksum=checksum,
             command=command, overwrite=force, root_attrs={"ptmpi_demo": 1} if demo else None,
             image_axes="z:y:x" if algorithm != "ptycho2d" else "angle:y:x",
-            shifts_px=shifts, angles_deg=data.angles_deg,
+            shifts_px=shifts, angles_deg=data.angles_deg, shift_std_px=shift_std,
         )
         if figures:
             if grid is not None and data.truth_volume is not None:
@@ -465,7 +468,7 @@ def reconstruct(input_path: str, output_path: str, settings, comm: Comm, *,
                 from ptmpi.plots import save_shifts
 
                 save_shifts(shifts_figure_path(output_path), data.angles_deg, shifts,
-                            _truth_shifts(input_path))
+                            _truth_shifts(input_path), std=shift_std)
         snr = summary.get("snr_db", math.nan)
         extra = f", SNR {snr:.2f} dB" if math.isfinite(snr) else ""
         logger.info("wrote %s after %d iterations (%.1f s): R-factor %.4g%s", output_path,
@@ -629,6 +632,8 @@ def _run_joint(data, start, stop, settings, comm, xp, dtype, progress, state=Non
         shifts = np.asarray(state.shifts_local, dtype=np.float64).reshape(-1, 2)
         angle = np.repeat(np.arange(shifts.shape[0]), np.diff(data.frame_offset_local))
         result["shifts_local"] = shifts
+        if getattr(state, "shift_std_local", None) is not None:
+            result["shift_std_local"] = np.asarray(state.shift_std_local, dtype=np.float64)
         result["positions_local"] = np.asarray(data.positions_local, np.float64) + shifts[angle]
     return result
 

@@ -13,6 +13,7 @@ from ptmpi.cli import main
 from ptmpi.io.checkpoint import read_checkpoint, write_checkpoint
 from ptmpi.io.cxi import write_input
 from ptmpi.metrics import snr_db
+from ptmpi.operators.fft import fft2
 from ptmpi.operators.model import JointModel
 from ptmpi.parallel import SerialComm
 from ptmpi.sim.presets import SimulationSettings
@@ -23,8 +24,10 @@ from ptmpi.solvers.align import (
     amplitude_objective,
     gauss_newton_shifts,
     iteration_cap,
+    moved_frames,
     remove_unobservable,
     shift_objective,
+    shift_precision,
     translate_volume,
     unobservable_part,
     volume_translation,
@@ -211,6 +214,41 @@ def test_gauss_newton_recovers_shifts_from_the_true_volume(linear_drift):
         d, _ = gauss_newton_shifts(images, model.ptycho, np.sqrt(p.f_local), None, 3, 1.0)
         shifts += d
     assert np.sqrt(np.mean((shifts - data.shifts_px) ** 2)) < 0.02
+
+
+@pytest.mark.parametrize("noise", ["poisson", "gaussian"])
+def test_shift_precision_is_the_spread_of_shift_estimates(linear_drift, noise):
+    """The Cramer-Rao standard errors of the shifts are the spread of the Gauss-Newton
+    estimates from the true volume over 100 noise draws of the same data (Poisson counts
+    of about 140 photons per median pixel, or Gaussian amplitude noise of 0.5, whose
+    variance the bound takes from the residual of the data it is given)."""
+    data = linear_drift
+    p = local_problem(data, 0, 2)
+    angle = np.repeat(np.arange(2), np.diff(p.frame_offset_local))
+    model = JointModel(p.volume_shape, p.theta_local, p.probe * 10.0,
+                       p.positions_local + data.shifts_px[:2][angle], p.frame_offset_local)
+    images = model.projector.fwd(data.volume)
+    amplitude = np.abs(fft2(moved_frames(images, model.ptycho, np.zeros((2, 2)))[0]))
+    rng = np.random.default_rng(0)
+
+    def draw():
+        if noise == "poisson":
+            return np.sqrt(rng.poisson(amplitude**2).astype(np.float64))
+        return amplitude + 0.5 * rng.standard_normal(amplitude.shape)
+
+    if noise == "poisson":
+        bound = shift_precision(images, model.ptycho, amplitude, None, counts=True)
+    else:
+        bound = shift_precision(images, model.ptycho, draw(), None, counts=False)
+    estimates = np.array([gauss_newton_shifts(images, model.ptycho, draw(), None, 4, 1.0)[0]
+                          for _ in range(100)])
+    ratio = estimates.std(axis=0) / bound
+    assert np.all(bound > 0) and np.all(bound < 0.01)
+    assert np.all((ratio > 0.8) & (ratio < 1.25)), ratio
+    # the bound is the precision of a fit to the model: a perfect fit (noise-free data,
+    # zero residual) has none to speak of, and no information gives inf
+    assert np.all(shift_precision(images, model.ptycho, amplitude, None, counts=False) < 1e-4)
+    assert np.all(np.isinf(shift_precision(images * 0, model.ptycho, amplitude, None)))
 
 
 def _aligner_near_truth(data, wrong: int, error: float):
@@ -794,8 +832,11 @@ def test_reconstruct_writes_the_shifts(tmp_path):
                  "--align-start", "2", "--align-every", "2"]) == 0
     with h5py.File(out, "r") as f:
         shifts = f["entry_1/ptmpi/shifts_px"][()]
+        std = f["entry_1/ptmpi/shift_std_px"][()]
         positions = f["entry_1/image_1/positions_px"][()]
     assert shifts.shape == (N_ANGLES, 2) and shifts.dtype == np.float64
+    # photon counts of about 200 per unit intensity: Cramer-Rao errors of a few 0.001 px
+    assert std.shape == (N_ANGLES, 2) and np.all((std > 1e-4) & (std < 0.05))
     assert np.any(shifts != 0)
     angle = np.repeat(np.arange(N_ANGLES), np.diff(data.frame_offset))
     assert np.allclose(positions, data.positions_px + shifts[angle])

@@ -38,6 +38,10 @@ def test_align_on_two_ranks_matches_the_serial_run(mpi_ranks, model, modes):
     assert np.max(np.abs(shifts - serial.shifts_local)) < 1e-8
     assert np.array_equal(state.shifts_local, shifts[a0:a1])
     assert np.linalg.norm(state.u - serial.u) < 1e-8 * np.linalg.norm(serial.u)
+    # the Cramer-Rao errors of the final shifts: each rank its own angles'
+    std = np.concatenate(comm.allgather(state.shift_std_local))
+    assert std.shape == (N_ANGLES, 2) and np.all(np.isfinite(std))
+    assert np.allclose(std, serial.shift_std_local, rtol=1e-6, atol=0)
     if modes > 1:
         assert state.omega.shape == (modes, *data.probe.shape)
         assert np.allclose(state.omega, serial.omega, rtol=0,

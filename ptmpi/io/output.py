@@ -69,7 +69,8 @@ def write_output(path, *, volume, probe, metrics: dict, parameters: dict, n_rank
                  input_file: str, input_checksum: str, command: str | None = None,
                  overwrite: bool = False, image_axes: str = "z:y:x",
                  root_attrs: dict | None = None, positions_px=None,
-                 frame_offset=None, shifts_px=None, angles_deg=None) -> None:
+                 frame_offset=None, shifts_px=None, angles_deg=None,
+                 shift_std_px=None) -> None:
     """Write the SPEC 4 file: volume, probe, provenance and the metrics history.
 
     ``probe``: ``(M, M)``, or ``(K, M, M)`` incoherent probe modes (stored with a leading
@@ -85,7 +86,9 @@ def write_output(path, *, volume, probe, metrics: dict, parameters: dict, n_rank
     shift of the true positions of its frames relative to the recorded ones, stored as
     ``/entry_1/ptmpi/shifts_px``; with ``angles_deg`` its attribute
     ``unobservable_row_a_b`` holds the part of them that a translation of the volume
-    makes (:func:`ptmpi.solvers.align.unobservable_part`).
+    makes (:func:`ptmpi.solvers.align.unobservable_part`). ``shift_std_px`` ``(N_ANGLES,
+    2)``: their Cramer-Rao standard errors at the final volume
+    (:func:`ptmpi.solvers.align.shift_precision`), ``/entry_1/ptmpi/shift_std_px``.
 
     Written to a temporary name in the same folder and renamed, so an interrupted write
     never leaves a half file under ``path`` and never damages an existing one.
@@ -148,6 +151,14 @@ def write_output(path, *, volume, probe, metrics: dict, parameters: dict, n_rank
 
                     shifts.attrs["unobservable_row_a_b"] = unobservable_part(
                         shifts[()], np.deg2rad(np.asarray(angles_deg, dtype=np.float64)))
+            if shift_std_px is not None:
+                std = entry["ptmpi"].create_dataset(
+                    "shift_std_px",
+                    data=np.asarray(shift_std_px, dtype=np.float64).reshape(-1, 2))
+                std.attrs["units"] = "pixel"
+                std.attrs["axes"] = "angle:row_col"
+                std.attrs["meaning"] = ("Cramer-Rao standard error of each shift at the final "
+                                        "volume and probe (a lower bound)")
             f.flush()
         os.replace(tmp, path)
     finally:

@@ -300,6 +300,10 @@ class ADMMState:
     shifts_local: object | None = None
     """``(N_THETA_LOCAL, 2)`` float64 shifts of this rank's angles (``--align``; None
     without alignment), :mod:`ptmpi.solvers.align`."""
+    shift_std_local: object | None = None
+    """``(N_THETA_LOCAL, 2)`` float64 Cramer-Rao standard errors of those shifts at the
+    final volume (set at the end of an ``--align`` run; not checkpointed),
+    :func:`ptmpi.solvers.align.shift_precision`."""
     iteration: int = 0
     history: dict = dataclasses.field(default_factory=dict)
     params: dict = dataclasses.field(default_factory=dict)
@@ -798,6 +802,9 @@ def solve(problem: LocalProblem, settings: SolverSettings, comm: Comm,
                 state.history = {key: values[:best[1] - first + 1] if len(values) > 1 else values
                                  for key, values in state.history.items()}
                 break
+    if aligner is not None:
+        aligner.precision(state, data.model.projector.fwd(state.u), data.model.ptycho, sqrt_f,
+                          valid, counting)
     explain_r_factor(state.history, apt and counting)
     return state, params
 

@@ -1013,6 +1013,9 @@ def solve_exp(problem: LocalProblem, settings: ExpSolverSettings, comm: SerialCo
     start = state.params.get("init_r_factor")
     if start and math.isfinite(start) and state.history["r_factor"]:
         state.params["r_factor_over_init"] = state.history["r_factor"][-1] / start
+    if aligner is not None:
+        aligner.precision(state, model.transmission(state.u), model.ptycho, sqrt_f, valid,
+                          state.params.get("noise_amplitude", 0.0) > 0)
     return state, params
 
 
