@@ -820,7 +820,7 @@ def test_a_checkpoint_from_the_exp_final_pass_resumes(tmp_path):
             assert np.array_equal(fa[name][...], fb[name][...]), name
 
 
-def test_reconstruct_writes_the_shifts(tmp_path):
+def test_reconstruct_writes_the_shifts(tmp_path, capsys):
     data = simulate(dataclasses.replace(drift_settings(1.5), eta=200.0))
     path = tmp_path / "in.h5"
     write_input(path, counts=data.counts, probe=data.probe, positions_px=data.positions_px,
@@ -841,7 +841,10 @@ def test_reconstruct_writes_the_shifts(tmp_path):
     angle = np.repeat(np.arange(N_ANGLES), np.diff(data.frame_offset))
     assert np.allclose(positions, data.positions_px + shifts[angle])
     assert (tmp_path / "rec-shifts.png").stat().st_size > 0
+    capsys.readouterr()
     assert main(["info", str(out)]) == 0
+    line = next(x for x in capsys.readouterr().out.splitlines() if x.startswith("shifts"))
+    assert f"{N_ANGLES} angles" in line and f"median {np.median(std):.3g} px" in line
     # --align is for the joint solvers
     assert main(["reconstruct", str(path), "-o", str(tmp_path / "x.h5"), "--align",
                  "--algorithm", "two-step"]) != 0

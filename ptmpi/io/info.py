@@ -249,6 +249,18 @@ def _describe_output(f: h5py.File, name: str, lines: list[str], problems: list[s
                 pass
             lines.append(f"parameters: {text}")
 
+    shifts = f.get("entry_1/ptmpi/shifts_px")
+    if isinstance(shifts, h5py.Dataset) and shifts.ndim == 2 and shifts.shape[1] == 2:
+        values = np.asarray(shifts[()], dtype=np.float64)
+        text = (f"shifts (--align): {values.shape[0]} angles, RMS {_rms(values):.3g} px, "
+                f"largest {np.abs(values).max(initial=0):.3g} px")
+        std = f.get("entry_1/ptmpi/shift_std_px")
+        if isinstance(std, h5py.Dataset) and std.shape == values.shape:
+            std = np.asarray(std[()], dtype=np.float64)
+            text += (f"; Cramer-Rao standard error median {np.median(std):.3g} px, largest "
+                     f"{std.max(initial=0):.3g} px")
+        lines.append(text)
+
     grp = f.get(OUT_METRICS)
     if grp is None:
         problems.append(f"{name}: {OUT_METRICS}: required group (metrics history) is missing")
@@ -284,6 +296,10 @@ def _number(value) -> str:
     if isinstance(value, float):
         return "nan" if math.isnan(value) else f"{value:.6g}"
     return str(value)
+
+
+def _rms(v: np.ndarray) -> float:
+    return float(np.sqrt(np.mean(v**2))) if v.size else 0.0
 
 
 def _pair(v: np.ndarray) -> str:
