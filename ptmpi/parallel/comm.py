@@ -401,6 +401,20 @@ def get_comm(force_serial: bool = False) -> Comm:
     return comm
 
 
+def angle_sums(comm: Comm, per_angle) -> np.ndarray:
+    """Sums over every rank's angles of per-angle values ``(N_THETA_LOCAL, K)`` (float64,
+    each angle's computed on its own rank alike whatever the split): gathered and summed
+    with ``math.fsum``, exactly rounded, so the sums do not depend on how the angles are
+    split over ranks (an ``allreduce`` of per-rank partial sums rounds by the split).
+    Returns ``(K,)`` float64, the same on every rank."""
+    import math
+
+    local = np.asarray(to_host(per_angle), dtype=np.float64)
+    local = local.reshape(local.shape[0], -1)
+    every = np.concatenate(comm.allgather(local)) if comm.size > 1 else local
+    return np.array([math.fsum(every[:, k]) for k in range(every.shape[1])])
+
+
 def dot(x, y, comm: Comm | None = None) -> complex:
     """``vdot(x, y)`` of rank-local arrays, summed over ranks when ``comm`` is given."""
     xp = get_xp(x, y)

@@ -703,9 +703,12 @@ def penalties_from_data(model: ExpModel, weight, f_local, settings: ExpSolverSet
     # (module notes: the mean is dominated by the brightly lit voxels of sparse scans).
     # It also scales the texture cap of the default APT weight, on any data.
     # (In the weights' own precision and not cached: no matrix beyond the solver's.)
+    # Summed in double precision and rounded back to the weights' precision: the sum of
+    # the ranks' parts then rounds alike however the angles are split (the exp iteration
+    # amplifies any difference, docs/alignment.md: rank independence).
     needed = counting or (apt and settings.tv_weight is None) or settings.r2 is None
     diagonal = comm.allreduce_sum(model.projector.adj_squared_weights(
-        weight, keep=False)) if needed else None
+        weight.astype(np.float64), keep=False)).astype(weight.dtype) if needed else None
     typical_diagonal = float(get_xp(diagonal).median(diagonal)) if needed else 0.0
     # The r2 rule of the linear model: L / d of sum_t P_t^H W_t P_t (module notes).
     mean_diagonal = float(diagonal.mean()) if settings.r2 is None else 0.0

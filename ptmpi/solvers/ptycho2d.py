@@ -48,7 +48,7 @@ from ptmpi.operators.fft import FarField
 from ptmpi.operators.modes import ModePtycho, mix_modes, modulus, orthogonalise, solver_modes
 from ptmpi.operators.ptycho import Ptycho, guard_probe
 from ptmpi.operators.tomo import Projector
-from ptmpi.parallel.comm import SerialComm
+from ptmpi.parallel.comm import SerialComm, angle_sums
 from ptmpi.parallel.data_term import probe_modes_from_views
 from ptmpi.parallel.volume import VolumeSpace
 from ptmpi.solvers.cg import conjugate_gradient
@@ -180,8 +180,10 @@ def solve_ptycho2d(v0_local, f_local, probe, positions_local, frame_offset_local
         if shared_image:
             w = comm.allreduce_sum(w.astype(np.float64)).astype(rdtype)
             lit = np.array([float(w.sum()), float((w > 0).sum())])
-        else:
-            lit = comm.allreduce_sum(np.array([float(w.sum()), float((w > 0).sum())]))
+        else:  # per angle, so that the damping does not depend on the split over ranks
+            lit = angle_sums(comm, xp.stack([xp.sum(w, axis=(-2, -1), dtype=xp.float64),
+                                             xp.sum(w > 0, axis=(-2, -1), dtype=xp.float64)],
+                                            axis=1))
         # a Python float: a numpy float64 scalar would promote complex64 images (NEP 50)
         return w, float(settings.damping * lit[0] / max(lit[1], 1.0))
 
@@ -234,13 +236,17 @@ def solve_ptycho2d(v0_local, f_local, probe, positions_local, frame_offset_local
         state.iteration += 1
         step = v - v_old
         model = modulus(d) if n_modes > 1 else d  # the modulus sqrt(sum_k |d_k|^2)
-        local = [r_factor_sums(model, sqrt_f=sqrt_f, valid=valid)[0],
-                 float(xp.linalg.norm(step)) ** 2, float(xp.linalg.norm(v)) ** 2,
-                 0.0 if prev_step is None else float(xp.vdot(prev_step, step).real)]
+        num = comm.allreduce_scalar(r_factor_sums(model, sqrt_f=sqrt_f, valid=valid)[0])
         if shared_image:  # only the R-factor's sum is over frames; the images are replicated
-            num, (step2, norm2, dot) = comm.allreduce_scalar(local[0]), local[1:]
-        else:
-            num, step2, norm2, dot = comm.allreduce_sum(np.array(local, dtype=np.float64))
+            step2, norm2 = float(xp.linalg.norm(step)) ** 2, float(xp.linalg.norm(v)) ** 2
+            dot = 0.0 if prev_step is None else float(xp.vdot(prev_step, step).real)
+        else:  # per angle: the r2 rule's decisions do not depend on the split over ranks
+            per_angle = [xp.sum(xp.abs(step) ** 2, axis=(-2, -1), dtype=xp.float64),
+                         xp.sum(xp.abs(v) ** 2, axis=(-2, -1), dtype=xp.float64),
+                         xp.zeros(v.shape[0], dtype=xp.float64) if prev_step is None else
+                         xp.sum((xp.conj(prev_step) * step).real, axis=(-2, -1),
+                                dtype=xp.float64)]
+            step2, norm2, dot = angle_sums(comm, xp.stack(per_angle, axis=1))
         synchronize(xp)
         row = {
             "iteration": state.iteration,
