@@ -403,7 +403,7 @@ def shift_precision(images_local, ptycho, sqrt_f_local, valid_local=None,
     in pixels, at the reprojection ``images_local`` with the volume and probe taken as
     known: were they exact, no unbiased estimate of a shift from these data could be more
     precise; a joint estimate, whose shifts share the errors of the volume, is less so
-    (docs/alignment.md: on sparse, noisy exp scans the shifts wander 5-16 times this).
+    (docs/alignment.md: on sparse, noisy exp scans the shifts wander 4-22 times this).
 
     With ``J = d|D|/ds`` the derivative of the model modulus (:func:`amplitude_objective`,
     whose Gauss-Newton matrix is ``H = 2 J^T J``): on photon counts (Poisson, mean
