@@ -48,6 +48,18 @@ def test_align_on_two_ranks_matches_the_serial_run(mpi_ranks, model, modes):
                            atol=1e-8 * np.abs(serial.omega).max())
 
 
+def exp_align_runs(comm, dtype):
+    """The exp --align run of the final-pass tests (early restarts, the settled restart,
+    the final pass), serially and on ``comm``: ``(serial state, this rank's state)``."""
+    data = comm.bcast(simulate(drift_settings(1.5, model="exp")) if comm.is_root else None)
+    settings = ExpSolverSettings(iterations=40, init_iterations=20, init_gn_iterations=8,
+                                 align=True, align_start=2, align_every=3)
+    serial, _ = solve_exp(local_problem(data), settings, SerialComm(), dtype=dtype)
+    a0, a1 = block_partition(N_ANGLES, comm.size, comm.rank)
+    state, _ = solve_exp(local_problem(data, a0, a1), settings, comm, dtype=dtype)
+    return serial, state
+
+
 @pytest.mark.mpi(ranks=[2], timeout=300, unit="s")
 def test_the_exp_final_pass_on_two_ranks_matches_the_serial_run(mpi_ranks):
     """The final pass (a collective decision on the shifts of all ranks) comes at the same
@@ -58,12 +70,7 @@ def test_the_exp_final_pass_on_two_ranks_matches_the_serial_run(mpi_ranks):
     100, docs/alignment.md "Rank independence of the shifts"), so the volumes end 1.2%
     apart, the SNR 0.05 dB and the R-factor 0.07%."""
     comm = MPIComm()
-    data = comm.bcast(simulate(drift_settings(1.5, model="exp")) if comm.is_root else None)
-    settings = ExpSolverSettings(iterations=40, init_iterations=20, init_gn_iterations=8,
-                                 align=True, align_start=2, align_every=3)
-    serial, _ = solve_exp(local_problem(data), settings, SerialComm(), dtype=np.complex128)
-    a0, a1 = block_partition(N_ANGLES, comm.size, comm.rank)
-    state, _ = solve_exp(local_problem(data, a0, a1), settings, comm, dtype=np.complex128)
+    serial, state = exp_align_runs(comm, np.complex128)
     assert "align_final_at" in serial.params
     assert state.params["align_final_at"] == serial.params["align_final_at"]
     assert state.iteration == serial.iteration
@@ -83,12 +90,7 @@ def test_exp_align_in_single_precision_is_the_serial_run_bit_for_bit(mpi_ranks):
     not depend on the split over ranks (docs/alignment.md: rank independence). Before,
     the restarted runs parted after the first restart."""
     comm = MPIComm()
-    data = comm.bcast(simulate(drift_settings(1.5, model="exp")) if comm.is_root else None)
-    settings = ExpSolverSettings(iterations=40, init_iterations=20, init_gn_iterations=8,
-                                 align=True, align_start=2, align_every=3)
-    serial, _ = solve_exp(local_problem(data), settings, SerialComm(), dtype=np.complex64)
-    a0, a1 = block_partition(N_ANGLES, comm.size, comm.rank)
-    state, _ = solve_exp(local_problem(data, a0, a1), settings, comm, dtype=np.complex64)
+    serial, state = exp_align_runs(comm, np.complex64)
     assert "align_final_at" in serial.params and serial.params.get("align_early_restarts")
     assert state.iteration == serial.iteration
     assert np.array_equal(np.concatenate(comm.allgather(state.shifts_local)),
