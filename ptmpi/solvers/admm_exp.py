@@ -883,8 +883,11 @@ def solve_exp(problem: LocalProblem, settings: ExpSolverSettings, comm: SerialCo
             positions = aligner.positions(state.shifts_local)
             state.u = xp.zeros(problem.volume_shape, dtype=dtype)
             if settings.init_iterations > 0:
-                aligned = dataclasses.replace(problem, positions_local=positions,
-                                              probe=state.omega)
+                # from the input probe: one refined against misaligned positions holds
+                # their error as the volume does (spiral scan, drift 2, defocus 6 rad,
+                # --refine-probe: 11.6 dB continuing the refined probe, 25.5 from the
+                # input; docs/alignment.md)
+                aligned = dataclasses.replace(problem, positions_local=positions)
                 state.u, state.omega, state.params["init_r_factor"] = initial_volume(
                     model, aligned, settings, comm, xp, dtype)
                 state.params["init_at"] = state.iteration

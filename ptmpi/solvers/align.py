@@ -31,7 +31,8 @@ near 6 dB). So once, at the first update after which no shift changed by more th
 restarts from its initial state with the shifts kept: the linear one from ``u = 1``,
 ``z = D u``, multipliers 0, ``r2`` back to its start; the exp one reruns its
 initialisation (per-angle ptychography and phase-gradient tomography) at the aligned
-positions. The restarted run gets the whole iteration budget again
+positions, from the input probe (with ``--refine-probe`` a probe refined against the
+misaligned positions holds their error as the volume does). The restarted run gets the whole iteration budget again
 (:func:`iteration_cap`; 64^3 paper geometry, exp, drift 4: 19.2 dB when the 135
 iterations left after the restart at 65 were all it had, 21.5 dB with 200, 22.35
 drift-free). Shifts that never settle (they keep moving by noise) restart once two thirds
