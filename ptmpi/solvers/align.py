@@ -25,29 +25,29 @@ follow the model and barely see its positions (tried first: the shifts hardly mo
 Only the small ``(A, 2)`` shift arrays are communicated (``allgather``).
 
 **Restart.** The volume formed in the first iterations from misaligned data is poor and
-ADMM does not forget it (demo, drift 4: the shifts were right to 0.1 px but the SNR stayed
-near 6 dB). So once, at the first update after which no shift changed by more than
+ADMM does not forget it (demo, drift 4: the shifts were right to 0.1 px but the SNR
+stayed near 6 dB). So once, at the first update after which no shift changed by more than
 ``settle_px`` while the shifts have moved by more than ``restart_px`` RMS, the solver
-restarts from its initial state with the shifts kept: the linear one from ``u = 1``,
-``z = D u``, multipliers 0, ``r2`` back to its start; the exp one reruns its
-initialisation (per-angle ptychography and phase-gradient tomography) at the aligned
-positions, from the input probe (with ``--refine-probe`` a probe refined against the
-misaligned positions holds their error as the volume does). The restarted run gets the whole iteration budget again
-(:func:`iteration_cap`; 64^3 paper geometry, exp, drift 4: 19.2 dB when the 135
+restarts from its initial state with the shifts kept: the linear one from ``u = 1``, ``z
+= D u``, multipliers 0, ``r2`` back to its start; the exp one reruns its initialisation
+(per-angle ptychography and phase-gradient tomography) at the aligned positions, from the
+input probe (with ``--refine-probe`` a probe refined against the misaligned positions
+holds their error as the volume does). The restarted run gets the whole iteration budget
+again (:func:`iteration_cap`; 64^3 paper geometry, exp, drift 4: 19.2 dB when the 135
 iterations left after the restart at 65 were all it had, 21.5 dB with 200, 22.35
 drift-free). Shifts that never settle (they keep moving by noise) restart once two thirds
 of the budget are spent, after at least 10 updates. The exp solver also restarts at its
-first ``early_restarts`` (3) updates that
-moved the shifts by more than ``restart_px`` RMS: each gives the next update a fresh
-reference (demo exp, eta 100, drift 2: 6.6 dB without, 7.4 dB with; drift 4: 1.7 and
-5.7 dB); after an early restart the settled restart comes whatever the net movement, since
-the volume was rebuilt while the shifts moved (128^3 data with nothing to align: 14.5 dB
-without that, 17.2 with it, 19.5 without ``--align``). Drift-free data with a good first
-volume never restart. After the settled restart no update runs until
-the R-factor is back at or below its value at the restart, at most for half the budget
-(:func:`held`): the restarted volume is worse than the one the shifts were settled
-against until then, and updates against it only jitter them (128^3: 0.1 px RMS per
-update; demo drift 4, six seeds: mean +0.1 dB, 128^3 shifts 0.012 against 0.036 px).
+first ``early_restarts`` (3) updates that moved the shifts by more than ``restart_px``
+RMS: each gives the next update a fresh reference (demo exp, eta 100, drift 2: 6.6 dB
+without, 7.4 dB with; drift 4: 1.7 and 5.7 dB); after an early restart the settled
+restart comes whatever the net movement, since the volume was rebuilt while the shifts
+moved (128^3 data with nothing to align: 14.5 dB without that, 17.2 with it, 19.5 without
+``--align``). Drift-free data with a good first volume never restart. After the settled
+restart no update runs until the R-factor is back at or below its value at the restart,
+at most for half the budget (:func:`held`): the restarted volume is worse than the one
+the shifts were settled against until then, and updates against it only jitter them
+(128^3: 0.1 px RMS per update; demo drift 4, six seeds: mean +0.1 dB, 128^3 shifts 0.012
+against 0.036 px).
 
 **Final pass (exp model).** The shifts settle against the volume of their time, and that
 volume holds part of their error: at 128^3 (default exp geometry, drift 4) they settled
