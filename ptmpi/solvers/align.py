@@ -28,8 +28,8 @@ Only the small ``(A, 2)`` shift arrays are communicated (``allgather``).
 ADMM does not forget it (demo, drift 4: the shifts were right to 0.1 px but the SNR
 stayed near 6 dB). So once, at the first update after which no shift changed by more than
 ``settle_px`` while the shifts have moved by more than ``restart_px`` RMS, the solver
-restarts from its initial state with the shifts kept: the linear one from ``u = 1``, ``z
-= D u``, multipliers 0, ``r2`` back to its start; the exp one reruns its initialisation
+restarts from its initial state with the shifts kept: the linear one from ``u = 1``,
+``z = D u``, multipliers 0, ``r2`` back to its start; the exp one reruns its initialisation
 (per-angle ptychography and phase-gradient tomography) at the aligned positions, from the
 input probe (with ``--refine-probe`` a probe refined against the misaligned positions
 holds their error as the volume does). The restarted run gets the whole iteration budget
